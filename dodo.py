@@ -1,0 +1,91 @@
+"""medforge's task graph, generated from sources.toml and adapters/*/adapter.toml.
+
+No stage logic lives here: each action runs `python -m stages <stage> <name>`.
+Incremental like make: targets, file deps (content-checked) and config_changed blocks.
+"""
+import sys
+from pathlib import Path
+
+from doit.tools import config_changed
+
+from stages import config, layout
+from stages.config import ConfigError
+from stages.events import EventReporter
+
+layout.DATA.mkdir(exist_ok=True)
+DOIT_CONFIG = {"backend": "sqlite3", "dep_file": str(layout.doit_db()), "verbosity": 2,
+               "reporter": EventReporter}
+try:
+    CFG = config.load()
+except ConfigError as exc:
+    sys.exit("\n".join(f"config error: {line}" for line in exc.problems))
+BASES = {layout.slug(spec): spec for spec in CFG.base_models()}
+
+
+def stage(*args):
+    return [[sys.executable, "-m", "stages", *args]]
+
+
+def task_base_model():
+    for slug, spec in BASES.items():
+        if not layout.is_local_model(spec):
+            yield {"name": slug, "actions": stage("base_model", spec), "uptodate": [config_changed(spec)],
+                   "file_dep": layout.code("base_model.py"), "targets": [str(layout.base_weights(spec))]}
+
+
+def task_base_gguf():
+    for slug, spec in BASES.items():
+        yield {"name": slug, "actions": stage("base_gguf", spec), "file_dep": [str(layout.base_weights(spec))]
+               + layout.code("export.py"), "targets": [str(layout.base_gguf(spec))]}
+
+
+def task_scrape():
+    for s in CFG.enabled_sources():
+        fetch_block = {"kind": s.kind, "mode": s.mode, "params": s.params}
+        yield {"name": s.name, "actions": stage("scrape", s.name), "uptodate": [config_changed(fetch_block)],
+               "file_dep": layout.code("scrape.py", f"sources/{s.kind}.py"), "targets": [str(layout.raw_manifest(s.name))]}
+
+
+def task_normalize():
+    for s in CFG.enabled_sources():
+        yield {"name": s.name, "actions": stage("normalize", s.name),
+               "file_dep": [str(layout.raw_manifest(s.name))] + layout.code("normalize.py", f"sources/{s.kind}.py"),
+               "targets": [str(layout.examples_file(s.name))]}
+
+
+def task_dedup():
+    return {"actions": stage("dedup"), "uptodate": [config_changed(CFG.dedup)],
+            "file_dep": [str(layout.examples_file(s.name)) for s in CFG.enabled_sources()] + layout.code("dedup.py"),
+            "targets": [str(layout.dedup_file()), str(layout.dedup_report())]}
+
+
+def task_split():
+    for a in CFG.adapters.values():
+        routing = {"data": a.data, "sources": [s.name for s in CFG.sources_for(a.name)]}
+        yield {"name": a.name, "actions": stage("split", a.name), "uptodate": [config_changed(routing)],
+               "file_dep": [str(layout.dedup_file())] + layout.code("split.py"),
+               "targets": [str(p) for p in layout.split_files(a.name)]}
+
+
+def task_train():
+    code = [str(p) for p in sorted(Path(layout.CODE, "train").glob("*.py"))]
+    for a in CFG.adapters.values():
+        yield {"name": a.name, "actions": stage("train", a.name), "uptodate": [config_changed(a.recipe())],
+               "file_dep": [str(layout.split_file(a.name, s)) for s in ("train", "val")]
+               + [str(layout.base_weights(a.base_model))] + code,
+               "targets": [str(layout.lora_weights(a.name)), str(layout.metrics_file(a.name))]}
+
+
+def task_eval():
+    for a in CFG.adapters.values():
+        yield {"name": a.name, "actions": stage("eval", a.name), "uptodate": [config_changed(a.eval)],
+               "file_dep": [str(layout.lora_weights(a.name)), str(layout.split_file(a.name, "test"))]
+               + layout.code("evaluate.py"), "targets": [str(layout.eval_file(a.name))]}
+
+
+def task_export():
+    for a in CFG.adapters.values():
+        yield {"name": a.name, "actions": stage("export", a.name), "uptodate": [config_changed(a.export)],
+               "file_dep": [str(layout.lora_weights(a.name)), str(layout.base_gguf(a.base_model))]
+               + layout.code("export.py"),
+               "targets": [str(layout.lora_gguf(a.name))] + [str(layout.merged_gguf(a.name, q)) for q in a.export["merged"]]}

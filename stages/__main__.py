@@ -1,0 +1,88 @@
+"""`python -m stages <stage> [<name>]`: run one pipeline step, as doit's actions do.
+
+Each step runs in its own process (memory comes back when it ends; a kill stops only
+it) and tees its output into data/logs/<stage>_<name>.log for the dashboard. A
+known failure prints one line naming what to fix and exits 2, without a traceback.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import time
+
+from stages import layout
+
+# stage -> (module, takes a name?)
+STAGES = {
+    "base_model": ("stages.base_model", True),
+    "base_gguf": ("stages.export", True),
+    "scrape": ("stages.scrape", True),
+    "normalize": ("stages.normalize", True),
+    "dedup": ("stages.dedup", False),
+    "split": ("stages.split", True),
+    "train": ("stages.train", True),
+    "eval": ("stages.evaluate", True),
+    "export": ("stages.export", True),
+}
+# stages whose module offers several entry points name theirs here
+ENTRY = {"base_gguf": "run_base", "export": "run"}
+
+
+class _Tee:
+    """Write to the terminal (doit captures it) and to the task's log file."""
+
+    def __init__(self, stream, log):
+        self.stream, self.log = stream, log
+
+    def write(self, text):
+        self.stream.write(text)
+        self.log.write(text)
+        self.log.flush()
+        return len(text)
+
+    def flush(self):
+        self.stream.flush()
+        self.log.flush()
+
+    def isatty(self):
+        return False
+
+    def fileno(self):
+        return self.stream.fileno()
+
+
+def known_errors() -> tuple[type[BaseException], ...]:
+    from stages.config import ConfigError
+    from stages.sources import SourceError
+    from stages.errors import StageError
+    return (ConfigError, SourceError, StageError, FileNotFoundError)
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in STAGES:
+        print(f"usage: python -m stages <{'|'.join(STAGES)}> [<name>]", file=sys.stderr)
+        return 2
+    stage, args = argv[0], argv[1:]
+    module_name, named = STAGES[stage]
+    task = f"{stage}:{args[0]}" if named and args else stage
+    log_path = layout.log_file(task)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w", encoding="utf-8") as log:
+        sys.stdout, sys.stderr = _Tee(sys.__stdout__, log), _Tee(sys.__stderr__, log)
+        started = time.time()
+        print(f"[{task}] started (pid {os.getpid()})")
+        try:
+            from stages import config
+            cfg = config.load()
+            module = importlib.import_module(module_name)
+            getattr(module, ENTRY.get(stage, "run"))(cfg, *args)
+        except known_errors() as exc:
+            print(f"[{task}] error: {exc}", file=sys.stderr)
+            return 2
+        print(f"[{task}] done in {time.time() - started:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,58 @@
+"""The `medforge` command: the dashboard by default, plus chat, parse and dedup.
+
+Each subcommand lives with the stage it belongs to; this file only routes.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medforge", description="Medical LoRA adapters from public sources. "
+                                     "With no command, opens the terminal dashboard.")
+    sub = parser.add_subparsers(dest="command")
+
+    chat = sub.add_parser("chat", help="answer a prompt with the base model or an adapter")
+    chat.add_argument("prompt", nargs="?", help="the question; read from stdin when omitted")
+    chat.add_argument("--adapter", default=None, help="adapter name (adapters/<name>/); omit for the base model")
+    chat.add_argument("--max-tokens", type=int, default=256)
+    chat.add_argument("--temperature", type=float, default=0.0)
+
+    parse = sub.add_parser("parse", help="print the records a source extracts from one raw response file")
+    parse.add_argument("source", help="a source name from sources.toml (or a source kind)")
+    parse.add_argument("file", help="a raw response file (as stored under data/raw/<source>/pages/)")
+
+    dedup = sub.add_parser("dedup", help="exact + near-duplicate removal on any JSONL with 'text' or 'messages'")
+    dedup.add_argument("input", help="input JSONL")
+    dedup.add_argument("--out", required=True, help="output JSONL of kept records")
+    dedup.add_argument("--threshold", type=float, default=0.8)
+
+    sub.add_parser("dashboard", help="open the terminal dashboard (the default)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from stages.config import ConfigError
+    from stages.errors import StageError
+
+    try:
+        if args.command == "chat":
+            from stages.chat import chat_command
+            return chat_command(args)
+        if args.command == "parse":
+            from stages.normalize import parse_command
+            return parse_command(args)
+        if args.command == "dedup":
+            from stages.dedup import dedup_command
+            return dedup_command(args)
+        from tui.app import run_dashboard
+        return run_dashboard()
+    except (ConfigError, StageError) as exc:
+        print(f"medforge: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

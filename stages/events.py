@@ -1,0 +1,49 @@
+"""A doit reporter that also writes every task event as a JSON line to data/events.jsonl.
+
+doit writes its dep DB only at the end of a run, so live state (running, done,
+failed, up to date) comes from this stream; the dashboard follows it.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+from doit.reporter import ConsoleReporter
+
+from stages import io, layout
+
+
+def emit(event: str, **fields) -> None:
+    io.append_jsonl(layout.events_file(), {"t": round(time.time(), 3), "pid": os.getpid(), "event": event, **fields})
+
+
+class EventReporter(ConsoleReporter):
+    desc = "console output plus JSON-lines task events in data/events.jsonl"
+
+    def initialize(self, tasks, selected_tasks):
+        emit("run_start", selected=list(selected_tasks or []))
+        super().initialize(tasks, selected_tasks)
+
+    def execute_task(self, task):
+        emit("task_start", task=task.name, log=str(layout.log_file(task.name)))
+        super().execute_task(task)
+
+    def add_success(self, task):
+        emit("task_done", task=task.name)
+        super().add_success(task)
+
+    def add_failure(self, task, fail_info):
+        emit("task_failed", task=task.name, error=str(fail_info.get_msg()).strip().splitlines()[-1:])
+        super().add_failure(task, fail_info)
+
+    def skip_uptodate(self, task):
+        emit("task_uptodate", task=task.name)
+        super().skip_uptodate(task)
+
+    def skip_ignore(self, task):
+        emit("task_ignored", task=task.name)
+        super().skip_ignore(task)
+
+    def complete_run(self):
+        emit("run_end", failures=[f["task"].name for f in self.failures])
+        super().complete_run()

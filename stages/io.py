@@ -1,0 +1,141 @@
+"""The one place for file I/O: atomic writes, JSONL, content hashes.
+
+Every target is written to a temporary sibling and renamed into place, so a task
+killed mid-write never leaves a file (or folder) that looks finished.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import orjson
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | Path) -> Iterator[Path]:
+    """Yield a temporary file path; on success it replaces `target` in one rename."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp_path, target)
+        _fsync_dir(target.parent)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | Path) -> Iterator[Path]:
+    """Yield a temporary folder; on success it replaces the folder `target`.
+
+    The old folder is moved aside first and removed after the swap, so at every
+    instant `target` is either the complete old or the complete new folder.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        yield tmp
+        old = None
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, old)
+        os.replace(tmp, target)
+        _fsync_dir(target.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_bytes(target: str | Path, data: bytes) -> bool:
+    """Atomically write `data`; skip (and return False) when the file already holds it.
+
+    Leaving identical content untouched keeps doit's checksums, and so dependents, quiet.
+    """
+    target = Path(target)
+    if target.exists() and target.stat().st_size == len(data) and target.read_bytes() == data:
+        return False
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(data)
+    return True
+
+
+def write_text(target: str | Path, text: str) -> bool:
+    return write_bytes(target, text.encode("utf-8"))
+
+
+def dumps(obj: Any, indent: bool = False) -> bytes:
+    option = orjson.OPT_SORT_KEYS | orjson.OPT_SERIALIZE_NUMPY
+    if indent:
+        option |= orjson.OPT_INDENT_2
+    return orjson.dumps(obj, option=option)
+
+
+def write_json(target: str | Path, obj: Any) -> bool:
+    return write_bytes(target, dumps(obj, indent=True) + b"\n")
+
+
+def read_json(path: str | Path) -> Any:
+    return orjson.loads(Path(path).read_bytes())
+
+
+def jsonl_bytes(rows: Iterable[Any]) -> bytes:
+    return b"".join(dumps(row) + b"\n" for row in rows)
+
+
+def write_jsonl(target: str | Path, rows: Iterable[Any]) -> bool:
+    return write_bytes(target, jsonl_bytes(rows))
+
+
+def read_jsonl(path: str | Path) -> Iterator[Any]:
+    with open(path, "rb") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if line.strip():
+                try:
+                    yield orjson.loads(line)
+                except orjson.JSONDecodeError as exc:
+                    raise ValueError(f"{path}:{lineno}: not valid JSON ({exc}); fix or delete the line") from None
+
+
+def append_jsonl(path: str | Path, row: Any) -> None:
+    """Append one line (used for live streams such as training metrics, not for targets)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "ab") as fh:
+        fh.write(dumps(row) + b"\n")
+        fh.flush()
+
+
+def content_hash(data: bytes | str) -> str:
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    return hashlib.sha256(data).hexdigest()
+
+
+def file_hash(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -1,0 +1,133 @@
+"""Where every stage reads and writes: one place for path rules.
+
+All paths are relative to the project root (the folder holding sources.toml), which
+is the working directory of doit and of every stage it runs.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+DATA = Path("data")
+ADAPTERS = Path("adapters")
+SPLITS = ("train", "val", "test")
+CODE = Path(__file__).resolve().parent  # the installed `stages` package, for code deps
+
+
+def code(*names: str) -> list[str]:
+    """Absolute paths of stage modules, so editing a stage re-runs it and what follows."""
+    return [str(CODE / name) for name in names]
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-zA-Z0-9_.-]+", "_", text).strip("_").lower()
+
+
+# --- base models
+def base_dir(spec: str) -> Path:
+    """The Hugging Face folder for a base model spec.
+
+    `embedded:<name>` and hub ids are materialized under data/base/; a local folder is used as is.
+    """
+    if is_local_model(spec):
+        return Path(spec).expanduser()
+    return DATA / "base" / slug(spec)
+
+
+def is_local_model(spec: str) -> bool:
+    """A path (absolute, ./, ../ or ~) names a local folder; anything else is embedded:<name> or a hub id."""
+    return spec.startswith(("/", "./", "../", "~"))
+
+
+def base_weights(spec: str) -> Path:
+    return base_dir(spec) / "model.safetensors"
+
+
+def base_gguf(spec: str) -> Path:
+    """One f16 GGUF of the base serves every adapter's LoRA GGUF."""
+    return DATA / "gguf" / slug(spec) / "base-f16.gguf"
+
+
+# --- sources
+def raw_dir(source: str) -> Path:
+    return DATA / "raw" / source
+
+
+def raw_manifest(source: str) -> Path:
+    return raw_dir(source) / "manifest.json"
+
+
+def examples_file(source: str) -> Path:
+    return DATA / "examples" / f"{source}.jsonl"
+
+
+# --- dedup and splits
+def dedup_dir() -> Path:
+    return DATA / "dedup"
+
+
+def dedup_file() -> Path:
+    return dedup_dir() / "kept.jsonl"
+
+
+def dedup_report() -> Path:
+    return dedup_dir() / "report.json"
+
+
+def split_dir(adapter: str) -> Path:
+    return DATA / "splits" / adapter
+
+
+def split_file(adapter: str, split: str) -> Path:
+    return split_dir(adapter) / f"{split}.jsonl"
+
+
+def split_files(adapter: str) -> list[Path]:
+    return [split_file(adapter, s) for s in SPLITS]
+
+
+# --- adapters (trained outputs sit beside adapter.toml, under out/, git-ignored)
+def adapter_toml(adapter: str) -> Path:
+    return ADAPTERS / adapter / "adapter.toml"
+
+
+def out_dir(adapter: str) -> Path:
+    return ADAPTERS / adapter / "out"
+
+
+def lora_dir(adapter: str) -> Path:
+    return out_dir(adapter) / "lora"
+
+
+def lora_weights(adapter: str) -> Path:
+    return lora_dir(adapter) / "adapter_model.safetensors"
+
+
+def metrics_file(adapter: str) -> Path:
+    """Live JSON lines while training (the dashboard tails it); complete once train finishes."""
+    return out_dir(adapter) / "metrics.jsonl"
+
+
+def eval_file(adapter: str) -> Path:
+    return out_dir(adapter) / "eval.json"
+
+
+def lora_gguf(adapter: str) -> Path:
+    return out_dir(adapter) / "gguf" / "lora-f16.gguf"
+
+
+def merged_gguf(adapter: str, quant: str) -> Path:
+    return out_dir(adapter) / "gguf" / f"merged-{quant}.gguf"
+
+
+# --- logs and events
+def log_file(task: str) -> Path:
+    return DATA / "logs" / f"{slug(task.replace(':', '_'))}.log"
+
+
+def events_file() -> Path:
+    return DATA / "events.jsonl"
+
+
+def doit_db() -> Path:
+    return DATA / ".doit.sqlite"

@@ -1,0 +1,71 @@
+"""Sources: one file each, against one small protocol.
+
+A source module `stages/sources/<kind>.py` defines one subclass of `Source` and names
+it `SOURCE`. Adding a source is that file plus one `[sources.<name>]` block in
+sources.toml; the registry below finds it by file name.
+
+The protocol, in data-flow order:
+- `fetch(store)`: write raw pages into `store` (data/raw/<name>/), resumable through
+  `store.checkpoint`; network sources use the one shared HTTP client.
+- `parse(page)`: one raw page file -> records (dicts with a stable string `id`).
+- `examples(record)`: one record -> instruction examples `{"task", "messages"}`.
+"""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator
+
+if TYPE_CHECKING:
+    from stages.scrape import RawStore
+
+_HERE = Path(__file__).parent
+KINDS = {p.stem: f"stages.sources.{p.stem}" for p in sorted(_HERE.glob("*.py")) if not p.stem.startswith("_")}
+
+
+from stages.errors import StageError
+
+
+class SourceError(StageError):
+    """A source cannot do its job; the message names the source and what to do."""
+
+
+class Source:
+    kind: ClassVar[str]
+    licence: ClassVar[str]          # licence of the data, e.g. "MIT", "public domain (US government)"
+    origin: ClassVar[str]           # where the data comes from: a URL or "pypi:<package>"
+    network: ClassVar[bool] = False  # needs the internet in live mode
+
+    def __init__(self, name: str, params: dict[str, Any]):
+        self.name = name
+        self.params = params
+
+    def param(self, key: str, default: Any, kind: type | tuple[type, ...] | None = None) -> Any:
+        """A parameter from `[sources.<name>.params]`, type-checked with a one-line error."""
+        value = self.params.get(key, default)
+        kind = kind or type(default)
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+            raise SourceError(f"sources.toml: key 'sources.{self.name}.params.{key}' must be "
+                              f"{getattr(kind, '__name__', kind)} (got {value!r}); fix its value")
+        return value
+
+    def fetch(self, store: "RawStore") -> None:
+        raise NotImplementedError
+
+    def parse(self, page: Path) -> Iterator[dict[str, Any]]:
+        raise NotImplementedError
+
+    def examples(self, record: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        raise NotImplementedError
+
+
+def load(kind: str) -> type[Source]:
+    if kind not in KINDS:
+        raise SourceError(f"no source kind '{kind}' (known: {', '.join(KINDS)}); add stages/sources/{kind}.py")
+    return importlib.import_module(KINDS[kind]).SOURCE
+
+
+def make(name: str, kind: str, params: dict[str, Any]) -> Source:
+    return load(kind)(name, params)
