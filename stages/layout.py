@@ -131,3 +131,13 @@ def events_file() -> Path:
 
 def doit_db() -> Path:
     return DATA / ".doit.sqlite"
+
+
+def run_record() -> Path:
+    """The one detached doit run (pid, tasks, start); the dashboard reattaches through it."""
+    return DATA / "run.json"
+
+
+def run_log() -> Path:
+    """doit's own console output for the current/last detached run."""
+    return DATA / "logs" / "run.log"

@@ -1,0 +1,121 @@
+"""The whole graph on a tiny random model, and the make-like rules, proven by counting executed tasks."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.models import make_tiny_model
+from tests.pipeline_project import Project
+
+ALL_ADAPTER_TASKS = {f"{stage}:{a}" for stage in ("split", "train", "eval", "export")
+                     for a in ("clinical_coding", "clinical_decision")}
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    root = tmp_path_factory.mktemp("project")
+    model = make_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-llama")
+    proj = Project(root, base_model=str(model))
+    executed = proj.run()
+    proj.first_run = executed
+    return proj
+
+
+def test_full_graph_builds_every_target(project):
+    assert ALL_ADAPTER_TASKS | {"dedup", "scrape:news2", "normalize:icd10cm"} <= project.first_run
+    for adapter in ("clinical_coding", "clinical_decision"):
+        out = project.path(f"adapters/{adapter}/out")
+        assert (out / "lora" / "adapter_model.safetensors").stat().st_size > 0
+        assert (out / "gguf" / "lora-f16.gguf").stat().st_size > 0
+        assert (out / "gguf" / "merged-q8_0.gguf").stat().st_size > 0
+        report = json.loads((out / "eval.json").read_text())
+        assert report["base_ppl"] > 1 and report["adapter_ppl"] > 1
+        metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert any("loss" in m for m in metrics)
+    for name in ("train", "val", "test"):
+        assert project.path(f"data/splits/clinical_decision/{name}.jsonl").stat().st_size > 0
+    log = project.path("data/logs/train_clinical_decision.log").read_text()
+    assert "[train:clinical_decision] done" in log
+
+
+def test_second_run_with_nothing_changed_executes_nothing(project):
+    assert project.run() == set()
+
+
+def test_one_source_change_reruns_only_that_source_and_changed_splits(project):
+    project.edit("sources.toml", "count = 60", "count = 70")
+    executed = project.run()
+    assert {"scrape:news2", "normalize:news2", "dedup"} <= executed
+    assert "scrape:icd10cm" not in executed and "normalize:icd10cm" not in executed
+    # news2 feeds clinical_decision only: the coding split is rebuilt, its content is unchanged,
+    # so the coding adapter is not retrained
+    assert {"train:clinical_decision", "eval:clinical_decision", "export:clinical_decision"} <= executed
+    assert not {"train:clinical_coding", "eval:clinical_coding", "export:clinical_coding"} & executed
+    assert project.run() == set()
+
+
+def test_one_adapter_recipe_change_reruns_only_that_adapter(project):
+    project.edit("adapters/clinical_coding/adapter.toml", "lr = 0.0003", "lr = 0.0005")
+    assert project.run() == {"train:clinical_coding", "eval:clinical_coding", "export:clinical_coding"}
+    assert project.run() == set()
+
+
+def test_stage_code_change_reruns_that_stage_and_only_what_changed_downstream(project):
+    # a change in split's code re-runs every split; their outputs are identical, so no training follows
+    project.edit("stages/split.py", '"""', '"""\n# a harmless edit\n')
+    assert project.run() == {"split:clinical_coding", "split:clinical_decision"}
+    # a change in the export code re-runs the exports only
+    project.edit("stages/export.py", '"""', '"""\n# a harmless edit\n')
+    executed = project.run()
+    assert {t for t in executed if not t.startswith("base_gguf:")} == {"export:clinical_coding", "export:clinical_decision"}
+    assert any(t.startswith("base_gguf:") for t in executed)  # the base GGUF is built by export.py too
+
+
+def test_killed_task_leaves_no_done_looking_target(project):
+    """SIGKILL doit while train runs: no adapter appears, and the next run trains again."""
+    project.edit("adapters/clinical_decision/adapter.toml", "max_steps = 2", "max_steps = 400")
+    lora = project.path("adapters/clinical_decision/out/lora")
+    before = (lora / "adapter_model.safetensors").read_bytes()
+    proc = subprocess.Popen([sys.executable, "-m", "doit", "train:clinical_decision"], cwd=project.root,
+                            env=project.env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    metrics = project.path("adapters/clinical_decision/out/metrics.jsonl")
+    deadline = time.time() + 300
+    while time.time() < deadline:  # wait until training is really under way
+        if metrics.exists() and metrics.read_text().count('"loss"') >= 3:
+            break
+        time.sleep(0.2)
+    else:
+        proc.kill()
+        pytest.fail("training never started")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    # the old adapter is untouched (the new one would only ever appear by an atomic rename)
+    assert (lora / "adapter_model.safetensors").read_bytes() == before
+    project.edit("adapters/clinical_decision/adapter.toml", "max_steps = 400", "max_steps = 3")
+    executed = project.run()
+    assert "train:clinical_decision" in executed
+    assert (lora / "adapter_model.safetensors").read_bytes() != before
+
+
+def test_atomic_write_killed_mid_write_leaves_no_target(tmp_path):
+    target = tmp_path / "big.bin"
+    code = ("import sys, time\nfrom stages import io\n"
+            "with io.atomic_path(sys.argv[1]) as tmp:\n"
+            "    with open(tmp, 'wb') as fh:\n"
+            "        for _ in range(10_000):\n"
+            "            fh.write(b'x' * 65536); fh.flush(); time.sleep(0.001)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(target)])
+    deadline = time.time() + 30
+    while time.time() < deadline and not any(p.name.endswith(".tmp") and p.stat().st_size > 1 << 20
+                                              for p in tmp_path.iterdir()):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not target.exists()
