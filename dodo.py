@@ -43,13 +43,13 @@ def task_scrape():
     for s in CFG.enabled_sources():
         fetch_block = {"kind": s.kind, "mode": s.mode, "params": s.params}
         yield {"name": s.name, "actions": stage("scrape", s.name), "uptodate": [config_changed(fetch_block)],
-               "file_dep": layout.code("scrape.py", f"sources/{s.kind}.py"), "targets": [str(layout.raw_manifest(s.name))]}
+               "file_dep": layout.code("scrape.py") + layout.source_code(s.kind), "targets": [str(layout.raw_manifest(s.name))]}
 
 
 def task_normalize():
     for s in CFG.enabled_sources():
         yield {"name": s.name, "actions": stage("normalize", s.name),
-               "file_dep": [str(layout.raw_manifest(s.name))] + layout.code("normalize.py", f"sources/{s.kind}.py"),
+               "file_dep": [str(layout.raw_manifest(s.name))] + layout.code("normalize.py") + layout.source_code(s.kind),
                "targets": [str(layout.examples_file(s.name))]}
 
 

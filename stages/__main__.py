@@ -77,10 +77,12 @@ def main(argv: list[str]) -> int:
             cfg = config.load()
             module = importlib.import_module(module_name)
             getattr(module, ENTRY.get(stage, "run"))(cfg, *args)
+            print(f"[{task}] done in {time.time() - started:.1f}s")
         except known_errors() as exc:
             print(f"[{task}] error: {exc}", file=sys.stderr)
             return 2
-        print(f"[{task}] done in {time.time() - started:.1f}s")
+        finally:  # the log closes next: a flush at exit through a closed tee would exit 120
+            sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
     return 0
 
 

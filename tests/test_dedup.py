@@ -1,0 +1,212 @@
+"""dedup on real files in a temp project: exact and near duplicates, keepers, the per-source cache, the CLI."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from stages import config, dedup, io, layout
+
+REPO = Path(__file__).resolve().parents[1]
+SOURCES = """
+[dedup]
+threshold = 0.8
+source_priority = ["icd10cm", "news2"]
+
+[sources.icd10cm]
+kind = "icd10cm"
+adapters = ["coding"]
+
+[sources.news2]
+kind = "news2"
+adapters = ["decide"]
+"""
+WORDS = [f"{a}{b}" for a in ("bra", "cle", "dro", "fen", "gli", "hup", "jor", "kel", "lum", "mor")
+         for b in ("ta", "vo", "ni", "sek", "pul", "rim", "dax", "wen")]
+
+
+def sentence(rng: random.Random, n: int = 120) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+def example(source: str, rid: str, question: str, answer: str, task: str = "qa") -> dict:
+    return {"id": f"{source}:{rid}:{task}", "source": source, "task": task,
+            "messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}],
+            "provenance": {"source": source, "kind": source, "source_id": rid, "origin": "test",
+                           "licence": "test", "retrieved_at": ""}}
+
+
+def make_project(root: Path, sources: str = SOURCES) -> Path:
+    (root / "sources.toml").write_text(sources)
+    for name in ("coding", "decide"):
+        (root / "adapters" / name).mkdir(parents=True, exist_ok=True)
+        (root / "adapters" / name / "adapter.toml").write_text("")
+    return root
+
+
+def shingles(text: str, n: int = 5) -> set:
+    words = dedup.WORD_RE.findall(dedup.normalize_text(text))
+    return {tuple(words[i:i + n]) for i in range(max(len(words) - n + 1, 1))}
+
+
+def jaccard(x: str, y: str) -> float:
+    a, b = shingles(x), shingles(y)
+    return len(a & b) / len(a | b)
+
+
+def mutate(rng: random.Random, text: str, k: int) -> str:
+    words = text.split()
+    for i in rng.sample(range(len(words)), k):
+        words[i] = "zzz" + words[i]
+    return " ".join(words)
+
+
+# --- fingerprints
+def test_signature_of_a_document_does_not_depend_on_its_batch():
+    rng = random.Random(1)
+    docs = [sentence(rng, n) for n in (0, 1, 3, 4, 5, 6, 40, 200)] * 3
+    together = dedup.fingerprint(docs, 64, 5)
+    for i, doc in enumerate(docs):
+        alone = dedup.fingerprint([doc], 64, 5)
+        assert np.array_equal(alone.signatures[0], together.signatures[i])
+
+
+def test_estimated_jaccard_tracks_true_jaccard():
+    rng = random.Random(2)
+    base = sentence(rng, 120)
+    for k in (0, 2, 4, 8, 16, 30):
+        other = mutate(rng, base, k)
+        fp = dedup.fingerprint([base, other], 256, 5)
+        estimate = (fp.signatures[0] == fp.signatures[1]).mean()
+        assert abs(estimate - jaccard(base, other)) < 0.12
+
+
+def test_exact_match_ignores_case_whitespace_and_unicode_width():
+    fp = dedup.fingerprint(["Fever  of 39 °C\nand RIGOR", "fever of 39 °C and rigor", "ｆｅｖｅｒ of 39 °C and rigor",
+                            "fever of 38 °C and rigor"], 32, 5)
+    assert fp.digests[0] == fp.digests[1] == fp.digests[2] != fp.digests[3]
+
+
+# --- the stage
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    monkeypatch.chdir(make_project(tmp_path))
+    rng = random.Random(3)
+    base_texts = [sentence(rng) for _ in range(40)]
+    icd = [example("icd10cm", f"c{i}", f"Q{i}: {t}", "answer") for i, t in enumerate(base_texts[:20])]
+    news = [example("news2", f"p{i}", f"Q{i}: {t}", "answer") for i, t in enumerate(base_texts[20:])]
+    # news2 repeats icd10cm's c0 exactly (modulo case/spacing) and c1 with one word changed: icd10cm keeps both
+    news.append(example("news2", "dup0", icd[0]["messages"][0]["content"].upper() + "  ", "ANSWER"))
+    news.append(example("news2", "near1", mutate(rng, icd[1]["messages"][0]["content"], 1), "answer"))
+    # two news2 near-duplicates of each other: the richer text wins
+    longer = news[0]["messages"][0]["content"] + " extra words here"
+    news.append(example("news2", "rich0", longer, "answer"))
+    io.write_jsonl(layout.examples_file("icd10cm"), icd)
+    io.write_jsonl(layout.examples_file("news2"), news)
+    return {"icd": icd, "news": news}
+
+
+def kept_ids() -> list[str]:
+    return [row["id"] for row in io.read_jsonl(layout.dedup_file())]
+
+
+def test_stage_removes_exact_and_near_duplicates_by_source_priority(project):
+    report = dedup.run(config.load())
+    ids = kept_ids()
+    assert "icd10cm:c0:qa" in ids and "icd10cm:c1:qa" in ids
+    assert "news2:dup0:qa" not in ids and "news2:near1:qa" not in ids
+    assert "news2:rich0:qa" in ids and "news2:p0:qa" not in ids
+    assert report["sources"]["news2"] == {"in": 23, "exact_dups": 1, "near_dups": 2, "kept": 20,
+                                          "signatures": "computed"}
+    assert report["sources"]["icd10cm"]["kept"] == 20
+    assert report["total"] == {"in": 43, "kept": 40, "removed": 3, "duplicate_clusters": 3}
+    largest = report["largest_clusters"][0]
+    assert largest["size"] == 2 and largest["members"][0]["text"]
+    rows = list(io.read_jsonl(layout.dedup_file()))
+    assert all(row["cluster"] == f"{row['source']}:{row['provenance']['source_id']}" for row in rows)
+    # nothing left at or above the threshold
+    texts = [dedup.example_text(r) for r in rows]
+    assert max(jaccard(a, b) for i, a in enumerate(texts) for b in texts[i + 1:]) < 0.8
+
+
+def test_cache_is_per_source_and_keyed_by_content(project):
+    cfg = config.load()
+    dedup.run(cfg)
+    first = layout.dedup_file().read_bytes()
+    icd_cache = layout.dedup_cache("icd10cm")
+    icd_stamp = icd_cache.stat().st_mtime_ns
+    report = dedup.run(cfg)
+    assert {s["signatures"] for s in report["sources"].values()} == {"cached"}
+    assert layout.dedup_file().read_bytes() == first
+    # a change to news2 re-hashes news2 only
+    rows = project["news"] + [example("news2", "new", "a brand new question about something else", "ok")]
+    io.write_jsonl(layout.examples_file("news2"), rows)
+    report = dedup.run(cfg)
+    assert report["sources"]["icd10cm"]["signatures"] == "cached"
+    assert report["sources"]["news2"]["signatures"] == "computed"
+    assert icd_cache.stat().st_mtime_ns == icd_stamp
+    assert "news2:new:qa" in kept_ids()
+    # cached and fresh fingerprints decide the same
+    cached_output = layout.dedup_file().read_bytes()
+    for path in layout.dedup_cache("x").parent.iterdir():
+        path.unlink()
+    dedup.run(cfg)
+    assert layout.dedup_file().read_bytes() == cached_output
+
+
+def test_settings_change_invalidates_the_cache(project, tmp_path):
+    dedup.run(config.load())
+    (tmp_path / "sources.toml").write_text(SOURCES.replace("threshold = 0.8", "threshold = 0.8\nshingle_words = 3"))
+    report = dedup.run(config.load())
+    assert {s["signatures"] for s in report["sources"].values()} == {"computed"}
+
+
+def test_missing_examples_file_names_the_fix(project):
+    layout.examples_file("news2").unlink()
+    with pytest.raises(dedup.StageError, match="normalize:news2"):
+        dedup.run(config.load())
+
+
+# --- the CLI
+def cli_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+
+
+def test_cli_round_trip_keeps_records_unchanged(tmp_path):
+    rng = random.Random(4)
+    texts = [sentence(rng, 100) for _ in range(30)]
+    lines = []
+    for i, text in enumerate(texts):
+        lines.append(json.dumps({"text": text, "meta": {"n": i}, "z": [1, 2]}, ensure_ascii=False))
+    lines.append(json.dumps({"text": texts[3].upper(), "meta": "exact"}))
+    # a shorter copy: near-duplicate, and no richer than the original, which stays
+    lines.append(json.dumps({"text": " ".join(texts[5].split()[:-3]), "meta": "near"}))
+    lines.append(json.dumps({"messages": [{"role": "system", "content": "ignored"},
+                                          {"role": "user", "content": texts[7]}], "meta": "messages"}))
+    lines.append(json.dumps({"messages": [{"role": "user", "content": "an unrelated short question"}]}))
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("\n".join(lines) + "\n")
+    result = subprocess.run([sys.executable, "-m", "stages.cli", "dedup", str(src), "--out", str(out),
+                             "--threshold", "0.8"], capture_output=True, text=True, cwd=tmp_path,
+                            env=cli_env(), timeout=120)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["kept"] == 31 and summary["removed"] == 3 and summary["clusters"] == 3
+    assert summary["seconds"] >= 0
+    kept = out.read_text().splitlines()
+    assert kept == lines[:30] + [lines[-1]]  # byte-identical, in input order
+
+
+def test_cli_names_a_bad_line(tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"text": "fine"}\n{"other": 1}\n')
+    result = subprocess.run([sys.executable, "-m", "stages.cli", "dedup", str(src), "--out", str(tmp_path / "o")],
+                            capture_output=True, text=True, cwd=tmp_path, env=cli_env(),
+                            timeout=120)
+    assert result.returncode == 2 and "in.jsonl:2" in result.stderr and not (tmp_path / "o").exists()
