@@ -8,7 +8,7 @@ from pathlib import Path
 
 from doit.tools import config_changed
 
-from stages import config, layout
+from stages import config, layout, scrape
 from stages.config import ConfigError
 from stages.events import EventReporter
 
@@ -41,8 +41,8 @@ def task_base_gguf():
 
 def task_scrape():
     for s in CFG.enabled_sources():
-        fetch_block = {"kind": s.kind, "mode": s.mode, "params": s.params}
-        yield {"name": s.name, "actions": stage("scrape", s.name), "uptodate": [config_changed(fetch_block)],
+        yield {"name": s.name, "actions": stage("scrape", s.name),
+               "uptodate": [config_changed(scrape.fetch_block(s)), scrape.refresh_due(s)],
                "file_dep": layout.code("scrape.py") + layout.source_code(s.kind), "targets": [str(layout.raw_manifest(s.name))]}
 
 

@@ -1,0 +1,147 @@
+"""ClinicalTrials.gov API v2: `/studies` pages, followed by `nextPageToken`.
+
+`totalCount` comes only on the first page (with countTotal=true); pages land as
+`studies-<n>.json` and the checkpoint holds the page number and the next token.
+Eligibility criteria are split into inclusion and exclusion lists.
+
+params: cond (query.cond), term (query.term), intr (query.intr), status (filter.overallStatus,
+e.g. "COMPLETED"), fields (comma list, "" = all), page_size (100, at most 1000),
+max_records (1000; 0 = all), plus the HTTP ones.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Iterator
+
+import orjson
+
+from stages.sources import Source, SourceError
+
+_HEADING = re.compile(r"^\s*(inclusion|exclusion)\s+criteria\s*:?\s*$", re.I | re.M)
+_BULLET = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s*")
+
+
+def split_eligibility(text: str) -> dict[str, list[str]]:
+    """'Inclusion Criteria: ... Exclusion Criteria: ...' -> {"inclusion": [...], "exclusion": [...]}."""
+    out: dict[str, list[str]] = {"inclusion": [], "exclusion": []}
+    if not text:
+        return out
+    marks = list(_HEADING.finditer(text))
+    if not marks:
+        return out
+    for i, m in enumerate(marks):
+        body = text[m.end(): marks[i + 1].start() if i + 1 < len(marks) else len(text)]
+        items = []
+        for line in body.splitlines():
+            line = _BULLET.sub("", line.replace("\\<", "<").replace("\\>", ">")).strip()
+            if line:
+                items.append(line)
+        out[m.group(1).lower()].extend(items)
+    return out
+
+
+class ClinicalTrials(Source):
+    kind = "clinicaltrials"
+    licence = "public domain (US NLM ClinicalTrials.gov; https://clinicaltrials.gov/about-site/terms-conditions)"
+    origin = "https://clinicaltrials.gov/"
+    network = True
+    api = "clinicaltrials"
+
+    def fetch(self, store) -> None:
+        from stages import http
+
+        size = self.param("page_size", 100, int)
+        if not 1 <= size <= 1000:
+            raise SourceError(f"sources.toml: key 'sources.{self.name}.params.page_size' must be 1..1000 (got {size}); fix it")
+        max_records = self.param("max_records", 1000, int)
+        query = {"format": "json", "pageSize": size, "countTotal": "true",
+                 "query.cond": self.param("cond", "", str) or None, "query.term": self.param("term", "", str) or None,
+                 "query.intr": self.param("intr", "", str) or None,
+                 "filter.overallStatus": self.param("status", "", str) or None,
+                 "fields": self.param("fields", "", str) or None}
+        state = store.checkpoint or {"page": 0, "token": None, "fetched": 0, "done": False, "total": None}
+        with http.Client(self.name, self.api, self.params) as client:
+            while not state["done"] and not (max_records and state["fetched"] >= max_records):
+                params = {**query, "pageToken": state["token"]} if state["token"] else query
+                reply = client.get("studies", params)
+                doc = reply.json()
+                store.put(f"studies-{state['page']:05d}.json", reply.content)
+                state["page"] += 1
+                state["fetched"] += len(doc.get("studies") or [])
+                if "totalCount" in doc:
+                    state["total"] = doc["totalCount"]
+                state["token"] = doc.get("nextPageToken")
+                state["done"] = not state["token"]
+                store.save_checkpoint(state)
+
+    def parse(self, page: Path) -> Iterator[dict[str, Any]]:
+        try:
+            doc = orjson.loads(page.read_bytes())
+        except orjson.JSONDecodeError as exc:
+            raise SourceError(f"{page}: not valid JSON ({exc}); delete it and rerun the scrape") from None
+        studies = doc.get("studies") if "studies" in doc else [doc]  # a /studies page or one /studies/{nctId}
+        for study in studies or []:
+            proto = (study or {}).get("protocolSection") or {}
+            ident = proto.get("identificationModule") or {}
+            nct = ident.get("nctId")
+            if not nct:
+                continue
+            elig = proto.get("eligibilityModule") or {}
+            design = proto.get("designModule") or {}
+            arms = proto.get("armsInterventionsModule") or {}
+            outcomes = proto.get("outcomesModule") or {}
+            criteria = elig.get("eligibilityCriteria", "")
+            yield {
+                "id": nct, "nct_id": nct, "origin": f"https://clinicaltrials.gov/study/{nct}",
+                "title": ident.get("briefTitle") or ident.get("officialTitle") or "",
+                "summary": (proto.get("descriptionModule") or {}).get("briefSummary", ""),
+                "conditions": (proto.get("conditionsModule") or {}).get("conditions") or [],
+                "status": (proto.get("statusModule") or {}).get("overallStatus", ""),
+                "study_type": design.get("studyType", ""), "phases": design.get("phases") or [],
+                "enrollment": (design.get("enrollmentInfo") or {}).get("count"),
+                "interventions": [i.get("name", "") for i in arms.get("interventions") or [] if i.get("name")],
+                "primary_outcomes": [o.get("measure", "") for o in outcomes.get("primaryOutcomes") or [] if o.get("measure")],
+                "sponsor": ((proto.get("sponsorCollaboratorsModule") or {}).get("leadSponsor") or {}).get("name", ""),
+                "sex": elig.get("sex", ""), "minimum_age": elig.get("minimumAge", ""),
+                "maximum_age": elig.get("maximumAge", ""),
+                "criteria": split_eligibility(criteria),
+            }
+
+    def examples(self, record: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        title = record["title"]
+        if record["summary"]:
+            yield {"task": "clinicaltrials_summary", "messages": [
+                {"role": "user", "content": f"Summarise the clinical trial \"{title}\" ({record['nct_id']})."},
+                {"role": "assistant", "content": record["summary"]}]}
+        inc, exc = record["criteria"]["inclusion"], record["criteria"]["exclusion"]
+        if inc or exc:
+            ages = " to ".join(a for a in (record["minimum_age"], record["maximum_age"]) if a)
+            answer = []
+            if inc:
+                answer.append("Inclusion criteria:\n" + "\n".join(f"- {c}" for c in inc))
+            if exc:
+                answer.append("Exclusion criteria:\n" + "\n".join(f"- {c}" for c in exc))
+            if ages:
+                answer.append(f"Age: {ages}.")
+            yield {"task": "clinicaltrials_eligibility", "messages": [
+                {"role": "user", "content": f"Who can take part in the trial \"{title}\"? List the inclusion and "
+                                            f"exclusion criteria."},
+                {"role": "assistant", "content": "\n\n".join(answer)}]}
+        if record["conditions"] and (record["interventions"] or record["phases"]):
+            facts = [f"Conditions: {', '.join(record['conditions'])}"]
+            if record["interventions"]:
+                facts.append(f"Interventions: {', '.join(record['interventions'])}")
+            if record["phases"]:
+                facts.append(f"Phase: {', '.join(p.replace('PHASE', 'Phase ').replace('EARLY_', 'Early ') for p in record['phases'])}")
+            if record["study_type"]:
+                facts.append(f"Study type: {record['study_type'].lower()}")
+            if record["enrollment"]:
+                facts.append(f"Enrollment: {record['enrollment']}")
+            yield {"task": "clinicaltrials_design", "messages": [
+                {"role": "user", "content": f"What condition does the trial \"{title}\" study, which interventions "
+                                            f"does it compare, and what is its design?"},
+                {"role": "assistant", "content": "\n".join(facts)}]}
+
+
+SOURCE = ClinicalTrials

@@ -1,0 +1,136 @@
+"""DailyMed v2: `spls.json` listing pages -> the SPL XML of each setid, sections by LOINC code.
+
+Pages land as `spls-<n>.json` (listings: no records of their own) and `spl-<setid>.xml`;
+the checkpoint holds the next listing page and the setids still to download.
+
+params: drug_name (listing filter), labeler, page_size (100), max_labels (200; 0 = all),
+plus the HTTP ones.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Iterator
+
+import orjson
+
+from stages.sources import Source, SourceError, _xml
+
+# LOINC section codes -> (key, question template)
+SECTIONS = {
+    "34067-9": ("indications", "What is {name} indicated for?"),
+    "34068-7": ("dosage", "What is the dosage and administration of {name}?"),
+    "34070-3": ("contraindications", "What are the contraindications of {name}?"),
+    "43685-7": ("warnings", "What are the warnings and precautions for {name}?"),
+    "34071-1": ("warnings", "What warnings does the label of {name} give?"),
+    "34066-1": ("boxed_warning", "What does the boxed warning of {name} say?"),
+    "34084-4": ("adverse_reactions", "What adverse reactions does the label of {name} list?"),
+    "34073-7": ("interactions", "What drug interactions does the label of {name} list?"),
+    "55106-9": ("active_ingredient", "What are the active ingredients of {name}?"),
+    "55105-1": ("purpose", "What is the purpose of {name}?"),
+    "50570-1": ("do_not_use", "When should {name} not be used?"),
+}
+_SETID = re.compile(r"^[0-9a-fA-F-]{36}$")
+
+
+class DailyMed(Source):
+    kind = "dailymed"
+    licence = "public domain (US NLM DailyMed; SPL text as submitted by labelers)"
+    origin = "https://dailymed.nlm.nih.gov/"
+    network = True
+    api = "dailymed"
+
+    def fetch(self, store) -> None:
+        from stages import http
+
+        size = self.param("page_size", 100, int)
+        max_labels = self.param("max_labels", 200, int)
+        filters = {"drug_name": self.param("drug_name", "", str) or None, "labeler": self.param("labeler", "", str) or None}
+        state = store.checkpoint or {"page": 1, "pending": [], "listed": 0, "listing_done": False}
+        with http.Client(self.name, self.api, self.params) as client:
+            while True:
+                if state["pending"]:
+                    setid = state["pending"][0]
+                    if not _SETID.match(setid):
+                        raise SourceError(f"{self.name}: DailyMed listed an invalid setid {setid!r}; rerun later")
+                    reply = client.get(f"spls/{setid}.xml", expect="xml")
+                    store.put(f"spl-{setid}.xml", reply.content)
+                    state["pending"].pop(0)
+                    store.save_checkpoint(state)
+                    continue
+                if state["listing_done"] or (max_labels and state["listed"] >= max_labels):
+                    break
+                reply = client.get("spls.json", {**filters, "page": state["page"], "pagesize": size})
+                doc = reply.json()
+                store.put(f"spls-{state['page']:05d}.json", reply.content)
+                setids = [d["setid"] for d in doc.get("data") or [] if d.get("setid")]
+                if max_labels:
+                    setids = setids[: max(0, max_labels - state["listed"])]
+                state["pending"] += setids
+                state["listed"] += len(setids)
+                meta = doc.get("metadata") or {}
+                state["listing_done"] = not setids or str(meta.get("next_page", "null")) in ("null", "None", "")
+                state["page"] += 1
+                store.save_checkpoint(state)
+
+    def parse(self, page: Path) -> Iterator[dict[str, Any]]:
+        if page.suffix == ".json":  # a listing page: setids only, their labels are separate pages
+            try:
+                orjson.loads(page.read_bytes())
+            except orjson.JSONDecodeError as exc:
+                raise SourceError(f"{page}: not valid JSON ({exc}); delete it and rerun the scrape") from None
+            return
+        root = _xml.parse(page)
+        if _xml.local(root.tag) != "document":
+            return
+        node = _xml.find(root, "setId")
+        setid = node.get("root") if node is not None else None
+        if not setid:
+            return
+        product = next((e for e in root.iter() if _xml.local(e.tag) == "manufacturedProduct"
+                        and _xml.find(e, "name") is not None), None)
+        name = ""
+        if product is not None:  # <name>TRIAMINIC<suffix>Childrens ...</suffix></name>: keep a space
+            node = _xml.find(product, "name")
+            name = " ".join(x for x in [(node.text or "").strip(), _xml.text(_xml.find(node, "suffix"))] if x)
+        generic = ""
+        if product is not None:
+            generic_node = next((e for e in product.iter() if _xml.local(e.tag) == "genericMedicine"), None)
+            generic = _xml.text(_xml.find(generic_node, "name")) if generic_node is not None else ""
+        sections: dict[str, str] = {}
+        for sec in root.iter():
+            if _xml.local(sec.tag) != "section":
+                continue
+            code = _xml.find(sec, "code")
+            loinc = code.get("code") if code is not None else None
+            if loinc not in SECTIONS:
+                continue
+            key = SECTIONS[loinc][0]
+            body = _xml.text(_xml.find(sec, "text"))
+            children = [_xml.text(_xml.find(c, "section", "text")) for c in _xml.findall(sec, "component")]
+            full = " ".join(x for x in [body, *children] if x)
+            title = _xml.text(_xml.find(sec, "title"))
+            if full and key not in sections:
+                sections[key] = f"{title}: {full}" if title and not full.lower().startswith(title.lower()) else full
+        labeler = _xml.text(_xml.find(root, "author", "assignedEntity", "representedOrganization", "name"))
+        yield {"id": setid, "setid": setid, "origin": f"https://dailymed.nlm.nih.gov/dailymed/lookup.cfm?setid={setid}",
+               "title": _xml.text(_xml.find(root, "title")), "label_type": (_xml.find(root, "code").get("displayName", "")
+                                                                          if _xml.find(root, "code") is not None else ""),
+               "name": name, "generic_name": generic, "labeler": labeler,
+               "effective": (_xml.find(root, "effectiveTime").get("value", "") if _xml.find(root, "effectiveTime") is not None else ""),
+               "sections": sections}
+
+    def examples(self, record: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        name = record["name"] or record["generic_name"]
+        if not name:
+            return
+        if record["generic_name"] and record["generic_name"].lower() not in name.lower():
+            name = f"{name} ({record['generic_name'].lower()})"
+        questions = {key: q for key, q in SECTIONS.values()}
+        for key, text in record["sections"].items():
+            yield {"task": f"dailymed_{key}", "messages": [
+                {"role": "user", "content": questions[key].format(name=name)},
+                {"role": "assistant", "content": f"From the DailyMed label ({record['labeler'] or 'labeler not given'}): {text}"}]}
+
+
+SOURCE = DailyMed

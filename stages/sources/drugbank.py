@@ -1,0 +1,103 @@
+"""DrugBank: the user's own download of `full_database.xml` (GB-sized), streamed.
+
+DrugBank cannot be fetched anonymously: download it under your DrugBank licence and set
+`path`. The file is streamed with constant memory through the safe XML parser (entity
+declarations, so XXE and billion laughs, are refused) and re-written as raw pages of
+`chunk` drugs each (`drugs-<n>.xml`), which is also what a mirror copies.
+
+params: path (the XML file), chunk (500), max_drugs (0 = all).
+"""
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any, Iterator
+
+from stages.sources import Source, SourceError, _xml
+
+NS = "http://www.drugbank.ca"
+FIELDS = ("description", "indication", "pharmacodynamics", "mechanism-of-action", "toxicity", "metabolism",
+          "absorption", "half-life", "route-of-elimination")
+QUESTIONS = {
+    "indication": ("indication", "What is {name} indicated for?"),
+    "mechanism-of-action": ("mechanism", "What is the mechanism of action of {name}?"),
+    "pharmacodynamics": ("pharmacodynamics", "Describe the pharmacodynamics of {name}."),
+    "half-life": ("half_life", "What is the half-life of {name}?"),
+    "toxicity": ("toxicity", "What is known about the toxicity and overdose of {name}?"),
+    "metabolism": ("metabolism", "How is {name} metabolized?"),
+}
+
+
+class DrugBank(Source):
+    kind = "drugbank"
+    licence = "DrugBank licence of the user's download (academic: CC BY-NC 4.0); derived adapters inherit its terms"
+    origin = "https://go.drugbank.com/releases/latest"
+
+    def _path(self) -> Path:
+        raw = self.param("path", "", str)
+        if not raw:
+            raise SourceError(f"sources.toml: key 'sources.{self.name}.params.path' is missing; download "
+                              f"full_database.xml from go.drugbank.com (licence required) and set path to it")
+        path = Path(raw).expanduser()
+        if not path.exists():
+            raise SourceError(f"sources.{self.name}.params.path: {path} not found; download full_database.xml "
+                              f"from go.drugbank.com and point path at it")
+        return path
+
+    def fetch(self, store) -> None:
+        chunk = max(1, self.param("chunk", 500, int))
+        max_drugs = self.param("max_drugs", 0, int)
+        batch: list[bytes] = []
+        count = page = 0
+
+        def flush() -> None:
+            nonlocal page, batch
+            store.put(f"drugs-{page:05d}.xml", b'<?xml version="1.0" encoding="UTF-8"?>\n<drugbank xmlns:db="%s">\n'
+                      % NS.encode() + b"\n".join(batch) + b"\n</drugbank>\n")
+            page, batch = page + 1, []
+
+        for drug in _xml.iter_elements(self._path(), {"drug"}):
+            batch.append(ET.tostring(drug, encoding="utf-8", xml_declaration=False))
+            count += 1
+            if len(batch) >= chunk:
+                flush()
+            if max_drugs and count >= max_drugs:
+                break
+        if batch or page == 0:
+            flush()
+
+    def parse(self, page: Path) -> Iterator[dict[str, Any]]:
+        for drug in _xml.iter_elements(page, {"drug"}):
+            ids = _xml.findall(drug, "drugbank-id")
+            primary = next((i for i in ids if i.get("primary") == "true"), ids[0] if ids else None)
+            dbid = _xml.text(primary)
+            name = _xml.text(_xml.find(drug, "name"))
+            if not dbid or not name:
+                continue
+            interactions = []
+            for inter in _xml.findall(_xml.find(drug, "drug-interactions"), "drug-interaction"):
+                interactions.append({"id": _xml.text(_xml.find(inter, "drugbank-id")), "name": _xml.text(_xml.find(inter, "name")),
+                                     "description": _xml.text(_xml.find(inter, "description"))})
+            yield {"id": dbid, "origin": f"https://go.drugbank.com/drugs/{dbid}", "name": name,
+                   "type": drug.get("type", ""),
+                   "groups": [_xml.text(g) for g in _xml.findall(_xml.find(drug, "groups"), "group")],
+                   "categories": [_xml.text(_xml.find(c, "category")) for c in _xml.findall(_xml.find(drug, "categories"), "category")],
+                   **{f.replace("-", "_"): _xml.text(_xml.find(drug, f)) for f in FIELDS},
+                   "interactions": interactions}
+
+    def examples(self, record: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        name = record["name"]
+        for field, (task, question) in QUESTIONS.items():
+            text = record[field.replace("-", "_")]
+            if text:
+                yield {"task": f"drugbank_{task}", "messages": [
+                    {"role": "user", "content": question.format(name=name)},
+                    {"role": "assistant", "content": text}]}
+        if record["interactions"]:
+            listed = record["interactions"][:15]
+            yield {"task": "drugbank_interactions", "messages": [
+                {"role": "user", "content": f"Name some drugs that interact with {name} and the effect of each."},
+                {"role": "assistant", "content": "\n".join(f"- {i['name']}: {i['description']}" for i in listed)}]}
+
+
+SOURCE = DrugBank

@@ -1,0 +1,122 @@
+"""FDA guidance documents: the static JSON index behind fda.gov's guidance search, then each PDF.
+
+Pages: `index.json` (the listing) and `doc-<media id>.pdf`; PDF text comes from pypdf.
+The checkpoint holds the media ids still to download.
+
+params: index_path (the index under base_url), status ("Final", "Draft" or "" for both),
+center (substring of the issuing center, e.g. "Drug Evaluation"), max_docs (50; 0 = all),
+plus the HTTP ones (base_url defaults to https://www.fda.gov).
+"""
+from __future__ import annotations
+
+import html
+import re
+from pathlib import Path
+from typing import Any, Iterator
+
+import orjson
+
+from stages.sources import Source, SourceError
+
+INDEX = "index.json"
+_MEDIA = re.compile(r'href="/media/(\d+)/download"')
+
+
+def strip_html(text: str) -> str:
+    return re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", text or ""))).strip()
+
+
+def index_rows(doc: Any) -> list[dict[str, Any]]:
+    """The guidance rows of the index, with the PDF media id when the row links one."""
+    rows = []
+    for row in doc if isinstance(doc, list) else (doc or {}).get("data", []):
+        media = _MEDIA.search(row.get("field_associated_media_2", "") or "")
+        rows.append({"media": media.group(1) if media else None, "title": strip_html(row.get("title", "")),
+                     "issued": row.get("field_issue_datetime", ""), "office": strip_html(row.get("field_issuing_office_taxonomy", "")),
+                     "center": strip_html(row.get("field_center", "")), "status": strip_html(row.get("field_final_guidance_1", "")),
+                     "type": strip_html(row.get("field_communication_type", "")), "docket": strip_html(row.get("field_docket_number", "")),
+                     "topics": strip_html(row.get("topics-product", ""))})
+    return rows
+
+
+def pdf_text(path: Path) -> list[str]:
+    """Text of each page of a PDF."""
+    try:
+        import pypdf
+    except ImportError:
+        raise SourceError("reading PDFs needs pypdf; pip install pypdf") from None
+    try:
+        reader = pypdf.PdfReader(str(path))
+        return [(p.extract_text() or "") for p in reader.pages]
+    except Exception as exc:  # pypdf raises many types on damaged files
+        raise SourceError(f"{path}: cannot read this PDF ({type(exc).__name__}: {exc}); delete it and rerun the scrape") from None
+
+
+class FdaGuidance(Source):
+    kind = "fda_guidance"
+    licence = "public domain (US FDA guidance documents)"
+    origin = "https://www.fda.gov/regulatory-information/search-fda-guidance-documents"
+    network = True
+    api = "fda"
+
+    def fetch(self, store) -> None:
+        from stages import http
+
+        status = self.param("status", "", str)
+        center = self.param("center", "", str)
+        max_docs = self.param("max_docs", 50, int)
+        state = store.checkpoint
+        with http.Client(self.name, self.api, self.params) as client:
+            if not state:
+                reply = client.get(self.param("index_path", "files/api/datatables/static/search-for-guidance.json", str))
+                store.put(INDEX, reply.content)
+                rows = [r for r in index_rows(reply.json()) if r["media"]
+                        and (not status or r["status"].lower() == status.lower())
+                        and (not center or center.lower() in r["center"].lower())]
+                state = {"pending": [r["media"] for r in rows][: max_docs or None]}
+                store.save_checkpoint(state)
+            while state["pending"]:
+                media = state["pending"][0]
+                reply = client.get(f"media/{media}/download", expect="pdf")
+                store.put(f"doc-{media}.pdf", reply.content)
+                state["pending"].pop(0)
+                store.save_checkpoint(state)
+
+    def parse(self, page: Path) -> Iterator[dict[str, Any]]:
+        if page.suffix == ".json":
+            return  # the index: its rows describe the PDFs
+        m = re.fullmatch(r"doc-(\d+)\.pdf", page.name)
+        media = m.group(1) if m else page.stem
+        meta: dict[str, Any] = {}
+        index = page.with_name(INDEX)
+        if index.exists():
+            meta = next((r for r in index_rows(orjson.loads(index.read_bytes())) if r["media"] == media), {})
+        pages = pdf_text(page)
+        text = "\n".join(pages).strip()
+        if not text:
+            return
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        yield {"id": media, "origin": f"https://www.fda.gov/media/{media}/download",
+               "title": meta.get("title") or " ".join(lines[:3]), "issued": meta.get("issued", ""),
+               "office": meta.get("office", ""), "status": meta.get("status", ""), "docket": meta.get("docket", ""),
+               "type": meta.get("type", ""), "pages": len(pages), "text": text}
+
+    def examples(self, record: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        text = record["text"]
+        intro = re.search(r"(?:^|\n)\s*(?:I\.\s*)?INTRODUCTION\s*\n(.+?)(?:\n\s*(?:II\.|BACKGROUND)|\Z)", text, re.I | re.S)
+        scope = (intro.group(1) if intro else text)[:2000].strip()
+        if scope:
+            yield {"task": "fda_guidance_scope", "messages": [
+                {"role": "user", "content": f"What is the FDA guidance \"{record['title']}\" about?"},
+                {"role": "assistant", "content": re.sub(r"\s*\n\s*", " ", scope)}]}
+        facts = [f for f in (f"Issued: {record['issued']}" if record["issued"] else "",
+                             f"Issuing office: {record['office']}" if record["office"] else "",
+                             f"Status: {record['status']}" if record["status"] else "",
+                             f"Docket: {record['docket']}" if record["docket"] else "") if f]
+        if len(facts) >= 2:
+            yield {"task": "fda_guidance_facts", "messages": [
+                {"role": "user", "content": f"When and by which FDA office was \"{record['title']}\" issued, and is it final?"},
+                {"role": "assistant", "content": "\n".join(facts)}]}
+
+
+SOURCE = FdaGuidance

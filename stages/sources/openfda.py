@@ -1,0 +1,202 @@
+"""openFDA drug labels (`drug/label`) and adverse-event reports (`drug/event`).
+
+Paging follows the `Link: <...>; rel="next"` header (openFDA's search_after cursor, no
+25,000 cap); a server that sends no Link is paged with `skip` (at most 25,000, limit at
+most 1,000). A 404 NOT_FOUND means "no results", not a failure. Pages land as
+`<endpoint>-<n>.json`; the checkpoint holds the page number and the cursor (query
+parameters of the next link, the API key stripped), so a killed scrape resumes exactly.
+
+params: endpoint ("drug/label" or "drug/event"), search (openFDA query syntax, "" = all),
+sort, limit (100, at most 1000), max_records (1000; 0 = all), plus the HTTP ones.
+"""
+from __future__ import annotations
+
+import urllib.parse
+from pathlib import Path
+from typing import Any, Iterator
+
+import orjson
+
+from stages.sources import Source, SourceError
+
+ENDPOINTS = ("drug/label", "drug/event")
+SKIP_MAX = 25_000
+# label field -> (task suffix, question template); the answer is the field's text
+LABEL_QUESTIONS = {
+    "indications_and_usage": ("indications", "What is {name} indicated for?"),
+    "dosage_and_administration": ("dosage", "How should {name} be taken or given (dosage and administration)?"),
+    "contraindications": ("contraindications", "What are the contraindications of {name}?"),
+    "boxed_warning": ("boxed_warning", "What does the boxed warning for {name} say?"),
+    "warnings_and_cautions": ("warnings", "What are the warnings and precautions for {name}?"),
+    "warnings": ("warnings", "What warnings does the label of {name} give?"),
+    "adverse_reactions": ("adverse_reactions", "What adverse reactions are reported for {name}?"),
+    "drug_interactions": ("interactions", "What drug interactions are listed for {name}?"),
+    "do_not_use": ("do_not_use", "When should {name} not be used?"),
+    "purpose": ("purpose", "What is the purpose of {name}?"),
+}
+SERIOUS = {"seriousnessdeath": "death", "seriousnesslifethreatening": "life-threatening",
+           "seriousnesshospitalization": "hospitalization", "seriousnessdisabling": "disability",
+           "seriousnesscongenitalanomali": "congenital anomaly", "seriousnessother": "other medically important condition"}
+AGE_UNITS = {"800": "decade", "801": "year", "802": "month", "803": "week", "804": "day", "805": "hour"}
+SEX = {"1": "male", "2": "female"}
+ROLE = {"1": "suspect", "2": "concomitant", "3": "interacting"}
+
+
+def _first(value: Any) -> str:
+    if isinstance(value, list):
+        return str(value[0]).strip() if value else ""
+    return str(value or "").strip()
+
+
+def _joined(value: Any) -> str:
+    if isinstance(value, list):
+        return "\n".join(str(v).strip() for v in value if str(v).strip())
+    return str(value or "").strip()
+
+
+class OpenFda(Source):
+    kind = "openfda"
+    licence = "CC0 1.0 (openFDA; https://open.fda.gov/license/) — not for clinical decisions"
+    origin = "https://api.fda.gov/"
+    network = True
+    api = "openfda"
+
+    def fetch(self, store) -> None:
+        from stages import http
+
+        endpoint = self.param("endpoint", "drug/label", str)
+        if endpoint not in ENDPOINTS:
+            raise SourceError(f"sources.toml: key 'sources.{self.name}.params.endpoint' must be one of "
+                              f"{', '.join(ENDPOINTS)} (got {endpoint!r}); fix it")
+        limit = self.param("limit", 100, int)
+        if not 1 <= limit <= 1000:
+            raise SourceError(f"sources.toml: key 'sources.{self.name}.params.limit' must be 1..1000 (got {limit}); fix it")
+        max_records = self.param("max_records", 1000, int)
+        query = {"search": self.param("search", "", str) or None, "sort": self.param("sort", "", str) or None,
+                 "limit": limit}
+        state = store.checkpoint or {"page": 0, "cursor": None, "skip": 0, "fetched": 0, "done": False}
+        prefix = endpoint.replace("/", "-")
+        with http.Client(self.name, self.api, self.params) as client:
+            while not state["done"] and not (max_records and state["fetched"] >= max_records):
+                params = state["cursor"] or {**query, **({"skip": state["skip"]} if state["skip"] else {})}
+                reply = client.get(f"{endpoint}.json", params, accept=(200, 404))
+                if reply.status == 404:
+                    code = (reply.json() if reply.content.startswith(b"{") else {}).get("error", {}).get("code")
+                    if code != "NOT_FOUND":
+                        raise SourceError(f"{self.name}: openFDA answered 404 ({code or 'no error code'}) for "
+                                          f"{endpoint}; check sources.{self.name}.params.endpoint")
+                    state["done"] = True  # no (more) matches: an empty result, not a failure
+                    store.save_checkpoint(state)
+                    break
+                doc = reply.json()
+                results = doc.get("results") or []
+                store.put(f"{prefix}-{state['page']:05d}.json", reply.content)
+                state["page"] += 1
+                state["fetched"] += len(results)
+                total = int(((doc.get("meta") or {}).get("results") or {}).get("total") or 0)
+                link = reply.link("next")
+                if link and results:
+                    query_of_next = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(link).query, keep_blank_values=True))
+                    state["cursor"] = http.strip_secret_params(query_of_next)
+                elif state["cursor"]:  # following links: no next link is the end
+                    state["done"] = True
+                elif len(results) == limit and state["skip"] + limit < total and state["skip"] + limit <= SKIP_MAX:
+                    state["cursor"], state["skip"] = None, state["skip"] + limit
+                else:
+                    state["done"] = True
+                store.save_checkpoint(state)
+
+    def parse(self, page: Path) -> Iterator[dict[str, Any]]:
+        try:
+            doc = orjson.loads(page.read_bytes())
+        except orjson.JSONDecodeError as exc:
+            raise SourceError(f"{page}: not valid JSON ({exc}); delete it and rerun the scrape") from None
+        for result in doc.get("results") or [] if isinstance(doc, dict) else []:
+            if not isinstance(result, dict):
+                continue
+            if "safetyreportid" in result:
+                yield self._event(result)
+            elif "set_id" in result or ("id" in result and "openfda" in result):
+                yield self._label(result)
+            # count queries ({"term", "count"}) carry no records
+
+    @staticmethod
+    def _label(r: dict) -> dict[str, Any]:
+        fda = r.get("openfda") or {}
+        sections = {field: _joined(r[field]) for field in LABEL_QUESTIONS if _joined(r.get(field))}
+        set_id = str(r.get("set_id") or r.get("id"))
+        return {"id": set_id, "type": "label", "set_id": set_id, "version": str(r.get("version", "")),
+                "effective_time": str(r.get("effective_time", "")),
+                "origin": f"https://dailymed.nlm.nih.gov/dailymed/lookup.cfm?setid={set_id}",
+                "brand_name": _first(fda.get("brand_name")), "generic_name": _first(fda.get("generic_name")),
+                "manufacturer": _first(fda.get("manufacturer_name")), "route": fda.get("route") or [],
+                "product_type": _first(fda.get("product_type")), "pharm_class": fda.get("pharm_class_epc") or [],
+                "sections": sections}
+
+    @staticmethod
+    def _event(r: dict) -> dict[str, Any]:
+        patient = r.get("patient") or {}
+        drugs = [{"name": str(d.get("medicinalproduct", "")).strip(), "role": ROLE.get(str(d.get("drugcharacterization")), ""),
+                  "indication": str(d.get("drugindication", "")).strip()} for d in patient.get("drug") or []]
+        age = patient.get("patientonsetage")
+        unit = AGE_UNITS.get(str(patient.get("patientonsetageunit", "")), "")
+        return {"id": str(r["safetyreportid"]), "type": "event", "receivedate": str(r.get("receivedate", "")),
+                "origin": "https://open.fda.gov/apis/drug/event/",
+                "serious": str(r.get("serious", "")) == "1",
+                "criteria": [label for key, label in SERIOUS.items() if str(r.get(key, "")) == "1"],
+                "age": f"{float(age):g} {unit}{'s' if unit and float(age) != 1 else ''}" if age and unit else "",
+                "sex": SEX.get(str(patient.get("patientsex", "")), ""),
+                "reactions": [str(x.get("reactionmeddrapt", "")).strip() for x in patient.get("reaction") or []
+                              if x.get("reactionmeddrapt")],
+                "drugs": [d for d in drugs if d["name"]]}
+
+    def examples(self, record: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        if record["type"] == "label":
+            yield from self._label_examples(record)
+        else:
+            yield from self._event_examples(record)
+
+    @staticmethod
+    def _label_examples(record: dict) -> Iterator[dict[str, Any]]:
+        name = record["brand_name"] or record["generic_name"]
+        if not name:
+            return
+        if record["generic_name"] and record["generic_name"].lower() != name.lower():
+            name = f"{name} ({record['generic_name'].lower()})"
+        seen = set()
+        for field, text in record["sections"].items():
+            task, question = LABEL_QUESTIONS[field]
+            if task in seen:  # warnings_and_cautions and warnings: keep the first present
+                continue
+            seen.add(task)
+            yield {"task": f"openfda_label_{task}", "messages": [
+                {"role": "user", "content": question.format(name=name)},
+                {"role": "assistant", "content": f"According to the FDA label: {text}"}]}
+
+    @staticmethod
+    def _event_examples(record: dict) -> Iterator[dict[str, Any]]:
+        if not record["drugs"] or not record["reactions"]:
+            return
+        who = ", ".join(x for x in (record["age"], record["sex"]) if x) or "patient details not given"
+        lines = []
+        for d in record["drugs"]:
+            role = f" ({d['role']})" if d["role"] else ""
+            why = f", for {d['indication'].lower()}" if d["indication"] else ""
+            lines.append(f"- {d['name']}{role}{why}")
+        drugs = "\n".join(lines)
+        report = f"A FAERS adverse event report ({who}).\nDrugs:\n{drugs}"
+        yield {"task": "openfda_event_reactions", "messages": [
+            {"role": "user", "content": f"{report}\n\nWhich adverse reactions were reported?"},
+            {"role": "assistant", "content": "Reported reactions (a report does not establish causation): "
+                                             + "; ".join(record["reactions"]) + "."}]}
+        if record["serious"]:
+            answer = "Yes. It was reported as serious: " + (", ".join(record["criteria"]) or "criteria not specified") + "."
+        else:
+            answer = "No, it was not reported as serious."
+        yield {"task": "openfda_event_seriousness", "messages": [
+            {"role": "user", "content": f"{report}\nReactions: {'; '.join(record['reactions'])}\n\n"
+                                        f"Was this report classified as serious, and on which criteria?"},
+            {"role": "assistant", "content": answer}]}
+
+
+SOURCE = OpenFda

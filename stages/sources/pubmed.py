@@ -1,0 +1,185 @@
+"""PubMed through NCBI E-utilities: esearch (usehistory=y) -> efetch XML in batches of 200.
+
+PubMed's esearch can only hand out the first 10,000 ids of a query, so a date range
+with more hits is halved until every piece fits. Pages land as
+`efetch-<from>-<to>-<offset>.xml`; the checkpoint holds the pending date ranges and the
+current range's WebEnv, query_key and id list, so a killed scrape resumes at the next
+batch (and falls back to POSTing the stored ids when the WebEnv has expired).
+
+params: term (the PubMed query), mindate / maxdate ("YYYY/MM/DD"), datetype ("pdat"),
+batch (200), max_records (0 = all), query_cap (10000), plus the HTTP ones (base_url, rate, ...).
+"""
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Any, Iterator
+
+from stages.sources import Source, SourceError, _xml
+
+
+def _date(text: str, key: str, source: str) -> dt.date:
+    try:
+        return dt.datetime.strptime(text, "%Y/%m/%d").date()
+    except ValueError:
+        raise SourceError(f"sources.toml: key 'sources.{source}.params.{key}' must be a date \"YYYY/MM/DD\" "
+                          f"(got {text!r}); fix it") from None
+
+
+def _fmt(day: dt.date) -> str:
+    return day.strftime("%Y/%m/%d")
+
+
+def parse_esearch(content: bytes) -> dict[str, Any]:
+    """count, ids, webenv, query_key and errors from an esearch answer (XML, or JSON with retmode=json)."""
+    if content.lstrip().startswith(b"{"):
+        import orjson
+        result = orjson.loads(content).get("esearchresult", {})
+        return {"count": int(result.get("count", 0)), "ids": list(result.get("idlist", [])),
+                "webenv": result.get("webenv"), "query_key": result.get("querykey"),
+                "errors": list((result.get("errorlist") or {}).get("phrasesnotfound", []))}
+    root = _xml.parse(content, "esearch answer")
+    errors = [_xml.text(e) for e in _xml.findall(_xml.find(root, "ErrorList"), "PhraseNotFound")]
+    if _xml.local(root.tag) == "eSearchResult" and _xml.find(root, "ERROR") is not None:
+        errors.append(_xml.text(_xml.find(root, "ERROR")))
+    return {"count": int(_xml.text(_xml.find(root, "Count")) or 0),
+            "ids": [_xml.text(i) for i in _xml.findall(_xml.find(root, "IdList"), "Id")],
+            "webenv": _xml.text(_xml.find(root, "WebEnv")) or None,
+            "query_key": _xml.text(_xml.find(root, "QueryKey")) or None, "errors": errors}
+
+
+class PubMed(Source):
+    kind = "pubmed"
+    licence = "NLM terms: citations free to reuse; abstracts may be copyrighted by their publishers"
+    origin = "https://pubmed.ncbi.nlm.nih.gov/"
+    network = True
+    api = "ncbi"
+
+    # --- fetch
+    def fetch(self, store) -> None:
+        from stages import http
+
+        term = self.param("term", "", str)
+        if not term.strip():
+            raise SourceError(f"sources.toml: key 'sources.{self.name}.params.term' is empty; give a PubMed query, "
+                              f"e.g. \"hypertension[majr] AND english[la]\"")
+        lo = _date(self.param("mindate", "2024/01/01", str), "mindate", self.name)
+        hi = _date(self.param("maxdate", "2024/12/31", str), "maxdate", self.name)
+        datetype = self.param("datetype", "pdat", str)
+        batch = min(self.param("batch", 200, int), 10_000)
+        cap = self.param("query_cap", 10_000, int)
+        max_records = self.param("max_records", 0, int)
+        state = store.checkpoint or {"ranges": [[_fmt(lo), _fmt(hi)]], "current": None, "fetched": 0}
+        base = {"db": "pubmed", "term": term, "datetype": datetype}
+
+        with http.Client(self.name, self.api, self.params) as client:
+            while not (max_records and state["fetched"] >= max_records):
+                cur = state["current"]
+                if cur is None:
+                    if not state["ranges"]:
+                        break
+                    start, end = state["ranges"][0]
+                    window = {**base, "mindate": start, "maxdate": end}
+                    count = parse_esearch(client.get("esearch.fcgi", {**window, "retmax": 0}, expect="xml").content)["count"]
+                    first, last = _date(start, "mindate", self.name), _date(end, "maxdate", self.name)
+                    if count > cap and first < last:  # over the 10,000 cap: halve the date range
+                        mid = first + (last - first) // 2
+                        state["ranges"][0:1] = [[start, _fmt(mid)], [_fmt(mid + dt.timedelta(days=1)), end]]
+                        store.save_checkpoint(state)
+                        continue
+                    state["ranges"].pop(0)
+                    if count:
+                        found = parse_esearch(client.get("esearch.fcgi", {**window, "usehistory": "y",
+                                                                          "retmax": min(count, cap)}, expect="xml").content)
+                        state["current"] = {"range": [start, end], "webenv": found["webenv"],
+                                            "query_key": found["query_key"], "ids": found["ids"], "next": 0}
+                    store.save_checkpoint(state)
+                    continue
+                offset = cur["next"]
+                ids = cur["ids"][offset:offset + batch]
+                name = f"efetch-{cur['range'][0].replace('/', '')}-{cur['range'][1].replace('/', '')}-{offset:05d}.xml"
+                content = self._efetch(client, cur, offset, ids)
+                store.put(name, content)
+                cur["next"] = offset + batch
+                state["fetched"] += len(ids)
+                if cur["next"] >= len(cur["ids"]):
+                    state["current"] = None
+                store.save_checkpoint(state)
+
+    def _efetch(self, client, cur: dict, offset: int, ids: list[str]) -> bytes:
+        common = {"db": "pubmed", "retmode": "xml", "rettype": "abstract"}
+        if cur.get("webenv"):
+            reply = client.get("efetch.fcgi", {**common, "WebEnv": cur["webenv"], "query_key": cur["query_key"],
+                                               "retstart": offset, "retmax": len(ids)}, expect="xml", accept=(200, 400))
+            if reply.status == 200 and b"<PubmedArticleSet" in reply.content[:2048]:
+                return reply.content
+            cur["webenv"] = None  # the history session expired: use the stored ids from now on
+        return client.post("efetch.fcgi", {**common, "id": ",".join(ids)}, expect="xml").content
+
+    # --- parse
+    def parse(self, page: Path) -> Iterator[dict[str, Any]]:
+        for art in _xml.iter_elements(page, {"PubmedArticle"}):
+            citation = _xml.find(art, "MedlineCitation")
+            article = _xml.find(citation, "Article")
+            pmid = _xml.text(_xml.find(citation, "PMID"))
+            if not pmid or article is None:
+                continue
+            sections = []
+            for node in _xml.findall(_xml.find(article, "Abstract"), "AbstractText"):
+                body = _xml.text(node)
+                if body:
+                    sections.append({"label": node.get("Label", ""), "category": node.get("NlmCategory", ""), "text": body})
+            issue = _xml.find(article, "Journal", "JournalIssue", "PubDate")
+            year = _xml.text(_xml.find(issue, "Year")) or _xml.text(_xml.find(issue, "MedlineDate"))[:4] if issue is not None else ""
+            mesh = []
+            for heading in _xml.findall(_xml.find(citation, "MeshHeadingList"), "MeshHeading"):
+                desc = _xml.find(heading, "DescriptorName")
+                if desc is not None:
+                    mesh.append({"term": _xml.text(desc), "major": desc.get("MajorTopicYN") == "Y",
+                                 "qualifiers": [_xml.text(q) for q in _xml.findall(heading, "QualifierName")]})
+            yield {
+                "id": pmid, "pmid": pmid, "origin": f"https://pubmed.ncbi.nlm.nih.gov/{pmid}/",
+                "title": _xml.text(_xml.find(article, "ArticleTitle")),
+                "abstract": sections,
+                "journal": _xml.text(_xml.find(article, "Journal", "Title")),
+                "year": year,
+                "mesh": mesh,
+                "publication_types": [_xml.text(p) for p in _xml.findall(_xml.find(article, "PublicationTypeList"), "PublicationType")],
+                "language": _xml.text(_xml.find(article, "Language")),
+            }
+
+    # --- examples
+    @staticmethod
+    def abstract_text(sections: list[dict], skip: set[str] = frozenset()) -> str:
+        parts = []
+        for s in sections:
+            if (s["category"] or s["label"]).upper() in skip:
+                continue
+            parts.append(f"{s['label']}: {s['text']}" if s["label"] else s["text"])
+        return "\n".join(parts)
+
+    def examples(self, record: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        sections = record["abstract"]
+        if not sections:
+            return
+        abstract = self.abstract_text(sections)
+        cite = f"{record['journal']}, {record['year']}" if record["journal"] else record["year"]
+        if record["title"]:
+            yield {"task": "pubmed_title", "messages": [
+                {"role": "user", "content": f"Write a title for this PubMed abstract.\n\n{abstract}"},
+                {"role": "assistant", "content": record["title"]}]}
+        if record["mesh"]:
+            terms = "\n".join(f"- {m['term']}{' (major topic)' if m['major'] else ''}"
+                              + (f" / {', '.join(m['qualifiers'])}" if m["qualifiers"] else "") for m in record["mesh"])
+            yield {"task": "pubmed_mesh", "messages": [
+                {"role": "user", "content": f"Which MeSH headings index this article?\n\nTitle: {record['title']}\n\n{abstract}"},
+                {"role": "assistant", "content": terms}]}
+        conclusion = [s for s in sections if (s["category"] or s["label"]).upper() in ("CONCLUSIONS", "CONCLUSION")]
+        rest = self.abstract_text(sections, skip={"CONCLUSIONS", "CONCLUSION"})
+        if conclusion and rest:
+            yield {"task": "pubmed_conclusion", "messages": [
+                {"role": "user", "content": f"From the study below ({cite}), state what the authors conclude.\n\n{rest}"},
+                {"role": "assistant", "content": " ".join(s["text"] for s in conclusion)}]}
+
+
+SOURCE = PubMed

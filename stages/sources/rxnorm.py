@@ -1,0 +1,121 @@
+"""RxNorm through RxNav: `drugs.json?name=` per drug name, then `rxcui/{id}/allrelated.json`.
+
+Over-limit requests get a 403 from RxNav (handled by the shared client as "slow down").
+The interaction API was discontinued in January 2024 and is not used.
+Pages: `drugs-<name>.json` and `allrelated-<rxcui>.json`; the checkpoint holds the names
+and rxcuis still to fetch.
+
+params: names (list of drug names), related_per_name (how many clinical drugs (SCD) per
+name get an allrelated lookup, 3), plus the HTTP ones.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Iterator
+
+import orjson
+
+from stages.sources import Source, SourceError
+
+TTY_LABEL = {"IN": "ingredients", "PIN": "precise ingredients", "MIN": "multiple ingredients", "BN": "brand names",
+             "DF": "dose forms", "SCD": "clinical drugs", "SBD": "branded drugs", "SCDF": "clinical dose forms",
+             "SBDF": "branded dose forms", "GPCK": "generic packs", "BPCK": "branded packs"}
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "x"
+
+
+def _groups(block: dict) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for group in block.get("conceptGroup") or []:
+        props = group.get("conceptProperties") or []
+        if props:
+            out.setdefault(group.get("tty", ""), []).extend(props)
+    return out
+
+
+class RxNorm(Source):
+    kind = "rxnorm"
+    licence = "RxNorm: free; UMLS licence terms apply to some source vocabularies (https://www.nlm.nih.gov/research/umls/rxnorm/docs/termsofservice.html)"
+    origin = "https://rxnav.nlm.nih.gov/"
+    network = True
+    api = "rxnav"
+
+    def fetch(self, store) -> None:
+        from stages import http
+
+        names = self.param("names", ["lisinopril", "metformin", "atorvastatin"], list)
+        if not all(isinstance(n, str) and n.strip() for n in names):
+            raise SourceError(f"sources.toml: key 'sources.{self.name}.params.names' must be a list of drug names; fix it")
+        per_name = self.param("related_per_name", 3, int)
+        state = store.checkpoint or {"names": list(names), "rxcuis": []}
+        with http.Client(self.name, self.api, self.params) as client:
+            while state["names"] or state["rxcuis"]:
+                if state["rxcuis"]:
+                    rxcui = state["rxcuis"][0]
+                    reply = client.get(f"rxcui/{rxcui}/allrelated.json")
+                    store.put(f"allrelated-{rxcui}.json", reply.content)
+                    state["rxcuis"].pop(0)
+                else:
+                    name = state["names"][0]
+                    reply = client.get("drugs.json", {"name": name})
+                    store.put(f"drugs-{_slug(name)}.json", reply.content)
+                    scd = _groups(reply.json().get("drugGroup") or {}).get("SCD", [])
+                    state["rxcuis"] += [c["rxcui"] for c in scd[:per_name] if str(c.get("rxcui", "")).isdigit()]
+                    state["names"].pop(0)
+                store.save_checkpoint(state)
+
+    def parse(self, page: Path) -> Iterator[dict[str, Any]]:
+        try:
+            doc = orjson.loads(page.read_bytes())
+        except orjson.JSONDecodeError as exc:
+            raise SourceError(f"{page}: not valid JSON ({exc}); delete it and rerun the scrape") from None
+        if "drugGroup" in doc:
+            group = doc["drugGroup"] or {}
+            products = [{"rxcui": c["rxcui"], "name": c.get("name", ""), "synonym": c.get("synonym", ""), "tty": tty}
+                        for tty, props in _groups(group).items() for c in props]
+            if products and group.get("name"):
+                yield {"id": f"drugs:{group['name'].lower()}", "type": "drugs", "query": group["name"], "products": products,
+                       "origin": f"https://mor.nlm.nih.gov/RxNav/search?searchBy=String&searchTerm={group['name']}"}
+        elif "allRelatedGroup" in doc:
+            group = doc["allRelatedGroup"] or {}
+            related = {tty: sorted({c.get("name", "") for c in props if c.get("name")}) for tty, props in _groups(group).items()}
+            rxcui = str(group.get("rxcui", ""))
+            this = next((c.get("name") for props in _groups(group).values() for c in props if str(c.get("rxcui")) == rxcui), "")
+            if rxcui and related:
+                yield {"id": f"allrelated:{rxcui}", "type": "allrelated", "rxcui": rxcui, "name": this, "related": related,
+                       "origin": f"https://mor.nlm.nih.gov/RxNav/search?searchBy=RXCUI&searchTerm={rxcui}"}
+
+    def examples(self, record: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        if record["type"] == "drugs":
+            clinical = [p for p in record["products"] if p["tty"] == "SCD"]
+            branded = [p for p in record["products"] if p["tty"] == "SBD"]
+            if clinical:
+                yield {"task": "rxnorm_products", "messages": [
+                    {"role": "user", "content": f"Which clinical drug products (RxNorm SCD) exist for {record['query']}? Give their RxCUIs."},
+                    {"role": "assistant", "content": "\n".join(f"- {p['name']} (RxCUI {p['rxcui']})" for p in clinical)}]}
+            pairs = [p for p in branded if p["synonym"]]
+            if pairs:  # one example per task and record: normalize keys examples by (record, task)
+                yield {"task": "rxnorm_brand_generic", "messages": [
+                    {"role": "user", "content": f"Which branded {record['query']} products are in RxNorm, and what is "
+                                                f"the generic name of each?"},
+                    {"role": "assistant", "content": "\n".join(f"- {p['synonym']}: {p['name']} (RxCUI {p['rxcui']})"
+                                                                for p in pairs)}]}
+            return
+        name = record["name"] or f"RxCUI {record['rxcui']}"
+        related = record["related"]
+        parts = [f"{TTY_LABEL.get(tty, tty)}: {', '.join(names)}" for tty, names in related.items()
+                 if tty in ("IN", "BN", "DF") and names]
+        if parts:
+            yield {"task": "rxnorm_related", "messages": [
+                {"role": "user", "content": f"For {name}, list its ingredient, brand names and dose form in RxNorm."},
+                {"role": "assistant", "content": "\n".join(parts)}]}
+        if related.get("IN") and related.get("BN"):
+            yield {"task": "rxnorm_brands", "messages": [
+                {"role": "user", "content": f"Which brand names contain {', '.join(related['IN'])}?"},
+                {"role": "assistant", "content": ", ".join(related["BN"])}]}
+
+
+SOURCE = RxNorm

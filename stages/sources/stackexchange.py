@@ -1,0 +1,114 @@
+"""Stack Exchange `medicalsciences`: `/questions` (withbody), then their answers.
+
+Each questions page is followed by one `/questions/{ids}/answers` call; pages land as
+`questions-<n>.json` and `answers-<n>.json`, and a question becomes a record with its
+accepted answer, or else its top-scored one (score >= min_score). `backoff`,
+`quota_remaining` and throttle errors are handled by the shared client.
+
+params: site ("medicalsciences"), tagged (";"-separated tags), sort ("votes"), page_size (100),
+max_pages (10; 0 = all), min_score (1), filter ("withbody"), plus the HTTP ones.
+"""
+from __future__ import annotations
+
+import html
+import re
+from pathlib import Path
+from typing import Any, Iterator
+
+import orjson
+
+from stages.sources import Source, SourceError
+
+_TAG = re.compile(r"<[^>]+>")
+_BLOCK = re.compile(r"</?(p|br|li|ul|ol|h\d|pre|blockquote)[^>]*>", re.I)
+
+
+def html_to_text(text: str) -> str:
+    text = _BLOCK.sub("\n", text or "")
+    text = html.unescape(_TAG.sub("", text))
+    return re.sub(r"\n\s*\n+", "\n\n", re.sub(r"[ \t]+", " ", text)).strip()
+
+
+class StackExchange(Source):
+    kind = "stackexchange"
+    licence = "CC BY-SA (per post: content_license; attribution to the Stack Exchange authors required)"
+    origin = "https://medicalsciences.stackexchange.com/"
+    network = True
+    api = "stackexchange"
+
+    def fetch(self, store) -> None:
+        from stages import http
+
+        site = self.param("site", "medicalsciences", str)
+        size = min(self.param("page_size", 100, int), 100)
+        max_pages = self.param("max_pages", 10, int)
+        query = {"site": site, "filter": self.param("filter", "withbody", str), "pagesize": size,
+                 "order": "desc", "sort": self.param("sort", "votes", str), "tagged": self.param("tagged", "", str) or None}
+        state = store.checkpoint or {"page": 1, "answers_for": None, "done": False}
+        with http.Client(self.name, self.api, self.params) as client:
+            while True:
+                if state["answers_for"]:
+                    page, ids = state["answers_for"]
+                    reply = client.get(f"questions/{';'.join(map(str, ids))}/answers",
+                                       {"site": site, "filter": "withbody", "pagesize": 100, "order": "desc", "sort": "votes"})
+                    store.put(f"answers-{page:05d}.json", reply.content)
+                    state["answers_for"] = None
+                    store.save_checkpoint(state)
+                    continue
+                if state["done"] or (max_pages and state["page"] > max_pages):
+                    break
+                reply = client.get("questions", {**query, "page": state["page"]})
+                doc = reply.json()
+                store.put(f"questions-{state['page']:05d}.json", reply.content)
+                ids = [q["question_id"] for q in doc.get("items") or [] if q.get("answer_count")]
+                state["answers_for"] = [state["page"], ids] if ids else None
+                state["done"] = not doc.get("has_more")
+                state["page"] += 1
+                store.save_checkpoint(state)
+
+    def parse(self, page: Path) -> Iterator[dict[str, Any]]:
+        if not page.name.startswith("questions"):
+            return  # answers pages are read with their questions page
+        doc = self._load(page)
+        answers_page = page.with_name(page.name.replace("questions", "answers", 1))
+        answers: dict[int, list[dict]] = {}
+        for a in (self._load(answers_page).get("items") or []) if answers_page.exists() else []:
+            answers.setdefault(a.get("question_id"), []).append(a)
+        min_score = self.param("min_score", 1, int)
+        for q in doc.get("items") or []:
+            qid = q.get("question_id")
+            candidates = answers.get(qid, []) + list(q.get("answers") or [])
+            best = next((a for a in candidates if a.get("is_accepted")), None)
+            if best is None:
+                top = max(candidates, key=lambda a: a.get("score", 0), default=None)
+                best = top if top is not None and top.get("score", 0) >= min_score else None
+            if best is None or not q.get("title"):
+                continue
+            yield {"id": str(qid), "origin": q.get("link", f"{self.origin}questions/{qid}"),
+                   "title": html.unescape(q["title"]), "question": html_to_text(q.get("body", "")),
+                   "answer": html_to_text(best.get("body", "")), "accepted": bool(best.get("is_accepted")),
+                   "score": best.get("score", 0), "tags": q.get("tags") or [],
+                   "licence": best.get("content_license") or q.get("content_license", ""),
+                   "author": (best.get("owner") or {}).get("display_name", "")}
+
+    @staticmethod
+    def _load(path: Path) -> dict:
+        try:
+            return orjson.loads(path.read_bytes())
+        except orjson.JSONDecodeError as exc:
+            raise SourceError(f"{path}: not valid JSON ({exc}); delete it and rerun the scrape") from None
+
+    def examples(self, record: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        if not record["answer"]:
+            return
+        question = record["title"] + (f"\n\n{record['question']}" if record["question"] else "")
+        yield {"task": "stackexchange_answer", "messages": [
+            {"role": "user", "content": question},
+            {"role": "assistant", "content": record["answer"]}]}
+        if record["tags"]:
+            yield {"task": "stackexchange_tags", "messages": [
+                {"role": "user", "content": f"Which topic tags fit this medical question?\n\n{question}"},
+                {"role": "assistant", "content": ", ".join(record["tags"])}]}
+
+
+SOURCE = StackExchange
