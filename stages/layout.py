@@ -24,7 +24,7 @@ def source_code(kind: str) -> list[str]:
     (stages/news2.py scores what stages/sources/news2.py generates): editing either re-runs the source."""
     extra = [f"{kind}.py"] if (CODE / f"{kind}.py").exists() else []
     module = CODE / "sources" / f"{kind}.py"
-    if module.exists() and "from stages.sources._xml" in module.read_text():
+    if module.exists() and "_xml." in module.read_text():
         extra.append("sources/_xml.py")  # the safe XML parser its pages go through
     return code(f"sources/{kind}.py", *extra)
 
