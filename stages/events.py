@@ -13,8 +13,15 @@ from doit.reporter import ConsoleReporter
 from stages import io, layout
 
 
+# set by the dashboard's runner on the runs it starts, so it can tell its run's events from others
+RUN_ID = os.environ.get("MEDFORGE_RUN_ID")
+
+
 def emit(event: str, **fields) -> None:
-    io.append_jsonl(layout.events_file(), {"t": round(time.time(), 3), "pid": os.getpid(), "event": event, **fields})
+    row = {"t": round(time.time(), 3), "pid": os.getpid(), "event": event, **fields}
+    if RUN_ID:
+        row["run"] = RUN_ID
+    io.append_jsonl(layout.events_file(), row)
 
 
 class EventReporter(ConsoleReporter):
@@ -25,11 +32,13 @@ class EventReporter(ConsoleReporter):
         super().initialize(tasks, selected_tasks)
 
     def execute_task(self, task):
-        emit("task_start", task=task.name, log=str(layout.log_file(task.name)))
+        if task.actions:  # group tasks (`train` = every train:<x>) do nothing themselves
+            emit("task_start", task=task.name, log=str(layout.log_file(task.name)))
         super().execute_task(task)
 
     def add_success(self, task):
-        emit("task_done", task=task.name)
+        if task.actions:
+            emit("task_done", task=task.name)
         super().add_success(task)
 
     def add_failure(self, task, fail_info):
@@ -37,7 +46,8 @@ class EventReporter(ConsoleReporter):
         super().add_failure(task, fail_info)
 
     def skip_uptodate(self, task):
-        emit("task_uptodate", task=task.name)
+        if task.actions:
+            emit("task_uptodate", task=task.name)
         super().skip_uptodate(task)
 
     def skip_ignore(self, task):

@@ -101,6 +101,22 @@ def split_files(adapter: str) -> list[Path]:
     return [split_file(adapter, s) for s in SPLITS]
 
 
+EXPORT_FORMATS = ("alpaca", "sharegpt")
+
+
+def split_export_file(adapter: str, fmt: str, split: str) -> Path:
+    """The same split in another chat format (alpaca, sharegpt), for other trainers."""
+    return split_dir(adapter) / fmt / f"{split}.jsonl"
+
+
+def split_statistics(adapter: str) -> Path:
+    return split_dir(adapter) / "statistics.json"
+
+
+def dataset_card(adapter: str) -> Path:
+    return split_dir(adapter) / "README.md"
+
+
 # --- adapters (trained outputs sit beside adapter.toml, under out/, git-ignored)
 def adapter_toml(adapter: str) -> Path:
     return ADAPTERS / adapter / "adapter.toml"

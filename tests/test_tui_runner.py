@@ -1,0 +1,115 @@
+"""Detached runs, doit's static view and file tailing: the parts of the dashboard that need no screen."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from stages import io, layout
+from tui import runner
+from tui.state import PipelineState
+from tui.tail import Follower, tail_lines
+
+from tui_support import REPO, make_project, project_env, wait_sync
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    root = make_project(tmp_path / "proj")
+    project_env()
+    monkeypatch.setenv("TINY_TRAIN_S", "2")
+    yield root
+    record = runner.read_record(root)
+    if record is not None and runner.is_alive(record):
+        runner.stop(root, grace_s=2)
+
+
+def events(root: Path) -> list[dict]:
+    path = root / layout.events_file()
+    return list(io.read_jsonl(path)) if path.exists() else []
+
+
+def test_tail_reads_only_the_end_of_a_huge_log(tmp_path):
+    path = tmp_path / "big.log"
+    line = b"x" * 99 + b"\n"
+    with open(path, "wb") as fh:
+        for _ in range(40):
+            fh.write(line * 10_000)  # 40 MB
+        fh.write(b"second to last\nlast\npartial")
+    started = time.perf_counter()
+    lines, offset = tail_lines(path, 2)
+    assert time.perf_counter() - started < 0.5
+    assert lines == ["second to last", "last"]
+    follower = Follower(path, offset)  # the partial line arrives once it is complete
+    assert follower.read_new() == []
+    with open(path, "ab") as fh:
+        fh.write(b" line\nnext")
+    assert follower.read_new() == [b"partial line"]
+    path.write_bytes(b"rewritten\n")  # a re-run truncates its log: start over
+    assert follower.read_new() == [b"rewritten"]
+    assert follower.restarted
+
+
+def test_static_status_says_why_each_task_runs(project):
+    status = runner.static_status(project)
+    rows = {t["name"]: t for t in status["tasks"]}
+    assert set(rows) == {"scrape:alpha", "dedup", "train:tiny"}
+    assert all(t["status"] == "run" for t in rows.values())
+    assert rows["scrape:alpha"]["reason"] == "never run"
+    assert rows["dedup"]["reason"] == "never run; waits for scrape:alpha"
+    assert rows["train:tiny"]["task_dep"] == ["dedup"]
+
+    record = runner.start(project, [])
+    wait_sync(lambda: not runner.is_alive(record), 60, "the run to finish")
+    rows = {t["name"]: t for t in runner.static_status(project)["tasks"]}
+    assert all(t["status"] == "up-to-date" for t in rows.values()), rows
+
+    (project / "inputs" / "alpha.txt").write_text("alpha changed\n")
+    print(runner.forget(project, ["train:tiny"]))
+    rows = {t["name"]: t for t in runner.static_status(project)["tasks"]}
+    assert rows["scrape:alpha"]["status"] == "run"
+    assert "changed inputs/alpha.txt" in rows["scrape:alpha"]["reason"]
+    assert rows["dedup"]["status"] == "up-to-date"
+    assert rows["train:tiny"]["status"] == "run"
+
+
+def test_one_run_at_a_time_and_stop(project, monkeypatch):
+    monkeypatch.setenv("TINY_TRAIN_S", "60")
+    record = runner.start(project, ["train:tiny"])
+    assert runner.current_run(project).pid == record.pid
+    with pytest.raises(runner.RunBusy, match=f"pid {record.pid}"):
+        runner.start(project, [])
+    with pytest.raises(runner.RunBusy):
+        runner.forget(project, ["dedup"])
+    wait_sync(lambda: any(e.get("task") == "train:tiny" and e["event"] == "task_start" for e in events(project)),
+              30, "training to start")
+    message = runner.stop(project, grace_s=10)
+    assert "stopped" in message
+    assert runner.current_run(project) is None
+    evs = [e for e in events(project) if e.get("run") == record.run_id]
+    assert [e["event"] for e in evs][0] == "run_start"
+    assert evs[-1]["event"] == "run_end"  # SIGINT lets doit finish cleanly (and save its dep DB)
+    state = PipelineState()
+    state.apply_events(evs)
+    assert state.task("scrape:alpha").state == "done"
+    assert state.task("train:tiny").state == "failed"
+
+
+def test_a_run_outlives_the_process_that_started_it(project, monkeypatch):
+    monkeypatch.setenv("TINY_TRAIN_S", "6")
+    starter = ("import sys; from pathlib import Path; from tui import runner; "
+               "r = runner.start(Path(sys.argv[1]), ['train:tiny']); print(r.pid)")
+    done = subprocess.run([sys.executable, "-c", starter, str(project)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, check=True)
+    pid = int(done.stdout.strip())
+    record = runner.current_run(project)  # found again from run.json by another process
+    assert record is not None and record.pid == pid
+    assert os.getpgid(pid) == pid  # its own process group and session: a terminal hangup does not reach it
+    assert os.getsid(pid) == pid
+    wait_sync(lambda: runner.current_run(project) is None, 60, "the run to finish")
+    assert (project / "adapters/tiny/out/lora/adapter_model.safetensors").exists()
+    assert events(project)[-1]["event"] == "run_end"

@@ -1,0 +1,240 @@
+"""The medforge dashboard: pipeline, training, data, eval and chat over one detached doit run.
+
+The App owns the run monitor (one poll worker that re-arms itself, so polls never stack)
+and the pipeline state; screens render it. Every slow call runs in a thread worker and
+reports back with a typed message.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Callable
+
+from textual import on, work
+from textual.app import App
+from textual.binding import Binding
+from textual.message import Message
+
+from stages import layout
+from tui import runner
+from tui.commands import MedforgeCommands
+from tui.messages import Notice, PipelineChanged, RunStateChanged
+from tui.state import PipelineState
+from tui.tail import Follower
+
+VIEWS = ("pipeline", "training", "data", "eval", "chat")
+
+
+def _make_screen(view: str):
+    import importlib
+
+    module = importlib.import_module(f"tui.screens.{view}")
+    return getattr(module, f"{view.capitalize()}Screen")()
+
+
+@dataclass
+class _Polled(Message):
+    record: runner.RunRecord | None
+    alive: bool
+    events: list[dict]
+    new_run: bool
+
+
+@dataclass
+class _StaticStatus(Message):
+    data: dict | None
+    error: str = ""
+
+
+@dataclass
+class _ConfigLoaded(Message):
+    cfg: object | None
+    error: str = ""
+
+
+class MedforgeApp(App):
+    CSS_PATH = Path(__file__).with_name("app.tcss")  # absolute: subclasses elsewhere find it too
+    TITLE = "medforge"
+    ENABLE_COMMAND_PALETTE = True
+    COMMANDS = App.COMMANDS | {MedforgeCommands}
+
+    BINDINGS = [
+        Binding("1", "switch_mode('pipeline')", "Pipeline", show=False),
+        Binding("2", "switch_mode('training')", "Training", show=False),
+        Binding("3", "switch_mode('data')", "Data", show=False),
+        Binding("4", "switch_mode('eval')", "Eval", show=False),
+        Binding("5", "switch_mode('chat')", "Chat", show=False),
+        Binding("question_mark,f1", "help", "Help"),
+        Binding("q", "quit", "Quit"),
+    ]
+
+    def __init__(self, root: str | Path = ".", *, poll_s: float = 1.0,
+                 memory_probe: Callable[[], object] | None = None, start_view: str = "pipeline"):
+        # screens are imported when first shown: the first frame does not wait for plotext & co.
+        self.MODES = {name: partial(_make_screen, name) for name in VIEWS}
+        super().__init__()
+        self.root = Path(root).resolve()
+        self.poll_s = poll_s
+        self.memory_probe = memory_probe
+        self.start_view = start_view
+        self.pipeline = PipelineState()
+        self.cfg = None
+        self.config_error = ""
+        self.record: runner.RunRecord | None = None
+        self.running = False
+        self._follower: Follower | None = None
+        self._follow_id: str | None = None
+        self._poll_timer = None
+        self._poll_lock = threading.Lock()  # two overlapping polls must not read the same events twice
+
+    def path(self, relative: Path) -> Path:
+        return self.root / relative
+
+    def on_mount(self) -> None:
+        self.switch_mode(self.start_view)
+        self.load_config()
+        self.refresh_static()
+        self.poll_run()
+
+    # --- configuration and doit's static view
+    @work(thread=True, exclusive=True, group="config", exit_on_error=False)
+    def load_config(self) -> None:
+        from stages import config
+
+        try:
+            self.post_message(_ConfigLoaded(config.load(self.root)))
+        except config.ConfigError as exc:
+            self.post_message(_ConfigLoaded(None, "; ".join(exc.problems)))
+
+    @on(_ConfigLoaded)
+    def _config_loaded(self, msg: _ConfigLoaded) -> None:
+        self.cfg, self.config_error = msg.cfg, msg.error
+        if msg.error:
+            self.notify(f"config: {msg.error}", severity="error", timeout=10)
+        self.broadcast(PipelineChanged())
+
+    @work(thread=True, exclusive=True, group="static", exit_on_error=False)
+    def refresh_static(self) -> None:
+        try:
+            self.post_message(_StaticStatus(runner.static_status(self.root)))
+        except Exception as exc:  # shown in the pipeline view; the dashboard stays usable
+            self.post_message(_StaticStatus(None, str(exc)))
+
+    @on(_StaticStatus)
+    def _static_status(self, msg: _StaticStatus) -> None:
+        if msg.data is not None:
+            self.pipeline.apply_static(msg.data)
+        else:
+            self.pipeline.static_error = msg.error
+        self.broadcast(PipelineChanged())
+
+    # --- the run monitor: one poll at a time, re-armed when its result is handled
+    @work(thread=True, exclusive=True, group="run-poll", exit_on_error=False)
+    def poll_run(self) -> None:
+        with self._poll_lock:
+            self._poll_once()
+
+    def _poll_once(self) -> None:
+        record = runner.read_record(self.root)
+        alive = record is not None and runner.is_alive(record)
+        new_run = record is not None and record.run_id != self._follow_id
+        if new_run:
+            self._follower = Follower(self.path(layout.events_file()), record.events_offset)
+            self._follow_id = record.run_id
+        elif self._follower is None:  # no dashboard run yet: follow runs started by hand from now on
+            events_path = self.path(layout.events_file())
+            self._follower = Follower(events_path, events_path.stat().st_size if events_path.exists() else 0)
+        events = self._follower.read_json() if self._follower else []
+        if events:
+            run_id = record.run_id if record else None
+            events = [e for e in events if e.get("run") in (None, run_id)]
+        self.post_message(_Polled(record, alive, events, new_run))
+
+    @on(_Polled)
+    def _polled(self, msg: _Polled) -> None:
+        was_running = self.running
+        self.record, self.running = msg.record, msg.alive
+        self.pipeline.run_active = msg.alive
+        changed = self.pipeline.apply_events(msg.events) or msg.new_run
+        if not msg.alive and (was_running or msg.new_run):
+            if self.pipeline.run_summary.startswith("running"):  # gone without a run_end: killed
+                self.pipeline.run_died()
+            self.refresh_static()  # doit wrote its dep DB at the end of the run
+        if changed or was_running != msg.alive:
+            self.broadcast(PipelineChanged())
+            self.broadcast(RunStateChanged(msg.alive, self.run_summary()))
+        self.schedule_poll(self.poll_s)
+
+    def schedule_poll(self, delay: float) -> None:
+        if self._poll_timer is not None:
+            self._poll_timer.stop()
+        self._poll_timer = self.set_timer(max(delay, 0.01), self.poll_run)  # textual timers need a delay > 0
+
+    def run_summary(self) -> str:
+        if self.record is None:
+            return "no run yet"
+        if self.running:
+            return f"running: {self.record.describe()}"
+        return self.pipeline.run_summary or "last run finished"
+
+    def broadcast(self, message: Message) -> None:
+        """Hand a state message to the visible screen (others refresh when shown)."""
+        self.screen.post_message(message)
+
+    # --- actions on the pipeline
+    @work(thread=True, exclusive=True, group="run-action", exit_on_error=False)
+    def start_run(self, tasks: list[str]) -> None:
+        try:
+            record = runner.start(self.root, tasks)
+            self.post_message(Notice(f"started {record.describe()}"))
+        except runner.RunBusy as exc:
+            self.post_message(Notice(str(exc), error=True))
+        self.call_from_thread(self.poll_now)
+
+    @work(thread=True, exclusive=True, group="run-action", exit_on_error=False)
+    def stop_run(self) -> None:
+        self.post_message(Notice(runner.stop(self.root)))
+        self.call_from_thread(self.poll_now)
+
+    @work(thread=True, exclusive=True, group="run-action", exit_on_error=False)
+    def forget_tasks(self, tasks: list[str]) -> None:
+        try:
+            self.post_message(Notice(runner.forget(self.root, tasks)))
+        except Exception as exc:
+            self.post_message(Notice(str(exc), error=True))
+        self.call_from_thread(self.refresh_static)
+
+    def poll_now(self) -> None:
+        self.schedule_poll(0)
+
+    @on(Notice)
+    def _notice(self, msg: Notice) -> None:
+        self.notify(msg.text, severity="error" if msg.error else "information", timeout=8 if msg.error else 4)
+
+    def action_help(self) -> None:
+        from tui.screens.help import HelpScreen
+
+        if not isinstance(self.screen, HelpScreen):
+            self.push_screen(HelpScreen())
+
+
+def _exit_on_hangup(app: MedforgeApp) -> None:
+    """When the terminal goes away (SSH dropped), leave cleanly instead of spinning; the run goes on."""
+    def handler(signum, frame):
+        app.call_later(app.exit) if app.is_running else sys.exit(0)
+    signal.signal(signal.SIGHUP, handler)
+
+
+def run_dashboard(root: str | Path = ".") -> int:
+    from stages import config
+
+    config.load(root)  # a broken config is one clear error before the screen opens
+    app = MedforgeApp(root)
+    _exit_on_hangup(app)
+    app.run()
+    return 0

@@ -1,0 +1,80 @@
+"""`python -m tui.chat_worker`: the chat pane's model runs here, in its own process.
+
+Generation in a thread of the dashboard's process competes with the UI for the GIL and
+decodes ~30% slower; in a process of its own it decodes as fast as bare llama-cpp-python.
+Protocol, JSON lines: requests on stdin
+  {"op": "chat", "id", "model": adapter|null, "messages", "max_tokens", "temperature"}
+  {"op": "stop", "id"}
+and replies on stdout
+  {"id", "text"}                                  batched pieces, about ten a second
+  {"id", "done": true, "tokens", "decode_s", "stopped"}
+  {"id", "error"}                                 one line naming the file or doit task to fix it
+It exits when stdin closes (the dashboard quit). Models stay loaded between requests.
+"""
+from __future__ import annotations
+
+import sys
+import threading
+import time
+
+import orjson
+
+FLUSH_S = 0.1
+
+
+def main() -> int:
+    from stages import config
+    from stages.chat import stream_chat
+
+    cfg = config.load(".")
+    out = sys.stdout.buffer
+    out_lock = threading.Lock()
+    stops: dict[str, threading.Event] = {}
+
+    def send(row: dict) -> None:
+        with out_lock:
+            out.write(orjson.dumps(row) + b"\n")
+            out.flush()
+
+    def answer(req: dict) -> None:
+        rid, stop = req["id"], stops[req["id"]]
+        tokens, first, last_post, pending = 0, None, 0.0, []
+        try:
+            for piece in stream_chat(cfg, req.get("model"), req["messages"], max_tokens=req.get("max_tokens", 256),
+                                     temperature=req.get("temperature", 0.0), stop=stop):
+                now = time.perf_counter()
+                first = first or now
+                tokens += 1
+                pending.append(piece)
+                if now - last_post >= FLUSH_S:
+                    send({"id": rid, "text": "".join(pending)})
+                    pending, last_post = [], now
+            if pending:
+                send({"id": rid, "text": "".join(pending)})
+            send({"id": rid, "done": True, "tokens": tokens, "stopped": stop.is_set(),
+                  "decode_s": time.perf_counter() - first if first else 0.0})
+        except Exception as exc:  # a missing model or a load failure: reported, the worker stays up
+            if pending:
+                send({"id": rid, "text": "".join(pending)})
+            send({"id": rid, "error": str(exc).splitlines()[0] if str(exc) else type(exc).__name__})
+        finally:
+            stops.pop(rid, None)
+
+    for line in sys.stdin.buffer:
+        try:
+            req = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            continue
+        if req.get("op") == "stop":
+            if req.get("id") in stops:
+                stops[req["id"]].set()
+        elif req.get("op") == "chat":
+            stops[req["id"]] = threading.Event()
+            threading.Thread(target=answer, args=(req,), daemon=True).start()
+    for event in list(stops.values()):  # the dashboard is gone: stop generating
+        event.set()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""Chat: the base model or any adapter, streamed token by token; side by side, base vs adapter, on one prompt.
+
+Generation runs in a separate process (tui.chat_worker, over stages.chat.stream_chat) so the UI
+never slows the decoder; Esc sends it a stop.
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import orjson
+
+from rich.text import Text
+from textual import on
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal
+from textual.screen import Screen
+from textual.widgets import Footer, Input, Static
+
+from tui.messages import ChatDone, ChatToken, RunStateChanged
+from tui.widgets.chat_pane import ChatPane
+from tui.widgets.topbar import TopBar
+
+MAX_TOKENS = 256
+
+
+class ChatProcess:
+    """The dashboard's side of `python -m tui.chat_worker`: started on the first question, ended with the app."""
+
+    def __init__(self, root: Path, post):
+        self.root, self.post = root, post
+        self.proc: subprocess.Popen | None = None
+        self.lock = threading.Lock()
+        self.pending: set[str] = set()
+
+    def ensure(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            return
+        from tui.runner import _pythonpath
+
+        self.stderr = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen([sys.executable, "-m", "tui.chat_worker"], cwd=self.root, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self.stderr,
+                                     env={**os.environ, "PYTHONPATH": _pythonpath()})
+        threading.Thread(target=self._read, args=(self.proc,), daemon=True, name="chat-reader").start()
+
+    def send(self, row: dict) -> None:
+        with self.lock:
+            self.ensure()
+            if row.get("op") == "chat":
+                self.pending.add(row["id"])
+            self.proc.stdin.write(orjson.dumps(row) + b"\n")
+            self.proc.stdin.flush()
+
+    def _read(self, proc: subprocess.Popen) -> None:
+        for line in proc.stdout:
+            row = orjson.loads(line)
+            pane = row["id"].split(":")[0]
+            if "text" in row:
+                self.post(ChatToken(pane, row["text"]))
+            elif row.get("done"):
+                self.pending.discard(row["id"])
+                self.post(ChatDone(pane, row["tokens"], row["decode_s"], stopped=row["stopped"]))
+            elif "error" in row:
+                self.pending.discard(row["id"])
+                self.post(ChatDone(pane, 0, 0.0, error=row["error"]))
+        code = proc.wait()
+        self.stderr.seek(0)
+        tail = self.stderr.read().decode("utf-8", "replace").strip().splitlines()[-1:]
+        for rid in list(self.pending):  # it died mid-answer: say so in the panes waiting on it
+            self.pending.discard(rid)
+            self.post(ChatDone(rid.split(":")[0], 0, 0.0, error=f"chat process ended (exit {code}) {' '.join(tail)}"))
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(OSError):
+                self.proc.stdin.close()  # the worker exits when its input ends
+            try:
+                self.proc.wait(timeout=3)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+class ChatScreen(Screen):
+    BINDINGS = [
+        Binding("ctrl+n", "next_model", "Model"),
+        Binding("ctrl+b", "toggle_side", "Side by side"),
+        Binding("escape", "stop", "Stop"),
+        Binding("ctrl+l", "clear", "Clear"),
+        Binding("i", "focus_input", "Type"),
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model: str | None = None
+        self.side_by_side = False
+        self.active: dict[str, str] = {}  # pane -> request id while it answers
+        self._ids = itertools.count(1)
+        self.chat: ChatProcess | None = None
+
+    def compose(self) -> ComposeResult:
+        yield TopBar("chat")
+        yield Static(id="chat-bar")
+        with Horizontal(id="chat-panes"):
+            yield ChatPane("left")
+            yield ChatPane("right")
+        yield Input(placeholder="ask something, enter to send", id="chat-input")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.layout_panes()
+        self.query_one("#chat-input").focus()
+
+    def on_screen_resume(self) -> None:
+        self.query_one(TopBar).show_run(self.app.running, self.app.run_summary())
+        self.layout_panes()
+
+    @on(RunStateChanged)
+    def _run_state(self, msg: RunStateChanged) -> None:
+        self.query_one(TopBar).show_run(msg.running, msg.summary)
+
+    def models(self) -> list[str | None]:
+        cfg = self.app.cfg
+        return [None] + (sorted(cfg.adapters) if cfg is not None else [])
+
+    @property
+    def generating(self) -> bool:
+        return bool(self.active)
+
+    def on_unmount(self) -> None:
+        if self.chat is not None:
+            self.chat.close()
+
+    def layout_panes(self) -> None:
+        left, right = self.query_one("#pane-left", ChatPane), self.query_one("#pane-right", ChatPane)
+        if self.side_by_side:
+            adapters = [m for m in self.models() if m is not None]
+            left.set_model(None)
+            right.set_model(self.model if self.model is not None else (adapters[0] if adapters else None))
+        else:
+            left.set_model(self.model)
+        right.display = self.side_by_side
+        bar = Text("model ", style="dim")
+        bar.append(left.label if not self.side_by_side else f"{left.label} | {right.label}", style="bold")
+        bar.append("   ctrl+n next model · ctrl+b side by side · esc stop / leave input", style="dim")
+        self.query_one("#chat-bar", Static).update(bar)
+
+    def action_next_model(self) -> None:
+        if self.generating:
+            return
+        models = self.models()
+        i = models.index(self.model) if self.model in models else 0
+        self.model = models[(i + 1) % len(models)]
+        if self.side_by_side and self.model is None and len(models) > 1:
+            self.model = models[1]  # side by side compares the base with an adapter
+        self.layout_panes()
+
+    def action_toggle_side(self) -> None:
+        if not self.generating:
+            self.side_by_side = not self.side_by_side
+            self.layout_panes()
+
+    def action_clear(self) -> None:
+        if not self.generating:
+            for pane in self.query(ChatPane):
+                pane.clear()
+
+    def action_stop(self) -> None:
+        if self.generating:
+            for rid in self.active.values():
+                self.chat.send({"op": "stop", "id": rid})
+        else:
+            self.set_focus(None)  # out of the input, so view keys (1-5, ?, q) work again; i comes back
+
+    def action_focus_input(self) -> None:
+        self.query_one("#chat-input").focus()
+
+    @on(Input.Submitted, "#chat-input")
+    def _submitted(self, event: Input.Submitted) -> None:
+        prompt = event.value.strip()
+        if not prompt or self.generating:
+            return
+        if self.app.cfg is None:
+            self.app.notify("the configuration is not loaded (see the pipeline view)", severity="error")
+            return
+        event.input.value = ""
+        if self.chat is None:
+            self.chat = ChatProcess(self.app.root, self.post_message)
+        for pane in [p for p in self.query(ChatPane) if p.display]:
+            messages = pane.begin(prompt)
+            rid = self.active[pane.pane_id] = f"{pane.pane_id}:{next(self._ids)}"
+            self.chat.send({"op": "chat", "id": rid, "model": pane.model, "messages": messages,
+                            "max_tokens": MAX_TOKENS, "temperature": 0.0})
+
+    @on(ChatToken)
+    def _token(self, msg: ChatToken) -> None:
+        self.query_one(f"#pane-{msg.pane}", ChatPane).add_tokens(msg.text)
+
+    @on(ChatDone)
+    def _done(self, msg: ChatDone) -> None:
+        self.active.pop(msg.pane, None)
+        self.query_one(f"#pane-{msg.pane}", ChatPane).finish(msg.tokens, msg.seconds, msg.error, msg.stopped)

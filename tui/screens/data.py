@@ -1,0 +1,93 @@
+"""Data view: records per source, drops by reason, duplicates removed, split sizes per adapter."""
+from __future__ import annotations
+
+from rich.text import Text
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import VerticalScroll
+from textual.screen import Screen
+from textual.widgets import DataTable, Footer, Static
+
+from tui.messages import PipelineChanged, ReportLoaded, RunStateChanged
+from tui.reports import data_report
+from tui.widgets.topbar import TopBar
+
+
+def _n(value) -> Text:
+    return Text("–" if value is None else f"{value:,}", justify="right")
+
+
+class DataScreen(Screen):
+    BINDINGS = [Binding("ctrl+r", "reload", "Reload")]
+
+    def compose(self) -> ComposeResult:
+        yield TopBar("data")
+        with VerticalScroll(id="data-body"):
+            yield Static(Text("sources", style="bold"), classes="section")
+            yield DataTable(id="data-sources", cursor_type="none", show_cursor=False)
+            yield Static(id="dedup-total", classes="note")
+            yield Static(Text("drops by reason", style="bold"), classes="section")
+            yield DataTable(id="data-drops", cursor_type="none", show_cursor=False)
+            yield Static(Text("splits", style="bold"), classes="section")
+            yield DataTable(id="data-splits", cursor_type="none", show_cursor=False)
+        yield Footer()
+
+    def on_mount(self) -> None:
+        for table_id, columns in (("#data-sources", ("source", "pages", "examples", "exact dup", "near dup", "kept")),
+                                  ("#data-drops", ("where", "reason", "count")),
+                                  ("#data-splits", ("adapter", "examples", "train", "val", "test"))):
+            self.query_one(table_id, DataTable).add_columns(*columns)
+        self.action_reload()
+
+    def on_screen_resume(self) -> None:
+        self.query_one(TopBar).show_run(self.app.running, self.app.run_summary())
+        self.action_reload()
+
+    @on(PipelineChanged)
+    def _pipeline_changed(self) -> None:
+        self.action_reload()
+
+    @on(RunStateChanged)
+    def _run_state(self, msg: RunStateChanged) -> None:
+        self.query_one(TopBar).show_run(msg.running, msg.summary)
+
+    def action_reload(self) -> None:
+        self.load()
+
+    @work(thread=True, exclusive=True, group="data", exit_on_error=False)
+    def load(self) -> None:
+        cfg = self.app.cfg
+        if cfg is None:
+            return
+        sources = [s.name for s in cfg.enabled_sources()]
+        self.post_message(ReportLoaded("data", data_report(self.app.root, sources, sorted(cfg.adapters))))
+
+    @on(ReportLoaded)
+    def _loaded(self, msg: ReportLoaded) -> None:
+        if msg.kind != "data":
+            return
+        report = msg.data
+        table = self.query_one("#data-sources", DataTable)
+        table.clear()
+        for r in report["sources"]:
+            table.add_row(Text(r["source"]), _n(r["pages"]), _n(r["examples"]), _n(r["exact_dups"]),
+                          _n(r["near_dups"]), _n(r["kept"]))
+        total = report.get("dedup_total")
+        note = self.query_one("#dedup-total", Static)
+        note.update(Text(f"dedup: {total['in']:,} in, {total['removed']:,} duplicates removed, "
+                         f"{total['kept']:,} kept ({total.get('duplicate_clusters', 0):,} clusters)", style="dim")
+                    if total else Text("dedup has not run yet", style="dim"))
+        table = self.query_one("#data-drops", DataTable)
+        table.clear()
+        for d in report["drops"]:
+            table.add_row(Text(d["where"]), Text(d["reason"]), _n(d["count"]))
+        if not report["drops"]:
+            table.add_row(Text("–", style="dim"), Text("nothing dropped yet", style="dim"), Text(""))
+        table = self.query_one("#data-splits", DataTable)
+        table.clear()
+        for s in report["splits"]:
+            table.add_row(Text(s["adapter"]), _n(s.get("examples")), _n(s.get("train")), _n(s.get("val")),
+                          _n(s.get("test")))
+        if not report["splits"]:
+            table.add_row(Text("–", style="dim"), Text("no splits yet"), Text(""), Text(""), Text(""))

@@ -1,0 +1,167 @@
+"""Pipeline view: every task grouped by stage, its state and doit's reason, and the selected task's log."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.text import Text
+from textual import on, work
+from textual.worker import get_current_worker
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.screen import Screen
+from textual.widgets import DataTable, Footer, Log, Static
+
+from stages import layout
+from tui.messages import LogLines, PipelineChanged, RunStateChanged
+from tui.state import LOOK
+from tui.tail import Follower, tail_lines
+from tui.widgets.topbar import TopBar
+
+LOG_LINES = 1000  # lines kept on screen; the file itself is only tailed
+
+
+class PipelineScreen(Screen):
+    BINDINGS = [
+        Binding("a", "run_all", "Run all"),
+        Binding("r", "run_selected", "Run task"),
+        Binding("f", "forget_selected", "Forget"),
+        Binding("x", "stop_run", "Stop"),
+        Binding("tab", "focus_next", "Log/Tasks", show=False),
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.selected: str | None = None
+        self._log_task: str | None = None
+        self._log_follower: Follower | None = None
+        self._log_timer = None
+
+    def compose(self) -> ComposeResult:
+        yield TopBar("pipeline")
+        yield Static(id="pipeline-summary")
+        table = DataTable(id="tasks", cursor_type="row", zebra_stripes=False)
+        table.add_column("stage", key="stage", width=10)
+        table.add_column("task", key="task", width=18)
+        table.add_column("state", key="state", width=12)
+        table.add_column("why", key="why")
+        yield table
+        yield Static(id="log-title")
+        yield Log(id="log", max_lines=LOG_LINES, highlight=False)
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.render_tasks()
+        self.query_one("#tasks").focus()
+        self.schedule_log(0)
+
+    def on_screen_resume(self) -> None:
+        self.render_tasks()
+        self.query_one(TopBar).show_run(self.app.running, self.app.run_summary())
+
+    @on(PipelineChanged)
+    def _pipeline_changed(self) -> None:
+        self.render_tasks()
+
+    @on(RunStateChanged)
+    def _run_state(self, msg: RunStateChanged) -> None:
+        self.query_one(TopBar).show_run(msg.running, msg.summary)
+
+    def render_tasks(self) -> None:
+        state = self.app.pipeline
+        table = self.query_one("#tasks", DataTable)
+        rows = state.rows()
+        counts = state.counts()
+        summary = Text()
+        if state.static_error:
+            summary.append(f"doit: {state.static_error}", style="bold red")
+        elif not rows:
+            summary.append("reading the task graph from doit…", style="dim")
+        else:
+            for name in ("running", "failed", "will run", "done", "up to date"):
+                if counts.get(name):
+                    symbol, style = LOOK[name]
+                    summary.append(f"{symbol} {counts[name]} {name}   ", style=style)
+        self.query_one("#pipeline-summary", Static).update(summary)
+
+        keep = self.selected
+        table.clear()
+        last_stage = None
+        for row in rows:
+            symbol, style = LOOK.get(row.state, LOOK["unknown"])
+            stage = Text(row.stage if row.stage != last_stage else "", style="bold")
+            last_stage = row.stage
+            table.add_row(stage, Text(row.item or row.stage), Text(f"{symbol} {row.state}", style=style),
+                          Text(row.reason, style="dim" if row.state == "up to date" else ""), key=row.name)
+        names = [r.name for r in rows]
+        if keep in names:
+            table.move_cursor(row=names.index(keep), animate=False)
+        elif names:
+            self.selected = names[0]
+            self.schedule_log(0)
+
+    @on(DataTable.RowHighlighted, "#tasks")
+    def _row_highlighted(self, event: DataTable.RowHighlighted) -> None:
+        if event.row_key is not None and event.row_key.value != self.selected:
+            self.selected = event.row_key.value
+            self.schedule_log(0)
+
+    # --- the selected task's log: tailed, then followed; one poll at a time
+    def schedule_log(self, delay: float) -> None:
+        if self._log_timer is not None:
+            self._log_timer.stop()
+        self._log_timer = self.set_timer(max(delay, 0.01), self.poll_log)  # textual timers need a delay > 0
+
+    @work(thread=True, exclusive=True, group="log", exit_on_error=False)
+    def poll_log(self) -> None:
+        task = self.selected
+        root: Path = self.app.root
+        path = root / layout.log_file(task) if task else None
+        if task is None:
+            pass
+        elif task != self._log_task:
+            lines, offset = tail_lines(path, LOG_LINES)
+            self._log_task, self._log_follower = task, Follower(path, offset)
+            self.post_message(LogLines(task, lines, reset=True))
+        else:
+            new = [b.decode("utf-8", "replace") for b in self._log_follower.read_new()]
+            if new:
+                self.post_message(LogLines(task, new, reset=False))
+        if not get_current_worker().is_cancelled:
+            self.app.call_from_thread(self.schedule_log, 0.5)
+
+    @on(LogLines)
+    def _log_lines(self, msg: LogLines) -> None:
+        if msg.task != self.selected:
+            return
+        log = self.query_one("#log", Log)
+        title = self.query_one("#log-title", Static)
+        path = layout.log_file(msg.task)
+        if msg.reset:
+            log.clear()
+            title.update(Text(f"log · {msg.task} · {path}" if msg.lines else f"log · {msg.task} · no log yet ({path})",
+                              style="bold"))
+        log.write_lines(msg.lines)  # Log shows plain strings: nothing in a log line is read as markup
+
+    # --- actions
+    def action_run_all(self) -> None:
+        self.app.start_run([])
+
+    def action_run_selected(self) -> None:
+        if self.selected:
+            self.app.start_run([self.selected])
+
+    def action_forget_selected(self) -> None:
+        if self.selected:
+            self.app.forget_tasks([self.selected])
+
+    def action_stop_run(self) -> None:
+        from tui.screens.confirm import ConfirmScreen
+
+        if not self.app.running:
+            self.app.notify("nothing is running")
+            return
+
+        def answered(yes: bool | None) -> None:
+            if yes:
+                self.app.stop_run()
+        self.app.push_screen(ConfirmScreen(f"Stop {self.app.record.describe()}?"), answered)

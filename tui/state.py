@@ -1,0 +1,169 @@
+"""The pipeline as the dashboard shows it: doit's static view overlaid with the live event stream.
+
+Pure data (no Textual, no I/O): workers feed it doit's status JSON and event rows; widgets read rows.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+STAGE_ORDER = ("base_model", "base_gguf", "scrape", "normalize", "dedup", "split", "train", "eval", "export")
+
+UP_TO_DATE, WILL_RUN, RUNNING, DONE, FAILED = "up to date", "will run", "running", "done", "failed"
+# state -> (symbol, style) for the table; styles are applied to plain Text, never parsed as markup
+LOOK = {
+    UP_TO_DATE: ("✓", "green"),
+    WILL_RUN: ("•", "yellow"),
+    RUNNING: ("▶", "bold cyan"),
+    DONE: ("✔", "bold green"),
+    FAILED: ("✗", "bold red"),
+    "unknown": ("?", "dim"),
+}
+
+
+def split_name(task: str) -> tuple[str, str]:
+    stage, _, item = task.partition(":")
+    return stage, item
+
+
+def stage_rank(task: str) -> tuple[int, str]:
+    stage, item = split_name(task)
+    return (STAGE_ORDER.index(stage) if stage in STAGE_ORDER else len(STAGE_ORDER), stage, item)
+
+
+@dataclass
+class TaskView:
+    name: str
+    stage: str
+    item: str
+    state: str
+    reason: str
+    deps: list[str]
+
+
+class PipelineState:
+    def __init__(self) -> None:
+        self.static: dict[str, dict] = {}   # name -> {"status", "reason", "task_dep", ...} from doit
+        self.live: dict[str, tuple[str, str]] = {}  # name -> (state, detail) from this run's events
+        self.run_active = False
+        self.run_summary = ""
+        self.static_error = ""
+
+    def apply_static(self, status: dict) -> None:
+        self.static = {t["name"]: t for t in status.get("tasks", [])}
+        self.static_error = ""
+
+    def apply_events(self, events: list[dict]) -> bool:
+        """Fold event rows in; True when something visible changed."""
+        changed = False
+        for ev in events:
+            kind, task = ev.get("event"), ev.get("task")
+            if kind == "run_start":
+                self.live = {}
+                self.run_summary = "running " + (" ".join(ev.get("selected") or []) or "all tasks")
+            elif kind == "task_start":
+                self.live[task] = (RUNNING, "")
+            elif kind == "task_done":
+                self.live[task] = (DONE, "")
+            elif kind == "task_failed":
+                self.live[task] = (FAILED, " ".join(ev.get("error") or []))
+            elif kind == "task_uptodate":
+                self.live[task] = (UP_TO_DATE, "")
+            elif kind == "run_end":
+                failures = ev.get("failures") or []
+                self.run_summary = f"last run failed: {', '.join(failures)}" if failures else "last run finished"
+                # a task still marked running when the run ended was interrupted
+                for name, (state, _) in list(self.live.items()):
+                    if state == RUNNING:
+                        self.live[name] = (FAILED, "interrupted")
+            else:
+                continue
+            changed = True
+        return changed
+
+    def run_died(self) -> None:
+        """The run's process is gone without a run_end (killed hard): nothing is running any more."""
+        for name, (state, _) in list(self.live.items()):
+            if state == RUNNING:
+                self.live[name] = (FAILED, "the run was killed")
+        if self.run_summary.startswith("running"):
+            self.run_summary = "last run was killed before it finished"
+
+    def task(self, name: str) -> TaskView:
+        static = self.static.get(name, {})
+        if name in self.live:
+            state, reason = self.live[name]
+        elif static:
+            state = UP_TO_DATE if static.get("status") == "up-to-date" else WILL_RUN
+            reason = static.get("reason", "")
+        else:
+            state, reason = "unknown", ""
+        stage, item = split_name(name)
+        return TaskView(name=name, stage=stage, item=item, state=state, reason=reason,
+                        deps=list(static.get("task_dep", [])))
+
+    def names(self) -> list[str]:
+        # once doit's view is known it names the tasks; live-only names are tasks of a stale graph
+        names = set(self.static) if self.static else set(self.live)
+        return sorted(names, key=stage_rank)
+
+    def rows(self) -> list[TaskView]:
+        return [self.task(n) for n in self.names()]
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for row in self.rows():
+            out[row.state] = out.get(row.state, 0) + 1
+        return out
+
+
+class TrainingCurves:
+    """One adapter's metrics stream (stages/train/metrics.py) folded into what the training view shows."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.start: dict = {}
+        self.last: dict = {}
+        self.end: dict = {}
+        self.steps: list[int] = []
+        self.loss: list[float] = []
+        self.lr: list[float] = []
+        self.val_steps: list[int] = []
+        self.val_loss: list[float] = []
+
+    def add(self, rows: list[dict]) -> None:
+        for row in rows:
+            kind = row.get("kind")
+            if kind == "start":
+                self.reset()
+                self.start = row
+            elif kind == "train" and isinstance(row.get("step"), int):
+                self.last = row
+                self.steps.append(row["step"])
+                self.loss.append(float(row.get("loss") or 0.0))
+                self.lr.append(float(row.get("lr") or 0.0))
+            elif kind == "val" and row.get("val_loss") is not None:
+                self.val_steps.append(int(row.get("step", 0)))
+                self.val_loss.append(float(row["val_loss"]))
+            elif kind == "end":
+                self.end = row
+
+    @property
+    def total_steps(self) -> int | None:
+        return self.last.get("total_steps") or self.start.get("total_steps")
+
+    def best_val(self) -> tuple[float, int] | None:
+        if not self.val_loss:
+            return None
+        i = min(range(len(self.val_loss)), key=self.val_loss.__getitem__)
+        return self.val_loss[i], self.val_steps[i]
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "–"
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")

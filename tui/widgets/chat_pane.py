@@ -1,0 +1,86 @@
+"""One conversation with one model: a read-only transcript that grows as tokens stream in.
+
+The transcript is a TextArea: plain text only, so nothing a model says is read as markup.
+"""
+from __future__ import annotations
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.containers import Vertical
+from textual.widgets import Static, TextArea
+
+
+class ChatPane(Vertical):
+    def __init__(self, pane_id: str):
+        super().__init__(id=f"pane-{pane_id}", classes="chat-pane")
+        self.pane_id = pane_id
+        self.model: str | None = None      # None = the base model, else an adapter name
+        self.history: list[dict] = []
+        self.reply: list[str] = []
+        self.status = ""
+
+    def compose(self) -> ComposeResult:
+        yield Static(classes="pane-title")
+        area = TextArea("", read_only=True, soft_wrap=True, show_line_numbers=False, classes="transcript")
+        area.highlight_cursor_line = False
+        area.cursor_blink = False
+        yield area
+
+    def on_mount(self) -> None:
+        self.show_title()
+
+    @property
+    def label(self) -> str:
+        return self.model or "base model"
+
+    def set_model(self, model: str | None) -> None:
+        if model != self.model:
+            self.model = model
+            self.clear()
+
+    def show_title(self) -> None:
+        title = Text(self.label, style="bold cyan")
+        if self.status:
+            title.append(f"  {self.status}", style="dim")
+        self.query_one(".pane-title", Static).update(title)
+
+    def clear(self) -> None:
+        self.history, self.reply, self.status = [], [], ""
+        self.query_one(TextArea).load_text("")
+        self.show_title()
+
+    def _append(self, text: str) -> None:
+        area = self.query_one(TextArea)
+        area.insert(text, area.document.end, maintain_selection_offset=False)
+        area.scroll_end(animate=False)
+
+    def begin(self, prompt: str) -> list[dict]:
+        """Show the user's turn and return the conversation to send."""
+        self.history.append({"role": "user", "content": prompt})
+        self.reply = []
+        lead = "" if self.query_one(TextArea).document.text == "" else "\n\n"
+        self._append(f"{lead}> {prompt}\n\n")
+        self.status = "thinking…"
+        self.show_title()
+        return list(self.history)
+
+    def add_tokens(self, text: str) -> None:
+        if not self.reply:
+            self.status = "answering…"
+            self.show_title()
+        self.reply.append(text)
+        self._append(text)
+
+    def finish(self, tokens: int, decode_s: float, error: str = "", stopped: bool = False) -> None:
+        answer = "".join(self.reply)
+        if answer:
+            self.history.append({"role": "assistant", "content": answer})
+        else:
+            self.history.pop()  # no answer: the question is not part of the conversation
+        if error:
+            self._append(f"[error] {error}")
+            self.status = "error"
+        else:
+            rate = f"{(tokens - 1) / decode_s:.1f} tok/s" if tokens > 1 and decode_s > 0 else ""
+            self.status = ("stopped · " if stopped else "") + f"{tokens} tokens" + (f" · {rate}" if rate else "")
+        self.show_title()

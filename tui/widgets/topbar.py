@@ -1,0 +1,35 @@
+"""The one-line bar on every view: which view, the other views' keys, and the run's state."""
+from __future__ import annotations
+
+from rich.text import Text
+from textual.widgets import Static
+
+TABS = (("1", "Pipeline", "pipeline"), ("2", "Training", "training"), ("3", "Data", "data"),
+        ("4", "Eval", "eval"), ("5", "Chat", "chat"))
+
+
+class TopBar(Static):
+    def __init__(self, view: str):
+        super().__init__(id="topbar")
+        self.view = view
+        self.run_text = ""
+        self.running = False
+
+    def on_mount(self) -> None:
+        self.show_run(getattr(self.app, "running", False), self.app.run_summary() if hasattr(self.app, "run_summary") else "")
+
+    def show_run(self, running: bool, summary: str) -> None:
+        self.running, self.run_text = running, summary
+        self.update(self._render_bar())
+
+    def _render_bar(self) -> Text:
+        bar = Text("medforge ", style="bold")
+        for key, label, view in TABS:
+            style = "reverse bold" if view == self.view else "dim"
+            bar.append(f" {key} {label} ", style=style)
+        bar.append("  ")
+        bar.append("● " if self.running else "○ ", style="bold cyan" if self.running else "dim")
+        bar.append(self.run_text, style="cyan" if self.running else "")
+        bar.no_wrap = True
+        bar.overflow = "ellipsis"
+        return bar
