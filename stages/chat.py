@@ -1,0 +1,239 @@
+"""`medforge chat` and the streaming chat API the dashboard's chat pane uses.
+
+Which model answers, for an adapter (or the base model when adapter is None):
+  1. the base GGUF + the adapter's LoRA GGUF (layout.base_gguf, layout.lora_gguf), through
+     llama-cpp-python with the chat template embedded in the GGUF;
+  2. else the adapter's best merged GGUF (layout.merged_gguf, f16 first, then finer quants);
+  3. else (stream_chat only) transformers + peft on the HF base folder and layout.lora_dir,
+     so a freshly trained adapter can be tried before `doit export:<adapter>` ran.
+`medforge chat` insists on GGUF exports and names the doit task that builds a missing one.
+
+API:
+    from stages.chat import stream_chat
+    for piece in stream_chat(cfg, "clinical_decision", [{"role": "user", "content": "..."}],
+                             max_tokens=256, temperature=0.0, stop=event):
+        ...   # text pieces as they are generated
+
+  - cfg: stages.config.Config; paths resolve against the working directory (the project root).
+  - messages: OpenAI-style [{"role": "system"|"user"|"assistant", "content": str}, ...].
+  - stop: a threading.Event; once set, generation ends after the current token.
+  - Loaded models are cached per process (ChatModel.get); at most MAX_LOADED stay loaded.
+    Calls on one model are serialized by its lock, so stream from one thread per model.
+  - Raises StageError when nothing to answer with exists (message names the file and doit task).
+"""
+from __future__ import annotations
+
+import sys
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from stages import layout
+from stages.config import DEFAULT_BASE_MODEL, QUANT_TYPES
+from stages.errors import StageError
+
+MAX_LOADED = 2
+N_CTX = 2048
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """What answers: kind is "gguf" (model + optional LoRA GGUF) or "hf" (base folder + optional peft folder)."""
+    kind: str
+    model: Path
+    lora: Path | None = None
+
+    def describe(self) -> str:
+        return f"{self.model}" + (f" + {self.lora}" if self.lora else "")
+
+
+def base_spec(cfg, adapter: str | None) -> str:
+    """The base model an adapter was trained on; with no adapter, the project's (default) base."""
+    if adapter is not None:
+        if adapter not in cfg.adapters:
+            raise StageError(f"unknown adapter '{adapter}' (no adapters/{adapter}/adapter.toml); known: "
+                             f"{', '.join(sorted(cfg.adapters)) or 'none'}")
+        return cfg.adapters[adapter].base_model
+    bases = cfg.base_models()
+    if len(bases) == 1 or (bases and DEFAULT_BASE_MODEL not in bases):
+        return bases[0]
+    return DEFAULT_BASE_MODEL
+
+
+def choose_model(cfg, adapter: str | None, allow_hf: bool = False) -> ModelChoice:
+    """The best available model for `adapter` (see the module docstring); StageError when none exists."""
+    spec = base_spec(cfg, adapter)
+    base_gguf = layout.base_gguf(spec)
+    base_task = f"base_gguf:{layout.slug(spec)}"
+    if adapter is None:
+        if base_gguf.exists():
+            return ModelChoice("gguf", base_gguf)
+        hf = layout.base_dir(spec)
+        if allow_hf and (hf / "config.json").exists():
+            return ModelChoice("hf", hf)
+        raise StageError(f"{base_gguf}: base GGUF not found; build it with `doit {base_task}`")
+    lora_gguf = layout.lora_gguf(adapter)
+    if lora_gguf.exists() and base_gguf.exists():
+        return ModelChoice("gguf", base_gguf, lora_gguf)
+    for quant in QUANT_TYPES:
+        merged = layout.merged_gguf(adapter, quant)
+        if merged.exists():
+            return ModelChoice("gguf", merged)
+    hf, lora_dir = layout.base_dir(spec), layout.lora_dir(adapter)
+    if allow_hf and (hf / "config.json").exists() and layout.lora_weights(adapter).exists():
+        return ModelChoice("hf", hf, lora_dir)
+    missing, task = (lora_gguf, f"export:{adapter}") if not lora_gguf.exists() else (base_gguf, base_task)
+    raise StageError(f"{missing}: not found; build it with `doit {task}`")
+
+
+class ChatModel:
+    """One loaded model (GGUF via llama-cpp-python, or HF + peft via transformers) that streams chat replies."""
+
+    _cache: OrderedDict[ModelChoice, "ChatModel"] = OrderedDict()
+    _cache_lock = threading.Lock()
+
+    def __init__(self, choice: ModelChoice):
+        self.choice = choice
+        self.lock = threading.Lock()
+        if choice.kind == "gguf":
+            self._load_gguf()
+        else:
+            self._load_hf()
+
+    @classmethod
+    def get(cls, choice: ModelChoice) -> "ChatModel":
+        """A cached model for `choice`, loading it (and evicting the least recently used) when needed."""
+        with cls._cache_lock:
+            model = cls._cache.get(choice)
+            if model is None:
+                model = cls._cache[choice] = cls(choice)
+                while len(cls._cache) > MAX_LOADED:
+                    cls._cache.popitem(last=False)[1].close()
+            cls._cache.move_to_end(choice)
+            return model
+
+    @classmethod
+    def clear(cls) -> None:
+        with cls._cache_lock:
+            while cls._cache:
+                cls._cache.popitem()[1].close()
+
+    # --- llama-cpp-python
+    def _load_gguf(self) -> None:
+        from llama_cpp import Llama
+
+        try:
+            self.llm = Llama(model_path=str(self.choice.model),
+                             lora_path=str(self.choice.lora) if self.choice.lora else None,
+                             n_ctx=N_CTX, verbose=False, seed=0)
+        except (ValueError, RuntimeError) as exc:
+            raise StageError(f"{self.choice.describe()}: llama-cpp-python cannot load it ({exc}); "
+                             "rebuild it with doit") from None
+        if "tokenizer.chat_template" in self.llm.metadata:
+            self.llm.chat_format = "chat_template.default"  # the GGUF's own template, never a guessed one
+
+    def _stream_gguf(self, messages, max_tokens, temperature, stop) -> Iterator[str]:
+        chunks = self.llm.create_chat_completion(messages=messages, max_tokens=max_tokens,
+                                                 temperature=temperature, stream=True)
+        try:
+            for chunk in chunks:
+                if stop is not None and stop.is_set():
+                    break
+                piece = chunk["choices"][0]["delta"].get("content")
+                if piece:
+                    yield piece
+        finally:
+            getattr(chunks, "close", lambda: None)()  # ends llama.cpp's generation loop now
+
+    # --- transformers + peft (before any GGUF export exists)
+    def _load_hf(self) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tok_dir = self.choice.lora if self.choice.lora and (self.choice.lora / "tokenizer_config.json").exists() \
+            else self.choice.model
+        self.tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+        model = AutoModelForCausalLM.from_pretrained(str(self.choice.model), dtype=torch.float32)
+        if self.choice.lora:
+            from peft import PeftModel
+            model = PeftModel.from_pretrained(model, str(self.choice.lora))
+        self.model = model.eval()
+
+    def _stream_hf(self, messages, max_tokens, temperature, stop) -> Iterator[str]:
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+        halt = threading.Event()  # also set when the caller abandons the stream, so generate() ends
+
+        class _Stop(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                return halt.is_set() or (stop is not None and stop.is_set())
+
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                                 return_dict=True)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+        kwargs = dict(**ids, max_new_tokens=max_tokens, streamer=streamer,
+                      stopping_criteria=StoppingCriteriaList([_Stop()]),
+                      pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id, **sampling)
+        errors: list[BaseException] = []
+
+        def generate():
+            try:
+                with torch.inference_mode():
+                    self.model.generate(**kwargs)
+            except BaseException as exc:  # re-raised in the caller's thread
+                errors.append(exc)
+                streamer.end()
+
+        worker = threading.Thread(target=generate, daemon=True)
+        worker.start()
+        try:
+            for piece in streamer:
+                if stop is not None and stop.is_set():
+                    break
+                if piece:
+                    yield piece
+        finally:
+            halt.set()
+            worker.join()
+        if errors:
+            raise errors[0]
+
+    def stream(self, messages: list[dict], max_tokens: int = 256, temperature: float = 0.0,
+               stop: threading.Event | None = None) -> Iterator[str]:
+        with self.lock:
+            impl = self._stream_gguf if self.choice.kind == "gguf" else self._stream_hf
+            yield from impl(messages, max_tokens, temperature, stop)
+
+    def close(self) -> None:
+        llm = getattr(self, "llm", None)
+        if llm is not None:
+            llm.close()
+
+
+def stream_chat(cfg, adapter: str | None, messages: list[dict], max_tokens: int = 256, temperature: float = 0.0,
+                stop: threading.Event | None = None) -> Iterator[str]:
+    """Stream the reply of `adapter` (or the base model) to `messages`; see the module docstring."""
+    choice = choose_model(cfg, adapter, allow_hf=True)
+    yield from ChatModel.get(choice).stream(messages, max_tokens=max_tokens, temperature=temperature, stop=stop)
+
+
+def chat_command(args) -> int:
+    from stages import config
+
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    if not prompt.strip():
+        raise StageError("medforge chat: empty prompt; pass it as an argument or on stdin")
+    if args.max_tokens < 1:
+        raise StageError(f"--max-tokens must be at least 1 (got {args.max_tokens})")
+    cfg = config.load()
+    choice = choose_model(cfg, args.adapter, allow_hf=False)
+    messages = [{"role": "user", "content": prompt.strip()}]
+    for piece in ChatModel.get(choice).stream(messages, max_tokens=args.max_tokens, temperature=args.temperature):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
