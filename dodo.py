@@ -30,7 +30,8 @@ def task_base_model():
     for slug, spec in BASES.items():
         if not layout.is_local_model(spec):
             yield {"name": slug, "actions": stage("base_model", spec), "uptodate": [config_changed(spec)],
-                   "file_dep": layout.code("base_model.py"), "targets": [str(layout.base_weights(spec))]}
+                   "file_dep": layout.code("base_model.py"),
+                   "targets": [str(layout.base_weights(spec)), str(layout.base_dir(spec) / "tokenizer.json")]}
 
 
 def task_base_gguf():
@@ -54,17 +55,21 @@ def task_normalize():
 
 
 def task_dedup():
-    return {"actions": stage("dedup"), "uptodate": [config_changed(CFG.dedup)],
-            "file_dep": [str(layout.examples_file(s.name)) for s in CFG.enabled_sources()] + layout.code("dedup.py"),
-            "targets": [str(layout.dedup_file()), str(layout.dedup_report())]}
+    tokenizers = [str(layout.base_dir(spec) / "tokenizer.json") for spec in BASES.values()]  # length bounds in tokens
+    return {"actions": stage("dedup"), "uptodate": [config_changed({"dedup": CFG.dedup, "clean": CFG.clean})],
+            "file_dep": [str(layout.examples_file(s.name)) for s in CFG.enabled_sources()] + tokenizers
+            + layout.code("dedup.py", "clean.py"), "targets": [str(layout.dedup_file()), str(layout.dedup_report())]}
 
 
 def task_split():
     for a in CFG.adapters.values():
         routing = {"data": a.data, "sources": [s.name for s in CFG.sources_for(a.name)]}
+        frozen = [a.data["frozen_test"]] if a.data.get("frozen_test") else []
         yield {"name": a.name, "actions": stage("split", a.name), "uptodate": [config_changed(routing)],
-               "file_dep": [str(layout.dedup_file())] + layout.code("split.py"),
-               "targets": [str(p) for p in layout.split_files(a.name)]}
+               "file_dep": [str(layout.dedup_file()), str(layout.dedup_report())] + frozen + layout.code("split.py", "clean.py"),
+               "targets": [str(p) for p in layout.split_files(a.name) + [layout.split_statistics(a.name),
+                           layout.dataset_card(a.name)]] + [str(layout.split_export_file(a.name, f, s))
+                                                             for f in layout.EXPORT_FORMATS for s in layout.SPLITS]}
 
 
 def task_train():

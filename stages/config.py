@@ -98,6 +98,10 @@ TRAIN_SCHEMA = {
 DATA_SCHEMA = {
     "tasks": ((list,), list, str),
     "max_examples": ((int,), 0),
+    "sources": ((list,), list, str),           # more sources to draw from, besides those listing this adapter
+    "keywords": ((list,), list, str),          # keep only records that mention one of these (words/phrases)
+    "exclude_keywords": ((list,), list, str),  # drop records that mention any of these
+    "frozen_test": ((str,), ""),               # a JSONL (e.g. an earlier test.jsonl) or id list: the fixed test set
 }
 EVAL_SCHEMA = {
     "max_examples": ((int,), 200),
@@ -110,6 +114,15 @@ DEDUP_SCHEMA = {
     "num_perm": ((int,), 128),
     "shingle_words": ((int,), 5),
     "source_priority": ((list,), list, str),  # keeper of a cluster: earliest source listed here first
+    "backend": ((str,), "memory"),       # where the LSH index lives: "memory" or "redis" (shared by workers)
+    "redis_url": ((str,), "redis://127.0.0.1:6379/0"),
+}
+CLEAN_SCHEMA = {
+    "min_tokens": ((int,), 4),            # whole example, in base-tokenizer tokens (or the word estimate)
+    "max_tokens": ((int,), 8192),
+    "strip_markup": ((bool,), True),
+    "boilerplate": ((list,), list, str),  # extra regular expressions: a line matching one is removed
+    "scrub_contacts": ((list,), lambda: ["stackexchange"], str),  # source kinds whose e-mails/phones are masked
 }
 ADAPTER_SCHEMA = {
     "base_model": ((str,), DEFAULT_BASE_MODEL),
@@ -125,6 +138,7 @@ CHOICES = {
     ("train", "quantization"): ("none", "nf4"),
     ("train", "dtype"): ("auto", "bf16", "fp32"),
 }
+DEDUP_BACKENDS = ("memory", "redis")
 QUANT_TYPES = ("f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0")
 
 
@@ -163,12 +177,15 @@ class Config:
     sources: dict[str, SourceConfig]
     adapters: dict[str, AdapterConfig]
     dedup: dict[str, Any]
+    clean: dict[str, Any] = field(default_factory=dict)
 
     def enabled_sources(self) -> list[SourceConfig]:
         return [s for s in self.sources.values() if s.enabled]
 
     def sources_for(self, adapter: str) -> list[SourceConfig]:
-        return [s for s in self.enabled_sources() if adapter in s.adapters]
+        """Sources that list the adapter, plus those its `data.sources` names."""
+        extra = set(self.adapters[adapter].data.get("sources", [])) if adapter in self.adapters else set()
+        return [s for s in self.enabled_sources() if adapter in s.adapters or s.name in extra]
 
     def base_models(self) -> list[str]:
         return sorted({a.base_model for a in self.adapters.values()})
@@ -190,13 +207,29 @@ def load_sources(root: Path, problems: list[str], known_kinds: set[str]) -> tupl
     if doc is None:
         return {}, {}
     where = SOURCES_FILE
-    extra = set(doc) - {"sources", "dedup"}
+    extra = set(doc) - {"sources", "dedup", "clean"}
     for key in sorted(extra):
-        problems.append(f"{where}: unknown top-level key '{key}'; sources go under [sources.<name>], dedup settings under [dedup]")
+        problems.append(f"{where}: unknown top-level key '{key}'; sources go under [sources.<name>], dedup settings "
+                        f"under [dedup], cleaning under [clean]")
     dedup = _check(where, doc.get("dedup", {}) if isinstance(doc.get("dedup"), dict) else {}, DEDUP_SCHEMA,
                    problems, prefix="dedup.")
     if not 0.0 < dedup.get("threshold", 0.8) < 1.0:
         problems.append(f"{where}: key 'dedup.threshold' must be between 0 and 1 (got {dedup['threshold']}); fix it")
+    if dedup.get("backend", "memory") not in DEDUP_BACKENDS:
+        problems.append(f"{where}: key 'dedup.backend' must be one of {', '.join(DEDUP_BACKENDS)} "
+                        f"(got {dedup['backend']!r}); fix it")
+    if not str(dedup.get("redis_url", "redis://")).startswith(("redis://", "rediss://", "unix://")):
+        problems.append(f"{where}: key 'dedup.redis_url' must look like redis://host:port/db "
+                        f"(got {dedup['redis_url']!r}); fix it")
+    if dedup.get("num_perm", 128) < 16:
+        problems.append(f"{where}: key 'dedup.num_perm' must be at least 16 (got {dedup['num_perm']}); fix it")
+    if dedup.get("shingle_words", 5) < 1:
+        problems.append(f"{where}: key 'dedup.shingle_words' must be at least 1 (got {dedup['shingle_words']}); fix it")
+    dedup["clean"] = load_clean(where, doc.get("clean", {}), problems)
+    for kind in dedup["clean"].get("scrub_contacts", []):
+        if kind not in known_kinds:
+            problems.append(f"{where}: key 'clean.scrub_contacts' names '{kind}', not a source kind "
+                            f"({', '.join(sorted(known_kinds))}); fix it")
     table = doc.get("sources", {})
     if not isinstance(table, dict) or not table:
         problems.append(f"{where}: no [sources.<name>] blocks; declare at least one source")
@@ -221,6 +254,26 @@ def load_sources(root: Path, problems: list[str], known_kinds: set[str]) -> tupl
         if "kind" in values:
             sources[name] = SourceConfig(name=name, raw_block=block, **{k: values.get(k) for k in SOURCE_SCHEMA})
     return sources, dedup
+
+
+def load_clean(where: str, table: Any, problems: list[str]) -> dict[str, Any]:
+    """The [clean] table of sources.toml: length bounds, markup, boilerplate, contact scrubbing."""
+    if not isinstance(table, dict):
+        problems.append(f"{where}: 'clean' must be a table ([clean]); fix it")
+        table = {}
+    clean = _check(where, table, CLEAN_SCHEMA, problems, prefix="clean.")
+    if clean.get("min_tokens", 0) < 0:
+        problems.append(f"{where}: key 'clean.min_tokens' must be 0 or more (got {clean['min_tokens']}); fix it")
+    if "max_tokens" in clean and clean["max_tokens"] < max(clean.get("min_tokens", 0), 1):
+        problems.append(f"{where}: key 'clean.max_tokens' must be at least 1 and at least clean.min_tokens "
+                        f"(got {clean['max_tokens']}); fix it")
+    for pattern in clean.get("boilerplate", []):
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            problems.append(f"{where}: key 'clean.boilerplate' holds {pattern!r}, not a valid regular expression "
+                            f"({exc}); fix it")
+    return clean
 
 
 def load_adapter(root: Path, path: Path, problems: list[str]) -> AdapterConfig | None:
@@ -248,6 +301,13 @@ def load_adapter(root: Path, path: Path, problems: list[str]) -> AdapterConfig |
         value = sections[section].get(key)
         if isinstance(value, int) and value < 1:
             problems.append(f"{where}: key '{section}.{key}' must be at least 1 (got {value}); fix it")
+    data = sections["data"]
+    if isinstance(data.get("max_examples"), int) and data["max_examples"] < 0:
+        problems.append(f"{where}: key 'data.max_examples' must be 0 (all) or more (got {data['max_examples']}); fix it")
+    for key in ("keywords", "exclude_keywords"):
+        for word in data.get(key, []):
+            if not word.strip():
+                problems.append(f"{where}: key 'data.{key}' holds an empty string; remove it")
     return AdapterConfig(name=name, path=path.parent, base_model=top.get("base_model", DEFAULT_BASE_MODEL),
                          description=top.get("description", ""), **sections)
 
@@ -270,6 +330,12 @@ def load(root: str | Path = ".") -> Config:
             if adapter not in adapters:
                 problems.append(f"{SOURCES_FILE}: key 'sources.{source.name}.adapters' names '{adapter}', but "
                                 f"{ADAPTERS_DIR}/{adapter}/adapter.toml does not exist; create it or remove the name")
+    for adapter in adapters.values():
+        for name in adapter.data.get("sources", []):
+            if name not in sources:
+                problems.append(f"{ADAPTERS_DIR}/{adapter.name}/adapter.toml: key 'data.sources' names '{name}', "
+                                f"which is not a [sources.<name>] block in {SOURCES_FILE}; fix the name")
     if problems:
         raise ConfigError(problems)
-    return Config(root=root, sources=sources, adapters=adapters, dedup=dedup)
+    clean = dedup.pop("clean", {})
+    return Config(root=root, sources=sources, adapters=adapters, dedup=dedup, clean=clean)

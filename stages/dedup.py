@@ -22,27 +22,46 @@ import re
 import sys
 import time
 import unicodedata
+from collections import Counter, deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import numpy as np
+import orjson
 
-from stages import io, layout
+from stages import clean, io, layout
 from stages.errors import StageError
 
-SIGNATURE_VERSION = 1     # bump when normalization or hashing changes: old caches are ignored
+SIGNATURE_VERSION = 3     # bump when normalization or hashing changes: old caches are ignored
 MINHASH_SEED = 1
 MAX_HASH = np.uint32((1 << 32) - 1)
-SHINGLES_PER_BATCH = 65_536  # x num_perm x 4 bytes: bounds the memory of one batch
+SHINGLES_PER_BATCH = 8_192  # x num_perm x 4 bytes: a batch's permuted matrix stays in cache
+CHARS_PER_BATCH = 1 << 20    # text hashed per numpy batch (its word and shingle arrays: a few MB)
 WORD_RE = re.compile(r"\w+")
 REPORT_CLUSTERS = 10
-LSH_WEIGHTS = (0.1, 0.9)  # (false positive, false negative) weights for choosing LSH bands
+LSH_RECALL = 0.98    # chance that a pair exactly at the threshold shares a band (more above it)
+VERIFY_CHUNK = 200_000  # candidate pairs screened at once (x num_perm x 8 bytes)
 
 
 # --- normalization and fingerprints
 def normalize_text(text: str) -> str:
+    if text.isascii():  # O(1) in CPython; NFKC leaves ASCII as is and casefold is lower
+        return " ".join(text.lower().split())
     return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+
+
+# ASCII characters that are neither \w nor whitespace, mapped to spaces: on ASCII text,
+# str.split() after this translation gives exactly WORD_RE.findall, several times faster
+_ASCII_SEPARATORS = str.maketrans({chr(c): " " for c in range(128)
+                                   if not re.match(r"[\w\s]", chr(c))})
+
+
+def words_of(norm: str) -> list[str]:
+    """The words (\\w+ runs) of a normalized text."""
+    if norm.isascii():
+        return norm.translate(_ASCII_SEPARATORS).split()
+    return WORD_RE.findall(norm)
 
 
 def example_text(row: dict[str, Any]) -> str:
@@ -58,20 +77,38 @@ def example_text(row: dict[str, Any]) -> str:
 
 @dataclass
 class Fingerprints:
-    """Per document: exact-match digest, MinHash signature, quality (distinct words)."""
+    """Per document: exact-match digest, MinHash signature, quality (distinct words), shingle set.
+
+    The shingle sets (sorted unique 32-bit shingle hashes, flat with offsets) let candidate
+    pairs be verified on their true Jaccard similarity, not only on the MinHash estimate.
+    """
     digests: list[bytes]
     signatures: np.ndarray  # (n, num_perm) uint32
     quality: np.ndarray     # (n,) int64
+    shingles: np.ndarray    # (total,) uint32, document i's at shingles[offsets[i]:offsets[i + 1]]
+    offsets: np.ndarray     # (n + 1,) int64
 
     def __len__(self) -> int:
         return len(self.digests)
 
+    def shingle_set(self, i: int) -> np.ndarray:
+        return self.shingles[self.offsets[i]:self.offsets[i + 1]]
+
+    @classmethod
+    def empty(cls, num_perm: int) -> "Fingerprints":
+        return cls([], np.zeros((0, num_perm), np.uint32), np.zeros(0, np.int64), np.zeros(0, np.uint32),
+                   np.zeros(1, np.int64))
+
     @classmethod
     def concat(cls, parts: list["Fingerprints"], num_perm: int) -> "Fingerprints":
+        parts = [p for p in parts if len(p)]
         if not parts:
-            return cls([], np.zeros((0, num_perm), np.uint32), np.zeros(0, np.int64))
+            return cls.empty(num_perm)
+        bases = np.cumsum([0] + [len(p.shingles) for p in parts[:-1]])
+        offsets = np.concatenate([[0]] + [p.offsets[1:] + base for p, base in zip(parts, bases)])
         return cls([d for p in parts for d in p.digests], np.concatenate([p.signatures for p in parts]),
-                   np.concatenate([p.quality for p in parts]))
+                   np.concatenate([p.quality for p in parts]), np.concatenate([p.shingles for p in parts]),
+                   offsets.astype(np.int64))
 
 
 def permutations(num_perm: int, seed: int = MINHASH_SEED) -> tuple[np.ndarray, np.ndarray]:
@@ -91,26 +128,44 @@ def _mix64(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
-class _Vocabulary:
-    """Each distinct word hashed once (xxh3_64)."""
+# one random odd 64-bit multiplier per byte position in a word (positions beyond 64 wrap around)
+_BYTE_MULT = (np.random.RandomState(7).randint(0, 1 << 62, size=64, dtype=np.int64).astype(np.uint64) << np.uint64(1)
+              ) | np.uint64(1)
+_LENGTH_MULT = np.uint64(0x9E3779B97F4A7C15)
 
-    def __init__(self):
-        import xxhash
 
-        self._hash = xxhash.xxh3_64_intdigest
-        self.ids: dict[str, int] = {}
-        self.hashes: list[int] = []
+def word_hashes(blob: bytes, docs: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """64-bit hashes of every word in `blob`, all in numpy: (hashes, words per document, distinct words per document).
 
-    def encode(self, words: list[str]) -> list[int]:
-        ids, hashes = self.ids, self.hashes
-        out = []
-        for word in words:
-            idx = ids.get(word)
-            if idx is None:
-                idx = ids[word] = len(hashes)
-                hashes.append(self._hash(word.encode("utf-8")))
-            out.append(idx)
-        return out
+    `blob` holds documents separated by b"\\n", words separated by spaces. A word's hash is the
+    splitmix64 mix of sum(byte_k * M[k mod 64]) + length * C (mod 2^64): the same word hashes the
+    same in every document and batch, without a Python call per word.
+    """
+    buf = np.frombuffer(blob, dtype=np.uint8)
+    if not len(buf):
+        return np.zeros(0, np.uint64), np.zeros(docs, np.int64), np.zeros(docs, np.int64)
+    inside = (buf != 32) & (buf != 10)
+    before = np.concatenate([[False], inside[:-1]])
+    after = np.concatenate([inside[1:], [False]])
+    starts = np.flatnonzero(inside & ~before)
+    ends = np.flatnonzero(inside & ~after)
+    if not len(starts):
+        return np.zeros(0, np.uint64), np.zeros(docs, np.int64), np.zeros(docs, np.int64)
+    lengths = ends - starts + 1
+    word_bytes = buf[inside].astype(np.uint64)  # the words' bytes alone, back to back
+    first_byte = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    position = np.arange(len(word_bytes)) - np.repeat(first_byte, lengths)
+    with np.errstate(over="ignore"):
+        sums = np.add.reduceat(word_bytes * _BYTE_MULT[position & 63], first_byte)
+        hashes = _mix64(sums + lengths.astype(np.uint64) * _LENGTH_MULT)
+    doc_of = np.searchsorted(np.flatnonzero(buf == 10), starts)  # newlines before a word = its document
+    words = np.bincount(doc_of, minlength=docs)
+    # distinct words per document (the keeper's quality): unique (document, hash) keys
+    keys = (doc_of.astype(np.uint64) << np.uint64(40)) | (hashes >> np.uint64(24))
+    keys.sort()
+    first = np.concatenate([[True], keys[1:] != keys[:-1]])
+    distinct = np.bincount((keys[first] >> np.uint64(40)).astype(np.int64), minlength=docs)
+    return hashes, words, distinct
 
 
 def shingle_hashes(word_hashes: np.ndarray, lengths: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -144,46 +199,76 @@ def _minhash(hv: np.ndarray, counts: np.ndarray, a: np.ndarray, b: np.ndarray) -
     if hv.size:
         # (num_perm, shingles): each permutation's row is contiguous, so the per-document
         # minimum is one reduceat along it
-        permuted = a[:, None] * hv.astype(np.uint32)[None, :] + b[:, None]
+        permuted = np.multiply(a[:, None], hv.astype(np.uint32)[None, :])
+        permuted += b[:, None]
         offsets = np.concatenate([[0], np.cumsum(counts[nonempty])[:-1]])
         sigs[nonempty] = np.minimum.reduceat(permuted, offsets, axis=1).T
     return sigs
+
+
+def _shingle_sets(hv: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each document's shingle hashes, sorted and unique: (flat values, per-document sizes)."""
+    doc = np.repeat(np.arange(len(counts), dtype=np.uint64), counts)
+    keys = (doc << np.uint64(32)) | hv.astype(np.uint64)
+    keys.sort()
+    if len(keys):
+        keys = keys[np.concatenate([[True], keys[1:] != keys[:-1]])]
+    sizes = np.bincount((keys >> np.uint64(32)).astype(np.int64), minlength=len(counts))
+    return (keys & np.uint64(0xFFFFFFFF)).astype(np.uint32), sizes
+
+
+def _tokens(norm: str) -> str:
+    """A normalized text's words, space-separated (punctuation becomes spaces)."""
+    if norm.isascii():
+        return norm.translate(_ASCII_SEPARATORS)
+    return " ".join(WORD_RE.findall(norm))
 
 
 def fingerprint(texts: Iterable[str], num_perm: int, shingle_words: int) -> Fingerprints:
     import xxhash
 
     a, b = permutations(num_perm)
-    vocab = _Vocabulary()
     digests: list[bytes] = []
-    quality: list[int] = []
+    quality: list[np.ndarray] = []
     signatures: list[np.ndarray] = []
-    batch_ids: list[list[int]] = []
-    batch_shingles = 0
+    shingles: list[np.ndarray] = []
+    sizes: list[np.ndarray] = []
+    batch: list[str] = []
+    batch_chars = 0
 
     def flush():
-        nonlocal batch_ids, batch_shingles
-        if not batch_ids:
+        nonlocal batch, batch_chars
+        if not batch:
             return
-        lengths = np.array([len(ids) for ids in batch_ids], dtype=np.int64)
-        flat = np.fromiter((i for ids in batch_ids for i in ids), dtype=np.int64, count=int(lengths.sum()))
-        word_hashes = np.array(vocab.hashes, dtype=np.uint64)[flat]
-        hv, counts = shingle_hashes(word_hashes, lengths, shingle_words)
-        signatures.append(_minhash(hv, counts, a, b))
-        batch_ids, batch_shingles = [], 0
+        hashes, lengths, distinct = word_hashes("\n".join(batch).encode("utf-8"), len(batch))
+        hv, counts = shingle_hashes(hashes, lengths, shingle_words)
+        # the permuted matrix (num_perm x shingles) is built a few thousand shingles at a time, to stay in cache
+        bounds = np.concatenate([[0], np.cumsum(counts)])
+        cuts = np.unique(np.searchsorted(bounds, np.arange(0, bounds[-1], SHINGLES_PER_BATCH), side="right") - 1)
+        cuts = np.concatenate([cuts[cuts > 0], [len(counts)]]) if len(counts) else np.zeros(0, np.int64)
+        lo = 0
+        for hi in cuts.tolist():
+            signatures.append(_minhash(hv[bounds[lo]:bounds[hi]], counts[lo:hi], a, b))
+            lo = hi
+        values, per_doc = _shingle_sets(hv, counts)
+        shingles.append(values)
+        sizes.append(per_doc)
+        quality.append(distinct)
+        batch, batch_chars = [], 0
 
     for text in texts:
         norm = normalize_text(text)
         digests.append(xxhash.xxh3_128_digest(norm.encode("utf-8")))
-        ids = vocab.encode(WORD_RE.findall(norm))
-        quality.append(len(set(ids)))
-        batch_ids.append(ids)
-        batch_shingles += max(len(ids) - shingle_words + 1, 1)
-        if batch_shingles >= SHINGLES_PER_BATCH:
+        batch.append(_tokens(norm))
+        batch_chars += len(norm)
+        if batch_chars >= CHARS_PER_BATCH:
             flush()
     flush()
-    sigs = np.concatenate(signatures) if signatures else np.zeros((0, num_perm), np.uint32)
-    return Fingerprints(digests, sigs, np.array(quality, dtype=np.int64))
+    if not digests:
+        return Fingerprints.empty(num_perm)
+    offsets = np.concatenate([[0], np.cumsum(np.concatenate(sizes))]).astype(np.int64)
+    return Fingerprints(digests, np.concatenate(signatures), np.concatenate(quality).astype(np.int64),
+                        np.concatenate(shingles), offsets)
 
 
 # --- clusters
@@ -202,43 +287,185 @@ def _union(parent: np.ndarray, i: int, j: int) -> None:
         parent[max(ri, rj)] = min(ri, rj)
 
 
-def _lean_minhash(signature: np.ndarray):
-    from datasketch import LeanMinHash
+class _Sketch:
+    """A signature as MinHashLSH reads it (hash values, length, scheme), without a MinHash object per document."""
+    __slots__ = ("hashvalues",)
+    scheme = "affine32"  # datasketch's name for our a*h + b (mod 2^32) permutations
 
-    try:  # datasketch >= 2 asks which permutation scheme made the values
-        return LeanMinHash(seed=MINHASH_SEED, hashvalues=signature, scheme="affine32")
-    except TypeError:
-        return LeanMinHash(seed=MINHASH_SEED, hashvalues=signature.astype(np.uint64))
+    def __init__(self, hashvalues: np.ndarray):
+        self.hashvalues = hashvalues
+
+    def __len__(self) -> int:
+        return len(self.hashvalues)
 
 
-def cluster(fp: Fingerprints, threshold: float) -> np.ndarray:
-    """Cluster root per document: exact duplicates, plus LSH candidates verified by estimated Jaccard."""
+def lsh_params(threshold: float, num_perm: int, recall: float = LSH_RECALL) -> tuple[int, int]:
+    """(bands, rows): the most rows per band (fewest chance candidates) that still make a pair at
+    the threshold a candidate with probability >= `recall`; every candidate is verified exactly."""
+    for rows in range(num_perm // 2, 0, -1):
+        bands = num_perm // rows
+        if 1.0 - (1.0 - threshold ** rows) ** bands >= recall:
+            return bands, rows
+    return num_perm, 1
+
+
+def storage_config(settings: dict[str, Any]) -> dict[str, Any] | None:
+    """datasketch's storage_config for the configured backend (None: in memory)."""
+    if settings.get("backend", "memory") != "redis":
+        return None
+    from urllib.parse import urlparse
+    import uuid
+
+    url = urlparse(settings["redis_url"])
+    params: dict[str, Any] = {"host": url.hostname or "127.0.0.1", "port": url.port or 6379,
+                              "db": int(url.path.strip("/") or 0)}
+    if url.password:
+        params["password"] = url.password
+    if url.username:
+        params["username"] = url.username
+    # a fresh namespace per run; its keys are deleted when the run ends
+    return {"type": "redis", "redis": params, "basename": f"medforge:dedup:{uuid.uuid4().hex[:12]}".encode()}
+
+
+def _connect(config: dict[str, Any], url: str):
+    import redis
+
+    client = redis.Redis(**config["redis"])
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        raise StageError(f"dedup: cannot reach Redis at dedup.redis_url = {url!r} in sources.toml ({exc}); "
+                         f"start redis-server or set dedup.backend = \"memory\"") from None
+    return client
+
+
+def insert_all(lsh, signatures: np.ndarray, docs: np.ndarray, buffer: bool = False) -> None:
+    """Index `docs` (keys: 4-byte big-endian row numbers) in a MinHashLSH, all at once.
+
+    Writes the very band keys `MinHashLSH.insert` would (big-endian bytes of each band of
+    the signature) into the index's own hashtables and key store, so `lsh.query` and
+    `lsh.remove` work as usual; but the keys of all documents are cut from one byte-swapped
+    matrix, not per document (MinHashLSH.insert costs ~100 us a document here).
+    """
+    swapped = np.ascontiguousarray(signatures[docs]).byteswap()
+    keys = [i.to_bytes(4, "big") for i in docs.tolist()]
+    bands = []
+    for (start, end), table in zip(lsh.hashranges, lsh.hashtables):
+        raw = np.ascontiguousarray(swapped[:, start:end]).tobytes()
+        width = (end - start) * swapped.itemsize
+        hs = [raw[k:k + width] for k in range(0, len(raw), width)]
+        if lsh.hashfunc:
+            hs = [lsh.hashfunc(h) for h in hs]
+        if buffer:
+            for h, key in zip(hs, keys):
+                table.insert(h, key, buffer=True)
+        else:  # the same calls, driven from C (no Python loop around them)
+            deque(map(table.insert, hs, keys), maxlen=0)
+        bands.append(hs)
+    for key, hs in zip(keys, zip(*bands)):
+        lsh.keys.insert(key, *hs, buffer=buffer)
+    if buffer:
+        for storage in (*lsh.hashtables, lsh.keys):
+            storage.empty_buffer()
+
+
+def candidate_pairs(fp: Fingerprints, docs: np.ndarray, params: tuple[int, int],
+                    storage: dict[str, Any] | None = None, redis_url: str = "") -> np.ndarray:
+    """Pairs (i < j) of `docs` that share an LSH bucket of datasketch's MinHashLSH, sorted and unique.
+
+    All documents are inserted (pipelined on Redis), then every bucket holding two or more
+    is read back: one pass instead of a query per document, and the same on every backend.
+    """
     from datasketch import MinHashLSH
 
+    client = _connect(storage, redis_url) if storage else None
+    lsh = MinHashLSH(num_perm=fp.signatures.shape[1], params=params, storage_config=storage, prepickle=False)
+    n = len(fp)
+    try:
+        insert_all(lsh, fp.signatures, docs, buffer=storage is not None)
+        chunks, twos = [], []
+        for table in lsh.hashtables:
+            shared = [key for key, count in table.itemcounts().items() if count > 1]
+            for members in (table.getmany(*shared) if shared else []):
+                if len(members) == 2:  # most shared buckets: a pair, no index arithmetic needed
+                    twos.extend(members)
+                    continue
+                ids = np.sort(np.fromiter((int.from_bytes(m, "big") for m in members), dtype=np.int64))
+                left, right = np.triu_indices(len(ids), 1)
+                chunks.append(ids[left] * n + ids[right])
+        if twos:
+            flat = np.frombuffer(b"".join(twos), dtype=">u4").astype(np.int64).reshape(-1, 2)
+            flat.sort(axis=1)
+            chunks.append(flat[:, 0] * n + flat[:, 1])
+    finally:
+        if client is not None:
+            keys = list(client.scan_iter(match=storage["basename"] + b"*", count=10_000))
+            for start in range(0, len(keys), 10_000):
+                client.delete(*keys[start:start + 10_000])
+    if not chunks:
+        return np.zeros((0, 2), dtype=np.int64)
+    codes = np.unique(np.concatenate(chunks))
+    return np.stack([codes // n, codes % n], axis=1)
+
+
+def true_jaccard(fp: Fingerprints, i: int, j: int) -> float:
+    a, b = fp.shingle_set(i), fp.shingle_set(j)
+    if not len(a) and not len(b):
+        return 1.0
+    shared = np.intersect1d(a, b, assume_unique=True).size
+    return shared / (len(a) + len(b) - shared)
+
+
+def verify(fp: Fingerprints, pairs: np.ndarray, threshold: float) -> np.ndarray:
+    """The candidate pairs whose true Jaccard similarity (on shingle sets) is >= threshold.
+
+    The MinHash estimate screens first (vectorised), with a margin of ~4 standard errors
+    below the threshold, so the exact set intersection runs only on plausible pairs.
+    """
+    if not len(pairs):
+        return pairs
+    num_perm = fp.signatures.shape[1]
+    margin = 4.0 * (threshold * (1.0 - threshold) / num_perm) ** 0.5
+    keep = np.zeros(len(pairs), dtype=bool)
+    for start in range(0, len(pairs), VERIFY_CHUNK):
+        part = pairs[start:start + VERIFY_CHUNK]
+        estimate = (fp.signatures[part[:, 0]] == fp.signatures[part[:, 1]]).mean(axis=1)
+        keep[start:start + VERIFY_CHUNK] = estimate >= threshold - margin
+    plausible = np.flatnonzero(keep)
+    for k in plausible.tolist():
+        i, j = pairs[k]
+        keep[k] = true_jaccard(fp, int(i), int(j)) >= threshold
+    return pairs[keep]
+
+
+def near_pairs(fp: Fingerprints, threshold: float, settings: dict[str, Any] | None = None,
+               stats: dict[str, Any] | None = None) -> np.ndarray:
+    """Verified near-duplicate pairs among documents that are not exact copies of an earlier one."""
+    settings = settings or {}
+    stats = {} if stats is None else stats
+    first: dict[bytes, int] = {}
+    reps = np.array([i for i, d in enumerate(fp.digests) if first.setdefault(d, i) == i], dtype=np.int64)
+    if len(reps) < 2:
+        return np.zeros((0, 2), dtype=np.int64)
+    params = lsh_params(threshold, fp.signatures.shape[1])
+    pairs = candidate_pairs(fp, reps, params, storage_config(settings), settings.get("redis_url", ""))
+    verified = verify(fp, pairs, threshold)
+    stats.update({"bands": params[0], "rows": params[1], "candidate_pairs": len(pairs), "near_pairs": len(verified)})
+    return verified
+
+
+def cluster(fp: Fingerprints, threshold: float, settings: dict[str, Any] | None = None,
+            stats: dict[str, Any] | None = None) -> np.ndarray:
+    """Cluster root per document: exact duplicates plus verified near-duplicate pairs, by union-find."""
     n = len(fp)
     parent = np.arange(n, dtype=np.int64)
     first: dict[bytes, int] = {}
-    reps = []
     for i, digest in enumerate(fp.digests):
         j = first.setdefault(digest, i)
         if j != i:
             _union(parent, j, i)
-        else:
-            reps.append(i)
-    if len(reps) < 2:
-        return np.array([_find(parent, i) for i in range(n)], dtype=np.int64)
-    num_perm = fp.signatures.shape[1]
-    # every candidate is verified below, so the bands favour recall: at J = 0.8 the default
-    # weights find 40% of pairs, these 87%, for a few more cheap verifications
-    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm, weights=LSH_WEIGHTS)
-    for i in reps:  # query before inserting: each candidate pair comes up once, no sketch is kept
-        sketch = _lean_minhash(fp.signatures[i])
-        candidates = np.fromiter(lsh.query(sketch), dtype=np.int64)
-        if candidates.size:
-            jaccard = (fp.signatures[candidates] == fp.signatures[i]).mean(axis=1)
-            for c in candidates[jaccard >= threshold]:
-                _union(parent, i, int(c))
-        lsh.insert(i, sketch, check_duplication=False)
+    for i, j in near_pairs(fp, threshold, settings, stats).tolist():  # sorted: the same roots on every backend
+        _union(parent, i, j)
     return np.array([_find(parent, i) for i in range(n)], dtype=np.int64)
 
 
@@ -251,10 +478,11 @@ class Decision:
     near: np.ndarray      # bool: removed as a near duplicate
 
 
-def decide(fp: Fingerprints, threshold: float, rank: list[tuple]) -> Decision:
+def decide(fp: Fingerprints, threshold: float, rank: list[tuple], settings: dict[str, Any] | None = None,
+           stats: dict[str, Any] | None = None) -> Decision:
     """One keeper per cluster: the document with the smallest `rank` (priority, -quality, id)."""
     n = len(fp)
-    roots = cluster(fp, threshold)
+    roots = cluster(fp, threshold, settings, stats)
     keeper = np.arange(n, dtype=np.int64)
     best: dict[int, int] = {}
     best_exact: dict[tuple[int, bytes], int] = {}
@@ -284,33 +512,61 @@ class _Row:
     cluster: str
 
 
-def _texts(path: Path, source: str) -> Iterator[str]:
-    for lineno, row in enumerate(io.read_jsonl(path), 1):
-        try:
-            yield example_text(row)
-        except ValueError as exc:
-            raise StageError(f"{path}:{lineno}: example {exc}; re-run `doit normalize:{source}`") from None
+@dataclass
+class _Source:
+    """One source after cleaning and fingerprinting (from its cache when nothing it depends on changed)."""
+    name: str
+    kind: str
+    path: Path
+    reasons: list[str]       # per example in the file: "" = kept by cleaning, else the drop reason
+    changes: dict[str, int]  # what cleaning changed (markup, boilerplate lines, contacts, unicode)
+    fp: Fingerprints         # of the examples cleaning kept, in file order
+    cached: bool
 
 
-def _fingerprints_for(source: str, path: Path, count: int, num_perm: int, shingle_words: int
-                      ) -> tuple[Fingerprints, bool]:
-    """A source's fingerprints, from the cache when its examples file is unchanged."""
-    key = f"v{SIGNATURE_VERSION}:{num_perm}:{shingle_words}:{io.file_hash(path)}"
-    cache = layout.dedup_cache(source)
-    if cache.exists():
-        try:
-            with np.load(cache, allow_pickle=False) as data:
-                if str(data["key"]) == key and data["signatures"].shape == (count, num_perm):
-                    digests = data["digests"]
-                    return Fingerprints([bytes(d) for d in digests], data["signatures"], data["quality"]), True
-        except (OSError, ValueError, KeyError):
-            pass  # unreadable cache: recompute
-    fp = fingerprint(_texts(path, source), num_perm, shingle_words)
+def _cache_key(path: Path, settings: dict, clean_settings: dict, counter_key: str) -> str:
+    knobs = io.dumps({"clean": clean_settings, "counter": counter_key, "num_perm": settings["num_perm"],
+                      "shingle_words": settings["shingle_words"]})
+    return f"v{SIGNATURE_VERSION}:c{clean.CLEAN_VERSION}:{io.content_hash(knobs)[:16]}:{io.file_hash(path)}"
+
+
+def _load_cache(cache: Path, key: str) -> tuple[list[str], dict, Fingerprints] | None:
+    if not cache.exists():
+        return None
+    try:
+        with np.load(cache, allow_pickle=False) as data:
+            if str(data["key"]) != key:
+                return None
+            fp = Fingerprints([bytes(d) for d in data["digests"]], data["signatures"], data["quality"],
+                              data["shingles"], data["offsets"])
+            reasons = [str(r) for r in data["reasons"]]
+            changes = orjson.loads(data["changes"].tobytes())
+    except (OSError, ValueError, KeyError):
+        return None  # unreadable or older cache: recompute
+    if len(fp) != sum(1 for r in reasons if not r):
+        return None
+    return reasons, changes, fp
+
+
+def _prepare(source, settings: dict, clean_settings: dict, counter: clean.TokenCounter, counter_key: str) -> _Source:
+    """Clean and fingerprint one source, or take both from its cache when its file and settings are unchanged."""
+    path = layout.examples_file(source.name)
+    key = _cache_key(path, settings, clean_settings, counter_key)
+    cache = layout.dedup_cache(source.name)
+    hit = _load_cache(cache, key)
+    if hit is not None:
+        return _Source(source.name, source.kind, path, hit[0], hit[1], hit[2], True)
+    cleaned, why, changes = clean.clean_rows(io.read_jsonl(path), source.kind, clean_settings, counter)
+    reasons = [r or "" for r in why]
+    fp = fingerprint((example_text(row) for row, r in zip(cleaned, reasons) if not r),
+                     settings["num_perm"], settings["shingle_words"])
     digests = np.array(fp.digests, dtype="S16") if fp.digests else np.zeros(0, dtype="S16")
     with io.atomic_path(cache) as tmp:
         with open(tmp, "wb") as fh:
-            np.savez(fh, key=np.array(key), digests=digests, signatures=fp.signatures, quality=fp.quality)
-    return fp, False
+            np.savez(fh, key=np.array(key), digests=digests, signatures=fp.signatures, quality=fp.quality,
+                     shingles=fp.shingles, offsets=fp.offsets, reasons=np.array(reasons, dtype=str),
+                     changes=np.frombuffer(io.dumps(changes), dtype=np.uint8))
+    return _Source(source.name, source.kind, path, reasons, changes, fp, False)
 
 
 def _rank(priority: list[str], rows: list[_Row], fp: Fingerprints) -> list[tuple]:
@@ -331,25 +587,52 @@ def _preview(text: str, limit: int = 240) -> str:
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
+def tokenizer_spec(cfg) -> str:
+    """The base model whose tokenizer measures lengths: the adapters' (the first, when they differ)."""
+    from stages.config import DEFAULT_BASE_MODEL
+
+    bases = cfg.base_models()
+    return bases[0] if bases else DEFAULT_BASE_MODEL
+
+
+def counter_identity(counter: clean.TokenCounter) -> str:
+    if counter.kind != "tokenizer":
+        return f"estimate:{clean.CLEAN_VERSION}"
+    return f"tokenizer:{io.file_hash(layout.base_dir(counter.spec) / 'tokenizer.json')}"
+
+
 def run(cfg) -> dict[str, Any]:
     started = time.time()
     settings = cfg.dedup
+    clean_settings = cfg.clean or {}
     num_perm, shingle_words, threshold = settings["num_perm"], settings["shingle_words"], settings["threshold"]
-    paths = {s.name: layout.examples_file(s.name) for s in cfg.enabled_sources()}
+    counter = clean.token_counter(tokenizer_spec(cfg))
+    counter_key = counter_identity(counter)
+    prepared: list[_Source] = []
+    for source in cfg.enabled_sources():
+        if not layout.examples_file(source.name).exists():
+            raise StageError(f"dedup: {layout.examples_file(source.name)} is missing; "
+                             f"run `doit normalize:{source.name}` first")
+        prepared.append(_prepare(source, settings, clean_settings, counter, counter_key))
     rows: list[_Row] = []
-    parts: list[Fingerprints] = []
     per_source: dict[str, dict[str, Any]] = {}
-    for name, path in paths.items():
-        if not path.exists():
-            raise StageError(f"dedup: {path} is missing; run `doit normalize:{name}` first")
-        source_rows = [_Row(row["source"], str(row["id"]), _cluster_key(row)) for row in io.read_jsonl(path)]
-        fp, cached = _fingerprints_for(name, path, len(source_rows), num_perm, shingle_words)
-        rows.extend(source_rows)
-        parts.append(fp)
-        per_source[name] = {"in": len(source_rows), "exact_dups": 0, "near_dups": 0, "kept": 0,
-                            "signatures": "cached" if cached else "computed"}
-    fp = Fingerprints.concat(parts, num_perm)
-    decision = decide(fp, threshold, _rank(settings["source_priority"], rows, fp))
+    drop_examples: dict[str, list[str]] = {}
+    for src in prepared:
+        for row, reason in zip(io.read_jsonl(src.path), src.reasons):
+            if reason:
+                examples = drop_examples.setdefault(reason, [])
+                if len(examples) < 5:
+                    examples.append(str(row.get("id")))
+            else:
+                rows.append(_Row(src.name, str(row["id"]), _cluster_key(row)))
+        dropped = Counter(r for r in src.reasons if r)
+        per_source[src.name] = {"in": len(src.reasons), "dropped": dict(sorted(dropped.items())),
+                                "cleaned": dict(sorted(src.changes.items())), "exact_dups": 0, "near_dups": 0,
+                                "duplicate_clusters": 0, "kept": 0,
+                                "signatures": "cached" if src.cached else "computed"}
+    fp = Fingerprints.concat([src.fp for src in prepared], num_perm)
+    lsh_stats: dict[str, Any] = {}
+    decision = decide(fp, threshold, _rank(settings["source_priority"], rows, fp), settings, lsh_stats)
     for i, row in enumerate(rows):
         stats = per_source[row.source]
         stats["kept" if decision.keep[i] else "exact_dups" if decision.exact[i] else "near_dups"] += 1
@@ -357,13 +640,21 @@ def run(cfg) -> dict[str, Any]:
     for i, root in enumerate(decision.roots):
         members.setdefault(int(root), []).append(i)
     multi = sorted((m for m in members.values() if len(m) > 1), key=lambda m: (-len(m), rows[m[0]].id))
+    for m in multi:
+        per_source[rows[int(decision.keeper[m[0]])].source]["duplicate_clusters"] += 1
     shown = {i for m in multi[:REPORT_CLUSTERS] for i in m[:5]}
     previews: dict[int, str] = {}
+    cleaner = clean.Cleaner(clean_settings.get("strip_markup", True), clean_settings.get("boilerplate", []))
 
     def kept_rows() -> Iterator[dict]:
         i = 0
-        for path in paths.values():
-            for row in io.read_jsonl(path):
+        for src in prepared:
+            scrub = src.kind in clean_settings.get("scrub_contacts", [])
+            for row, reason in zip(io.read_jsonl(src.path), src.reasons):
+                if reason:
+                    continue
+                if i in shown or decision.keep[i]:
+                    row = cleaner.row(row, scrub)  # the same transform that was fingerprinted
                 if i in shown:
                     previews[i] = _preview(example_text(row))
                 if decision.keep[i]:
@@ -372,11 +663,21 @@ def run(cfg) -> dict[str, Any]:
 
     io.write_jsonl(layout.dedup_file(), kept_rows())
     kept = int(decision.keep.sum())
+    total_in = sum(s["in"] for s in per_source.values())
+    dropped_total = Counter()
+    for stats in per_source.values():
+        dropped_total.update(stats["dropped"])
     report = {
         "settings": {"threshold": threshold, "num_perm": num_perm, "shingle_words": shingle_words,
-                     "source_priority": settings["source_priority"]},
+                     "source_priority": settings["source_priority"], "backend": settings.get("backend", "memory")},
+        "cleaning": {"tokens": counter.describe(), "settings": clean_settings,
+                     "dropped": dict(sorted(dropped_total.items())),
+                     "dropped_examples": dict(sorted(drop_examples.items()))},
+        "lsh": lsh_stats,
         "sources": per_source,
-        "total": {"in": len(rows), "kept": kept, "removed": len(rows) - kept, "duplicate_clusters": len(multi)},
+        "total": {"in": total_in, "dropped": sum(dropped_total.values()),
+                  "exact_dups": int(decision.exact.sum()), "near_dups": int(decision.near.sum()),
+                  "kept": kept, "removed": total_in - kept, "duplicate_clusters": len(multi)},
         "largest_clusters": [{
             "size": len(m),
             "kept": rows[int(decision.keeper[m[0]])].id,
@@ -385,10 +686,12 @@ def run(cfg) -> dict[str, Any]:
         "seconds": round(time.time() - started, 2),
     }
     io.write_json(layout.dedup_report(), report)
+    print(f"dedup: tokens counted with {counter.kind} ({counter.spec})")
     for name, stats in per_source.items():
-        print(f"dedup: {name}: {stats['in']} in, {stats['exact_dups']} exact + {stats['near_dups']} near "
-              f"duplicates removed, {stats['kept']} kept (signatures {stats['signatures']})")
-    print(f"dedup: {kept} of {len(rows)} kept -> {layout.dedup_file()} ({report['seconds']}s)")
+        drops = ", ".join(f"{n} {why}" for why, n in stats["dropped"].items()) or "none"
+        print(f"dedup: {name}: {stats['in']} in, dropped by cleaning: {drops}; {stats['exact_dups']} exact + "
+              f"{stats['near_dups']} near duplicates removed, {stats['kept']} kept (signatures {stats['signatures']})")
+    print(f"dedup: {kept} of {total_in} kept -> {layout.dedup_file()} ({report['seconds']}s)")
     return report
 
 

@@ -122,10 +122,11 @@ def test_stage_removes_exact_and_near_duplicates_by_source_priority(project):
     assert "icd10cm:c0:qa" in ids and "icd10cm:c1:qa" in ids
     assert "news2:dup0:qa" not in ids and "news2:near1:qa" not in ids
     assert "news2:rich0:qa" in ids and "news2:p0:qa" not in ids
-    assert report["sources"]["news2"] == {"in": 23, "exact_dups": 1, "near_dups": 2, "kept": 20,
-                                          "signatures": "computed"}
-    assert report["sources"]["icd10cm"]["kept"] == 20
-    assert report["total"] == {"in": 43, "kept": 40, "removed": 3, "duplicate_clusters": 3}
+    assert report["sources"]["news2"] == {"in": 23, "dropped": {}, "cleaned": {}, "exact_dups": 1, "near_dups": 2,
+                                          "duplicate_clusters": 1, "kept": 20, "signatures": "computed"}
+    assert report["sources"]["icd10cm"]["kept"] == 20 and report["sources"]["icd10cm"]["duplicate_clusters"] == 2
+    assert report["total"] == {"in": 43, "dropped": 0, "exact_dups": 1, "near_dups": 2, "kept": 40, "removed": 3,
+                               "duplicate_clusters": 3}
     largest = report["largest_clusters"][0]
     assert largest["size"] == 2 and largest["members"][0]["text"]
     rows = list(io.read_jsonl(layout.dedup_file()))
@@ -210,3 +211,27 @@ def test_cli_names_a_bad_line(tmp_path):
                             capture_output=True, text=True, cwd=tmp_path, env=cli_env(),
                             timeout=120)
     assert result.returncode == 2 and "in.jsonl:2" in result.stderr and not (tmp_path / "o").exists()
+
+
+def test_pairs_at_known_jaccard_found_by_true_similarity():
+    """Copies planted from J = 0.6 to 1.0: every pair at J >= 0.8 clusters, none below it (verified exactly)."""
+    rng = random.Random(9)
+    vocab = [f"{w}{i}" for w in WORDS for i in range(10)]
+    docs, planted = [], []
+    for k in range(300):
+        words = [rng.choice(vocab) for _ in range(rng.randint(60, 200))]
+        docs.append(" ".join(words))
+        target = rng.uniform(0.6, 1.0)
+        m = len(words) - 4
+        n = round(m * (1 - target) / (5 * (1 + target)))
+        for slot in rng.sample(range((len(words) - 2) // 6), n):
+            words[1 + slot * 6] = f"new{k}x{slot}"
+        docs.append(" ".join(words))
+        planted.append((2 * k, 2 * k + 1, jaccard(docs[-2], docs[-1])))
+    roots = dedup.cluster(dedup.fingerprint(docs, 128, 5), 0.8)
+    above = [(a, b) for a, b, j in planted if j >= 0.8]
+    below = [(a, b) for a, b, j in planted if j < 0.8]
+    assert len(above) > 60 and len(below) > 60
+    assert sum(roots[a] == roots[b] for a, b in above) >= 0.95 * len(above)
+    assert not any(roots[a] == roots[b] for a, b in below)
+    assert len(set(roots.tolist())) >= 300  # no chance merges between unrelated documents

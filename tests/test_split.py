@@ -166,3 +166,109 @@ def test_dedup_then_split_leaves_no_near_duplicate_across_splits(project):
 def _shingles(text: str, n: int = 5) -> set:
     words = dedup.WORD_RE.findall(dedup.normalize_text(text))
     return {tuple(words[i:i + n]) for i in range(max(len(words) - n + 1, 1))}
+
+
+# --- routing by keywords and extra sources; a record feeding several adapters
+def test_keyword_rules_and_a_record_in_two_adapters(tmp_path, monkeypatch):
+    monkeypatch.chdir(make_project(tmp_path, decide_data='[data]\nsources = ["codes"]\nkeywords = ["septic shock", '
+                                                       '"sepsis"]\nexclude_keywords = ["neonatal"]\n'))
+    rows = kept(range(30), source="codes", tasks=("describe",))
+    for r in rows[:12]:
+        r["messages"][1]["content"] = "Sepsis, unspecified organism" if r["cluster"] != "codes:r3" else \
+            "Neonatal sepsis"
+    rows[20]["messages"][0]["content"] = "What is SEPTIC\nshock?"
+    rows[21]["messages"][0]["content"] = "What is aseptic meningitis?"  # not a whole-word match
+    io.write_jsonl(layout.dedup_file(), rows + kept(range(40)))
+    stats = split.run(config.load(), "decide")
+    decide_ids = {r["id"] for part in read_splits("decide").values() for r in part}
+    codes_in_decide = {i for i in decide_ids if i.startswith("codes:")}
+    assert codes_in_decide == {r["id"] for r in rows[:12] if r["cluster"] != "codes:r3"} | {rows[20]["id"]}
+    assert stats["routing"]["turned_away"] == {"exclude_keywords": 1, "keywords": 17 + 80}
+    split.run(config.load(), "coding")
+    coding_ids = {r["id"] for part in read_splits("coding").values() for r in part}
+    assert codes_in_decide < coding_ids  # the same records also feed the coding adapter
+
+
+def test_keywords_that_match_nothing_name_the_keys(tmp_path, monkeypatch):
+    monkeypatch.chdir(make_project(tmp_path, decide_data='[data]\nkeywords = ["zebra"]\n'))
+    io.write_jsonl(layout.dedup_file(), kept(range(20)))
+    with pytest.raises(StageError, match=r"data.keywords.*adapters/decide/adapter.toml"):
+        split.run(config.load(), "decide")
+
+
+# --- frozen test set
+def test_frozen_test_set_stays_fixed_as_data_grows(tmp_path, monkeypatch):
+    monkeypatch.chdir(make_project(tmp_path))
+    io.write_jsonl(layout.dedup_file(), kept(range(300)))
+    split.run(config.load(), "decide")
+    before = read_splits("decide")
+    frozen = tmp_path / "frozen" / "test.jsonl"
+    frozen.parent.mkdir()
+    frozen.write_bytes(layout.split_file("decide", "test").read_bytes())
+    (tmp_path / "adapters" / "decide" / "adapter.toml").write_text('[data]\nfrozen_test = "frozen/test.jsonl"\n')
+    io.write_jsonl(layout.dedup_file(), kept(range(900)))
+    stats = split.run(config.load(), "decide")
+    after = read_splits("decide")
+    assert after["test"] == before["test"]  # byte for byte the same test set
+    assert stats["frozen_test"] == {"file": "frozen/test.jsonl", "clusters": len({r["cluster"] for r in before["test"]}),
+                                    "missing": 0}
+    where = {r["id"]: name for name, part in after.items() for r in part}
+    assert all(where[r["id"]] == name for name, part in before.items() for r in part)  # nothing moved
+    assert 0.85 < len(after["train"]) / (len(after["train"]) + len(after["val"])) < 0.93
+    # a list of ids works too; a missing file is a clear error
+    (tmp_path / "ids.txt").write_text("# frozen\nvitals:r1:score\n")
+    (tmp_path / "adapters" / "decide" / "adapter.toml").write_text('[data]\nfrozen_test = "ids.txt"\n')
+    split.run(config.load(), "decide")
+    assert {r["cluster"] for r in read_splits("decide")["test"]} == {"vitals:r1"}
+    (tmp_path / "adapters" / "decide" / "adapter.toml").write_text('[data]\nfrozen_test = "gone.jsonl"\n')
+    with pytest.raises(StageError, match=r"data.frozen_test.*adapters/decide/adapter.toml.*gone.jsonl"):
+        split.run(config.load(), "decide")
+
+
+# --- stratification
+def test_every_source_and_task_stratum_is_split_80_10_10(project):
+    rows = kept(range(1500)) + kept(range(1500), source="codes", tasks=("describe",))
+    (project / "sources.toml").write_text(SOURCES.replace('adapters = ["coding"]', 'adapters = ["coding", "decide"]'))
+    io.write_jsonl(layout.dedup_file(), rows)
+    stats = split.run(config.load(), "decide")
+    assert set(stats["strata"]) == {"vitals/score", "vitals/response", "codes/describe"}
+    for shares in stats["strata"].values():
+        assert 0.77 < shares["train"] < 0.83 and 0.08 < shares["val"] < 0.12 and 0.08 < shares["test"] < 0.12
+
+
+# --- exports, statistics, dataset card
+def test_outputs_load_with_datasets_and_are_described(project):
+    datasets = pytest.importorskip("datasets")
+    examples = [{**r, "provenance": {"source": "vitals", "kind": "news2", "source_id": r["cluster"].split(":")[1],
+                                     "origin": "generator", "licence": "MIT (synthetic)", "retrieved_at": ""}}
+                for r in kept(range(60))]
+    examples[0]["messages"].insert(0, {"role": "system", "content": "You are a ward nurse."})
+    io.write_jsonl(layout.examples_file("vitals"), examples)
+    io.write_jsonl(layout.examples_file("codes"), [])
+    cfg = config.load()
+    dedup.run(cfg)
+    stats = split.run(cfg, "decide")
+    folder = layout.split_dir("decide")
+    sizes = stats["splits"]
+    loaded = datasets.load_dataset("json", data_files={s: str(layout.split_file("decide", s)) for s in sizes},
+                                   cache_dir=str(project / "hf_cache"))
+    assert {s: loaded[s].num_rows for s in sizes} == sizes
+    assert loaded["train"][0]["messages"][0]["role"] in ("system", "user")
+    for fmt in layout.EXPORT_FORMATS:
+        files = {s: str(layout.split_export_file("decide", fmt, s)) for s in sizes}
+        part = datasets.load_dataset("json", data_files=files, cache_dir=str(project / "hf_cache"))
+        assert {s: part[s].num_rows for s in sizes} == sizes
+    alpaca = {r["id"]: r for s in sizes for r in io.read_jsonl(layout.split_export_file("decide", "alpaca", s))}
+    first = alpaca[examples[0]["id"]]
+    assert first["system"] == "You are a ward nurse." and first["instruction"].startswith("question 0")
+    assert first["output"] == "answer" and first["history"] == []
+    sharegpt = {r["id"]: r for s in sizes for r in io.read_jsonl(layout.split_export_file("decide", "sharegpt", s))}
+    assert [t["from"] for t in sharegpt[examples[0]["id"]]["conversations"]] == ["system", "human", "gpt"]
+    saved = io.read_json(layout.split_statistics("decide"))
+    assert saved["upstream"]["records_in"] == 120 and saved["upstream"]["dropped"] == {}
+    assert saved["token_lengths"]["counter"] == "word-estimate"
+    histogram = saved["token_lengths"]["histogram"]
+    assert sum(b["examples"] for b in histogram) == 120 and histogram[0]["tokens"] == "0-31"
+    card = (folder / "README.md").read_text()
+    assert card.startswith("---\n") and "config_name: sharegpt" in card and "path: alpaca/train.jsonl" in card
+    assert "MIT (synthetic)" in card and f"| train | {sizes['train']} |" in card and "load_dataset" in card

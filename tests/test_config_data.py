@@ -1,0 +1,77 @@
+"""The data-quality keys: [dedup] backend/redis_url, [clean], and the adapter's [data] routing keys."""
+from pathlib import Path
+
+import pytest
+
+from stages import config
+
+SOURCES = """
+[sources.news2]
+kind = "news2"
+adapters = ["decide"]
+"""
+
+
+def project(tmp_path: Path, sources: str = SOURCES, adapter: str = "") -> Path:
+    (tmp_path / "sources.toml").write_text(sources)
+    (tmp_path / "adapters" / "decide").mkdir(parents=True)
+    (tmp_path / "adapters" / "decide" / "adapter.toml").write_text(adapter)
+    return tmp_path
+
+
+def problems(tmp_path: Path) -> list[str]:
+    with pytest.raises(config.ConfigError) as info:
+        config.load(tmp_path)
+    return info.value.problems
+
+
+def test_defaults(tmp_path):
+    cfg = config.load(project(tmp_path))
+    assert cfg.dedup["backend"] == "memory" and cfg.dedup["redis_url"].startswith("redis://")
+    assert cfg.clean == {"min_tokens": 4, "max_tokens": 8192, "strip_markup": True, "boilerplate": [],
+                         "scrub_contacts": ["stackexchange"]}
+    data = cfg.adapters["decide"].data
+    assert data["sources"] == [] and data["keywords"] == [] and data["exclude_keywords"] == []
+    assert data["frozen_test"] == ""
+
+
+def test_valid_keys_load(tmp_path):
+    sources = ('[dedup]\nbackend = "redis"\nredis_url = "redis://10.0.0.2:6380/1"\n'
+               '[clean]\nmin_tokens = 0\nmax_tokens = 512\nboilerplate = ["^Sponsored"]\nscrub_contacts = []\n'
+               + SOURCES + '[sources.codes]\nkind = "icd10cm"\n')
+    cfg = config.load(project(tmp_path, sources, '[data]\nsources = ["codes"]\nkeywords = ["sepsis", "septic shock"]\n'
+                                                 'frozen_test = "frozen/test.jsonl"\n'))
+    assert cfg.dedup["backend"] == "redis" and cfg.clean["max_tokens"] == 512
+    # data.sources routes a source that does not list the adapter
+    assert [s.name for s in cfg.sources_for("decide")] == ["news2", "codes"]
+
+
+@pytest.mark.parametrize("sources, expected", [
+    ('[dedup]\nbackend = "cassandra"\n' + SOURCES, "sources.toml: key 'dedup.backend' must be one of memory, redis"),
+    ('[dedup]\nredis_url = "localhost:6379"\n' + SOURCES, "key 'dedup.redis_url' must look like redis://"),
+    ('[dedup]\nnum_perm = 8\n' + SOURCES, "key 'dedup.num_perm' must be at least 16"),
+    ('[clean]\nmin_tokens = -1\n' + SOURCES, "key 'clean.min_tokens' must be 0 or more"),
+    ('[clean]\nmin_tokens = 50\nmax_tokens = 10\n' + SOURCES, "key 'clean.max_tokens' must be at least 1 and at least"),
+    ('[clean]\nmax_tokens = "many"\n' + SOURCES, "key 'clean.max_tokens' must be an integer"),
+    ('[clean]\nboilerplate = ["(unclosed"]\n' + SOURCES, "key 'clean.boilerplate' holds '(unclosed', not a valid"),
+    ('[clean]\nscrub_contacts = ["reddit"]\n' + SOURCES, "key 'clean.scrub_contacts' names 'reddit', not a source kind"),
+    ('[clean]\nstrip_html = true\n' + SOURCES, "unknown key 'clean.strip_html'"),
+    ('clean = 3\n' + SOURCES, "'clean' must be a table"),
+])
+def test_sources_toml_errors(tmp_path, sources, expected):
+    found = problems(project(tmp_path, sources))
+    assert any(expected in line for line in found), found
+
+
+@pytest.mark.parametrize("adapter, expected", [
+    ('[data]\nsources = ["nope"]\n', "adapters/decide/adapter.toml: key 'data.sources' names 'nope', which is not"),
+    ('[data]\nkeywords = "sepsis"\n', "key 'data.keywords' must be a list"),
+    ('[data]\nkeywords = ["sepsis", " "]\n', "key 'data.keywords' holds an empty string"),
+    ('[data]\nexclude_keywords = [3]\n', "key 'data.exclude_keywords' must be a list of a string"),
+    ('[data]\nfrozen_test = true\n', "key 'data.frozen_test' must be a string"),
+    ('[data]\nmax_examples = -5\n', "key 'data.max_examples' must be 0 (all) or more"),
+    ('[data]\nkeyword = ["x"]\n', "unknown key 'data.keyword'"),
+])
+def test_adapter_data_errors(tmp_path, adapter, expected):
+    found = problems(project(tmp_path, adapter=adapter))
+    assert any(expected in line for line in found), found
