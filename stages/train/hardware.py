@@ -55,7 +55,7 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
     return set()
 
 
-def cpu_bf16_speedup(size: int = 512, repeats: int = 5) -> float:
+def cpu_bf16_speedup(size: int = 256, repeats: int = 3) -> float:
     """fp32 time / bf16 time of a square matmul, best of `repeats` (noise from other processes only slows)."""
     import torch
 
