@@ -40,15 +40,19 @@ class Source:
         self.name = name
         self.params = params
 
-    def param(self, key: str, default: Any, kind: type | tuple[type, ...] | None = None) -> Any:
-        """A parameter from `[sources.<name>.params]`, type-checked with a one-line error."""
+    def param(self, key: str, default: Any, kind: type | tuple[type, ...] | None = None,
+              between: tuple[float, float] | None = None) -> Any:
+        """A parameter from `[sources.<name>.params]`, type- and range-checked with a one-line error."""
         value = self.params.get(key, default)
         kind = kind or type(default)
+        where = f"sources.toml: key 'sources.{self.name}.params.{key}'"
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-            raise SourceError(f"sources.toml: key 'sources.{self.name}.params.{key}' must be "
-                              f"{getattr(kind, '__name__', kind)} (got {value!r}); fix its value")
+            raise SourceError(f"{where} must be {getattr(kind, '__name__', kind)} (got {value!r}); fix its value")
+        if between is not None and not between[0] <= value <= between[1]:
+            high = "" if between[1] == float("inf") else f"..{between[1]}"
+            raise SourceError(f"{where} must be {between[0]}{high}{'' if high else ' or more'} (got {value!r}); fix its value")
         return value
 
     def fetch(self, store: "RawStore") -> None:

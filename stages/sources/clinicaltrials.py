@@ -51,9 +51,7 @@ class ClinicalTrials(Source):
     def fetch(self, store) -> None:
         from stages import http
 
-        size = self.param("page_size", 100, int)
-        if not 1 <= size <= 1000:
-            raise SourceError(f"sources.toml: key 'sources.{self.name}.params.page_size' must be 1..1000 (got {size}); fix it")
+        size = self.param("page_size", 100, int, between=(1, 1000))
         max_records = self.param("max_records", 1000, int)
         query = {"format": "json", "pageSize": size, "countTotal": "true",
                  "query.cond": self.param("cond", "", str) or None, "query.term": self.param("term", "", str) or None,

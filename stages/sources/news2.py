@@ -175,11 +175,8 @@ class News2Source(Source):
     origin = "synthetic:medforge-news2"
 
     def fetch(self, store) -> None:
-        count = self.param("count", 1500, int)
+        count = self.param("count", 1500, int, between=(1, float("inf")))
         seed = self.param("seed", 7, int)
-        if count < 1:
-            raise SourceError(f"sources.toml: key 'sources.{self.name}.params.count' must be at least 1 "
-                              f"(got {count}); fix its value")
         store.put(PAGE, io.jsonl_bytes(generate_patient(seed, i) for i in range(count)))
 
     def parse(self, page: Path) -> Iterator[dict[str, Any]]:

@@ -68,9 +68,7 @@ class OpenFda(Source):
         if endpoint not in ENDPOINTS:
             raise SourceError(f"sources.toml: key 'sources.{self.name}.params.endpoint' must be one of "
                               f"{', '.join(ENDPOINTS)} (got {endpoint!r}); fix it")
-        limit = self.param("limit", 100, int)
-        if not 1 <= limit <= 1000:
-            raise SourceError(f"sources.toml: key 'sources.{self.name}.params.limit' must be 1..1000 (got {limit}); fix it")
+        limit = self.param("limit", 100, int, between=(1, 1000))
         max_records = self.param("max_records", 1000, int)
         query = {"search": self.param("search", "", str) or None, "sort": self.param("sort", "", str) or None,
                  "limit": limit}
