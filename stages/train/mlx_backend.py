@@ -1,0 +1,503 @@
+"""The MLX LoRA trainer (mlx-lm): the torch recipe on Apple silicon, and on Linux CPU with mlx-cpu.
+
+Same recipe as the torch backend: the same token ids and answer-only labels (format.py),
+the same batches in the same order (packing.BatchStream, bucketed by length: mlx-lm models
+take no per-example position ids, so rows are not packed), the same token-weighted loss
+across gradient accumulation, AdamW with bias correction and no weight decay, the same
+warmup + cosine schedule and gradient clipping, LoRA on the same modules with the same
+alpha / r scale. Validation every `eval_every` steps, the best adapter by validation loss,
+early stopping after `patience` validations without a new best, and checkpoints that hold
+everything a resumed run needs (adapter, optimizer moments, position in the data, best so
+far). Dropout draws from a key seeded by (seed, step), so a resumed run draws the same masks.
+
+The result is saved as a peft adapter (the format eval and export read), converted from
+mlx-lm's layout: lora_a (in, r) -> lora_A.weight (r, in), lora_b (r, out) -> lora_B.weight
+(out, r), and mlx-lm's `scale` set to peft's lora_alpha / r.
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from stages import io
+from stages.errors import StageError
+from stages.train.format import IGNORE, Encoded
+from stages.train.hardware import BF16_MIN_SPEEDUP, Hardware
+
+EVAL_BATCH_SIZE = 8
+# architectures whose mlx-lm Model is `head(self.model(x))`: the head then runs only on trained
+# positions (over a ~50k vocabulary it is a large share of a small model's compute)
+HEAD_ON_TRAINED_ONLY = ("llama", "qwen2", "qwen3", "mistral")
+CHECKPOINT_SUBDIR = "mlx"  # inside layout.checkpoints_dir: never mixed up with the torch backend's
+
+
+# --- availability and hardware
+def available() -> bool:
+    return importlib.util.find_spec("mlx") is not None and importlib.util.find_spec("mlx_lm") is not None
+
+
+def preferred() -> bool:
+    """`train.backend = "auto"` picks MLX on Apple silicon when it is installed."""
+    return sys.platform == "darwin" and platform.machine() == "arm64" and available()
+
+
+def require(where: str) -> None:
+    if not available():
+        raise StageError(f"{where}: key 'train.backend' = \"mlx\" but mlx/mlx-lm are not installed; "
+                         "`pip install mlx mlx-lm` (on Linux also `mlx[cpu]`), or set it to \"torch\"")
+
+
+def matmul_bf16_speedup(size: int = 512, repeats: int = 10) -> float:
+    """fp32 time / bf16 time of a square matmul on MLX's default device, best of `repeats` each.
+
+    The two dtypes alternate, so load from other processes falls on both alike, and the best
+    repeat is the one least slowed down.
+    """
+    import mlx.core as mx
+
+    pairs = {}
+    for dtype in (mx.float32, mx.bfloat16):
+        a = mx.random.normal((size, size)).astype(dtype)
+        b = mx.random.normal((size, size)).astype(dtype)
+        mx.eval(a, b, a @ b)  # warm up
+        pairs[dtype] = (a, b)
+    best = {dtype: float("inf") for dtype in pairs}
+    for _ in range(repeats):
+        for dtype, (a, b) in pairs.items():
+            t0 = time.perf_counter()
+            mx.eval(a @ b)
+            best[dtype] = min(best[dtype], time.perf_counter() - t0)
+    return best[mx.float32] / best[mx.bfloat16]
+
+
+def detect(requested: str = "auto") -> Hardware:
+    """MLX device ("mlx-gpu" = Metal, "mlx-cpu") and the dtype the frozen base computes in.
+
+    On Metal, a timed matmul decides, as hardware.detect does for torch. MLX's CPU backend has
+    no fast bf16 kernels (its bf16 matmul measures 0.9-1.3x fp32 on the CI machine, too close
+    to call under load), so there it is fp32: a noisy measurement must not flip the dtype, and
+    with it the recipe a checkpoint can be resumed with, between two runs.
+    """
+    import mlx.core as mx
+
+    device = "mlx-gpu" if mx.default_device().type == mx.gpu else "mlx-cpu"
+    if requested in ("bf16", "fp32"):
+        return Hardware(device, requested, f"train.dtype = \"{requested}\"")
+    if device == "mlx-cpu":
+        return Hardware(device, "fp32", "MLX CPU backend: no fast bf16 matmul")
+    speedup = matmul_bf16_speedup()
+    if speedup >= BF16_MIN_SPEEDUP:
+        return Hardware(device, "bf16", f"MLX bf16 matmul measured {speedup:.1f}x fp32")
+    return Hardware(device, "fp32", f"MLX bf16 matmul measured only {speedup:.1f}x fp32")
+
+
+def memory() -> dict[str, int]:
+    """MLX's own allocator figures (bytes), for the metrics stream's `memory` dict."""
+    import mlx.core as mx
+
+    return {"mlx_active": int(mx.get_active_memory()), "mlx_peak": int(mx.get_peak_memory())}
+
+
+# --- model
+def lora_module_keys(model, targets: list[str]) -> set[str]:
+    """Paths inside a transformer block (e.g. "self_attn.q_proj") whose last name is a target."""
+    import mlx.nn as nn
+
+    keys = set()
+    for layer in model.layers:
+        for path, module in layer.named_modules():
+            if path.rsplit(".", 1)[-1] in targets and isinstance(module, (nn.Linear, nn.QuantizedLinear)):
+                keys.add(path)
+    missing = sorted(set(targets) - {k.rsplit(".", 1)[-1] for k in keys})
+    if missing:
+        raise StageError(f"adapter.toml key 'lora.targets' {list(targets)}: the base model has no linear layer "
+                         f"named {', '.join(missing)}; name modules the base model has (Llama-style: q_proj "
+                         "k_proj v_proj o_proj gate_proj up_proj down_proj)")
+    return keys
+
+
+def load_model(base_dir: Path, lora: dict[str, Any], quantization: str, hw: Hardware):
+    """The frozen base in the compute dtype (4-bit for QLoRA) with fp32 LoRA layers on every block,
+    and the LoRA'd module paths inside a block."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+    from mlx_lm.utils import load_model as mlx_load_model
+
+    model, _ = mlx_load_model(Path(base_dir))
+    model.set_dtype(mx.bfloat16 if hw.dtype == "bf16" else mx.float32)
+    if quantization == "nf4":
+        # MLX has no nf4; its 4-bit affine quantization (group 64) is the nearest QLoRA base. As with
+        # bitsandbytes, only the blocks' linear layers are quantized (embeddings and head stay as they are)
+        nn.quantize(model, group_size=64, bits=4, class_predicate=lambda path, m: (
+            isinstance(m, nn.Linear) and ".layers." in f".{path}" and m.weight.shape[-1] % 64 == 0))
+    model.freeze()
+    keys = lora_module_keys(model, lora["targets"])
+    linear_to_lora_layers(model, len(model.layers), {
+        "rank": lora["r"], "scale": lora["alpha"] / lora["r"], "dropout": lora["dropout"], "keys": sorted(keys)})
+    return model, sorted(keys)
+
+
+def adapter_weights(model) -> dict[str, Any]:
+    """The trainable LoRA arrays by mlx-lm path (e.g. model.layers.0.self_attn.q_proj.lora_a)."""
+    from mlx.utils import tree_flatten
+
+    return dict(tree_flatten(model.trainable_parameters()))
+
+
+def set_adapter_weights(model, weights: dict[str, Any]) -> None:
+    model.load_weights(list(weights.items()), strict=False)
+
+
+def to_peft(weights: dict[str, Any]) -> dict[str, Any]:
+    """mlx-lm LoRA arrays -> peft state dict (numpy fp32), as PeftModel.save_pretrained names them."""
+    import mlx.core as mx
+    import numpy as np
+
+    out = {}
+    for path, array in weights.items():
+        module, kind = path.rsplit(".", 1)
+        name = {"lora_a": "lora_A", "lora_b": "lora_B"}.get(kind)
+        if name is None:
+            raise ValueError(f"unexpected trainable parameter {path}")
+        out[f"base_model.model.{module}.{name}.weight"] = np.ascontiguousarray(
+            np.array(array.astype(mx.float32)).T)
+    return out
+
+
+def save_peft(out_dir: Path, weights: dict[str, Any], lora: dict[str, Any], base_dir: Path, tokenizer) -> None:
+    """adapter_model.safetensors + adapter_config.json (+ tokenizer, so the chat template travels)."""
+    from peft import LoraConfig
+    from safetensors.numpy import save_file
+
+    save_file(to_peft(weights), str(Path(out_dir) / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                        target_modules=list(lora["targets"]), bias="none", task_type="CAUSAL_LM",
+                        base_model_name_or_path=str(base_dir))
+    config.save_pretrained(str(out_dir))
+    tokenizer.save_pretrained(str(out_dir))
+
+
+def save_mlx(folder: Path, weights: dict[str, Any], lora: dict[str, Any], n_layers: int, keys: list[str]) -> None:
+    """The same adapter in mlx-lm's own format (`mlx_lm.generate --adapter-path <folder>` on a Mac)."""
+    import mlx.core as mx
+
+    folder.mkdir(parents=True, exist_ok=True)
+    mx.save_safetensors(str(folder / "adapters.safetensors"), weights)
+    io.write_json(folder / "adapter_config.json", {
+        "fine_tune_type": "lora", "num_layers": n_layers,
+        "lora_parameters": {"rank": lora["r"], "scale": lora["alpha"] / lora["r"], "dropout": lora["dropout"],
+                            "keys": keys}})
+
+
+# --- loss
+def pad_batch(batch: list[Encoded], pad_id: int):
+    """Right-padded inputs (the last position dropped: it predicts nothing) and the trained positions.
+
+    Returns (inputs (B, W-1), rows, cols, targets): the loss reads the output at [rows, cols]
+    against `targets`. Indices are computed here, on the host, because MLX has no boolean masking.
+    """
+    import mlx.core as mx
+    import numpy as np
+
+    width = max(len(e.input_ids) for e in batch)
+    ids = np.full((len(batch), width), pad_id, dtype=np.int32)
+    labels = np.full((len(batch), width), IGNORE, dtype=np.int64)
+    for row, e in enumerate(batch):
+        ids[row, :len(e.input_ids)] = e.input_ids
+        labels[row, :len(e.labels)] = e.labels
+    shifted = labels[:, 1:]
+    rows, cols = np.nonzero(shifted != IGNORE)
+    return (mx.array(ids[:, :-1]), mx.array(rows.astype(np.int32)), mx.array(cols.astype(np.int32)),
+            mx.array(shifted[rows, cols].astype(np.int32)))
+
+
+def summed_nll(model, inputs, rows, cols, targets):
+    """Summed negative log-likelihood of the trained tokens of one padded batch."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    if getattr(model, "model_type", None) in HEAD_ON_TRAINED_ONLY:
+        hidden = model.model(inputs)[rows, cols]
+        if model.args.tie_word_embeddings:
+            logits = model.model.embed_tokens.as_linear(hidden)
+        else:
+            logits = model.lm_head(hidden)
+    else:
+        logits = model(inputs)[rows, cols]
+    return nn.losses.cross_entropy(logits.astype(mx.float32), targets, reduction="sum")
+
+
+def mean_loss(model, examples: list[Encoded], pad_id: int, batch_size: int = EVAL_BATCH_SIZE) -> float:
+    """Token-weighted mean NLL over `examples`, dropout off; batches sorted by length to pad little."""
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    total, tokens = 0.0, 0
+    for start in range(0, len(order), batch_size):
+        batch = pad_batch([examples[i] for i in order[start:start + batch_size]], pad_id)
+        total += summed_nll(model, *batch).item()
+        tokens += int(batch[3].size)
+    model.train(was_training)
+    return total / max(1, tokens)
+
+
+def loss_and_grad_fn(model):
+    """(model, *pad_batch(...), step_tokens) -> (loss, LoRA gradients) of one micro-batch."""
+    import mlx.nn as nn
+
+    def loss_fn(model, inputs, rows, cols, targets, step_tokens):
+        return summed_nll(model, inputs, rows, cols, targets) / step_tokens
+
+    return nn.value_and_grad(model, loss_fn)
+
+
+def accumulate(model, loss_and_grad, micro: list[list[Encoded]], pad_id: int):
+    """Loss and summed gradients of one optimizer step over its micro-batches.
+
+    Every micro-batch divides by the step's trained-token total, not its own, so the sum is
+    the token-weighted mean of the whole step: accumulating is the same as one big batch.
+    """
+    import mlx.core as mx
+    from mlx.utils import tree_map
+
+    tokens = sum(e.n_trained for batch in micro for e in batch)
+    loss_value, grads = 0.0, None
+    for batch in micro:
+        value, g = loss_and_grad(model, *pad_batch(batch, pad_id), tokens)
+        grads = g if grads is None else tree_map(lambda a, b: a + b, grads, g)
+        mx.eval(value, grads)
+        loss_value += value.item()
+    return loss_value, grads
+
+
+# --- checkpoints: <checkpoints_dir>/mlx/step-00000120/{adapter,best,optimizer}.safetensors + state.json
+# (checkpoint.py's layout, with MLX arrays; no RNG file: dropout keys are seeded by (seed, step))
+def latest_checkpoint(folder: Path, expected: str) -> Path | None:
+    """The newest complete checkpoint of this recipe and data, or None."""
+    from stages.train import checkpoint
+
+    for path in reversed(checkpoint.steps(folder)):
+        if io.read_json(path / "state.json").get("fingerprint") == expected:
+            return path
+    return None
+
+
+def save_checkpoint(folder: Path, step: int, model, optimizer, best: dict[str, Any] | None,
+                    state: dict[str, Any], keep: int) -> Path:
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    from stages.train import checkpoint
+
+    target = folder / f"step-{step:08d}"
+    with io.atomic_dir(target) as tmp:
+        mx.save_safetensors(str(tmp / "adapter.safetensors"), adapter_weights(model))
+        mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
+        if best is not None:
+            mx.save_safetensors(str(tmp / "best.safetensors"), best)
+        io.write_json(tmp / "state.json", state)
+    for old in checkpoint.steps(folder)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in folder.glob(".step-*.tmp"):  # left by a run killed mid-save
+        shutil.rmtree(stale, ignore_errors=True)
+    return target
+
+
+def load_checkpoint(path: Path, model, optimizer) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    import mlx.core as mx
+    from mlx.utils import tree_unflatten
+
+    set_adapter_weights(model, mx.load(str(path / "adapter.safetensors")))
+    optimizer.state = tree_unflatten(list(mx.load(str(path / "optimizer.safetensors")).items()))
+    best = mx.load(str(path / "best.safetensors")) if (path / "best.safetensors").exists() else None
+    return io.read_json(path / "state.json"), best
+
+
+# --- the loop
+def train(*, name: str, base_model: str, lora: dict[str, Any], train_cfg: dict[str, Any], base_dir: Path, tokenizer,
+          train_examples: list[Encoded], val_examples: list[Encoded], dropped: int, hw: Hardware,
+          metrics, out_dir: Path, checkpoint_dir: Path | None = None, log=print) -> dict[str, Any]:
+    """Train a LoRA with MLX; write the best adapter atomically into `out_dir` (peft format, plus
+    mlx-lm's under `out_dir`/mlx); return the summary. Checkpoints live in `checkpoint_dir`/mlx
+    until the adapter is out."""
+    import mlx.core as mx
+    import mlx.optimizers as optim
+
+    from stages.train import checkpoint
+    from stages.train.metrics import Progress
+    from stages.train.packing import BatchStream
+    # one recipe: the torch backend's schedule, cadence and clipping constants
+    from stages.train.torch_backend import MAX_GRAD_NORM, VAL_MAX_EXAMPLES, VAL_TIMES, cosine_lr, total_steps
+
+    quantization = train_cfg["quantization"]
+    seed = train_cfg["seed"]
+    mx.random.seed(seed)  # LoRA initialisation
+    model, lora_keys = load_model(base_dir, lora, quantization, hw)
+    model.train()
+    n_trainable = sum(v.size for v in adapter_weights(model).values())
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    batch_size, accum = train_cfg["batch_size"], train_cfg["grad_accum"]
+    stream = BatchStream(train_examples, batch_size, seed)
+    steps = total_steps(stream.batches_per_epoch, accum, train_cfg["epochs"], train_cfg["max_steps"])
+    warmup = math.ceil(train_cfg["warmup_ratio"] * steps)
+    eval_every = train_cfg.get("eval_every") or max(1, steps // VAL_TIMES)
+    checkpoint_every = train_cfg.get("checkpoint_every") or eval_every
+    patience = train_cfg.get("patience", 0)
+    val_examples = val_examples[:VAL_MAX_EXAMPLES]
+    base_lr = train_cfg["lr"]
+    optimizer = optim.AdamW(learning_rate=cosine_lr(0, steps, warmup, base_lr), betas=[0.9, 0.999], eps=1e-8,
+                            weight_decay=0.0, bias_correction=True)  # as torch.optim.AdamW(weight_decay=0)
+    fingerprint = checkpoint.fingerprint({"backend": "mlx", "dtype": hw.dtype, "base_model": base_model,
+                                          "lora": lora, "train": train_cfg}, train_examples)
+
+    state: dict[str, Any] = {"step": 0, "epoch": 1, "best_val_loss": None, "best_step": None, "bad_evals": 0,
+                             "start_val_loss": None, "end_val_loss": None, "stopped_early": False,
+                             "tokens": 0, "input_tokens": 0, "train_seconds": 0.0}
+    best: dict[str, Any] | None = None
+    folder = Path(checkpoint_dir) / CHECKPOINT_SUBDIR if checkpoint_dir is not None else None
+    resumed_from = latest_checkpoint(folder, fingerprint) if folder and train_cfg.get("resume", True) else None
+    if resumed_from is not None:
+        saved, best = load_checkpoint(resumed_from, model, optimizer)
+        state.update(saved["loop"])
+        stream = BatchStream(train_examples, batch_size, seed, **saved["data"])
+        metrics.resume(state["step"], str(resumed_from))
+        log(f"train:{name}: resuming at step {state['step']}/{steps} from {resumed_from}")
+    else:
+        if folder is not None and folder.exists():
+            log(f"train:{name}: checkpoints in {folder} belong to another recipe or data; starting over")
+            shutil.rmtree(folder, ignore_errors=True)
+        metrics.start(total_steps=steps, n_train=len(train_examples), n_val=len(val_examples), dropped=dropped,
+                      device=hw.device, dtype=hw.dtype, dtype_reason=hw.reason, backend="mlx",
+                      quantization=quantization, trainable_params=n_trainable, packing=False, world_size=1,
+                      eval_every=eval_every, patience=patience)
+    log(f"train:{name}: {len(train_examples)} examples ({dropped} dropped), {steps} steps, MLX "
+        f"{hw.device} {hw.dtype} ({hw.reason}), {quantization}, {n_trainable:,} trainable params, "
+        "length-bucketed batches")
+
+    def validate(step: int) -> None:
+        nonlocal best
+        if not val_examples:
+            return
+        loss = mean_loss(model, val_examples, pad_id)
+        state["end_val_loss"] = loss
+        if state["start_val_loss"] is None:
+            state["start_val_loss"] = loss
+        if state["best_val_loss"] is None or loss < state["best_val_loss"]:
+            state.update(best_val_loss=loss, best_step=step, bad_evals=0)
+            best = adapter_weights(model)  # MLX arrays are immutable: holding them is a snapshot
+        else:
+            state["bad_evals"] += 1
+        metrics.val(step, steps, loss, state["best_val_loss"], state["best_step"])
+        log(f"train:{name}: step {step}/{steps} val_loss {loss:.4f} (best {state['best_val_loss']:.4f} "
+            f"at step {state['best_step']})")
+
+    loss_and_grad = loss_and_grad_fn(model)
+    if resumed_from is None:
+        validate(0)
+    progress = Progress(name, steps, initial=state["step"])
+    timed_seconds, timed_steps = 0.0, 0  # this process's steps: a resumed run's ETA
+    while state["step"] < steps:
+        step = state["step"]
+        lr = cosine_lr(step, steps, warmup, base_lr)
+        optimizer.learning_rate = lr
+        mx.random.seed(seed * 1_000_003 + step)  # dropout masks depend on (seed, step) only: resumable
+        t0 = time.perf_counter()
+        micro = [stream.next()[:2] for _ in range(accum)]
+        epoch = micro[-1][0]
+        tokens = sum(e.n_trained for _, batch in micro for e in batch)
+        input_tokens = sum(len(e.input_ids) for _, batch in micro for e in batch)
+        loss_value, grads = accumulate(model, loss_and_grad, [batch for _, batch in micro], pad_id)
+        grads, grad_norm = optim.clip_grad_norm(grads, MAX_GRAD_NORM)
+        optimizer.update(model, grads)
+        mx.eval(model.trainable_parameters(), optimizer.state, grad_norm)
+        step_seconds = time.perf_counter() - t0
+        timed_seconds, timed_steps = timed_seconds + step_seconds, timed_steps + 1
+        state.update(step=step + 1, epoch=epoch)
+        state["train_seconds"] += step_seconds
+        state["tokens"] += tokens
+        state["input_tokens"] += input_tokens
+        done = step + 1
+        row = metrics.step(done, steps, loss_value, lr, tokens, input_tokens, step_seconds, timed_seconds, epoch,
+                           grad_norm=grad_norm.item(), steps_timed=timed_steps)
+        progress.update(done, loss_value, row["tok_s"], row["eta_s"])
+        if done % eval_every == 0 or done == steps:
+            validate(done)
+            if patience and state["bad_evals"] >= patience and done < steps:
+                state["stopped_early"] = True
+                log(f"train:{name}: early stop at step {done}: {patience} validations without a new best")
+                break
+        if folder is not None and done % checkpoint_every == 0 and done < steps:
+            save_checkpoint(folder, done, model, optimizer, best, keep=train_cfg.get("keep_checkpoints", 2),
+                            state={"fingerprint": fingerprint, "loop": state, "data": stream.position()})
+    progress.close()
+
+    final = best if best is not None else adapter_weights(model)  # the exported adapter is the best one
+    summary = {
+        "adapter": name, "base_model": base_model, "backend": "mlx",
+        "device": hw.device, "dtype": hw.dtype, "dtype_reason": hw.reason,
+        "quantization": quantization, "steps": steps, "steps_done": state["step"], "epochs_seen": state["epoch"],
+        "n_train": len(train_examples), "n_val": len(val_examples), "dropped": dropped,
+        "start_val_loss": state["start_val_loss"], "end_val_loss": state["end_val_loss"],
+        "best_val_loss": state["best_val_loss"], "best_step": state["best_step"],
+        "stopped_early": state["stopped_early"], "resumed_from": str(resumed_from) if resumed_from else None,
+        "packing": False, "world_size": 1,
+        "tokens": state["tokens"], "input_tokens": state["input_tokens"],
+        "train_seconds": round(state["train_seconds"], 3),
+        "tok_s": round(state["tokens"] / state["train_seconds"], 2) if state["train_seconds"] else None,
+        "input_tok_s": round(state["input_tokens"] / state["train_seconds"], 2) if state["train_seconds"] else None,
+        "trainable_params": n_trainable, "memory": memory(), "lora": lora, "train": train_cfg,
+    }
+    with io.atomic_dir(out_dir) as tmp:
+        save_peft(tmp, final, lora, base_dir, tokenizer)
+        save_mlx(tmp / "mlx", final, lora, len(model.layers), lora_keys)
+        io.write_json(tmp / "train_summary.json", summary)
+    metrics.end(state["step"], summary)
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)  # finished: the adapter is out
+    return summary
+
+
+def run(cfg, adapter_name: str) -> dict[str, Any]:
+    """train:<adapter> with `train.backend = "mlx"`: the same inputs and outputs as the torch runner."""
+    from stages import layout
+    from stages.train import base_folder, read_split
+    from stages.train import format as fmt
+    from stages.train.metrics import MetricsStream
+    from stages.train.torch_backend import load_tokenizer
+
+    a = cfg.adapters[adapter_name]
+    where = str(layout.adapter_toml(adapter_name))
+    require(where)
+    base_dir = base_folder(a.base_model, where)
+    train_rows, val_rows = read_split(adapter_name, "train"), read_split(adapter_name, "val")
+    if not train_rows:
+        raise StageError(f"{layout.split_file(adapter_name, 'train')} has no examples; check the adapter's "
+                         f"sources in sources.toml and 'data.tasks' in {where}")
+    tokenizer = load_tokenizer(base_dir)
+    max_length = a.train["max_length"]
+    train_examples, dropped = fmt.encode_rows(tokenizer, train_rows, max_length)
+    val_examples, _ = fmt.encode_rows(tokenizer, val_rows, max_length)
+    if not train_examples:
+        raise StageError(f"{where}: every training example lost its answer to truncation at "
+                         f"'train.max_length' = {max_length}; raise it")
+    print(f"train:{adapter_name}: mask check (trained text in [[ ]]):\n{fmt.describe(tokenizer, train_examples[0])}")
+
+    hw = detect(a.train["dtype"])
+    metrics = MetricsStream(layout.metrics_file(adapter_name), hw.device, layout.tensorboard_dir(adapter_name))
+    summary = train(
+        name=adapter_name, base_model=a.base_model, lora=a.lora, train_cfg={**a.train, "backend": "mlx"},
+        base_dir=base_dir, tokenizer=tokenizer, train_examples=train_examples, val_examples=val_examples,
+        dropped=dropped, hw=hw, metrics=metrics, out_dir=layout.lora_dir(adapter_name),
+        checkpoint_dir=layout.checkpoints_dir(adapter_name))
+    print(f"train:{adapter_name}: val loss {summary['start_val_loss']} -> {summary['end_val_loss']} "
+          f"(best {summary['best_val_loss']} at step {summary['best_step']}, exported), "
+          f"{summary['tok_s']} trained tok/s -> {layout.lora_dir(adapter_name)}")
+    return summary
