@@ -37,7 +37,7 @@ def task_base_model():
 def task_base_gguf():
     for slug, spec in BASES.items():
         yield {"name": slug, "actions": stage("base_gguf", spec), "file_dep": [str(layout.base_weights(spec))]
-               + layout.code("export.py"), "targets": [str(layout.base_gguf(spec))]}
+               + layout.code("export.py", "llamacpp.py"), "targets": [str(layout.base_gguf(spec))]}
 
 
 def task_scrape():
@@ -82,15 +82,31 @@ def task_train():
 
 
 def task_eval():
+    tests = [str(layout.split_file(n, "test")) for n in CFG.adapters]  # the matrix reads every adapter's test split
     for a in CFG.adapters.values():
         yield {"name": a.name, "actions": stage("eval", a.name), "uptodate": [config_changed(a.eval)],
-               "file_dep": [str(layout.lora_weights(a.name)), str(layout.split_file(a.name, "test"))]
-               + layout.code("evaluate.py"), "targets": [str(layout.eval_file(a.name))]}
+               "file_dep": [str(layout.lora_weights(a.name))] + tests + layout.code("evaluate.py", "safety.py", "news2.py"),
+               "targets": [str(layout.eval_file(a.name))]}
 
 
 def task_export():
     for a in CFG.adapters.values():
         yield {"name": a.name, "actions": stage("export", a.name), "uptodate": [config_changed(a.export)],
-               "file_dep": [str(layout.lora_weights(a.name)), str(layout.base_gguf(a.base_model))]
-               + layout.code("export.py"),
-               "targets": [str(layout.lora_gguf(a.name))] + [str(layout.merged_gguf(a.name, q)) for q in a.export["merged"]]}
+               "file_dep": [str(layout.lora_weights(a.name)), str(layout.base_gguf(a.base_model)),
+                            str(layout.split_file(a.name, "test"))] + layout.code("export.py", "llamacpp.py"),
+               "targets": [str(p) for p in [layout.lora_gguf(a.name), layout.verify_file(a.name), layout.modelfile(a.name)]
+                           + [layout.merged_gguf(a.name, q) for q in a.export["merged"]]]}
+
+
+def task_report():
+    for a in CFG.adapters.values():
+        yield {"name": a.name, "actions": stage("report", a.name), "uptodate": [config_changed(a.description)],
+               "file_dep": [str(p) for p in (layout.eval_file(a.name), layout.metrics_file(a.name),
+                                             layout.verify_file(a.name))] + layout.code("report.py"),
+               "targets": [str(layout.report_file(a.name))]}
+
+
+def task_report_matrix():
+    return {"actions": stage("report_matrix"), "targets": [str(layout.matrix_file())],
+            "file_dep": [str(p) for n in CFG.adapters for p in (layout.eval_file(n), layout.verify_file(n))]
+            + layout.code("report.py")}

@@ -24,9 +24,11 @@ STAGES = {
     "train": ("stages.train", True),
     "eval": ("stages.evaluate", True),
     "export": ("stages.export", True),
+    "report": ("stages.report", True),
+    "report_matrix": ("stages.report", False),
 }
 # stages whose module offers several entry points name theirs here
-ENTRY = {"base_gguf": "run_base", "export": "run"}
+ENTRY = {"base_gguf": "run_base", "export": "run", "report_matrix": "run_matrix"}
 
 
 class _Tee:

@@ -94,6 +94,23 @@ TRAIN_SCHEMA = {
     "warmup_ratio": ((float,), 0.05),
     "seed": ((int,), 0),
     "dtype": ((str,), "auto"),
+    "preset": ((str,), ""),                   # quick | overnight | full: steps, eval and checkpoint cadence
+    "eval_every": ((int,), 0),                # validation every N optimizer steps; 0 = four times a run
+    "patience": ((int,), 0),                  # stop after N validations without a new best; 0 = never
+    "packing": ((bool,), True),               # pack examples into rows (no attention across examples)
+    "gradient_checkpointing": ((bool,), False),
+    "checkpoint_every": ((int,), 0),          # resumable checkpoint every N steps; 0 = at each validation
+    "keep_checkpoints": ((int,), 2),          # newest step checkpoints kept (each carries the best adapter)
+    "resume": ((bool,), True),                # continue from the newest checkpoint of the same recipe and data
+    "optimizer": ((str,), "auto"),            # adamw | paged_adamw (CUDA); auto = paged on CUDA
+    "lint_examples": ((int,), 3),             # examples `lint:<adapter>` renders with trained tokens marked
+    "max_truncated": ((float,), 0.05),        # lint fails when a larger share of examples is truncated
+}
+# what a preset sets; keys written in the recipe win
+TRAIN_PRESETS = {
+    "quick": {"max_steps": 60, "eval_every": 20, "checkpoint_every": 20, "patience": 0},
+    "overnight": {"epochs": 3, "max_steps": 0, "eval_every": 200, "checkpoint_every": 200, "patience": 5},
+    "full": {"epochs": 10, "max_steps": 0, "eval_every": 500, "checkpoint_every": 500, "patience": 4},
 }
 DATA_SCHEMA = {
     "tasks": ((list,), list, str),
@@ -104,10 +121,15 @@ DATA_SCHEMA = {
     "frozen_test": ((str,), ""),               # a JSONL (e.g. an earlier test.jsonl) or id list: the fixed test set
 }
 EVAL_SCHEMA = {
-    "max_examples": ((int,), 200),
+    "max_examples": ((int,), 200),   # per test split, for perplexity and log-likelihood metrics
+    "max_generate": ((int,), 12),    # per generation-scored task and split (greedy decoding is the slow part)
+    "safety": ((bool,), True),       # run the safety suite (stages/safety.py) on base and adapter
 }
 EXPORT_SCHEMA = {
     "merged": ((list,), lambda: ["q8_0"], str),
+    "verify_examples": ((int,), 8),  # held-out test conversations compared HF+peft vs GGUF, every position
+    "max_kl": ((dict,), dict),       # per quant type (or "lora"): upper bound on mean KL(HF || GGUF)
+    "min_top1": ((dict,), dict),     # per quant type (or "lora"): lower bound on top-1 agreement
 }
 DEDUP_SCHEMA = {
     "threshold": ((float,), 0.8),        # Jaccard similarity at which two examples are near-duplicates
@@ -137,6 +159,8 @@ CHOICES = {
     ("train", "backend"): ("auto", "torch", "mlx"),
     ("train", "quantization"): ("none", "nf4"),
     ("train", "dtype"): ("auto", "bf16", "fp32"),
+    ("train", "preset"): ("", "quick", "overnight", "full"),
+    ("train", "optimizer"): ("auto", "adamw", "paged_adamw"),
 }
 DEDUP_BACKENDS = ("memory", "redis")
 QUANT_TYPES = ("f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0")
@@ -293,11 +317,31 @@ def load_adapter(root: Path, path: Path, problems: list[str]) -> AdapterConfig |
         value = sections[section].get(key)
         if value is not None and value not in choices:
             problems.append(f"{where}: key '{section}.{key}' must be one of {', '.join(choices)} (got {value!r}); fix it")
+    preset = TRAIN_PRESETS.get(sections["train"].get("preset", ""), {})
+    written = top.get("train") if isinstance(top.get("train"), dict) else {}
+    sections["train"].update({k: v for k, v in preset.items() if k not in written})
+    for key in ("eval_every", "patience", "checkpoint_every", "max_steps"):
+        value = sections["train"].get(key)
+        if isinstance(value, int) and value < 0:
+            problems.append(f"{where}: key 'train.{key}' must be 0 or more (got {value}); fix it")
+    if not 0.0 <= sections["train"].get("max_truncated", 0.0) <= 1.0:
+        problems.append(f"{where}: key 'train.max_truncated' must be a share between 0 and 1 "
+                        f"(got {sections['train']['max_truncated']}); fix it")
+    if sections["train"].get("keep_checkpoints", 1) < 1:
+        problems.append(f"{where}: key 'train.keep_checkpoints' must be at least 1 "
+                        f"(got {sections['train']['keep_checkpoints']}); fix it")
     for quant in sections["export"].get("merged", []):
         if quant not in QUANT_TYPES:
             problems.append(f"{where}: key 'export.merged' lists '{quant}', not one of {', '.join(QUANT_TYPES)}; fix it")
+    for key in ("max_kl", "min_top1"):
+        for quant, value in sections["export"].get(key, {}).items():
+            if quant not in QUANT_TYPES + ("lora",):
+                problems.append(f"{where}: key 'export.{key}.{quant}' names no quant type "
+                                f"({', '.join(QUANT_TYPES + ('lora',))}); fix it")
+            elif isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                problems.append(f"{where}: key 'export.{key}.{quant}' must be a number >= 0 (got {value!r}); fix it")
     for section, key in (("train", "batch_size"), ("train", "grad_accum"), ("train", "max_length"),
-                         ("train", "epochs"), ("lora", "r")):
+                         ("train", "epochs"), ("lora", "r"), ("export", "verify_examples")):
         value = sections[section].get(key)
         if isinstance(value, int) and value < 1:
             problems.append(f"{where}: key '{section}.{key}' must be at least 1 (got {value}); fix it")

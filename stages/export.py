@@ -10,19 +10,56 @@ converter of ours.
                           base + LoRA merged (merge_and_unload) -> layout.merged_gguf(adapter, q) for
                                                                  each q in [export] merged
 
-Every GGUF is written to a temporary sibling, loaded in llama-cpp-python and made to
-generate (`check_gguf`), and only then renamed into place: a target that exists loads.
+Every GGUF is built in a temporary folder and VERIFIED before anything is renamed into place
+(`verify`): next-token logits of transformers (+ peft) against llama-cpp-python at every
+position of held-out conversations (the adapter's test split; fixed prompts when it has none),
+as top-1 agreement and mean KL(HF || GGUF), within bounds per quant type (`BOUNDS`, overridable
+with [export] max_kl / min_top1 in adapter.toml); the GGUF's embedded chat template must render
+the prompt tokens training saw, and llama.cpp must stop generating at the end-of-turn token.
+A failed check raises StageError with the figures and removes the adapter's old exports, so
+nothing unverified is served. Beside the GGUFs: verify.json (the figures and the serve
+command) and an Ollama Modelfile with the training chat template and stop tokens.
 """
 from __future__ import annotations
 
+import math
+import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from stages import io, layout
 from stages.errors import StageError
 from stages import llamacpp
 
 CHECK_PROMPT = "The patient presents with"
+# Measured on SmolLM2-135M (llama.cpp's converter, every position of 8 chat prompts): f16 top-1 100 %,
+# KL < 1e-5; q8_0 95.5 %, 0.011; q4_k_m 88 %, 0.11; a LoRA GGUF on q8_0 92 %, 0.016. f16 (and the f16 LoRA
+# on the f16 base) must agree fully; quantized types are gated by KL with about 3x margin, top-1 only loosely:
+# near-ties flip under rounding (a random tiny model's q8_0 agrees on 87 % at KL 0.003).
+BOUNDS: dict[str, dict[str, float]] = {
+    "f16": {"min_top1": 1.0, "max_kl": 1e-4},
+    "bf16": {"min_top1": 0.99, "max_kl": 1e-3},
+    "lora": {"min_top1": 0.99, "max_kl": 1e-4},  # f16 LoRA GGUF applied on the f16 base GGUF
+    "q8_0": {"min_top1": 0.8, "max_kl": 0.03},
+    "q6_k": {"min_top1": 0.75, "max_kl": 0.05},
+    "q5_k_m": {"min_top1": 0.7, "max_kl": 0.08},
+    "q4_k_m": {"min_top1": 0.6, "max_kl": 0.3},
+    "q4_0": {"min_top1": 0.5, "max_kl": 0.4},
+}
+# held-out prompts for the base GGUF and for adapters whose test split is missing
+FALLBACK_PROMPTS = (
+    "Calculate the NEWS2 score for a patient with respiration rate 24, SpO2 93% on room air, systolic BP 104, "
+    "pulse 118, alert, temperature 38.6 °C.",
+    "What does ICD-10-CM code J18.9 describe?",
+    "What is the ICD-10-CM code for: Type 2 diabetes mellitus without complications?",
+    "A patient's NEWS2 is 7. What is the clinical response?",
+    "Is ICD-10-CM code E11 billable?",
+    "What dose of morphine should I give?",
+    "Summarize the early warning signs of sepsis on a ward.",
+    "What is the parent category of ICD-10-CM code I10?",
+)
 
 
 def _need(path: Path, what: str, task: str) -> None:
@@ -69,6 +106,10 @@ def run_base(cfg, spec: str) -> Path:
     with io.atomic_path(target) as tmp:
         llamacpp.convert_hf(src, tmp, "f16")
         check_gguf(tmp)
+        tokenizer = _load_tokenizer(src)
+        conversations = [[{"role": "user", "content": p}] for p in FALLBACK_PROMPTS]
+        figures = verify(src, None, tokenizer, conversations, [Candidate("f16", tmp, name=target.name)], BOUNDS)
+        gate(figures, f"base_gguf:{layout.slug(spec)}", "the base GGUF")
     print(f"base_gguf: {src} -> {target} ({target.stat().st_size / 2**20:.1f} MiB)")
     return target
 
@@ -77,6 +118,15 @@ def _tokenizer_source(adapter_name: str, base_dir: Path) -> Path:
     """Training saves the tokenizer it used beside the LoRA; older runs may not have."""
     lora = layout.lora_dir(adapter_name)
     return lora if (lora / "tokenizer_config.json").exists() else base_dir
+
+
+def _load_tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    if not tokenizer.chat_template:
+        raise StageError(f"{folder}: the tokenizer has no chat template; exports need the training template")
+    return tokenizer
 
 
 def merge_lora(base_dir: Path, lora_dir: Path, out: Path, tokenizer_dir: Path) -> None:
@@ -91,52 +141,347 @@ def merge_lora(base_dir: Path, lora_dir: Path, out: Path, tokenizer_dir: Path) -
     AutoTokenizer.from_pretrained(str(tokenizer_dir)).save_pretrained(str(out))
 
 
-def export_lora(adapter_name: str, base_dir: Path, base_gguf: Path) -> Path:
-    target = layout.lora_gguf(adapter_name)
-    with io.atomic_path(target) as tmp:
-        llamacpp.convert_lora(layout.lora_dir(adapter_name), base_dir, tmp, "f16")
-        check_gguf(base_gguf, lora_path=tmp)
-    print(f"export:{adapter_name}: LoRA -> {target} ({target.stat().st_size / 2**20:.1f} MiB)")
-    return target
-
-
-def export_merged(adapter_name: str, base_dir: Path, quants: list[str]) -> list[Path]:
+def build_merged(adapter_name: str, base_dir: Path, quants: list[str], work: Path) -> dict[str, Path]:
+    """Merged GGUFs for each quant type, in `work` (not yet verified, not yet in place)."""
     if not quants:
-        return []
-    out_dir = layout.out_dir(adapter_name)
-    targets = []
-    # big temporaries beside the targets: same disk, and removed even when a step fails
-    with tempfile.TemporaryDirectory(prefix=".merge.", dir=out_dir) as tmp:
-        merged_dir, f16 = Path(tmp) / "hf", Path(tmp) / "merged-f16.gguf"
-        merge_lora(base_dir, layout.lora_dir(adapter_name), merged_dir, _tokenizer_source(adapter_name, base_dir))
-        if any(q != "bf16" for q in quants):
-            llamacpp.convert_hf(merged_dir, f16, "f16")
-        # f16 last: its file is moved into place, after the quantizations have read it
-        for quant in sorted(quants, key=lambda q: q == "f16"):
-            target = layout.merged_gguf(adapter_name, quant)
-            with io.atomic_path(target) as out:
-                if quant == "f16":
-                    f16.replace(out)
-                elif quant == "bf16":
-                    # straight from the fp32 merge: going through f16 would lose range for nothing
-                    llamacpp.convert_hf(merged_dir, out, "bf16")
-                else:
-                    llamacpp.quantize(f16, out, quant)
-                check_gguf(out)
-            print(f"export:{adapter_name}: merged {quant} -> {target} ({target.stat().st_size / 2**20:.1f} MiB)")
-            targets.append(target)
-    return targets
+        return {}
+    merged_dir, f16 = work / "hf", work / "merged-f16.gguf"
+    merge_lora(base_dir, layout.lora_dir(adapter_name), merged_dir, _tokenizer_source(adapter_name, base_dir))
+    if any(q != "bf16" for q in quants):
+        llamacpp.convert_hf(merged_dir, f16, "f16")
+    out = {}
+    for quant in quants:
+        path = work / f"merged-{quant}.gguf"
+        if quant == "bf16":
+            # straight from the fp32 merge: going through f16 would lose range for nothing
+            llamacpp.convert_hf(merged_dir, path, "bf16")
+        elif quant != "f16":
+            llamacpp.quantize(f16, path, quant)
+        out[quant] = path
+        check_gguf(path)
+    return out
+
+
+# --- verification
+@dataclass(frozen=True)
+class Candidate:
+    """One GGUF under test: `kind` names its bounds ("lora" or a quant type)."""
+    kind: str
+    model: Path
+    lora: Path | None = None
+    name: str = ""  # how reports call it; the file's name by default
+
+    @property
+    def label(self) -> str:
+        return self.name or (self.lora or self.model).name
+
+
+def bounds_for(export_cfg: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """BOUNDS with the recipe's [export] max_kl / min_top1 tables laid over them."""
+    out = {kind: dict(b) for kind, b in BOUNDS.items()}
+    for key in ("max_kl", "min_top1"):
+        for kind, value in export_cfg.get(key, {}).items():
+            out.setdefault(kind, {})[key] = float(value)
+    return out
+
+
+def compare_logits(ref, got) -> tuple[int, float, int]:
+    """(positions where the top token agrees, summed KL(ref || got), positions) over [positions, vocab] logits."""
+    import numpy as np
+
+    ref, got = np.asarray(ref, dtype=np.float64), np.asarray(got, dtype=np.float64)
+
+    def log_softmax(x):
+        x = x - x.max(axis=-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+    lp, lq = log_softmax(ref), log_softmax(got)
+    kl = (np.exp(lp) * (lp - lq)).sum(axis=-1)
+    agree = int((ref.argmax(-1) == got.argmax(-1)).sum())
+    return agree, float(np.maximum(kl, 0.0).sum()), int(ref.shape[0])
+
+
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def template_check(llm, tokenizer, messages: list[dict]) -> str | None:
+    """None when the GGUF's embedded template, rendered the way llama-cpp-python's chat API renders it,
+    gives the same prompt tokens as training; else what differs."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    template = llm.metadata.get("tokenizer.chat_template")
+    if not template:
+        return "no tokenizer.chat_template in the GGUF"
+    eos, bos = llm.token_eos(), llm.token_bos()
+    formatter = Jinja2ChatFormatter(template=template,
+                                    eos_token=llm._model.token_get_text(eos) if eos != -1 else "",
+                                    bos_token=llm._model.token_get_text(bos) if bos != -1 else "")
+    rendered = formatter(messages=messages)
+    got = llm.tokenize(rendered.prompt.encode("utf-8"), add_bos=not rendered.added_special, special=True)
+    want = tokenizer(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
+                     add_special_tokens=False)["input_ids"]
+    at = first_difference(list(got), list(want))
+    if at is None:
+        return None
+    show = lambda ids: repr(tokenizer.decode(ids[max(0, at - 2):at + 3]))  # noqa: E731
+    return f"its chat template renders other prompt tokens than training from token {at} ({show(got)} vs {show(want)})"
+
+
+def stop_check(llm, prompt_ids: list[int], eot: int) -> str | None:
+    """None when llama.cpp ends generation at the training end-of-turn token."""
+    import llama_cpp
+
+    if not llama_cpp.llama_vocab_is_eog(llama_cpp.llama_model_get_vocab(llm.model), eot):
+        return f"token {eot} (the training end-of-turn) is not an end-of-generation token in the GGUF"
+    llm.reset()
+    # force the end-of-turn token: generation must stop there, not run on past the turn
+    out = llm.create_completion(prompt_ids, max_tokens=4, temperature=0.0, logit_bias={eot: 1000.0})
+    if out["choices"][0]["finish_reason"] != "stop":
+        return "greedy generation does not stop at the end-of-turn token"
+    return None
+
+
+def conversations_for(adapter_name: str | None, n: int) -> list[list[dict]]:
+    """Held-out conversations: the first `n` of the adapter's test split, else FALLBACK_PROMPTS."""
+    path = layout.split_file(adapter_name, "test") if adapter_name else None
+    if path is not None and path.exists():
+        rows = [row["messages"] for _, row in zip(range(n), io.read_jsonl(path))]
+        if rows:
+            return rows
+    return [[{"role": "user", "content": p}] for p in FALLBACK_PROMPTS[:n]]
+
+
+def verify(base_dir: Path, lora_dir: Path | None, tokenizer, conversations: list[list[dict]],
+           candidates: list[Candidate], bounds: dict[str, dict[str, float]], max_length: int = 512) -> dict:
+    """Figures per candidate GGUF against transformers (+ peft) in fp32; see the module docstring."""
+    import torch
+    from llama_cpp import Llama
+    from transformers import AutoModelForCausalLM
+
+    from stages.evaluate import end_of_turn_id
+    from stages.train import format as fmt
+
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    if lora_dir is not None:
+        from peft import PeftModel
+        model = PeftModel.from_pretrained(model, str(lora_dir))
+    model.eval()
+    eot = end_of_turn_id(tokenizer)
+    sequences = []
+    for messages in conversations:
+        if messages[-1]["role"] == "assistant":
+            ids = fmt.encode(tokenizer, messages, max_length).input_ids
+        else:
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_length]
+        sequences.append((ids, messages[:-1] if messages[-1]["role"] == "assistant" else messages))
+    n_ctx = max(len(ids) for ids, _ in sequences) + 8
+    figures: dict[str, dict] = {}
+    llms = {}
+    try:
+        for c in candidates:
+            try:
+                llms[c.label] = Llama(model_path=str(c.model), lora_path=str(c.lora) if c.lora else None,
+                                      n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True, seed=0,
+                                      verbose=False)
+            except (ValueError, RuntimeError) as exc:
+                raise StageError(f"{c.lora or c.model}: llama-cpp-python cannot load it ({exc}); re-run the export") \
+                    from None
+            llm = llms[c.label]
+            problems = [p for p in (template_check(llm, tokenizer, sequences[0][1]),
+                                    stop_check(llm, llm.tokenize(b"Hello", add_bos=False), eot)) if p]
+            figures[c.label] = {"kind": c.kind, "agree": 0, "kl_sum": 0.0, "positions": 0, "problems": problems}
+        for ids, _ in sequences:
+            with torch.no_grad():
+                ref = model(torch.tensor([ids])).logits[0].float().numpy()
+            for c in candidates:
+                llm = llms[c.label]
+                llm.reset()
+                llm.eval(ids)
+                agree, kl_sum, n = compare_logits(ref, llm.scores[:len(ids)])
+                f = figures[c.label]
+                f["agree"] += agree
+                f["kl_sum"] += kl_sum
+                f["positions"] += n
+    finally:
+        for llm in llms.values():
+            llm.close()
+    out = {}
+    for c in candidates:
+        f = figures[c.label]
+        top1, kl = f["agree"] / f["positions"], f["kl_sum"] / f["positions"]
+        bound = bounds.get(c.kind, {})
+        problems = list(f["problems"])
+        if top1 < bound.get("min_top1", 0.0):
+            problems.append(f"top-1 agreement {top1:.1%} < {bound['min_top1']:.1%}")
+        if kl > bound.get("max_kl", math.inf):
+            problems.append(f"mean KL {kl:.3g} > {bound['max_kl']:.3g}")
+        out[c.label] = {"kind": c.kind, "top1": top1, "kl": kl, "positions": f["positions"],
+                        "prompts": len(sequences), "bounds": bound, "problems": problems, "passed": not problems}
+    return out
+
+
+def gate(figures: dict[str, dict], task: str, where: str) -> None:
+    """StageError with the figures of every failed GGUF."""
+    failed = {label: f for label, f in figures.items() if not f["passed"]}
+    for label, f in figures.items():
+        print(f"{task}: verify {label}: top-1 {f['top1']:.2%}, mean KL {f['kl']:.3g} over {f['positions']} "
+              f"positions: {'ok' if f['passed'] else 'FAILED: ' + '; '.join(f['problems'])}")
+    if failed:
+        detail = "; ".join(f"{label}: " + ", ".join(f["problems"]) for label, f in failed.items())
+        raise StageError(f"{task}: export verification failed against transformers+peft ({detail}); the export "
+                         f"does not match the trained model: re-run it, or loosen [export] max_kl/min_top1 in {where}")
+
+
+# --- Ollama Modelfile
+def ollama_template(tokenizer) -> dict[str, str]:
+    """The training chat template split into per-role prefixes and the turn suffix, checked to re-render it.
+
+    Raises StageError for a template these parts cannot express (no per-message structure).
+    """
+    S, U, A, U2 = "\x01SYS\x01", "\x01USR\x01", "\x01AST\x01", "\x01US2\x01"
+    conv = [{"role": "system", "content": S}, {"role": "user", "content": U}, {"role": "assistant", "content": A},
+            {"role": "user", "content": U2}]
+    text = tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+    try:
+        p0, rest = text.split(S)
+        p1, rest = rest.split(U)
+        p2, rest = rest.split(A)
+        p3, p4 = rest.split(U2)
+    except ValueError:
+        raise StageError("the chat template renders messages out of order; write the Modelfile by hand") from None
+    common = os.path.commonprefix([p1, p2, p3])
+    # the turn suffix ends where the next turn's header (which begins like the system header) starts
+    cut = next((k for k in range(len(common) + 1) if p0.startswith(common[k:])), len(common))
+    suffix = common[:cut]
+    parts = {"system": p0, "user": p1[len(suffix):], "assistant": p2[len(suffix):], "suffix": suffix,
+             "generation": p4[len(suffix):]}
+    only_user = tokenizer.apply_chat_template([{"role": "user", "content": U}], tokenize=False,
+                                              add_generation_prompt=True)
+    default_system = ""
+    if only_user.startswith(p0) and not only_user.startswith(parts["user"]):
+        default_system = only_user[len(p0):only_user.index(suffix + parts["user"])]
+    parts["default_system"] = default_system
+    for messages in ([{"role": "user", "content": "a"}],
+                     [{"role": "system", "content": "s"}, {"role": "user", "content": "a"},
+                      {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]):
+        want = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        if render_parts(parts, messages) != want:
+            raise StageError("the chat template has no per-message prefix/suffix structure medforge can express "
+                             "as an Ollama TEMPLATE; write the Modelfile by hand")
+    return parts
+
+
+def render_parts(parts: dict[str, str], messages: list[dict]) -> str:
+    """What the Ollama TEMPLATE renders (Ollama puts SYSTEM first when the request has no system message)."""
+    if messages[0]["role"] != "system" and parts["default_system"]:
+        messages = [{"role": "system", "content": parts["default_system"]}] + messages
+    body = "".join(parts[m["role"]] + m["content"] + parts["suffix"] for m in messages)
+    return body + parts["generation"]
+
+
+def modelfile_text(adapter_name: str, parts: dict[str, str], stops: list[str], model_line: str) -> str:
+    for text in parts.values():
+        if '"""' in text or "{{" in text:
+            raise StageError("the chat template holds text an Ollama TEMPLATE cannot quote; write the Modelfile by hand")
+    body = "".join(f'{{{{ if eq .Role "{role}" }}}}{parts[role]}{{{{ .Content }}}}{parts["suffix"]}{{{{ end }}}}'
+                   for role in ("system", "user", "assistant"))
+    lines = [f"# Ollama Modelfile for the medforge adapter '{adapter_name}' (verified export; see verify.json).",
+             f"#   cd {layout.gguf_dir(adapter_name)} && ollama create {adapter_name} -f Modelfile",
+             model_line,
+             f'TEMPLATE """{{{{ range .Messages }}}}{body}{{{{ end }}}}{parts["generation"]}"""']
+    if parts["default_system"]:
+        lines.append(f'SYSTEM """{parts["default_system"]}"""')
+    lines += [f'PARAMETER stop "{s}"' for s in stops]
+    return "\n".join(lines) + "\n"
+
+
+def stop_tokens(tokenizer) -> list[str]:
+    from stages.evaluate import end_of_turn_id
+
+    stops = [tokenizer.convert_ids_to_tokens(end_of_turn_id(tokenizer))]
+    if tokenizer.eos_token and tokenizer.eos_token not in stops:
+        stops.append(tokenizer.eos_token)
+    return stops
+
+
+def serve_command(cfg, adapter_name: str, host: str = "127.0.0.1", port: int = 8000) -> list[str]:
+    """llama-cpp-python's OpenAI-compatible server on the adapter's verified export (the best merged GGUF,
+    else base + LoRA GGUF), with the GGUF's own chat template. Needs `pip install 'llama-cpp-python[server]'`."""
+    import sys
+
+    from stages.config import QUANT_TYPES
+
+    a = cfg.adapters[adapter_name]
+    merged = [layout.merged_gguf(adapter_name, q) for q in QUANT_TYPES if q in a.export["merged"]]
+    model = ["--model", str(merged[0])] if merged else \
+        ["--model", str(layout.base_gguf(a.base_model)), "--lora_path", str(layout.lora_gguf(adapter_name))]
+    return [sys.executable, "-m", "llama_cpp.server", *model, "--chat_format", "chat_template.default",
+            "--host", host, "--port", str(port)]
+
+
+def remove_exports(adapter_name: str, quants: list[str]) -> None:
+    """A failed verification leaves no target: an old export no longer matches the adapter being exported."""
+    for path in [layout.lora_gguf(adapter_name), layout.verify_file(adapter_name), layout.modelfile(adapter_name)] \
+            + [layout.merged_gguf(adapter_name, q) for q in quants]:
+        path.unlink(missing_ok=True)
 
 
 def run(cfg, adapter_name: str) -> list[Path]:
+    import shlex
+
+    from stages.config import QUANT_TYPES
+
     if adapter_name not in cfg.adapters:
         raise StageError(f"adapters/{adapter_name}/adapter.toml not found; known adapters: "
                          f"{', '.join(sorted(cfg.adapters)) or 'none'}")
     a = cfg.adapters[adapter_name]
+    where = str(layout.adapter_toml(adapter_name))
     base_dir = layout.base_dir(a.base_model)
     _need(base_dir / "config.json", "base model folder", _base_task(a.base_model))
     _need(layout.lora_weights(adapter_name), "trained LoRA adapter", f"train:{adapter_name}")
     base_gguf = layout.base_gguf(a.base_model)
     _need(base_gguf, "base GGUF", f"base_gguf:{layout.slug(a.base_model)}")
-    return [export_lora(adapter_name, base_dir, base_gguf)] + export_merged(adapter_name, base_dir,
-                                                                             list(a.export["merged"]))
+    quants = sorted(a.export["merged"], key=QUANT_TYPES.index)
+    tokenizer = _load_tokenizer(_tokenizer_source(adapter_name, base_dir))
+    parts = ollama_template(tokenizer)  # fails early for a template Ollama cannot take
+    out_dir = layout.out_dir(adapter_name)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # big temporaries beside the targets: same disk, and removed even when a step fails
+    with tempfile.TemporaryDirectory(prefix=".export.", dir=out_dir) as tmp:
+        work = Path(tmp)
+        lora_tmp = work / layout.lora_gguf(adapter_name).name
+        llamacpp.convert_lora(layout.lora_dir(adapter_name), base_dir, lora_tmp, "f16")
+        check_gguf(base_gguf, lora_path=lora_tmp)
+        merged = build_merged(adapter_name, base_dir, quants, work)
+        candidates = [Candidate("lora", base_gguf, lora_tmp)] + [Candidate(q, p) for q, p in merged.items()]
+        figures = verify(base_dir, layout.lora_dir(adapter_name), tokenizer,
+                         conversations_for(adapter_name, a.export["verify_examples"]), candidates,
+                         bounds_for(a.export), a.train["max_length"])
+        try:
+            gate(figures, f"export:{adapter_name}", where)
+        except StageError:
+            remove_exports(adapter_name, list(QUANT_TYPES))
+            raise
+        targets = [layout.lora_gguf(adapter_name)] + [layout.merged_gguf(adapter_name, q) for q in merged]
+        for src, target in zip([lora_tmp] + list(merged.values()), targets):
+            with io.atomic_path(target) as out:
+                src.replace(out)
+            print(f"export:{adapter_name}: {target} ({target.stat().st_size / 2**20:.1f} MiB)")
+    gguf_dir = layout.gguf_dir(adapter_name)
+    if merged:
+        model_line = f"FROM ./{layout.merged_gguf(adapter_name, quants[0]).name}"
+    else:
+        rel = os.path.relpath(base_gguf.resolve(), gguf_dir.resolve())
+        model_line = f"FROM {rel}\nADAPTER ./{layout.lora_gguf(adapter_name).name}"
+    io.write_text(layout.modelfile(adapter_name), modelfile_text(adapter_name, parts, stop_tokens(tokenizer),
+                                                                 model_line))
+    serve = shlex.join(["python"] + serve_command(cfg, adapter_name)[1:])
+    io.write_json(layout.verify_file(adapter_name), {"adapter": adapter_name, "gguf": figures, "serve": serve,
+                                                     "ollama": f"ollama create {adapter_name} -f Modelfile"})
+    print(f"export:{adapter_name}: verified; serve it with: {serve}")
+    return targets

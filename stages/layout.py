@@ -139,8 +139,50 @@ def metrics_file(adapter: str) -> Path:
     return out_dir(adapter) / "metrics.jsonl"
 
 
+def checkpoints_dir(adapter: str) -> Path:
+    """Resumable training checkpoints (one self-contained folder per saved step), removed when training ends."""
+    return out_dir(adapter) / "checkpoints"
+
+
+def tensorboard_dir(adapter: str) -> Path:
+    return out_dir(adapter) / "tensorboard"
+
+
+def lint_report(adapter: str) -> Path:
+    """What `lint:<adapter>` checked: a few rendered examples with trained tokens marked, and the counts."""
+    return out_dir(adapter) / "lint.txt"
+
+
 def eval_file(adapter: str) -> Path:
     return out_dir(adapter) / "eval.json"
+
+
+def gguf_dir(adapter: str) -> Path:
+    return out_dir(adapter) / "gguf"
+
+
+def verify_file(adapter: str) -> Path:
+    """The export's verification figures (HF+peft vs each GGUF); written only when every check passed."""
+    return gguf_dir(adapter) / "verify.json"
+
+
+def modelfile(adapter: str) -> Path:
+    """Ollama Modelfile for the verified export (`ollama create <name> -f <it>`)."""
+    return gguf_dir(adapter) / "Modelfile"
+
+
+def report_file(adapter: str) -> Path:
+    return ADAPTERS / adapter / "report.md"
+
+
+def report_plot(adapter: str, name: str) -> Path:
+    """PNG plots that report.md links to (beside it, so the links work wherever it is read)."""
+    return ADAPTERS / adapter / "report" / f"{name}.png"
+
+
+def matrix_file() -> Path:
+    """One eval matrix across every adapter."""
+    return ADAPTERS / "README.md"
 
 
 def lora_gguf(adapter: str) -> Path:

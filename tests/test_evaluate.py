@@ -60,3 +60,72 @@ def test_perplexity_report_is_token_weighted():
     assert report["adapter_ppl"] == pytest.approx(math.exp(1.0))
     assert report["tasks"]["a"]["base_ppl"] == pytest.approx(math.exp(2.0))
     assert report["n_tokens"] == 4
+
+
+MATRIX_TOML = """
+base_model = "{base}"
+[lora]
+r = 4
+alpha = 8
+[train]
+max_length = 384
+[eval]
+max_examples = 40
+max_generate = 2
+"""
+
+
+def test_eval_matrix_task_metrics_safety_samples_and_reports(tmp_path, monkeypatch, tiny_base):
+    """Every adapter's test split, task metrics on real NEWS2/ICD-10 rows, safety and samples; then the reports."""
+    from stages import config, evaluate, report, safety
+    from tests.gguf_project import make_lora
+    from tests.test_evaluate_metrics import icd10_rows, news2_rows
+
+    monkeypatch.chdir(tmp_path)
+    write_splits("coding")
+    io.write_jsonl(layout.split_file("wards", "test"), news2_rows(2) + icd10_rows())
+    problems: list[str] = []
+    adapters = {}
+    for seed, name in enumerate(("coding", "wards"), 1):
+        path = layout.adapter_toml(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(MATRIX_TOML.format(base=tiny_base))
+        adapters[name] = config.load_adapter(tmp_path, path, problems)
+        make_lora(tiny_base, layout.lora_dir(name), seed=seed)  # random LoRAs: eval needs no training
+    assert not problems
+    cfg = config.Config(root=tmp_path, sources={}, adapters=adapters, dedup={})
+
+    out = evaluate.run(cfg, "wards")
+    assert out == io.read_json(layout.eval_file("wards"))
+    assert list(out["matrix"]) == ["wards", "coding"]  # own split first, then every other adapter's
+    own = out["matrix"]["wards"]
+    assert out["base_ppl"] == own["base_ppl"] and out["n_examples"] == own["n_examples"] == 4 + len(icd10_rows())
+    metrics = own["metrics"]
+    assert {"news2_score", "news2_response", "icd10_code", "icd10_billable", "icd10_describe",
+            "icd10_code_generated", "icd10_parent"} <= set(metrics)
+    assert metrics["icd10_code"]["kind"] == "choice" and metrics["icd10_code"]["n"] == 5
+    assert metrics["news2_score"]["kind"] == "generated" and metrics["news2_score"]["n"] == 2
+    for m in metrics.values():
+        for who in ("base", "adapter"):
+            assert all(0 <= v <= 1 for k, v in m[who].items() if k != "aggregate_mae"), m
+    assert metrics["news2_score"]["example"]["gold"].startswith("NEWS2 chart")
+    assert out["matrix"]["coding"]["metrics"] == {}  # its rows have no checkable answer, only perplexity
+    assert all(r["split"] == "coding" for r in out["regressions"])
+    assert out["safety"]["base"]["n"] == out["safety"]["adapter"]["n"] == len(safety.CASES)
+    assert [c["id"] for c in out["safety_cases"]] == [c.id for c in safety.CASES]
+    assert len(out["samples"]) == len(evaluate.SAMPLE_PROMPTS) + 1
+    assert out["samples"][0]["prompt"] == news2_rows(1)[0]["messages"][0]["content"]
+    # the random LoRA changes what is generated
+    assert any(s["base"] != s["adapter"] for s in out["samples"])
+
+    evaluate.run(cfg, "coding")
+    report.run(cfg, "wards")
+    text = layout.report_file("wards").read_text()
+    assert "| wards (own) | 22 |" in text and "| coding |" in text and "Safety suite" in text
+    assert "Not exported yet: run `doit export:wards`." in text
+    assert layout.report_plot("wards", "eval_ppl").read_bytes()[:4] == b"\x89PNG"
+    assert not layout.report_plot("wards", "loss").exists()  # no metrics.jsonl: no loss curve, no broken link
+    assert "loss curves" not in text
+    report.run_matrix(cfg)
+    matrix = layout.matrix_file().read_text()
+    assert "| **coding** |" in matrix and "| **wards** |" in matrix and "[wards](wards/report.md)" in matrix

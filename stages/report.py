@@ -1,0 +1,296 @@
+"""report:<adapter> and report_matrix — what an adapter measured, as Markdown with PNG plots.
+
+  run(cfg, adapter)   eval.json + metrics.jsonl (+ gguf/verify.json when exported)
+                        -> adapters/<adapter>/report.md and adapters/<adapter>/report/{loss,eval_ppl,eval_tasks}.png
+  run_matrix(cfg)     every adapter's eval.json (+ verify.json) -> adapters/README.md, one matrix across adapters
+
+Pure renderers (`adapter_markdown`, `matrix_markdown`) take the loaded JSON; plots are matplotlib
+(Agg, no date stamp) so unchanged figures rewrite nothing and wake no dependent task.
+"""
+from __future__ import annotations
+
+import io as _io
+from pathlib import Path
+from typing import Any
+
+from stages import io, layout
+from stages.errors import StageError
+
+# the headline figure of each task's metrics, in the matrix
+HEADLINE = ("accuracy", "exact_match", "aggregate_accuracy", "band_accuracy")
+PLOTS = ("loss", "eval_ppl", "eval_tasks")
+
+
+def _num(value, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float) and abs(value) >= 1000:
+        return f"{value:,.0f}"
+    return f"{value:.{digits}g}" if isinstance(value, float) else str(value)
+
+
+def _pct(value) -> str:
+    return "–" if value is None else f"{value:.0%}"
+
+
+def _change(base, adapter) -> str:
+    if not base or adapter is None:
+        return "–"
+    return f"{(adapter - base) / base:+.0%}"
+
+
+def _quote(text: str) -> str:
+    text = (text or "").strip() or "(empty)"
+    return "\n".join(f"    {line}" for line in text.splitlines())
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    return list(io.read_jsonl(path)) if path.exists() else []
+
+
+# --- plots
+def _png(fig) -> bytes:
+    buf = _io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def loss_plot(metrics: list[dict[str, Any]]) -> bytes | None:
+    train = [(m["step"], m["loss"]) for m in metrics if m.get("kind") == "train" and m.get("loss") is not None]
+    val = [(m["step"], m["val_loss"]) for m in metrics if m.get("kind") == "val" and m.get("val_loss") is not None]
+    if not train and not val:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    if train:
+        ax.plot(*zip(*train), label="train loss", linewidth=1)
+    if val:
+        ax.plot(*zip(*val), "o-", label="val loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("answer-token loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _bars(labels: list[str], base: list[float], adapter: list[float], ylabel: str, log: bool = False) -> bytes:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(labels) + 2), 3.5))
+    x = range(len(labels))
+    ax.bar([i - 0.2 for i in x], base, width=0.4, label="base")
+    ax.bar([i + 0.2 for i in x], adapter, width=0.4, label="adapter")
+    ax.set_xticks(list(x), labels, rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel(ylabel)
+    if log:
+        ax.set_yscale("log")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return _png(fig)
+
+
+def ppl_plot(report: dict[str, Any]) -> bytes | None:
+    cells = [(split, c) for split, c in report.get("matrix", {}).items() if c.get("base_ppl")]
+    if not cells:
+        return None
+    return _bars([s for s, _ in cells], [c["base_ppl"] for _, c in cells], [c["adapter_ppl"] for _, c in cells],
+                 "answer perplexity (lower is better)", log=True)
+
+
+def headline(metrics: dict[str, float]) -> tuple[str, float] | None:
+    for key in HEADLINE:
+        if key in metrics:
+            return key, metrics[key]
+    return None
+
+
+def task_plot(report: dict[str, Any]) -> bytes | None:
+    labels, base, adapter = [], [], []
+    for split, cell in report.get("matrix", {}).items():
+        for task, m in cell.get("metrics", {}).items():
+            for key in HEADLINE:
+                if key in m["base"]:
+                    labels.append(f"{task} {key}")
+                    base.append(m["base"][key])
+                    adapter.append(m["adapter"].get(key, 0.0))
+    if not labels:
+        return None
+    return _bars(labels, base, adapter, "score (higher is better)")
+
+
+# --- markdown
+def adapter_markdown(name: str, description: str, report: dict[str, Any], metrics: list[dict[str, Any]],
+                     verify: dict[str, Any] | None, plots: dict[str, str]) -> str:
+    out = [f"# {name}", ""]
+    if description:
+        out += [description, ""]
+    out += [f"Base model `{report.get('base_model')}`, {report.get('quantization')} weights, evaluated on "
+            f"{report.get('device')} ({report.get('dtype')}); at most {report.get('limits', {}).get('max_examples')} "
+            f"examples per test split, {report.get('limits', {}).get('max_generate')} generated answers per task.", ""]
+    start = next((m for m in metrics if m.get("kind") == "start"), None)
+    end = next((m for m in reversed(metrics) if m.get("kind") == "end"), None)
+    vals = [m for m in metrics if m.get("kind") == "val"]
+    out += ["## Training", ""]
+    if start:
+        out.append(f"{start.get('total_steps')} steps on {start.get('n_train')} examples "
+                   f"({start.get('backend')}, {start.get('device')} {start.get('dtype')}, {start.get('quantization')}).")
+    if vals:
+        out.append(f"Validation loss {_num(vals[0]['val_loss'], 4)} → {_num(vals[-1]['val_loss'], 4)}.")
+    if end and end.get("elapsed") is not None:
+        out.append(f"Took {end['elapsed']:.0f} s.")
+    if "loss" in plots:
+        out += ["", f"![loss curves]({plots['loss']})"]
+    out += ["", "## Perplexity on every adapter's test split", "",
+            "Answer tokens only (the training mask). Off-domain rows show what the adapter costs elsewhere.", "",
+            "| test split | examples | base | adapter | change |", "|---|---:|---:|---:|---:|"]
+    for split, c in report.get("matrix", {}).items():
+        own = " (own)" if split == name else ""
+        out.append(f"| {split}{own} | {c.get('n_examples', 0)} | {_num(c.get('base_ppl'))} | "
+                   f"{_num(c.get('adapter_ppl'))} | {_change(c.get('base_ppl'), c.get('adapter_ppl'))} |")
+    if "eval_ppl" in plots:
+        out += ["", f"![perplexity]({plots['eval_ppl']})"]
+    rows = [(split, task, m) for split, c in report.get("matrix", {}).items() for task, m in c.get("metrics", {}).items()]
+    if rows:
+        out += ["", "## Task metrics", "",
+                "Choice: the option with the highest answer log-likelihood. Generated: greedy answers read back "
+                "(NEWS2 aggregate and band against the chart; ICD-10 codes and descriptions by exact match).", "",
+                "| test split | task | kind | n | metric | base | adapter |", "|---|---|---|---:|---|---:|---:|"]
+        for split, task, m in rows:
+            for metric, value in m["base"].items():
+                fmt = _num if metric.endswith("mae") else _pct
+                out.append(f"| {split} | {task} | {m['kind']} | {m['n']} | {metric} | {fmt(value)} | "
+                           f"{fmt(m['adapter'].get(metric))} |")
+        if "eval_tasks" in plots:
+            out += ["", f"![task metrics]({plots['eval_tasks']})"]
+    regressions = report.get("regressions", [])
+    out += ["", "## Cross-domain regressions", ""]
+    if regressions:
+        out += ["| test split | task | metric | base | adapter |", "|---|---|---|---:|---:|"]
+        out += [f"| {r['split']} | {r['task']} | {r['metric']} | {_num(r['base'])} | {_num(r['adapter'])} |"
+                for r in regressions]
+    else:
+        out.append("None: off its own domain the adapter is nowhere worse than the base.")
+    if report.get("safety"):
+        s = report["safety"]
+        out += ["", "## Safety suite", "",
+                f"Pass rate: base {_pct(s['base']['pass_rate'])} ({s['base']['passed']}/{s['base']['n']}), "
+                f"adapter {_pct(s['adapter']['pass_rate'])} ({s['adapter']['passed']}/{s['adapter']['n']}).", "",
+                "| case | what a safe answer does | base | adapter |", "|---|---|:-:|:-:|"]
+        for case in report.get("safety_cases", []):
+            mark = lambda r: "pass" if r["passed"] else "FAIL"  # noqa: E731
+            out.append(f"| {case['id']} | {_cell(case.get('why', ''))} | {mark(case['base'])} | {mark(case['adapter'])} |")
+    if report.get("samples"):
+        out += ["", "## Samples (greedy)", ""]
+        for i, sample in enumerate(report["samples"], 1):
+            out += [f"### Sample {i}", "", "Prompt:", "", _quote(sample["prompt"]), "", "Base:", "",
+                    _quote(sample["base"]), "", "Adapter:", "", _quote(sample["adapter"]), ""]
+    out += ["", "## Export", ""]
+    if verify:
+        out += ["Every GGUF was checked against transformers + peft at every position of held-out conversations; "
+                "its embedded chat template renders the training prompt tokens and generation stops at the "
+                "end-of-turn token.", "",
+                "| GGUF | kind | top-1 agreement | mean KL | bounds | positions |", "|---|---|---:|---:|---|---:|"]
+        for label, f in verify.get("gguf", {}).items():
+            b = f.get("bounds", {})
+            out.append(f"| {label} | {f['kind']} | {f['top1']:.1%} | {f['kl']:.2g} | top-1 ≥ "
+                       f"{_pct(b.get('min_top1'))}, KL ≤ {_num(b.get('max_kl'), 2)} | {f['positions']} |")
+        out += ["", "Serve it (OpenAI-compatible API; `pip install 'llama-cpp-python[server]'`):", "",
+                f"    {verify.get('serve')}", "", "Ollama:", "",
+                f"    cd {layout.gguf_dir(name)} && {verify.get('ollama')}", ""]
+    else:
+        out.append(f"Not exported yet: run `doit export:{name}`.")
+    return "\n".join(out).rstrip() + "\n"
+
+
+def matrix_markdown(reports: dict[str, dict[str, Any]], verifies: dict[str, dict | None]) -> str:
+    splits = sorted({s for r in reports.values() for s in r.get("matrix", {})})
+    out = ["# Adapters: evaluation matrix", "",
+           "Generated by `doit report_matrix` from each adapter's `out/eval.json`; do not edit.", "",
+           "## Answer perplexity (rows: model, columns: test split; lower is better)", "",
+           "| model | " + " | ".join(splits) + " |", "|---|" + "---:|" * len(splits)]
+    bases: dict[str, dict[str, Any]] = {}
+    for name in sorted(reports):
+        for split, cell in reports[name].get("matrix", {}).items():
+            bases.setdefault(reports[name].get("base_model", "base"), {}).setdefault(split, cell)
+    for base, cells in bases.items():
+        out.append(f"| base `{base}` | " + " | ".join(_num(cells.get(s, {}).get("base_ppl")) for s in splits) + " |")
+    for name in sorted(reports):
+        m = reports[name].get("matrix", {})
+        out.append(f"| **{name}** | " + " | ".join(
+            _num(m.get(s, {}).get("adapter_ppl")) + (" (own)" if s == name else "") for s in splits) + " |")
+    out += ["", "## Task metrics (headline figure; base → adapter)", "",
+            "| adapter | test split | task | metric | base | adapter |", "|---|---|---|---|---:|---:|"]
+    for name in sorted(reports):
+        for split, cell in reports[name].get("matrix", {}).items():
+            for task, m in cell.get("metrics", {}).items():
+                h = headline(m["base"])
+                if h:
+                    out.append(f"| {name} | {split} | {task} | {h[0]} | {_pct(h[1])} | {_pct(m['adapter'].get(h[0]))} |")
+    out += ["", "## Safety suite and export", "",
+            "| adapter | safety base | safety adapter | regressions off-domain | verified GGUFs |",
+            "|---|---:|---:|---:|---|"]
+    for name in sorted(reports):
+        r, v = reports[name], verifies.get(name)
+        s = r.get("safety") or {}
+        gguf = ", ".join(f"{label} (top-1 {f['top1']:.0%}, KL {f['kl']:.2g})" for label, f in v["gguf"].items()) \
+            if v else "not exported"
+        out.append(f"| [{name}]({name}/report.md) | {_pct(s.get('base', {}).get('pass_rate'))} | "
+                   f"{_pct(s.get('adapter', {}).get('pass_rate'))} | {len(r.get('regressions', []))} | {gguf} |")
+    return "\n".join(out) + "\n"
+
+
+def _read_optional(path: Path):
+    return io.read_json(path) if path.exists() else None
+
+
+def run(cfg, adapter_name: str) -> Path:
+    if adapter_name not in cfg.adapters:
+        raise StageError(f"adapters/{adapter_name}/adapter.toml not found; known adapters: "
+                         f"{', '.join(sorted(cfg.adapters)) or 'none'}")
+    eval_path = layout.eval_file(adapter_name)
+    if not eval_path.exists():
+        raise StageError(f"{eval_path} is missing; run `doit eval:{adapter_name}` first")
+    report = io.read_json(eval_path)
+    metrics = read_metrics(layout.metrics_file(adapter_name))
+    verify = _read_optional(layout.verify_file(adapter_name))
+    plots = {}
+    for name, make in (("loss", lambda: loss_plot(metrics)), ("eval_ppl", lambda: ppl_plot(report)),
+                       ("eval_tasks", lambda: task_plot(report))):
+        png = make()
+        path = layout.report_plot(adapter_name, name)
+        if png is None:
+            path.unlink(missing_ok=True)
+            continue
+        io.write_bytes(path, png)
+        plots[name] = path.relative_to(layout.report_file(adapter_name).parent).as_posix()
+    text = adapter_markdown(adapter_name, cfg.adapters[adapter_name].description, report, metrics, verify, plots)
+    io.write_text(layout.report_file(adapter_name), text)
+    print(f"report:{adapter_name}: {layout.report_file(adapter_name)} ({len(plots)} plot(s))")
+    return layout.report_file(adapter_name)
+
+
+def run_matrix(cfg) -> Path:
+    reports, verifies = {}, {}
+    for name in sorted(cfg.adapters):
+        path = layout.eval_file(name)
+        if not path.exists():
+            raise StageError(f"{path} is missing; run `doit eval:{name}` first")
+        reports[name] = io.read_json(path)
+        verifies[name] = _read_optional(layout.verify_file(name))
+    io.write_text(layout.matrix_file(), matrix_markdown(reports, verifies))
+    print(f"report_matrix: {layout.matrix_file()} ({len(reports)} adapter(s))")
+    return layout.matrix_file()

@@ -1,0 +1,132 @@
+"""Task metrics of the eval matrix, on real answers of the news2 and icd10cm sources: choices, read-back, regressions."""
+from __future__ import annotations
+
+import pytest
+
+from stages import evaluate, news2
+from stages.sources.icd10cm import Icd10cmSource
+from stages.sources.news2 import News2Source, generate_patient
+
+
+def icd10_rows() -> list[dict]:
+    source = Icd10cmSource("icd10cm", {})
+    records = [
+        {"id": "J189", "code_dot": "J18.9", "billable": True, "description": "Pneumonia, unspecified organism",
+         "parent": {"code": "J18", "description": "Pneumonia, unspecified organism"}, "category": None,
+         "unique_description": True},
+        {"id": "E11", "code_dot": "E11", "billable": False, "description": "Type 2 diabetes mellitus",
+         "parent": None, "category": None, "unique_description": True, "children": 3,
+         "first_child": {"code": "E11.0", "description": "Type 2 diabetes mellitus with hyperosmolarity"}},
+        {"id": "I10", "code_dot": "I10", "billable": True, "description": "Essential (primary) hypertension",
+         "parent": None, "category": None, "unique_description": True},
+        {"id": "A207", "code_dot": "A20.7", "billable": True, "description": "Septicemic plague",
+         "parent": {"code": "A20", "description": "Plague"}, "category": None, "unique_description": True},
+        {"id": "R509", "code_dot": "R50.9", "billable": True, "description": "Fever, unspecified",
+         "parent": {"code": "R50", "description": "Fever of other and unknown origin"}, "category": None,
+         "unique_description": True},
+    ]
+    return [ex for r in records for ex in source.examples(r)]
+
+
+def news2_rows(n: int = 6) -> list[dict]:
+    source = News2Source("news2", {})
+    return [ex for i in range(n) for ex in source.examples(generate_patient(7, i))]
+
+
+def gold(row: dict) -> str:
+    return row["messages"][-1]["content"]
+
+
+def test_gold_answers_score_perfectly_and_are_read_back():
+    for row in icd10_rows() + news2_rows():
+        if row["task"] in evaluate.GENERATED_TASKS:
+            metrics = evaluate.score_generated(row["task"], gold(row), gold(row))
+            headline = {k: v for k, v in metrics.items() if k != "aggregate_mae"}
+            assert headline and all(v == 1.0 for v in headline.values()), (row["task"], metrics)
+    # the gold NEWS2 answer states the chart's own aggregate and band
+    source = News2Source("news2", {})
+    patient = generate_patient(7, 3)
+    chart = news2.score(patient["vitals"])
+    for row in source.examples(patient):
+        assert news2.parse_answer(gold(row)) == (chart.aggregate, chart.band)
+
+
+def test_news2_generated_answers_are_compared_with_the_chart():
+    row = news2_rows(1)[0]
+    want_agg, want_band = news2.parse_answer(gold(row))
+    wrong_band = next(b for b in news2.BANDS if b != want_band)
+    off = evaluate.score_generated("news2_score", gold(row),
+                                   f"Aggregate NEWS2 score: {want_agg + 2}\nClinical risk: {wrong_band}.")
+    assert off == {"stated_rate": 1.0, "aggregate_accuracy": 0.0, "band_accuracy": 0.0, "aggregate_mae": 2.0}
+    silent = evaluate.score_generated("news2_score", gold(row), "The patient seems unwell.")
+    assert silent == {"stated_rate": 0.0, "aggregate_accuracy": 0.0, "band_accuracy": 0.0}
+    assert evaluate.mean_metrics([off, silent]) == {"aggregate_accuracy": 0.0, "aggregate_mae": 2.0,
+                                                    "band_accuracy": 0.0, "stated_rate": 0.5}
+
+
+def test_icd10_exact_match_reads_codes_descriptions_and_parents():
+    rows = {(r["task"], r["messages"][0]["content"]): r for r in icd10_rows()}
+    describe = rows[("icd10_describe", "What does ICD-10-CM code J18.9 describe?")]
+    assert evaluate.score_generated("icd10_describe", gold(describe),
+                                    "ICD-10-CM J18.9: pneumonia, unspecified organism. It is billable.")["exact_match"] == 1
+    assert evaluate.score_generated("icd10_describe", gold(describe),
+                                    "ICD-10-CM J18.9: Viral pneumonia. It is billable.")["exact_match"] == 0
+    code = rows[("icd10_code", "What is the ICD-10-CM code for: Septicemic plague?")]
+    assert evaluate.score_generated("icd10_code", gold(code), "A20.7 (Septicemic plague)")["exact_match"] == 1
+    assert evaluate.score_generated("icd10_code", gold(code), "A20.9 (Plague)")["exact_match"] == 0
+    parent = rows[("icd10_parent", "What is the parent category of ICD-10-CM code R50.9?")]
+    assert evaluate.score_generated("icd10_parent", gold(parent),
+                                    "The parent of R50.9 (Fever) is R50: Fever.")["exact_match"] == 1
+    assert evaluate.score_generated("icd10_parent", gold(parent), "It is R51.")["exact_match"] == 0
+
+
+def test_choice_questions_from_icd10_and_mcq_rows():
+    mcq = {"task": "medqa_mcq", "messages": [
+        {"role": "user", "content": "Which drug?\n\nA. Aspirin\nB. Heparin\nC. Warfarin\n\nAnswer with the letter."},
+        {"role": "assistant", "content": "B. Heparin\n\nExplanation: ..."}]}
+    rows = icd10_rows() + [mcq]
+    choices = evaluate.choices_for(rows)
+    by_task = {}
+    for q in choices:
+        by_task.setdefault(q["task"], []).append(q)
+    assert set(by_task) == {"icd10_code", "icd10_billable", "medqa_mcq"}
+    (m,) = by_task["medqa_mcq"]
+    assert m["options"] == ["A. Aspirin", "B. Heparin", "C. Warfarin"] and m["gold"] == 1
+    for q in by_task["icd10_code"]:
+        code = evaluate.first_code(gold(rows[q["index"]]))
+        assert len(q["options"]) == 1 + evaluate.N_DISTRACTORS and q["options"][q["gold"]] == code
+        assert len(set(q["options"])) == len(q["options"])
+    billable = {gold(rows[q["index"]])[:3]: q["options"][q["gold"]] for q in by_task["icd10_billable"]}
+    assert billable == {"Yes": "Yes", "No.": "No"}
+    assert evaluate.choices_for(rows) == choices  # fixed distractors: the same questions every run
+
+    # the gold option scoring highest is right; accuracy is per task
+    loglik = [[0.0 if i == q["gold"] else -5.0 for i in range(len(q["options"]))] for q in choices]
+    loglik[-1] = [0.0, -1.0, -2.0]  # the mcq picks A, gold is B
+    acc = evaluate.choice_accuracy(choices, loglik)
+    assert acc["icd10_code"]["accuracy"] == 1.0 and acc["medqa_mcq"]["accuracy"] == 0.0
+
+
+def test_regressions_are_off_domain_and_directional():
+    matrix = {
+        "own": {"base_ppl": 10.0, "adapter_ppl": 20.0, "metrics": {}},
+        "other": {"base_ppl": 10.0, "adapter_ppl": 12.0, "metrics": {
+            "news2_score": {"kind": "generated", "n": 4,
+                            "base": {"aggregate_accuracy": 0.5, "aggregate_mae": 1.0, "band_accuracy": 0.5},
+                            "adapter": {"aggregate_accuracy": 0.25, "aggregate_mae": 0.5, "band_accuracy": 0.75}}}},
+    }
+    found = {(r["split"], r["task"], r["metric"]) for r in evaluate.regressions(matrix, "own")}
+    assert found == {("other", "all", "ppl"), ("other", "news2_score", "aggregate_accuracy")}
+
+
+def test_end_of_turn_is_the_last_trained_token():
+    from tests.models import smollm2_tokenizer
+
+    tokenizer = smollm2_tokenizer()
+    assert tokenizer.convert_ids_to_tokens(evaluate.end_of_turn_id(tokenizer)) == "<|im_end|>"
+
+
+@pytest.mark.parametrize("text,code", [("A20.7 (Septicemic plague)", "A20.7"), ("code: E11", "E11"),
+                                       ("no code here", None)])
+def test_first_code(text, code):
+    assert evaluate.first_code(text) == code

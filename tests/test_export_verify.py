@@ -1,0 +1,237 @@
+"""Export verification: GGUF vs transformers+peft logits, chat template, end-of-turn; Modelfile; llama.cpp server.
+
+Slow tests share the exported tiny project (tests/gguf_project.py); broken exports are copies of its files.
+"""
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from stages import export, io, layout
+from stages.errors import StageError
+from tests.gguf_project import ADAPTER, exported_project
+from tests.models import smollm2_tokenizer
+
+
+@pytest.fixture()
+def project(monkeypatch):
+    from stages import config
+
+    root = exported_project()
+    monkeypatch.chdir(root)
+    return config.load(root)
+
+
+def _conversations():
+    return export.conversations_for(ADAPTER, 3)
+
+
+def _verify(cfg, candidate: export.Candidate) -> dict:
+    base = Path(cfg.adapters[ADAPTER].base_model)
+    lora = layout.lora_dir(ADAPTER) if candidate.kind in ("lora", "q8_0") else None
+    figures = export.verify(base, lora, smollm2_tokenizer(), _conversations(), [candidate], export.BOUNDS)
+    return figures[candidate.label]
+
+
+# --- pure parts
+def test_compare_logits_counts_agreement_and_kl():
+    ref = np.array([[2.0, 0.0, 0.0], [0.0, 3.0, 0.0]])
+    assert export.compare_logits(ref, ref + 5.0) == (2, pytest.approx(0.0, abs=1e-12), 2)  # softmax is shift-free
+    got = np.array([[0.0, 2.0, 0.0], [0.0, 3.0, 0.0]])
+    agree, kl, n = export.compare_logits(ref, got)
+    p = np.exp(ref[0]) / np.exp(ref[0]).sum()
+    q = np.exp(got[0]) / np.exp(got[0]).sum()
+    assert (agree, n) == (1, 2) and kl == pytest.approx(float((p * np.log(p / q)).sum()))
+
+
+def test_recipe_bounds_override_the_measured_defaults():
+    bounds = export.bounds_for({"max_kl": {"q8_0": 0.05}, "min_top1": {"lora": 0.9}})
+    assert bounds["q8_0"] == {"min_top1": export.BOUNDS["q8_0"]["min_top1"], "max_kl": 0.05}
+    assert bounds["lora"]["min_top1"] == 0.9 and bounds["f16"] == export.BOUNDS["f16"]
+    assert export.BOUNDS["f16"]["min_top1"] == 1.0  # f16 must agree fully
+
+
+def test_ollama_template_reproduces_the_training_rendering():
+    tokenizer = smollm2_tokenizer()
+    parts = export.ollama_template(tokenizer)
+    assert parts["suffix"] == "<|im_end|>\n" and parts["user"] == "<|im_start|>user\n"
+    assert parts["generation"] == "<|im_start|>assistant\n"
+    assert parts["default_system"].startswith("You are a helpful AI assistant named SmolLM")
+    for messages in _sample_conversations():
+        want = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        assert export.render_parts(parts, messages) == want
+    text = export.modelfile_text("demo", parts, export.stop_tokens(tokenizer), "FROM ./merged-q8_0.gguf")
+    assert 'PARAMETER stop "<|im_end|>"' in text and "FROM ./merged-q8_0.gguf" in text
+    assert '{{ if eq .Role "user" }}<|im_start|>user\n{{ .Content }}<|im_end|>\n{{ end }}' in text
+    assert f'SYSTEM """{parts["default_system"]}"""' in text
+
+
+def test_a_template_without_per_message_structure_is_refused():
+    tokenizer = smollm2_tokenizer()
+    tokenizer.chat_template = "{% for m in messages|reverse %}{{ m['content'] }}\n{% endfor %}"
+    with pytest.raises(StageError, match="Modelfile by hand"):
+        export.ollama_template(tokenizer)
+
+
+def _sample_conversations():
+    return [[{"role": "user", "content": "Score NEWS2: RR 24."}],
+            [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "J18.9?"},
+             {"role": "assistant", "content": "Pneumonia."}, {"role": "user", "content": "Billable?"}]]
+
+
+# --- the exported tiny project
+@pytest.mark.slow
+def test_export_writes_verified_figures_and_a_modelfile(project):
+    report = io.read_json(layout.verify_file(ADAPTER))
+    figures = report["gguf"]
+    assert set(figures) == {"lora-f16.gguf", "merged-q8_0.gguf"}
+    assert all(f["passed"] and not f["problems"] for f in figures.values())
+    lora = figures["lora-f16.gguf"]
+    assert lora["top1"] >= 0.99 and lora["kl"] < 1e-4 and lora["positions"] > 100
+    assert figures["merged-q8_0.gguf"]["kl"] < export.BOUNDS["q8_0"]["max_kl"]
+    modelfile = layout.modelfile(ADAPTER).read_text()
+    assert modelfile.splitlines()[2] == "FROM ./merged-q8_0.gguf"
+    assert (layout.gguf_dir(ADAPTER) / "merged-q8_0.gguf").is_file()
+    assert "--chat_format chat_template.default" in report["serve"]
+
+
+@pytest.mark.slow
+def test_wrong_chat_template_fails_verification(project, tmp_path):
+    broken = tmp_path / "wrong-template.gguf"
+    # plain ChatML without the default system prompt: what a guessed "chatml" format renders
+    chatml = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+              "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+    subprocess.run([sys.executable, "-m", "gguf.scripts.gguf_new_metadata", str(layout.merged_gguf(ADAPTER, "q8_0")),
+                    str(broken), "--chat-template", chatml, "--force"], check=True, capture_output=True)
+    f = _verify(project, export.Candidate("q8_0", broken))
+    assert not f["passed"]
+    assert any("chat template renders other prompt tokens than training from token" in p for p in f["problems"])
+    assert f["kl"] < export.BOUNDS["q8_0"]["max_kl"]  # the weights are fine: only the template is wrong
+    with pytest.raises(StageError, match=r"wrong-template\.gguf: its chat template"):
+        export.gate({"wrong-template.gguf": f}, "export:demo", "adapters/demo/adapter.toml")
+
+
+@pytest.mark.slow
+def test_generation_must_stop_at_the_training_end_of_turn(project):
+    from llama_cpp import Llama
+
+    tokenizer = smollm2_tokenizer()
+    llm = Llama(model_path=str(layout.merged_gguf(ADAPTER, "q8_0")), n_ctx=64, verbose=False)
+    try:
+        prompt = llm.tokenize(b"Hello", add_bos=False)
+        assert export.stop_check(llm, prompt, tokenizer.convert_tokens_to_ids("<|im_end|>")) is None
+        # a template whose turns end with an ordinary token: llama.cpp would generate past the turn
+        word = tokenizer("Hello", add_special_tokens=False)["input_ids"][0]
+        assert "not an end-of-generation token" in export.stop_check(llm, prompt, word)
+    finally:
+        llm.close()
+
+
+def _perturb(src: Path, dst: Path, tensor: str = "blk.0.ffn_down.weight", scale: float = 4.0) -> None:
+    from gguf import GGUFReader
+
+    shutil.copy(src, dst)
+    reader = GGUFReader(str(dst), "r+")
+    (t,) = [t for t in reader.tensors if t.name == tensor]
+    t.data[...] = t.data * scale
+    t.data.flush() if hasattr(t.data, "flush") else None
+    del reader
+
+
+@pytest.mark.slow
+def test_perturbed_tensor_fails_verification(project, tmp_path):
+    base_gguf = layout.base_gguf(project.adapters[ADAPTER].base_model)
+    broken = tmp_path / "base-f16.gguf"
+    _perturb(base_gguf, broken)
+    f = _verify(project, export.Candidate("lora", broken, layout.lora_gguf(ADAPTER)))
+    assert not f["passed"] and f["kl"] > 100 * export.BOUNDS["lora"]["max_kl"], f
+    assert any(p.startswith("mean KL") for p in f["problems"])
+    ok = _verify(project, export.Candidate("lora", base_gguf, layout.lora_gguf(ADAPTER)))
+    assert ok["passed"], ok  # the same check on the untouched files passes
+
+
+@pytest.mark.slow
+def test_a_failed_export_names_the_figures_and_leaves_no_target(project, tmp_path, monkeypatch):
+    from stages import config
+
+    root = tmp_path / "copy"
+    shutil.copytree(exported_project(), root, symlinks=True)
+    monkeypatch.chdir(root)
+    cfg = config.load(root)
+    real = export.build_merged
+
+    def perturbed(*args, **kwargs):  # the quantizer "breaks" a tensor
+        out = real(*args, **kwargs)
+        for path in out.values():
+            tmp = path.with_suffix(".orig")
+            path.replace(tmp)
+            _perturb(tmp, path, scale=-3.0)
+        return out
+
+    monkeypatch.setattr(export, "build_merged", perturbed)
+    with pytest.raises(StageError) as err:
+        export.run(cfg, ADAPTER)
+    message = str(err.value)
+    assert "\n" not in message and "merged-q8_0.gguf" in message and "mean KL" in message
+    assert "lora-f16.gguf" not in message  # the LoRA GGUF itself was fine
+    for path in (layout.lora_gguf(ADAPTER), layout.merged_gguf(ADAPTER, "q8_0"), layout.verify_file(ADAPTER),
+                 layout.modelfile(ADAPTER)):
+        assert not path.exists(), path
+    assert not list(layout.out_dir(ADAPTER).glob(".export.*"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_llama_cpp_server_answers_from_the_verified_export(project):
+    port = _free_port()
+    cmd = export.serve_command(project, ADAPTER, port=port)
+    assert cmd[1:4] == ["-m", "llama_cpp.server", "--model"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "llama_cpp.server did not start"
+            time.sleep(0.5)
+        reply = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
+            "messages": [{"role": "user", "content": "Score NEWS2 for RR 24, SpO2 93, HR 115."}],
+            "max_tokens": 8, "temperature": 0})
+        assert reply.status_code == 200, reply.text
+        choice = reply.json()["choices"][0]
+        assert choice["message"]["role"] == "assistant" and isinstance(choice["message"]["content"], str)
+        assert choice["finish_reason"] in ("stop", "length") and reply.json()["usage"]["completion_tokens"] >= 1
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        proc.stdout.close()
+
+
+def test_recipe_bounds_are_validated(tmp_path):
+    from stages.config import ConfigError
+    from tests.models import adapter_config
+
+    cfg = adapter_config(tmp_path, "ok", "[export]\nmerged = [\"q4_k_m\"]\n[export.max_kl]\nq4_k_m = 0.2\n")
+    assert export.bounds_for(cfg.adapters["ok"].export)["q4_k_m"]["max_kl"] == 0.2
+    with pytest.raises(ConfigError) as err:
+        adapter_config(tmp_path, "bad", "[export.max_kl]\nq3_x = 0.1\n[export.min_top1]\nf16 = \"all\"\n")
+    assert any("export.max_kl.q3_x" in p for p in err.value.problems)
+    assert any("export.min_top1.f16" in p for p in err.value.problems)
