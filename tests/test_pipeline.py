@@ -13,8 +13,12 @@ import pytest
 from tests.models import make_tiny_model
 from tests.pipeline_project import Project
 
-ALL_ADAPTER_TASKS = {f"{stage}:{a}" for stage in ("split", "train", "eval", "export")
-                     for a in ("clinical_coding", "clinical_decision")}
+ADAPTERS = ("clinical_coding", "clinical_decision")
+ALL_ADAPTER_TASKS = {f"{stage}:{a}" for stage in ("split", "train", "eval", "export", "report") for a in ADAPTERS}
+
+
+def adapter_tasks(executed: set[str], adapter: str) -> set[str]:
+    return {t for t in executed if t.endswith(f":{adapter}")}
 
 
 @pytest.fixture(scope="module")
@@ -28,12 +32,14 @@ def project(tmp_path_factory):
 
 
 def test_full_graph_builds_every_target(project):
-    assert ALL_ADAPTER_TASKS | {"dedup", "scrape:news2", "normalize:icd10cm"} <= project.first_run
+    assert ALL_ADAPTER_TASKS | {"dedup", "scrape:news2", "normalize:icd10cm", "report_matrix"} <= project.first_run
     for adapter in ("clinical_coding", "clinical_decision"):
         out = project.path(f"adapters/{adapter}/out")
         assert (out / "lora" / "adapter_model.safetensors").stat().st_size > 0
         assert (out / "gguf" / "lora-f16.gguf").stat().st_size > 0
         assert (out / "gguf" / "merged-q8_0.gguf").stat().st_size > 0
+        assert json.loads((out / "gguf" / "verify.json").read_text())
+        assert (out.parent / "report.md").stat().st_size > 0
         report = json.loads((out / "eval.json").read_text())
         assert report["base_ppl"] > 1 and report["adapter_ppl"] > 1
         metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -56,13 +62,18 @@ def test_one_source_change_reruns_only_that_source_and_changed_splits(project):
     # news2 feeds clinical_decision only: the coding split is rebuilt, its content is unchanged,
     # so the coding adapter is not retrained
     assert {"train:clinical_decision", "eval:clinical_decision", "export:clinical_decision"} <= executed
-    assert not {"train:clinical_coding", "eval:clinical_coding", "export:clinical_coding"} & executed
+    # eval:clinical_coding re-runs (its matrix scores every adapter's test split), training does not
+    assert not {"train:clinical_coding", "export:clinical_coding"} & executed
     assert project.run() == set()
 
 
 def test_one_adapter_recipe_change_reruns_only_that_adapter(project):
     project.edit("adapters/clinical_coding/adapter.toml", "lr = 0.0003", "lr = 0.0005")
-    assert project.run() == {"train:clinical_coding", "eval:clinical_coding", "export:clinical_coding"}
+    executed = project.run()
+    assert {"train:clinical_coding", "eval:clinical_coding", "export:clinical_coding"} <= executed
+    assert adapter_tasks(executed, "clinical_decision") == set()
+    assert executed <= {"train:clinical_coding", "eval:clinical_coding", "export:clinical_coding",
+                        "report:clinical_coding", "report_matrix"}
     assert project.run() == set()
 
 
@@ -73,8 +84,9 @@ def test_stage_code_change_reruns_that_stage_and_only_what_changed_downstream(pr
     # a change in the export code re-runs the exports only
     project.edit("stages/export.py", '"""', '"""\n# a harmless edit\n')
     executed = project.run()
-    assert {t for t in executed if not t.startswith("base_gguf:")} == {"export:clinical_coding", "export:clinical_decision"}
+    assert {"export:clinical_coding", "export:clinical_decision"} <= executed
     assert any(t.startswith("base_gguf:") for t in executed)  # the base GGUF is built by export.py too
+    assert not {t for t in executed if t.split(":")[0] in ("scrape", "normalize", "dedup", "split", "train", "eval")}
 
 
 def test_killed_task_leaves_no_done_looking_target(project):
