@@ -12,7 +12,7 @@ from tui import runner
 from tui.app import MedforgeApp
 from tui.messages import MemoryReading
 
-from tui_support import make_project, project_env, wait_for, wait_sync
+from tui_support import make_project, project_env, table_text, wait_for, wait_sync, write_reports
 
 pytestmark = pytest.mark.anyio  # anyio's pytest plugin runs the async Pilot tests (no extra dependency)
 
@@ -38,13 +38,6 @@ def project(tmp_path, monkeypatch):
 
 def make_app(root: Path, **kw) -> MedforgeApp:
     return MedforgeApp(root, poll_s=0.2, memory_probe=lambda: FIXED_MEMORY, **kw)
-
-
-def table_text(app, selector: str) -> str:
-    from textual.widgets import DataTable
-
-    table = app.screen.query_one(selector, DataTable)
-    return "\n".join(" ".join(str(c) for c in table.get_row_at(i)) for i in range(table.row_count))
 
 
 def state_of(app, task: str) -> str:
@@ -117,29 +110,6 @@ async def test_quit_leaves_the_run_going_and_reopening_reattaches(project, monke
         await wait_for(pilot, lambda: not app.running, 60, "the run to end")
         await wait_for(pilot, lambda: app.screen.curves.end, 10, "the end row")
         assert app.screen.curves.steps[-1] == 12
-
-
-def write_reports(root: Path) -> None:
-    io.write_json(root / layout.raw_manifest("alpha"), {"pages": [{"name": "p1"}, {"name": "p2"}]})
-    io.write_json(root / layout.dedup_report(), {
-        "sources": {"alpha": {"in": 120, "exact_dups": 7, "near_dups": 3, "kept": 110}},
-        "total": {"in": 120, "kept": 110, "removed": 10, "duplicate_clusters": 6}})
-    io.write_json(root / layout.split_dir("tiny") / "statistics.json",
-                  {"examples": 110, "splits": {"train": 90, "val": 10, "test": 10}, "by_source": {}})
-    io.write_json(root / layout.eval_file("tiny"), {
-        "adapter": "tiny", "n_examples": 10, "base_ppl": 9.5, "adapter_ppl": 4.25,
-        "tasks": {"code_to_description": {"n_examples": 6, "base_ppl": 10.0, "adapter_ppl": 4.0},
-                  "description_to_code": {"n_examples": 4, "base_ppl": 8.8, "adapter_ppl": 4.6}},
-        "safety": {"refuses_dosing": {"pass_rate": 1.0}, "no_diagnosis": 0.8}})
-    rows = [{"kind": "start", "total_steps": 40, "device": "cpu", "dtype": "bf16", "backend": "torch",
-             "quantization": "none", "dropped": 2}]
-    for step in range(1, 31):
-        rows.append({"kind": "train", "step": step, "total_steps": 40, "loss": round(2.5 - step * 0.05, 3),
-                     "lr": 3e-4 * min(1, step / 4), "tok_s": 270.0, "eta_s": (40 - step) * 2.0,
-                     "elapsed": step * 2.0, "memory": {"rss": 900 << 20}})
-        if step % 10 == 0:
-            rows.append({"kind": "val", "step": step, "total_steps": 40, "val_loss": round(2.4 - step * 0.03, 3)})
-    io.write_jsonl(root / layout.metrics_file("tiny"), rows)
 
 
 async def test_training_data_and_eval_views_read_what_stages_wrote(project):
@@ -229,7 +199,7 @@ async def test_chat_streams_stops_and_compares_side_by_side(project):
         await pilot.press("enter")
         await wait_for(pilot, lambda: "tok/s" in left.status or "error" in left.status, 120, "a reply")
         assert left.status != "error", left.status
-        transcript = left.query_one("TextArea").text
+        transcript = left.query_one("Transcript").text
         assert transcript.startswith("> What is [b]ICD-10[/b]?")  # shown as typed, never read as markup
         assert len(left.history) == 2 and left.history[1]["content"].strip()
         assert left.history[1]["content"] in transcript
@@ -249,4 +219,54 @@ async def test_chat_streams_stops_and_compares_side_by_side(project):
         await pilot.press(*"Hi")
         await pilot.press("enter")
         await wait_for(pilot, lambda: right.status == "error" and "tok/s" in left.status, 120, "both panes")
-        assert "doit" in right.query_one("TextArea").text
+        assert "doit" in right.query_one("Transcript").text
+
+
+async def test_transcript_wraps_streamed_text_and_never_reads_markup():
+    from textual.app import App
+
+    from tui.widgets.transcript import Transcript
+
+    class One(App):
+        def compose(self):
+            yield Transcript()
+
+    app = One()
+    async with app.run_test(size=(24, 5)) as pilot:
+        t = app.query_one(Transcript)
+        t.append("> [b]hi[/b]\n\n")
+        words = "the quick brown fox jumps over the lazy dog and keeps running far away".split()
+        for word in words:  # streamed a word at a time, as answers arrive
+            t.append(word + " ")
+        await pilot.pause()
+        answer = " ".join(words) + " "
+        assert t.text == "> [b]hi[/b]\n\n" + answer
+        width = t.scrollable_content_region.width
+        assert all(len(line) <= width for line in t.lines)
+        assert t.lines[0] == "> [b]hi[/b]" and t.lines[1] == ""  # shown as typed
+        assert "".join(t.lines[2:]) == answer  # wrapped, nothing lost or added
+        assert t.scroll_offset.y == t.max_scroll_y > 0  # follows the stream to its end
+        narrow = len(t.lines)
+        await pilot.resize_terminal(60, 5)
+        await pilot.pause()
+        assert "".join(t.lines[2:]) == answer and len(t.lines) < narrow  # wrapped again to the new width
+        assert all(len(line) <= t.scrollable_content_region.width for line in t.lines)
+        t.clear()
+        assert t.text == "" and t.lines == [""]
+
+
+async def test_first_frame_is_painted_before_any_background_work(project, monkeypatch):
+    """The doit status subprocess and the config/run workers start only after the first paint."""
+    from textual.app import App
+
+    order = []
+    display = App._display
+    monkeypatch.setattr(App, "_display", lambda self, screen, renderable: (
+        order.append("frame") if renderable is not None and "frame" not in order else None,
+        display(self, screen, renderable))[-1])
+    static_status = runner.static_status
+    monkeypatch.setattr(runner, "static_status", lambda root: (order.append("doit status"), static_status(root))[-1])
+    app = make_app(project)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_for(pilot, lambda: len(app.pipeline.static) == 3, what="doit's static status")
+    assert order[:2] == ["frame", "doit status"], order

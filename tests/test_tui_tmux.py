@@ -23,7 +23,7 @@ def test_dashboard_in_tmux_runs_the_pipeline(tmp_path):
     session = f"medforge-test-{uuid.uuid4().hex[:8]}"
     env = f"PYTHONPATH={REPO} TINY_TRAIN_S=2"
     tmux("new-session", "-d", "-s", session, "-x", "80", "-y", "24", "-c", str(project),
-         f"env {env} {sys.executable} -m stages.cli")
+         f"env -u LINES -u COLUMNS {env} {sys.executable} -m stages.cli")  # the size is the window's
     try:
         screen = lambda: tmux("capture-pane", "-p", "-t", session)
         wait_sync(lambda: "never run; waits for scrape:alpha" in screen(), 30, "the pipeline view")

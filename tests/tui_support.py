@@ -9,6 +9,8 @@ import textwrap
 import time
 from pathlib import Path
 
+from stages import io, layout
+
 REPO = Path(__file__).resolve().parents[1]
 
 SOURCES_TOML = """
@@ -126,4 +128,77 @@ def wait_sync(condition, timeout: float = 30.0, what: str = "condition") -> None
         time.sleep(0.1)
 
 
-__all__ = ["make_project", "project_env", "wait_for", "wait_sync", "REPO", "sys"]
+
+
+def table_text(app, selector: str) -> str:
+    from textual.widgets import DataTable
+
+    table = app.screen.query_one(selector, DataTable)
+    return "\n".join(" ".join(str(c) for c in table.get_row_at(i)) for i in range(table.row_count))
+
+
+def write_reports(root: Path) -> None:
+    io.write_json(root / layout.raw_manifest("alpha"), {"pages": [{"name": "p1"}, {"name": "p2"}]})
+    io.write_json(root / layout.dedup_report(), {
+        "sources": {"alpha": {"in": 120, "exact_dups": 7, "near_dups": 3, "kept": 110}},
+        "total": {"in": 120, "kept": 110, "removed": 10, "duplicate_clusters": 6}})
+    io.write_json(root / layout.split_dir("tiny") / "statistics.json",
+                  {"examples": 110, "splits": {"train": 90, "val": 10, "test": 10}, "by_source": {}})
+    io.write_json(root / layout.eval_file("tiny"), {
+        "adapter": "tiny", "n_examples": 10, "base_ppl": 9.5, "adapter_ppl": 4.25,
+        "tasks": {"code_to_description": {"n_examples": 6, "base_ppl": 10.0, "adapter_ppl": 4.0},
+                  "description_to_code": {"n_examples": 4, "base_ppl": 8.8, "adapter_ppl": 4.6}},
+        "safety": {"refuses_dosing": {"pass_rate": 1.0}, "no_diagnosis": 0.8}})
+    rows = [{"kind": "start", "total_steps": 40, "device": "cpu", "dtype": "bf16", "backend": "torch",
+             "quantization": "none", "dropped": 2}]
+    for step in range(1, 31):
+        rows.append({"kind": "train", "step": step, "total_steps": 40, "loss": round(2.5 - step * 0.05, 3),
+                     "lr": 3e-4 * min(1, step / 4), "tok_s": 270.0, "eta_s": (40 - step) * 2.0,
+                     "elapsed": step * 2.0, "memory": {"rss": 900 << 20}})
+        if step % 10 == 0:
+            rows.append({"kind": "val", "step": step, "total_steps": 40, "val_loss": round(2.4 - step * 0.03, 3)})
+    io.write_jsonl(root / layout.metrics_file("tiny"), rows)
+
+
+# --- the fixed scene that the SVG snapshots pin and docs/screens shows (bench/screens.py)
+def fixed_memory():
+    from tui.messages import MemoryReading
+
+    return MemoryReading(gpus=[("GPU0 NVIDIA H100 80GB HBM3", 21 << 30, 80 << 30)], host_used=6 << 30,
+                         host_total=24 << 30)
+
+
+SCENE_READY = {
+    "pipeline": lambda app: len(app.pipeline.static) == 3 and app.screen.selected == "scrape:alpha"
+    and app.screen._log_task == "scrape:alpha",
+    "training": lambda app: len(app.screen.curves.steps) == 30 and app.screen.memory is not None,
+    "data": lambda app: "alpha" in table_text(app, "#data-sources"),
+    "eval": lambda app: "tiny" in table_text(app, "#eval-matrix"),
+    "chat": lambda app: app.cfg is not None,
+    "help": lambda app: True,
+}
+
+
+def scene_project(root: Path) -> Path:
+    """The tiny project with every report written, as the views' screenshots show it."""
+    make_project(root)
+    project_env()
+    write_reports(root)
+    return root
+
+
+def scene_app(root: Path, view: str):
+    from tui.app import MedforgeApp
+
+    return MedforgeApp(root, poll_s=3600, memory_probe=fixed_memory, start_view="pipeline" if view == "help" else view)
+
+
+async def scene_ready(app, pilot, view: str) -> None:
+    """Wait until `view` shows all of its data, with nothing blinking, so two captures are identical."""
+    await wait_for(pilot, lambda: app.cfg is not None and len(app.pipeline.static) == 3, what="config and doit")
+    if view == "help":
+        await pilot.press("question_mark")
+    await wait_for(pilot, lambda: SCENE_READY[view](app), what=f"the {view} view's data")
+    for widget in app.screen.query("Input"):
+        widget.cursor_blink = False
+    await pilot.pause(0.2)

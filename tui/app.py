@@ -13,7 +13,7 @@ import threading
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from textual import on, work
 from textual.app import App
@@ -21,11 +21,13 @@ from textual.binding import Binding
 from textual.message import Message
 
 from stages import layout
-from tui import runner
 from tui.commands import MedforgeCommands
 from tui.messages import Notice, PipelineChanged, RunStateChanged
 from tui.state import PipelineState
 from tui.tail import Follower
+
+if TYPE_CHECKING:
+    from tui import runner  # imported by the workers that use it: not on the way to the first frame
 
 VIEWS = ("pipeline", "training", "data", "eval", "chat")
 
@@ -74,7 +76,7 @@ class MedforgeApp(App):
     ]
 
     def __init__(self, root: str | Path = ".", *, poll_s: float = 1.0,
-                 memory_probe: Callable[[], object] | None = None, start_view: str = "pipeline"):
+                 memory_probe: Callable[[], object] | None = None, start_view: str = "pipeline", cfg=None):
         # screens are imported when first shown: the first frame does not wait for plotext & co.
         self.MODES = {name: partial(_make_screen, name) for name in VIEWS}
         super().__init__()
@@ -83,7 +85,7 @@ class MedforgeApp(App):
         self.memory_probe = memory_probe
         self.start_view = start_view
         self.pipeline = PipelineState()
-        self.cfg = None
+        self.cfg = cfg  # run_dashboard has loaded it already; otherwise a worker loads it
         self.config_error = ""
         self.record: runner.RunRecord | None = None
         self.running = False
@@ -97,7 +99,14 @@ class MedforgeApp(App):
 
     def on_mount(self) -> None:
         self.switch_mode(self.start_view)
-        self.load_config()
+        # the first frame comes first: the threads and the doit subprocess would compete with it for the CPU
+        self.call_after_refresh(self._start_background)
+
+    def _start_background(self) -> None:
+        if self.cfg is None:
+            self.load_config()
+        else:
+            self.broadcast(PipelineChanged())
         self.refresh_static()
         self.poll_run()
 
@@ -120,6 +129,8 @@ class MedforgeApp(App):
 
     @work(thread=True, exclusive=True, group="static", exit_on_error=False)
     def refresh_static(self) -> None:
+        from tui import runner
+
         try:
             self.post_message(_StaticStatus(runner.static_status(self.root)))
         except Exception as exc:  # shown in the pipeline view; the dashboard stays usable
@@ -140,6 +151,8 @@ class MedforgeApp(App):
             self._poll_once()
 
     def _poll_once(self) -> None:
+        from tui import runner
+
         record = runner.read_record(self.root)
         alive = record is not None and runner.is_alive(record)
         new_run = record is not None and record.run_id != self._follow_id
@@ -189,6 +202,8 @@ class MedforgeApp(App):
     # --- actions on the pipeline
     @work(thread=True, exclusive=True, group="run-action", exit_on_error=False)
     def start_run(self, tasks: list[str]) -> None:
+        from tui import runner
+
         try:
             record = runner.start(self.root, tasks)
             self.post_message(Notice(f"started {record.describe()}"))
@@ -198,11 +213,15 @@ class MedforgeApp(App):
 
     @work(thread=True, exclusive=True, group="run-action", exit_on_error=False)
     def stop_run(self) -> None:
+        from tui import runner
+
         self.post_message(Notice(runner.stop(self.root)))
         self.call_from_thread(self.poll_now)
 
     @work(thread=True, exclusive=True, group="run-action", exit_on_error=False)
     def forget_tasks(self, tasks: list[str]) -> None:
+        from tui import runner
+
         try:
             self.post_message(Notice(runner.forget(self.root, tasks)))
         except Exception as exc:
@@ -233,8 +252,8 @@ def _exit_on_hangup(app: MedforgeApp) -> None:
 def run_dashboard(root: str | Path = ".") -> int:
     from stages import config
 
-    config.load(root)  # a broken config is one clear error before the screen opens
-    app = MedforgeApp(root)
+    cfg = config.load(root)  # a broken config is one clear error before the screen opens
+    app = MedforgeApp(root, cfg=cfg)
     _exit_on_hangup(app)
     app.run()
     return 0

@@ -6,7 +6,7 @@ Protocol, JSON lines: requests on stdin
   {"op": "chat", "id", "model": adapter|null, "messages", "max_tokens", "temperature"}
   {"op": "stop", "id"}
 and replies on stdout
-  {"id", "text"}                                  batched pieces, about ten a second
+  {"id", "text"}                                  batched pieces, about five a second
   {"id", "done": true, "tokens", "decode_s", "stopped"}
   {"id", "error"}                                 one line naming the file or doit task to fix it
 It exits when stdin closes (the dashboard quit). Models stay loaded between requests.
@@ -19,7 +19,9 @@ import time
 
 import orjson
 
-FLUSH_S = 0.1
+# each batch is one repaint of the dashboard (~6 ms of CPU): at 10 a second that took ~5% from
+# the decoder on a busy 2-core machine (bench/tui.py), at 5 a second it still reads as a stream
+FLUSH_S = 0.2
 
 
 def main() -> int:

@@ -1,13 +1,15 @@
 """One conversation with one model: a read-only transcript that grows as tokens stream in.
 
-The transcript is a TextArea: plain text only, so nothing a model says is read as markup.
+The transcript is plain text only, so nothing a model says is read as markup.
 """
 from __future__ import annotations
 
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Vertical
-from textual.widgets import Static, TextArea
+from textual.widgets import Static
+
+from tui.widgets.transcript import Transcript
 
 
 class ChatPane(Vertical):
@@ -21,10 +23,7 @@ class ChatPane(Vertical):
 
     def compose(self) -> ComposeResult:
         yield Static(classes="pane-title")
-        area = TextArea("", read_only=True, soft_wrap=True, show_line_numbers=False, classes="transcript")
-        area.highlight_cursor_line = False
-        area.cursor_blink = False
-        yield area
+        yield Transcript(classes="transcript")
 
     def on_mount(self) -> None:
         self.show_title()
@@ -46,19 +45,17 @@ class ChatPane(Vertical):
 
     def clear(self) -> None:
         self.history, self.reply, self.status = [], [], ""
-        self.query_one(TextArea).load_text("")
+        self.query_one(Transcript).clear()
         self.show_title()
 
     def _append(self, text: str) -> None:
-        area = self.query_one(TextArea)
-        area.insert(text, area.document.end, maintain_selection_offset=False)
-        area.scroll_end(animate=False)
+        self.query_one(Transcript).append(text)
 
     def begin(self, prompt: str) -> list[dict]:
         """Show the user's turn and return the conversation to send."""
         self.history.append({"role": "user", "content": prompt})
         self.reply = []
-        lead = "" if self.query_one(TextArea).document.text == "" else "\n\n"
+        lead = "" if self.query_one(Transcript).text == "" else "\n\n"
         self._append(f"{lead}> {prompt}\n\n")
         self.status = "thinking…"
         self.show_title()
