@@ -72,12 +72,19 @@ def task_split():
                                                              for f in layout.EXPORT_FORMATS for s in layout.SPLITS]}
 
 
+def task_lint():
+    for a in CFG.adapters.values():
+        yield {"name": a.name, "actions": stage("lint", a.name), "uptodate": [config_changed(a.recipe())],
+               "file_dep": [str(layout.split_file(a.name, "train")), str(layout.base_weights(a.base_model))]
+               + layout.code("train/lint.py", "train/format.py"), "targets": [str(layout.lint_report(a.name))]}
+
+
 def task_train():
     code = [str(p) for p in sorted(Path(layout.CODE, "train").glob("*.py"))]
     for a in CFG.adapters.values():
         yield {"name": a.name, "actions": stage("train", a.name), "uptodate": [config_changed(a.recipe())],
                "file_dep": [str(layout.split_file(a.name, s)) for s in ("train", "val")]
-               + [str(layout.base_weights(a.base_model))] + code,
+               + [str(layout.base_weights(a.base_model)), str(layout.lint_report(a.name))] + code,
                "targets": [str(layout.lora_weights(a.name)), str(layout.metrics_file(a.name))]}
 
 

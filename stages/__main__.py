@@ -22,6 +22,7 @@ STAGES = {
     "dedup": ("stages.dedup", False),
     "split": ("stages.split", True),
     "train": ("stages.train", True),
+    "lint": ("stages.train.lint", True),
     "eval": ("stages.evaluate", True),
     "export": ("stages.export", True),
     "report": ("stages.report", True),

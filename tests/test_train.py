@@ -205,14 +205,6 @@ def test_grad_accum_and_epochs_set_the_step_count(tmp_path, monkeypatch, tiny_ba
     assert train.run(cfg, "coding")["steps"] == 8
 
 
-def test_mlx_backend_is_refused_with_the_key_to_change(tmp_path, monkeypatch, tiny_base):
-    from stages import train
-
-    cfg = project(tmp_path, monkeypatch, tiny_base, extra='backend = "mlx"')
-    with pytest.raises(StageError, match=r"train\.backend.*torch"):
-        train.run(cfg, "coding")
-
-
 def test_missing_base_model_names_the_key(tmp_path, monkeypatch):
     from stages import train
 

@@ -5,7 +5,9 @@ adapters/<adapter>/out/lora/ (peft adapter + tokenizer + train_summary.json, ato
 and streams adapters/<adapter>/out/metrics.jsonl while it runs.
 
 Modules: format (chat template -> ids + loss mask), hardware (device/dtype), metrics
-(the JSONL stream), torch_backend (the loop). Another backend plugs in at `BACKENDS`.
+(the JSONL stream, TensorBoard, progress), packing (batches), checkpoint (resume),
+distributed (multi-process), torch_backend (the loop), lint (the mask/template checks).
+Another backend plugs in at `BACKENDS` and the dispatch in `run`.
 """
 from __future__ import annotations
 
@@ -15,10 +17,17 @@ from typing import Any
 from stages import io, layout
 from stages.errors import StageError
 
-BACKENDS = ("torch",)  # "mlx" comes later; "auto" resolves among these
+BACKENDS = ("torch", "mlx")  # "auto": mlx on Apple silicon when it is installed, torch otherwise
 
 
 def resolve_backend(requested: str, where: str) -> str:
+    from stages.train import mlx_backend  # light: mlx itself is imported only when training
+
+    if requested == "mlx":
+        mlx_backend.require(where)
+        return "mlx"
+    if requested == "auto" and mlx_backend.preferred():
+        return "mlx"
     if requested in ("auto", "torch"):
         return "torch"
     raise StageError(f"{where}: key 'train.backend' = \"{requested}\" is not available yet; "
@@ -43,13 +52,24 @@ def read_split(adapter: str, split: str) -> list[dict[str, Any]]:
 
 
 def run(cfg, adapter_name: str) -> dict[str, Any]:
+    a = cfg.adapters[adapter_name]
+    backend = resolve_backend(a.train["backend"], str(layout.adapter_toml(adapter_name)))
+    # backend dispatch: each backend's runner takes (cfg, adapter_name) and returns the summary
+    if backend == "torch":
+        return run_torch(cfg, adapter_name)
+    if backend == "mlx":
+        from stages.train import mlx_backend
+        return mlx_backend.run(cfg, adapter_name)
+    raise StageError(f"{layout.adapter_toml(adapter_name)}: key 'train.backend' = \"{backend}\" has no runner")
+
+
+def run_torch(cfg, adapter_name: str) -> dict[str, Any]:
     from stages.train import format as fmt
-    from stages.train import hardware
+    from stages.train import distributed, hardware
     from stages.train.metrics import MetricsStream
 
     a = cfg.adapters[adapter_name]
     where = str(layout.adapter_toml(adapter_name))
-    backend = resolve_backend(a.train["backend"], where)
     base_dir = base_folder(a.base_model, where)
     train_rows, val_rows = read_split(adapter_name, "train"), read_split(adapter_name, "val")
     if not train_rows:
@@ -67,13 +87,32 @@ def run(cfg, adapter_name: str) -> dict[str, Any]:
     print(f"train:{adapter_name}: mask check (trained text in [[ ]]):\n{fmt.describe(tokenizer, train_examples[0])}")
 
     hw = hardware.detect(a.train["dtype"])
-    metrics = MetricsStream(layout.metrics_file(adapter_name), hw.device)
-    with io.atomic_dir(layout.lora_dir(adapter_name)) as tmp:
-        summary = torch_backend.train(
-            name=adapter_name, base_model=a.base_model, lora=a.lora, train_cfg={**a.train, "backend": backend},
-            base_dir=base_dir, tokenizer=tokenizer, train_examples=train_examples, val_examples=val_examples, dropped=dropped,
-            hw=hw, metrics=metrics, out_dir=tmp)
-        io.write_json(tmp / "train_summary.json", summary)
-    print(f"train:{adapter_name}: val loss {summary['start_val_loss']} -> {summary['end_val_loss']}, "
+    if hw.device == "cuda" and distributed.launched_world_size() == 1:
+        import torch
+        if torch.cuda.device_count() > 1:
+            return relaunch(adapter_name, torch.cuda.device_count())
+    metrics = MetricsStream(layout.metrics_file(adapter_name), hw.device, layout.tensorboard_dir(adapter_name))
+    summary = torch_backend.train(
+        name=adapter_name, base_model=a.base_model, lora=a.lora, train_cfg={**a.train, "backend": "torch"},
+        base_dir=base_dir, tokenizer=tokenizer, train_examples=train_examples, val_examples=val_examples,
+        dropped=dropped, hw=hw, metrics=metrics, out_dir=layout.lora_dir(adapter_name),
+        checkpoint_dir=layout.checkpoints_dir(adapter_name))
+    print(f"train:{adapter_name}: val loss {summary['start_val_loss']} -> {summary['end_val_loss']} "
+          f"(best {summary['best_val_loss']} at step {summary['best_step']}, exported), "
           f"{summary['tok_s']} trained tok/s -> {layout.lora_dir(adapter_name)}")
     return summary
+
+
+def relaunch(adapter_name: str, gpus: int) -> dict[str, Any]:
+    """More than one GPU: run this stage again as one data-parallel process per GPU (torchrun, as
+    `accelerate launch` does) and return what rank 0 wrote."""
+    import subprocess
+    import sys
+
+    print(f"train:{adapter_name}: {gpus} GPUs: relaunching as {gpus} data-parallel processes")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
+           "-m", "stages", "train", adapter_name]
+    if subprocess.run(cmd).returncode != 0:
+        raise StageError(f"train:{adapter_name}: the {gpus}-process run failed (its log is above); set "
+                         "CUDA_VISIBLE_DEVICES to one GPU to train in a single process")
+    return io.read_json(layout.lora_dir(adapter_name) / "train_summary.json")

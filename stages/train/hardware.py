@@ -22,6 +22,12 @@ class Hardware:
     reason: str   # one line for the log: why this dtype
 
     @property
+    def device_index(self) -> str:
+        """Where tensors go: this process's own GPU under a multi-process launch (LOCAL_RANK)."""
+        import os
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if self.device == "cuda" else self.device
+
+    @property
     def torch_dtype(self):
         import torch
         return torch.bfloat16 if self.dtype == "bf16" else torch.float32

@@ -1,60 +1,32 @@
 """The PyTorch LoRA/QLoRA trainer: small enough to read in one sitting.
 
-Examples are bucketed by length (padded to the batch's longest, not to max_length), the
-loss is the mean over trained tokens of an optimizer step (token-weighted across grad
-accumulation), AdamW with a cosine schedule after a linear warmup, validation loss at
-the start, every `total_steps // VAL_TIMES` steps and at the end.
+Examples are packed into rows with per-example position ids (no attention across examples,
+see packing.py) or bucketed by length; the loss of an optimizer step is the mean over its
+trained tokens (token-weighted across grad accumulation and across data-parallel ranks);
+AdamW (paged on CUDA) with a cosine schedule after a linear warmup. Validation at the start,
+every `eval_every` steps and at the end keeps the best adapter, which is the one saved;
+`patience` validations without a new best stop the run. Checkpoints (checkpoint.py) let a
+killed run resume mid-epoch on the same trajectory.
 """
 from __future__ import annotations
 
 import math
-import random
+import shutil
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
+from stages import io
 from stages.errors import StageError
+from stages.train import checkpoint, distributed
 from stages.train.format import IGNORE, Encoded
 from stages.train.hardware import Hardware
+from stages.train.packing import BatchStream, collate, collate_packed, length_batches  # noqa: F401 (API)
 
-VAL_TIMES = 4            # validation runs this many times during training, plus at the start
+VAL_TIMES = 4            # with eval_every = 0: validation this many times during training, plus at the start
 VAL_MAX_EXAMPLES = 200   # enough for a stable loss without dominating CPU runs
 EVAL_BATCH_SIZE = 8
-
-
-# --- data: bucketing and padding
-def length_batches(lengths: list[int], batch_size: int, rng: random.Random) -> list[list[int]]:
-    """Index batches of similar-length examples, in random order (lengths sorted, then chunked)."""
-    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], rng.random()))
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    rng.shuffle(batches)
-    return batches
-
-
-def micro_batches(examples: list[Encoded], batch_size: int, seed: int) -> Iterator[tuple[int, list[Encoded]]]:
-    """(epoch, batch) forever, reshuffled every epoch."""
-    rng = random.Random(seed)
-    lengths = [len(e.input_ids) for e in examples]
-    epoch = 0
-    while True:
-        epoch += 1
-        for batch in length_batches(lengths, batch_size, rng):
-            yield epoch, [examples[i] for i in batch]
-
-
-def collate(batch: list[Encoded], pad_id: int, device: str) -> dict[str, Any]:
-    import torch
-
-    width = max(len(e.input_ids) for e in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for row, e in enumerate(batch):
-        n = len(e.input_ids)
-        ids[row, :n] = torch.tensor(e.input_ids)
-        labels[row, :n] = torch.tensor(e.labels)
-        mask[row, :n] = 1
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+MAX_GRAD_NORM = 1.0
 
 
 def total_steps(n_batches: int, grad_accum: int, epochs: int, max_steps: int) -> int:
@@ -70,6 +42,15 @@ def cosine_lr(step: int, total: int, warmup: int, base_lr: float) -> float:
 
 
 # --- model
+def attention_implementation(device: str) -> str:
+    """Varlen flash attention for packed rows on CUDA when installed; SDPA with a block mask otherwise."""
+    if device == "cuda":
+        import importlib.util
+        if importlib.util.find_spec("flash_attn") is not None:
+            return "flash_attention_2"
+    return "sdpa"
+
+
 def load_model(base_dir: Path, quantization: str, hw: Hardware):
     """The frozen base model: fp32 weights (autocast gives bf16 compute), or 4-bit nf4 for QLoRA."""
     import torch
@@ -77,16 +58,18 @@ def load_model(base_dir: Path, quantization: str, hw: Hardware):
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # bars flood the task log the dashboard shows
-    kwargs: dict[str, Any] = {"dtype": torch.float32}
+    kwargs: dict[str, Any] = {"dtype": torch.float32, "attn_implementation": attention_implementation(hw.device)}
+    if kwargs["attn_implementation"] == "flash_attention_2":
+        kwargs["dtype"] = hw.torch_dtype  # flash attention runs in half precision only
     if quantization == "nf4":
         from transformers import BitsAndBytesConfig
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=hw.torch_dtype)
-        kwargs["device_map"] = {"": hw.device}
+        kwargs["device_map"] = {"": hw.device_index}
     model = AutoModelForCausalLM.from_pretrained(str(base_dir), **kwargs)
     if quantization != "nf4":
-        model.to(hw.device)
+        model.to(hw.device_index)
     model.config.use_cache = False
     return model
 
@@ -103,8 +86,43 @@ def load_tokenizer(base_dir: Path):
     return tokenizer
 
 
+def add_lora(model, lora: dict[str, Any], quantization: str, gradient_checkpointing: bool = False):
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    ckpt_kwargs = {"use_reentrant": False}  # non-reentrant: works with frozen inputs and LoRA
+    if quantization == "nf4":
+        # norms/embeddings to fp32 for stable training
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                                gradient_checkpointing_kwargs=ckpt_kwargs)
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
+    config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                        target_modules=list(lora["targets"]), bias="none", task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, config)
+    except ValueError as exc:  # e.g. a target module the architecture does not have
+        raise StageError(f"adapter.toml key 'lora.targets' {lora['targets']}: {exc}; name modules the base "
+                         "model has (Llama-style: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj)") from None
+
+
+def make_optimizer(params, lr: float, kind: str, device: str, where: str = "adapter.toml"):
+    import torch
+
+    if kind == "auto":
+        kind = "paged_adamw" if device == "cuda" else "adamw"
+    if kind == "paged_adamw":
+        if device != "cuda":
+            raise StageError(f"{where}: key 'train.optimizer' = \"paged_adamw\" needs a CUDA GPU (this run is on "
+                             f"{device}); set it to \"adamw\" or \"auto\"")
+        import bitsandbytes as bnb
+        return bnb.optim.PagedAdamW(params, lr=lr, weight_decay=0.0)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+
+
+# --- losses
 def token_nll(model, batch: dict[str, Any], hw: Hardware):
-    """Per-row summed negative log-likelihood of the trained tokens, and per-row token counts.
+    """Summed negative log-likelihood of the trained tokens and their counts, per row (per example
+    for a packed batch, indexed like the examples it was packed from).
 
     The output head runs only where a token is trained: over a 49k vocabulary it is a fifth
     of a small model's compute per position, and prompt positions need no logits.
@@ -115,14 +133,24 @@ def token_nll(model, batch: dict[str, Any], hw: Hardware):
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # LoRA layers live inside it
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE
+    inputs = {"input_ids": batch["input_ids"]}
+    if "position_ids" in batch:  # packed: restarting positions and no 2D mask give the block-diagonal mask
+        inputs["position_ids"] = batch["position_ids"]
+    else:
+        inputs["attention_mask"] = batch["attention_mask"]
     with hw.autocast():
-        hidden = base.get_decoder()(input_ids=batch["input_ids"],
-                                    attention_mask=batch["attention_mask"]).last_hidden_state
+        hidden = base.get_decoder()(**inputs, use_cache=False).last_hidden_state  # a cache disables packed masks
         logits = base.get_output_embeddings()(hidden[:, :-1][keep])
     nll = F.cross_entropy(logits.float(), targets[keep], reduction="none")
-    rows = keep.nonzero()[:, 0]
-    per_row = torch.zeros(targets.shape[0], dtype=nll.dtype, device=nll.device).index_add(0, rows, nll)
-    return per_row, keep.sum(dim=1)
+    if "segments" in batch:
+        owners = batch["segments"][:, 1:][keep]
+        n = int(batch["segments"].max().item()) + 1
+    else:
+        owners = keep.nonzero()[:, 0]
+        n = targets.shape[0]
+    per = torch.zeros(n, dtype=nll.dtype, device=nll.device).index_add(0, owners, nll)
+    counts = torch.zeros(n, dtype=torch.long, device=nll.device).index_add(0, owners, torch.ones_like(owners))
+    return per, counts
 
 
 def nll_by_example(model, examples: list[Encoded], pad_id: int, hw: Hardware,
@@ -137,116 +165,197 @@ def nll_by_example(model, examples: list[Encoded], pad_id: int, hw: Hardware,
     with torch.no_grad():
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
-            nll, count = token_nll(model, collate([examples[i] for i in idx], pad_id, hw.device), hw)
+            nll, count = token_nll(model, collate([examples[i] for i in idx], pad_id, hw.device_index), hw)
             for i, s, c in zip(idx, nll.tolist(), count.tolist()):
                 out[i] = (s, c)
     model.train(was_training)
     return out
 
 
-def mean_loss(model, examples: list[Encoded], pad_id: int, hw: Hardware) -> float:
-    pairs = nll_by_example(model, examples, pad_id, hw)
-    tokens = sum(c for _, c in pairs)
-    return sum(s for s, _ in pairs) / max(1, tokens)
+def mean_loss(model, examples: list[Encoded], pad_id: int, hw: Hardware,
+              world: distributed.World = distributed.World()) -> float:
+    """Token-weighted mean NLL; with several ranks each scores its share and the sums are combined."""
+    pairs = nll_by_example(model, examples[world.rank::world.size], pad_id, hw)
+    total, tokens = distributed.all_sum([sum(s for s, _ in pairs), float(sum(c for _, c in pairs))], world)
+    return total / max(1.0, tokens)
 
 
-def add_lora(model, lora: dict[str, Any], quantization: str):
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+def accumulate_gradients(model, micro: list[list[Encoded]], step_tokens: int, pad_id: int, hw: Hardware,
+                         packing: bool, max_length: int) -> float:
+    """Backward over the micro-batches of one optimizer step; returns this rank's share of the loss.
 
-    if quantization == "nf4":
-        # norms/embeddings to fp32 for stable training; checkpointing off: these models fit, speed matters
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-                        target_modules=list(lora["targets"]), bias="none", task_type="CAUSAL_LM")
-    try:
-        return get_peft_model(model, config)
-    except ValueError as exc:  # e.g. a target module the architecture does not have
-        raise StageError(f"adapter.toml key 'lora.targets' {lora['targets']}: {exc}; name modules the base "
-                         "model has (Llama-style: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj)") from None
+    Each micro-batch's summed NLL is divided by `step_tokens`, the trained tokens of the whole
+    step (all micro-batches, all ranks), so the accumulated gradient is that of one big batch.
+    """
+    loss_value = 0.0
+    for batch in micro:
+        if not batch:  # a rank's share of a short final batch can be empty
+            continue
+        collated = (collate_packed(batch, pad_id, hw.device_index, max_length) if packing
+                    else collate(batch, pad_id, hw.device_index))
+        nll, _ = token_nll(model, collated, hw)
+        loss = nll.sum() / step_tokens
+        loss.backward()
+        loss_value += loss.item()
+    return loss_value
 
 
 # --- the loop
 def train(*, name: str, base_model: str, lora: dict[str, Any], train_cfg: dict[str, Any], base_dir: Path, tokenizer,
           train_examples: list[Encoded], val_examples: list[Encoded], dropped: int, hw: Hardware,
-          metrics, out_dir: Path, log=print) -> dict[str, Any]:
-    """Train a LoRA on `train_examples`, save the adapter into `out_dir`; return the summary."""
+          metrics, out_dir: Path, checkpoint_dir: Path | None = None, log=print) -> dict[str, Any]:
+    """Train a LoRA on `train_examples`; write the best adapter atomically into `out_dir`; return the summary."""
     import torch
 
-    torch.manual_seed(train_cfg["seed"])
+    from stages.train.metrics import Progress
+
+    world = distributed.init(hw.device)
+    seed = train_cfg["seed"]
+    torch.manual_seed(seed)
     quantization = train_cfg["quantization"]
-    model = add_lora(load_model(base_dir, quantization, hw), lora, quantization)
+    model = add_lora(load_model(base_dir, quantization, hw), lora, quantization,
+                     train_cfg.get("gradient_checkpointing", False))
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)
     pad_id = tokenizer.pad_token_id
+    packing, max_length = train_cfg.get("packing", True), train_cfg["max_length"]
 
     batch_size, accum = train_cfg["batch_size"], train_cfg["grad_accum"]
-    n_batches = math.ceil(len(train_examples) / batch_size)
-    steps = total_steps(n_batches, accum, train_cfg["epochs"], train_cfg["max_steps"])
+    stream = BatchStream(train_examples, batch_size, seed, world.rank, world.size)
+    steps = total_steps(stream.batches_per_epoch, accum, train_cfg["epochs"], train_cfg["max_steps"])
     warmup = math.ceil(train_cfg["warmup_ratio"] * steps)
-    val_every = max(1, steps // VAL_TIMES)
+    eval_every = train_cfg.get("eval_every") or max(1, steps // VAL_TIMES)
+    checkpoint_every = train_cfg.get("checkpoint_every") or eval_every
+    patience = train_cfg.get("patience", 0)
     val_examples = val_examples[:VAL_MAX_EXAMPLES]
     base_lr = train_cfg["lr"]
-    optimizer = torch.optim.AdamW(trainable, lr=cosine_lr(0, steps, warmup, base_lr), weight_decay=0.0)
+    optimizer = make_optimizer(trainable, cosine_lr(0, steps, warmup, base_lr), train_cfg.get("optimizer", "auto"),
+                               hw.device)
+    fingerprint = checkpoint.fingerprint({"base_model": base_model, "lora": lora, "train": train_cfg,
+                                          "world": world.size}, train_examples)
 
-    metrics.start(total_steps=steps, n_train=len(train_examples), n_val=len(val_examples), dropped=dropped,
-                  device=hw.device, dtype=hw.dtype, dtype_reason=hw.reason, backend="torch",
-                  quantization=quantization, trainable_params=n_trainable)
-    log(f"train:{name}: {len(train_examples)} examples ({dropped} dropped), {steps} steps, "
-        f"{hw.device} {hw.dtype} ({hw.reason}), {quantization}, {n_trainable:,} trainable params")
+    state: dict[str, Any] = {"step": 0, "epoch": 1, "best_val_loss": None, "best_step": None, "bad_evals": 0,
+                             "start_val_loss": None, "end_val_loss": None, "stopped_early": False,
+                             "tokens": 0, "input_tokens": 0, "train_seconds": 0.0}
+    best: dict[str, Any] | None = None
+    resumed_from = None
+    latest = checkpoint.latest(checkpoint_dir) if checkpoint_dir and train_cfg.get("resume", True) else None
+    if latest is not None:
+        if io.read_json(latest / "state.json").get("fingerprint") == fingerprint:
+            saved, best = checkpoint.load(latest, model=model, optimizer=optimizer)
+            state.update(saved["loop"])
+            stream = BatchStream(train_examples, batch_size, seed, world.rank, world.size, **saved["data"])
+            resumed_from = latest
+        elif world.main:
+            log(f"train:{name}: checkpoints in {checkpoint_dir} belong to another recipe or data; starting over")
+    if world.main and checkpoint_dir is not None and resumed_from is None:
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    distributed.barrier(world)
 
-    def validate(step: int) -> float | None:
+    if world.main:
+        if resumed_from is not None:
+            metrics.resume(state["step"], str(resumed_from))
+            log(f"train:{name}: resuming at step {state['step']}/{steps} from {resumed_from}")
+        else:
+            metrics.start(total_steps=steps, n_train=len(train_examples), n_val=len(val_examples), dropped=dropped,
+                          device=hw.device, dtype=hw.dtype, dtype_reason=hw.reason, backend="torch",
+                          quantization=quantization, trainable_params=n_trainable, packing=packing,
+                          world_size=world.size, eval_every=eval_every, patience=patience)
+        log(f"train:{name}: {len(train_examples)} examples ({dropped} dropped), {steps} steps, "
+            f"{hw.device} {hw.dtype} ({hw.reason}), {quantization}, {n_trainable:,} trainable params, "
+            f"{'packed' if packing else 'length-bucketed'} batches, {world.size} process(es)")
+
+    def validate(step: int) -> None:
+        nonlocal best
         if not val_examples:
-            return None
-        loss = mean_loss(model, val_examples, pad_id, hw)
-        metrics.val(step, steps, loss)
-        log(f"train:{name}: step {step}/{steps} val_loss {loss:.4f}")
-        return loss
+            return
+        loss = mean_loss(model, val_examples, pad_id, hw, world)
+        state["end_val_loss"] = loss
+        if state["start_val_loss"] is None:
+            state["start_val_loss"] = loss
+        if state["best_val_loss"] is None or loss < state["best_val_loss"]:
+            state.update(best_val_loss=loss, best_step=step, bad_evals=0)
+            best = checkpoint.trainable_state(model)
+        else:
+            state["bad_evals"] += 1
+        if world.main:
+            metrics.val(step, steps, loss, state["best_val_loss"], state["best_step"])
+            log(f"train:{name}: step {step}/{steps} val_loss {loss:.4f} (best {state['best_val_loss']:.4f} "
+                f"at step {state['best_step']})")
 
-    start_val = end_val = validate(0)
-    stream = micro_batches(train_examples, batch_size, train_cfg["seed"])
-    tokens_total = input_tokens_total = 0
-    train_seconds = 0.0
-    for step in range(steps):
+    if resumed_from is None:
+        validate(0)
+    progress = Progress(name, steps, initial=state["step"]) if world.main else None
+    while state["step"] < steps:
+        step = state["step"]
         lr = cosine_lr(step, steps, warmup, base_lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
         t0 = time.perf_counter()
-        micro = [next(stream) for _ in range(accum)]
+        micro = [stream.next() for _ in range(accum)]
         epoch = micro[-1][0]
-        tokens = sum(e.n_trained for _, b in micro for e in b)
-        input_tokens = sum(len(e.input_ids) for _, b in micro for e in b)
-        loss_value = 0.0
-        for _, batch in micro:
-            nll, _ = token_nll(model, collate(batch, pad_id, hw.device), hw)
-            loss = nll.sum() / tokens  # token-weighted over the whole optimizer step
-            loss.backward()
-            loss_value += loss.item()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        tokens = sum(e.n_trained for _, _, whole in micro for e in whole)  # all ranks': the loss denominator
+        input_tokens = sum(len(e.input_ids) for _, _, whole in micro for e in whole)
+        loss_value = accumulate_gradients(model, [mine for _, mine, _ in micro], tokens, pad_id, hw,
+                                          packing, max_length)
+        distributed.sum_gradients(trainable, world)
+        loss_value = distributed.all_sum([loss_value], world)[0]
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step_seconds = time.perf_counter() - t0
-        train_seconds += step_seconds
-        tokens_total += tokens
-        input_tokens_total += input_tokens
-        row = metrics.step(step + 1, steps, loss_value, lr, tokens, input_tokens, step_seconds, train_seconds, epoch)
-        log(f"train:{name}: step {step + 1}/{steps} loss {loss_value:.4f} lr {lr:.2e} "
-            f"{row['tok_s']} tok/s eta {row['eta_s']}s")
-        if (step + 1) % val_every == 0 or step + 1 == steps:
-            end_val = validate(step + 1)
+        state.update(step=step + 1, epoch=epoch)
+        state["train_seconds"] += step_seconds
+        state["tokens"] += tokens
+        state["input_tokens"] += input_tokens
+        done = step + 1
+        if world.main:
+            row = metrics.step(done, steps, loss_value, lr, tokens, input_tokens, step_seconds,
+                               state["train_seconds"], epoch, grad_norm=grad_norm)
+            progress.update(done, loss_value, row["tok_s"], row["eta_s"])
+        if done % eval_every == 0 or done == steps:
+            validate(done)
+            if patience and state["bad_evals"] >= patience and done < steps:
+                state["stopped_early"] = True
+        state["stopped_early"] = distributed.broadcast_flag(state["stopped_early"], world)
+        if state["stopped_early"]:
+            if world.main:
+                log(f"train:{name}: early stop at step {done}: {patience} validations without a new best")
+            break
+        if checkpoint_dir is not None and done % checkpoint_every == 0 and done < steps:
+            if world.main:
+                checkpoint.save(checkpoint_dir, done, model=model, optimizer=optimizer, best=best,
+                                keep=train_cfg.get("keep_checkpoints", 2),
+                                state={"fingerprint": fingerprint, "loop": state, "data": stream.position()})
+            distributed.barrier(world)
+    if progress is not None:
+        progress.close()
 
+    if best is not None:  # the exported adapter is the best one by validation loss
+        checkpoint.load_trainable(model, best)
     summary = {
         "adapter": name, "base_model": base_model, "backend": "torch",
         "device": hw.device, "dtype": hw.dtype, "dtype_reason": hw.reason,
-        "quantization": quantization, "steps": steps, "epochs_seen": epoch if steps else 0,
+        "quantization": quantization, "steps": steps, "steps_done": state["step"], "epochs_seen": state["epoch"],
         "n_train": len(train_examples), "n_val": len(val_examples), "dropped": dropped,
-        "start_val_loss": start_val, "end_val_loss": end_val,
-        "tokens": tokens_total, "input_tokens": input_tokens_total, "train_seconds": round(train_seconds, 3),
-        "tok_s": round(tokens_total / train_seconds, 2) if train_seconds else None,
-        "input_tok_s": round(input_tokens_total / train_seconds, 2) if train_seconds else None,
+        "start_val_loss": state["start_val_loss"], "end_val_loss": state["end_val_loss"],
+        "best_val_loss": state["best_val_loss"], "best_step": state["best_step"],
+        "stopped_early": state["stopped_early"], "resumed_from": str(resumed_from) if resumed_from else None,
+        "packing": packing, "world_size": world.size,
+        "tokens": state["tokens"], "input_tokens": state["input_tokens"],
+        "train_seconds": round(state["train_seconds"], 3),
+        "tok_s": round(state["tokens"] / state["train_seconds"], 2) if state["train_seconds"] else None,
+        "input_tok_s": round(state["input_tokens"] / state["train_seconds"], 2) if state["train_seconds"] else None,
         "trainable_params": n_trainable, "lora": lora, "train": train_cfg,
     }
-    model.save_pretrained(str(out_dir))
-    tokenizer.save_pretrained(str(out_dir))  # the chat template travels with the adapter
-    metrics.end(steps, summary)
+    if world.main:
+        with io.atomic_dir(out_dir) as tmp:
+            model.save_pretrained(str(tmp))
+            tokenizer.save_pretrained(str(tmp))  # the chat template travels with the adapter
+            io.write_json(tmp / "train_summary.json", summary)
+        metrics.end(state["step"], summary)
+        if checkpoint_dir is not None:
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)  # finished: the adapter is out
+    distributed.barrier(world)
     return summary

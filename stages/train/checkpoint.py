@@ -1,0 +1,109 @@
+"""Resumable checkpoints: one self-contained folder per saved step, written atomically.
+
+  checkpoints/step-00000120/
+    adapter.safetensors   the trainable (LoRA) weights at this step
+    best.safetensors      the best adapter so far by validation loss (what the export will be)
+    optimizer.pt          optimizer state (AdamW moments)
+    rng.pt                torch CPU (and CUDA) generator states
+    state.json            step, data position (epoch, batch index), best/patience bookkeeping,
+                          counters, and the fingerprint of the recipe + data it belongs to
+
+The learning-rate schedule is a pure function of the step, so the step is its whole state.
+A folder only gets its final name once complete, so a run killed mid-save leaves the
+previous checkpoint as the newest one.
+"""
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from stages import io
+
+STEP_RE = re.compile(r"^step-(\d{8})$")
+# settings that change neither the weights nor the data order: editing them keeps checkpoints valid
+RESUME_NEUTRAL = ("eval_every", "patience", "checkpoint_every", "keep_checkpoints", "resume", "lint_examples",
+                  "max_truncated", "preset", "backend")
+
+
+def fingerprint(recipe: dict[str, Any], examples) -> str:
+    """What a checkpoint must match to be resumed: the trajectory-relevant recipe and the token data."""
+    train = {k: v for k, v in recipe.get("train", {}).items() if k not in RESUME_NEUTRAL}
+    data = io.content_hash(io.dumps([[e.input_ids, e.labels] for e in examples]))
+    return io.content_hash(io.dumps({**recipe, "train": train, "data": data}))
+
+
+def trainable_state(model) -> dict[str, Any]:
+    return {n: p.detach().to("cpu", copy=True).contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable(model, weights: dict[str, Any]) -> None:
+    import torch
+
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value.to(params[name].device, params[name].dtype))
+
+
+def rng_state() -> dict[str, Any]:
+    import torch
+
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    import torch
+
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def steps(root: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if STEP_RE.match(p.name) and (p / "state.json").exists()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def latest(root: Path) -> Path | None:
+    found = steps(root)
+    return found[-1] if found else None
+
+
+def save(root: Path, step: int, *, model, optimizer, state: dict[str, Any], best: dict[str, Any] | None,
+         keep: int) -> Path:
+    import torch
+    from safetensors.torch import save_file
+
+    target = root / f"step-{step:08d}"
+    with io.atomic_dir(target) as tmp:
+        save_file(trainable_state(model), str(tmp / "adapter.safetensors"))
+        if best is not None:
+            save_file(best, str(tmp / "best.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(rng_state(), tmp / "rng.pt")
+        io.write_json(tmp / "state.json", state)
+    for old in steps(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(".step-*.tmp"):  # left by a run killed mid-save
+        shutil.rmtree(stale, ignore_errors=True)
+    return target
+
+
+def load(path: Path, *, model, optimizer) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Restore weights, optimizer and RNG from `path`; return (state, best weights or None)."""
+    import torch
+    from safetensors.torch import load_file
+
+    load_trainable(model, load_file(str(path / "adapter.safetensors")))
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+    set_rng_state(torch.load(path / "rng.pt", weights_only=False))
+    best = load_file(str(path / "best.safetensors")) if (path / "best.safetensors").exists() else None
+    return io.read_json(path / "state.json"), best

@@ -1,0 +1,99 @@
+"""Data-parallel training across processes (`accelerate launch`, torchrun): one rank per device.
+
+Each rank trains on its share of every global batch; after the micro-batches of an optimizer
+step, the LoRA gradients (a few MB) are summed across ranks in one all-reduce. With each
+rank's loss divided by the trained tokens of the whole global step, that sum is exactly the
+gradient one process would get from the whole batch. Rank 0 writes metrics, checkpoints and
+the adapter. NCCL on CUDA, gloo on CPU (how the tests run two processes on one machine).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def launched_world_size() -> int:
+    """Processes the launcher started (1 when run directly)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init(device: str) -> World:
+    """Join the process group the launcher set up; a single process needs none."""
+    import torch
+    import torch.distributed as dist
+
+    if launched_world_size() <= 1:
+        return World()
+    if not dist.is_initialized():
+        backend = "nccl" if device == "cuda" else "gloo"
+        if device == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend=backend)
+    return World(dist.get_rank(), dist.get_world_size())
+
+
+def all_sum(values: list[float], world: World) -> list[float]:
+    if world.size == 1:
+        return values
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def sum_gradients(params, world: World) -> None:
+    """Sum the gradients of `params` over ranks (one flat all-reduce)."""
+    if world.size == 1:
+        return
+    import torch
+    import torch.distributed as dist
+
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    at = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[at:at + n].view_as(p).to(p.dtype)
+        at += n
+
+
+def barrier(world: World) -> None:
+    if world.size > 1:
+        import torch.distributed as dist
+        dist.barrier()
+
+
+def broadcast_flag(flag: bool, world: World) -> bool:
+    """Rank 0's decision, on every rank (e.g. early stopping)."""
+    if world.size == 1:
+        return flag
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([1 if flag else 0])
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.broadcast(t, 0)
+    return bool(t.item())
+
+
+def shutdown(world: World) -> None:
+    if world.size > 1:
+        import torch.distributed as dist
+        if dist.is_initialized():
+            dist.destroy_process_group()

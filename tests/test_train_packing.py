@@ -1,0 +1,129 @@
+"""Packing keeps examples apart, and gradient accumulation equals one big batch (tiny real model)."""
+from __future__ import annotations
+
+import pytest
+
+from tests.models import make_tiny_model, smollm2_tokenizer
+from tests.test_train import rows
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from stages.train.format import encode
+
+    base = make_tiny_model(tmp_path_factory.mktemp("tiny") / "base")
+    tok = smollm2_tokenizer()
+    # different lengths: multi-turn conversations of 1-3 question/answer pairs
+    data = rows(12, seed=5)
+    examples = []
+    for i in range(0, 12, 2):
+        turns = data[i]["messages"] + (data[i + 1]["messages"] if i % 4 == 0 else [])
+        examples.append(encode(tok, turns, max_length=256))
+    model = AutoModelForCausalLM.from_pretrained(str(base), attn_implementation="sdpa", use_cache=True)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM",
+                                             target_modules=["q_proj", "v_proj", "down_proj"]))
+    torch.manual_seed(0)
+    with torch.no_grad():  # LoRA B starts at zero; give every LoRA weight a gradient
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    return model, tok, examples
+
+
+def test_packed_rows_give_each_example_its_unpacked_loss(setup):
+    from stages.train.hardware import Hardware
+    from stages.train.packing import collate_packed, pack_rows
+    from stages.train.torch_backend import nll_by_example, token_nll
+
+    model, tok, examples = setup
+    hw = Hardware("cpu", "fp32", "test")
+    model.eval()
+    alone = nll_by_example(model, examples, tok.pad_token_id, hw, batch_size=1)
+    lengths = [len(e.input_ids) for e in examples]
+    max_length = 3 * max(lengths)
+    assert len(pack_rows(lengths, max_length)) <= len(examples) / 3  # really packed, several per row
+    import torch
+    with torch.no_grad():
+        packed = collate_packed(examples, tok.pad_token_id, "cpu", max_length)
+        nll, count = token_nll(model, packed, hw)
+    assert count.tolist() == [c for _, c in alone]
+    expected = torch.tensor([s for s, _ in alone])
+    assert (nll - expected).abs().max().item() < 1e-3  # summed over ~30 tokens each: fp32 noise only
+
+    # the control: the same rows with positions running on across examples let them attend to each other
+    leaky = dict(packed, position_ids=torch.arange(packed["input_ids"].shape[1]).expand_as(packed["input_ids"]))
+    with torch.no_grad():
+        leaked, _ = token_nll(model, leaky, hw)
+    assert (leaked - expected).abs().max().item() > 1e-2
+
+
+def test_packed_padding_is_its_own_segment_and_untrained():
+    from stages.train.format import IGNORE, Encoded
+    from stages.train.packing import collate_packed
+
+    batch = [Encoded([1, 2, 3], [IGNORE, 2, 3]), Encoded([4, 5], [4, 5]), Encoded([6, 7, 8, 9], [IGNORE] * 3 + [9])]
+    out = collate_packed(batch, pad_id=0, device="cpu", max_length=5)
+    assert out["input_ids"].shape == (2, 5)
+    assert out["position_ids"].tolist() == [[0, 1, 2, 3, 0], [0, 1, 2, 0, 1]]
+    assert out["segments"].tolist() == [[2, 2, 2, 2, -1], [0, 0, 0, 1, 1]]
+    # an example's first token is never a target (unpacked, nothing precedes it)
+    assert out["labels"].tolist() == [[IGNORE, IGNORE, IGNORE, 9, IGNORE], [IGNORE, 2, 3, IGNORE, 5]]
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_accumulated_micro_batches_equal_one_big_batch(setup, packing):
+    from stages.train.hardware import Hardware
+    from stages.train.torch_backend import accumulate_gradients
+
+    model, tok, examples = setup
+    hw = Hardware("cpu", "fp32", "test")
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    tokens = sum(e.n_trained for e in examples)
+
+    def grads(micro):
+        for p in params:
+            p.grad = None
+        loss = accumulate_gradients(model, micro, tokens, tok.pad_token_id, hw, packing, 512)
+        return loss, [p.grad.clone() for p in params]
+
+    big_loss, big = grads([examples])
+    # unequal micro-batches: 1 + 2 + 3 examples with different trained-token counts
+    acc_loss, acc = grads([examples[:1], examples[1:3], examples[3:]])
+    assert acc_loss == pytest.approx(big_loss, rel=1e-5)
+    for a, b in zip(acc, big):
+        assert (a - b).abs().max().item() <= 1e-6 + 1e-4 * b.abs().max().item()
+
+    # the control: averaging each micro-batch's own mean (the common mistake) is a different gradient
+    import torch
+    for p in params:
+        p.grad = None
+    for micro in (examples[:1], examples[1:3], examples[3:]):
+        accumulate_gradients(model, [micro], sum(e.n_trained for e in micro) * 3, tok.pad_token_id, hw, packing, 512)
+    naive = [p.grad.clone() for p in params]
+    assert max((a - b).abs().max().item() for a, b in zip(naive, big)) > 1e-4 * max(b.abs().max().item() for b in big)
+    del torch
+
+
+def test_gradient_checkpointing_trains_the_same_curve(tmp_path, monkeypatch):
+    """Recomputing activations in backward saves memory and changes nothing else."""
+    from stages import io, layout, train
+    from tests.models import adapter_config
+    from tests.test_train import TOML, write_splits
+
+    base = make_tiny_model(tmp_path / "base")
+    curves = []
+    for flag in ("false", "true"):
+        root = tmp_path / flag
+        root.mkdir()
+        monkeypatch.chdir(root)
+        write_splits("coding")
+        cfg = adapter_config(root, "coding", TOML.format(base=base, steps=3, lr=1e-2,
+                                                         extra=f"gradient_checkpointing = {flag}"))
+        train.run(cfg, "coding")
+        curves.append([r["loss"] for r in io.read_jsonl(layout.metrics_file("coding")) if r["kind"] == "train"])
+    assert len(curves[0]) == 3 and curves[0] == pytest.approx(curves[1], abs=1e-4)
