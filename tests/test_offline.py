@@ -1,0 +1,34 @@
+"""Offline, an enabled network source fails with one line naming it and the fix; `doit --continue` builds the rest."""
+from __future__ import annotations
+
+import socket
+
+from tests.pipeline_project import Project, sources_toml
+
+
+def closed_port() -> int:
+    with socket.socket() as s:  # bound then closed: nothing listens there, connections are refused
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_offline_network_source_fails_in_one_line_and_the_rest_still_builds(tmp_path):
+    project = Project(tmp_path, base_model=str(tmp_path / "unused-model"))
+    (tmp_path / "sources.toml").write_text(sources_toml(news2_count=20, icd_codes=20) + f"""
+[sources.pubmed]
+kind = "pubmed"
+adapters = ["clinical_decision"]
+[sources.pubmed.params]
+term = "sepsis"
+base_url = "http://127.0.0.1:{closed_port()}/entrez/eutils"
+backoff = 0.05
+""")
+    result = project.doit("--continue", "scrape", "normalize", check=False)
+    assert result.returncode != 0
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if "cannot reach" in line]
+    assert lines, result.stderr[-3000:]
+    assert "source 'pubmed'" in lines[0] and 'mode = "mirror"' in lines[0] and "enabled = false" in lines[0]
+    # everything that does not depend on pubmed was built
+    for source in ("news2", "icd10cm"):
+        assert (tmp_path / "data" / "examples" / f"{source}.jsonl").stat().st_size > 0
+    assert not (tmp_path / "data" / "raw" / "pubmed" / "manifest.json").exists()  # nothing looks done
