@@ -52,32 +52,20 @@ def read_split(adapter: str, split: str) -> list[dict[str, Any]]:
 
 
 def run(cfg, adapter_name: str) -> dict[str, Any]:
-    a = cfg.adapters[adapter_name]
-    backend = resolve_backend(a.train["backend"], str(layout.adapter_toml(adapter_name)))
-    # backend dispatch: each backend's runner takes (cfg, adapter_name) and returns the summary
-    if backend == "torch":
-        return run_torch(cfg, adapter_name)
-    if backend == "mlx":
-        from stages.train import mlx_backend
-        return mlx_backend.run(cfg, adapter_name)
-    raise StageError(f"{layout.adapter_toml(adapter_name)}: key 'train.backend' = \"{backend}\" has no runner")
-
-
-def run_torch(cfg, adapter_name: str) -> dict[str, Any]:
+    """Read and encode the splits once, then hand them to the recipe's backend (same inputs, same outputs)."""
     from stages.train import format as fmt
-    from stages.train import distributed, hardware
     from stages.train.metrics import MetricsStream
+    from stages.train.torch_backend import load_tokenizer
 
     a = cfg.adapters[adapter_name]
     where = str(layout.adapter_toml(adapter_name))
+    backend = resolve_backend(a.train["backend"], where)
     base_dir = base_folder(a.base_model, where)
     train_rows, val_rows = read_split(adapter_name, "train"), read_split(adapter_name, "val")
     if not train_rows:
         raise StageError(f"{layout.split_file(adapter_name, 'train')} has no examples; check the adapter's "
                          f"sources in sources.toml and 'data.tasks' in {where}")
-
-    from stages.train import torch_backend
-    tokenizer = torch_backend.load_tokenizer(base_dir)
+    tokenizer = load_tokenizer(base_dir)
     max_length = a.train["max_length"]
     train_examples, dropped = fmt.encode_rows(tokenizer, train_rows, max_length)
     val_examples, _ = fmt.encode_rows(tokenizer, val_rows, max_length)
@@ -86,14 +74,20 @@ def run_torch(cfg, adapter_name: str) -> dict[str, Any]:
                          f"'train.max_length' = {max_length}; raise it")
     print(f"train:{adapter_name}: mask check (trained text in [[ ]]):\n{fmt.describe(tokenizer, train_examples[0])}")
 
-    hw = hardware.detect(a.train["dtype"])
-    if hw.device == "cuda" and distributed.launched_world_size() == 1:
-        import torch
-        if torch.cuda.device_count() > 1:
-            return relaunch(adapter_name, torch.cuda.device_count())
+    if backend == "mlx":
+        from stages.train import mlx_backend as engine
+        hw = engine.detect(a.train["dtype"])
+    else:
+        from stages.train import distributed, hardware
+        from stages.train import torch_backend as engine
+        hw = hardware.detect(a.train["dtype"])
+        if hw.device == "cuda" and distributed.launched_world_size() == 1:
+            import torch
+            if torch.cuda.device_count() > 1:
+                return relaunch(adapter_name, torch.cuda.device_count())
     metrics = MetricsStream(layout.metrics_file(adapter_name), hw.device, layout.tensorboard_dir(adapter_name))
-    summary = torch_backend.train(
-        name=adapter_name, base_model=a.base_model, lora=a.lora, train_cfg={**a.train, "backend": "torch"},
+    summary = engine.train(
+        name=adapter_name, base_model=a.base_model, lora=a.lora, train_cfg={**a.train, "backend": backend},
         base_dir=base_dir, tokenizer=tokenizer, train_examples=train_examples, val_examples=val_examples,
         dropped=dropped, hw=hw, metrics=metrics, out_dir=layout.lora_dir(adapter_name),
         checkpoint_dir=layout.checkpoints_dir(adapter_name))
