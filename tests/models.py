@@ -6,7 +6,9 @@ adapter.toml `base_model` at its absolute path to run training, eval or export o
 """
 from __future__ import annotations
 
+import atexit
 import functools
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -19,7 +21,7 @@ def smollm2_tokenizer_dir() -> Path:
     """The embedded SmolLM2 tokenizer (from the GGUF), saved once per test session."""
     from stages.base_model import embedded_tokenizer
 
-    folder = Path(tempfile.mkdtemp(prefix="medforge-smollm2-tok-"))
+    folder = session_tempdir("medforge-smollm2-tok-")
     embedded_tokenizer().save_pretrained(str(folder))
     return folder
 
@@ -71,4 +73,11 @@ def smollm2_base_dir() -> Path:
     """The embedded SmolLM2-135M-Instruct materialized as an HF folder, once per test session (slow tests)."""
     from stages.base_model import materialize
 
-    return materialize("embedded:smollm2-135m-instruct", Path(tempfile.mkdtemp(prefix="medforge-smollm2-")) / "base")
+    return materialize("embedded:smollm2-135m-instruct", session_tempdir("medforge-smollm2-") / "base")
+
+
+def session_tempdir(prefix: str) -> Path:
+    """A temp folder removed when the test session ends (the SmolLM2 copy alone is ~500 MB)."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, folder, True)
+    return folder
