@@ -47,7 +47,7 @@ alpha = 8
 lr = {lr}
 max_steps = {max_steps}
 batch_size = 4
-max_length = 192
+max_length = 512
 [eval]
 max_examples = 8
 [export]
