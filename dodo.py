@@ -74,7 +74,8 @@ def task_split():
 
 def task_lint():
     for a in CFG.adapters.values():
-        yield {"name": a.name, "actions": stage("lint", a.name), "uptodate": [config_changed(a.recipe())],
+        checked = {"base_model": a.base_model, **{k: a.train[k] for k in ("max_length", "max_truncated", "lint_examples")}}
+        yield {"name": a.name, "actions": stage("lint", a.name), "uptodate": [config_changed(checked)],
                "file_dep": [str(layout.split_file(a.name, "train")), str(layout.base_weights(a.base_model))]
                + layout.code("train/lint.py", "train/format.py"), "targets": [str(layout.lint_report(a.name))]}
 
