@@ -4,13 +4,12 @@ from __future__ import annotations
 from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
-from textual.binding import Binding
 from textual.containers import VerticalScroll
-from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Static
 
-from tui.messages import PipelineChanged, ReportLoaded, RunStateChanged
+from tui.messages import ReportLoaded
 from tui.reports import data_report
+from tui.screens.report_screen import ReportScreen
 from tui.widgets.topbar import TopBar
 
 
@@ -18,8 +17,7 @@ def _n(value) -> Text:
     return Text("–" if value is None else f"{value:,}", justify="right")
 
 
-class DataScreen(Screen):
-    BINDINGS = [Binding("ctrl+r", "reload", "Reload")]
+class DataScreen(ReportScreen):
 
     def compose(self) -> ComposeResult:
         yield TopBar("data")
@@ -39,21 +37,6 @@ class DataScreen(Screen):
                                   ("#data-splits", ("adapter", "examples", "train", "val", "test"))):
             self.query_one(table_id, DataTable).add_columns(*columns)
         self.action_reload()
-
-    def on_screen_resume(self) -> None:
-        self.query_one(TopBar).show_run(self.app.running, self.app.run_summary())
-        self.action_reload()
-
-    @on(PipelineChanged)
-    def _pipeline_changed(self) -> None:
-        self.action_reload()
-
-    @on(RunStateChanged)
-    def _run_state(self, msg: RunStateChanged) -> None:
-        self.query_one(TopBar).show_run(msg.running, msg.summary)
-
-    def action_reload(self) -> None:
-        self.load()
 
     @work(thread=True, exclusive=True, group="data", exit_on_error=False)
     def load(self) -> None:

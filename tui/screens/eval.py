@@ -4,13 +4,12 @@ from __future__ import annotations
 from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
-from textual.binding import Binding
 from textual.containers import VerticalScroll
-from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Static
 
-from tui.messages import PipelineChanged, ReportLoaded, RunStateChanged
+from tui.messages import ReportLoaded
 from tui.reports import eval_report
+from tui.screens.report_screen import ReportScreen
 from tui.widgets.topbar import TopBar
 
 
@@ -41,8 +40,7 @@ def safety_rates(report: dict) -> list[tuple[str, float]]:
     return out
 
 
-class EvalScreen(Screen):
-    BINDINGS = [Binding("ctrl+r", "reload", "Reload")]
+class EvalScreen(ReportScreen):
 
     def compose(self) -> ComposeResult:
         yield TopBar("eval")
@@ -57,21 +55,6 @@ class EvalScreen(Screen):
         self.query_one("#eval-matrix", DataTable).add_columns("adapter", "task", "n", "base ppl", "adapter ppl", "change")
         self.query_one("#eval-safety", DataTable).add_columns("adapter", "check", "pass rate")
         self.action_reload()
-
-    def on_screen_resume(self) -> None:
-        self.query_one(TopBar).show_run(self.app.running, self.app.run_summary())
-        self.action_reload()
-
-    @on(PipelineChanged)
-    def _pipeline_changed(self) -> None:
-        self.action_reload()
-
-    @on(RunStateChanged)
-    def _run_state(self, msg: RunStateChanged) -> None:
-        self.query_one(TopBar).show_run(msg.running, msg.summary)
-
-    def action_reload(self) -> None:
-        self.load()
 
     @work(thread=True, exclusive=True, group="eval", exit_on_error=False)
     def load(self) -> None:
