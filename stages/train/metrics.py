@@ -154,3 +154,17 @@ class MetricsStream:
             self.tb.close()
             self.tb = None
         return self.write("end", step=step, elapsed=round(self.elapsed(), 3), summary=summary)
+
+
+def run_summary(*, state: dict[str, Any], hw, **fields: Any) -> dict[str, Any]:
+    """train_summary.json, the same for every backend: the loop's state plus what the backend adds."""
+    seconds = state["train_seconds"]
+    return {
+        **fields, "device": hw.device, "dtype": hw.dtype, "dtype_reason": hw.reason,
+        "steps_done": state["step"], "epochs_seen": state["epoch"],
+        "start_val_loss": state["start_val_loss"], "end_val_loss": state["end_val_loss"],
+        "best_val_loss": state["best_val_loss"], "best_step": state["best_step"], "stopped_early": state["stopped_early"],
+        "tokens": state["tokens"], "input_tokens": state["input_tokens"], "train_seconds": round(seconds, 3),
+        "tok_s": round(state["tokens"] / seconds, 2) if seconds else None,
+        "input_tok_s": round(state["input_tokens"] / seconds, 2) if seconds else None,
+    }

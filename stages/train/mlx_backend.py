@@ -29,6 +29,7 @@ from stages import io
 from stages.errors import StageError
 from stages.train.format import IGNORE, Encoded
 from stages.train.hardware import BF16_MIN_SPEEDUP, Hardware
+from stages.train.metrics import run_summary
 
 EVAL_BATCH_SIZE = 8
 # architectures whose mlx-lm Model is `head(self.model(x))`: the head then runs only on trained
@@ -440,21 +441,11 @@ def train(*, name: str, base_model: str, lora: dict[str, Any], train_cfg: dict[s
     progress.close()
 
     final = best if best is not None else adapter_weights(model)  # the exported adapter is the best one
-    summary = {
-        "adapter": name, "base_model": base_model, "backend": "mlx",
-        "device": hw.device, "dtype": hw.dtype, "dtype_reason": hw.reason,
-        "quantization": quantization, "steps": steps, "steps_done": state["step"], "epochs_seen": state["epoch"],
-        "n_train": len(train_examples), "n_val": len(val_examples), "dropped": dropped,
-        "start_val_loss": state["start_val_loss"], "end_val_loss": state["end_val_loss"],
-        "best_val_loss": state["best_val_loss"], "best_step": state["best_step"],
-        "stopped_early": state["stopped_early"], "resumed_from": str(resumed_from) if resumed_from else None,
-        "packing": False, "world_size": 1,
-        "tokens": state["tokens"], "input_tokens": state["input_tokens"],
-        "train_seconds": round(state["train_seconds"], 3),
-        "tok_s": round(state["tokens"] / state["train_seconds"], 2) if state["train_seconds"] else None,
-        "input_tok_s": round(state["input_tokens"] / state["train_seconds"], 2) if state["train_seconds"] else None,
-        "trainable_params": n_trainable, "memory": memory(), "lora": lora, "train": train_cfg,
-    }
+    summary = run_summary(
+        state=state, hw=hw, adapter=name, base_model=base_model, backend="mlx", quantization=quantization,
+        steps=steps, n_train=len(train_examples), n_val=len(val_examples), dropped=dropped,
+        resumed_from=str(resumed_from) if resumed_from else None, packing=False, world_size=1,
+        trainable_params=n_trainable, memory=memory(), lora=lora, train=train_cfg)
     with io.atomic_dir(out_dir) as tmp:
         save_peft(tmp, final, lora, base_dir, tokenizer)
         save_mlx(tmp / "mlx", final, lora, len(model.layers), lora_keys)

@@ -19,6 +19,7 @@ from typing import Any
 from stages import io
 from stages.errors import StageError
 from stages.train import checkpoint, distributed
+from stages.train.metrics import run_summary
 from stages.train.format import IGNORE, Encoded
 from stages.train.hardware import Hardware
 from stages.train.packing import BatchStream, collate, collate_packed, length_batches  # noqa: F401 (API)
@@ -334,21 +335,11 @@ def train(*, name: str, base_model: str, lora: dict[str, Any], train_cfg: dict[s
 
     if best is not None:  # the exported adapter is the best one by validation loss
         checkpoint.load_trainable(model, best)
-    summary = {
-        "adapter": name, "base_model": base_model, "backend": "torch",
-        "device": hw.device, "dtype": hw.dtype, "dtype_reason": hw.reason,
-        "quantization": quantization, "steps": steps, "steps_done": state["step"], "epochs_seen": state["epoch"],
-        "n_train": len(train_examples), "n_val": len(val_examples), "dropped": dropped,
-        "start_val_loss": state["start_val_loss"], "end_val_loss": state["end_val_loss"],
-        "best_val_loss": state["best_val_loss"], "best_step": state["best_step"],
-        "stopped_early": state["stopped_early"], "resumed_from": str(resumed_from) if resumed_from else None,
-        "packing": packing, "world_size": world.size,
-        "tokens": state["tokens"], "input_tokens": state["input_tokens"],
-        "train_seconds": round(state["train_seconds"], 3),
-        "tok_s": round(state["tokens"] / state["train_seconds"], 2) if state["train_seconds"] else None,
-        "input_tok_s": round(state["input_tokens"] / state["train_seconds"], 2) if state["train_seconds"] else None,
-        "trainable_params": n_trainable, "lora": lora, "train": train_cfg,
-    }
+    summary = run_summary(
+        state=state, hw=hw, adapter=name, base_model=base_model, backend="torch", quantization=quantization,
+        steps=steps, n_train=len(train_examples), n_val=len(val_examples), dropped=dropped,
+        resumed_from=str(resumed_from) if resumed_from else None, packing=packing, world_size=world.size,
+        trainable_params=n_trainable, lora=lora, train=train_cfg)
     if world.main:
         with io.atomic_dir(out_dir) as tmp:
             model.save_pretrained(str(tmp))
