@@ -50,6 +50,7 @@ batch_size = 4
 max_length = 512
 [eval]
 max_examples = 8
+max_generate = 2     # generated answers per task and split: greedy decoding is the slow part on a CPU
 [export]
 merged = {merged}
 """
