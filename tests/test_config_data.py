@@ -4,6 +4,8 @@ from pathlib import Path
 import pytest
 
 from stages import config
+from tests.test_config import problems  # noqa: F401  (one helper for every config test)
+from tests.test_config import project as config_project
 
 SOURCES = """
 [sources.news2]
@@ -13,16 +15,7 @@ adapters = ["decide"]
 
 
 def project(tmp_path: Path, sources: str = SOURCES, adapter: str = "") -> Path:
-    (tmp_path / "sources.toml").write_text(sources)
-    (tmp_path / "adapters" / "decide").mkdir(parents=True)
-    (tmp_path / "adapters" / "decide" / "adapter.toml").write_text(adapter)
-    return tmp_path
-
-
-def problems(tmp_path: Path) -> list[str]:
-    with pytest.raises(config.ConfigError) as info:
-        config.load(tmp_path)
-    return info.value.problems
+    return config_project(tmp_path, sources=sources, adapter=adapter)
 
 
 def test_defaults(tmp_path):
