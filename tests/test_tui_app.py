@@ -70,6 +70,24 @@ async def test_pipeline_run_all_shows_states_reasons_and_logs(project):
         await wait_for(pilot, lambda: app.pipeline.static["train:tiny"]["status"] == "run", what="forget")
 
 
+async def test_a_status_refresh_never_moves_the_cursor_back(project):
+    # the pipeline repaints every poll; a repaint landing between a cursor move and its highlight message
+    # must leave the cursor (and so the selection) where the user put it
+    app = make_app(project)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_for(pilot, lambda: len(app.pipeline.static) == 3, what="doit's static status")
+        screen = app.screen
+        table = screen.query_one("#tasks")
+        names = [r.name for r in app.pipeline.rows()]
+        table.move_cursor(row=names.index("train:tiny"), animate=False)
+        screen.render_tasks()  # the repaint, before the highlight is handled
+        await wait_for(pilot, lambda: screen.selected == "train:tiny", 10, "the selection to follow the cursor")
+        for _ in range(3):
+            screen.render_tasks()
+            await pilot.pause()
+        assert screen.selected == "train:tiny" and table.cursor_row == names.index("train:tiny")
+
+
 async def test_stop_asks_then_interrupts_the_run(project, monkeypatch):
     monkeypatch.setenv("TINY_TRAIN_S", "60")
     app = make_app(project)

@@ -83,21 +83,39 @@ class PipelineScreen(Screen):
                     summary.append(f"{symbol} {counts[name]} {name}   ", style=style)
         self.query_one("#pipeline-summary", Static).update(summary)
 
-        keep = self.selected
-        table.clear()
+        cells = {}
         last_stage = None
         for row in rows:
             symbol, style = LOOK.get(row.state, LOOK["unknown"])
-            stage = Text(row.stage if row.stage != last_stage else "", style="bold")
+            cells[row.name] = {
+                "stage": Text(row.stage if row.stage != last_stage else "", style="bold"),
+                "task": Text(row.item or row.stage),
+                "state": Text(f"{symbol} {row.state}", style=style),
+                "why": Text(row.reason, style="dim" if row.state == "up to date" else ""),
+            }
             last_stage = row.stage
-            table.add_row(stage, Text(row.item or row.stage), Text(f"{symbol} {row.state}", style=style),
-                          Text(row.reason, style="dim" if row.state == "up to date" else ""), key=row.name)
-        names = [r.name for r in rows]
+        names = list(cells)
+        if names == [key.value for key in table.rows]:
+            # same tasks: update in place, so the cursor (which may have just moved) stays where the user put it
+            for name, values in cells.items():
+                for column, value in values.items():
+                    table.update_cell(name, column, value)
+            return
+        keep = self._row_under_cursor(table) or self.selected
+        table.clear()
+        for name, values in cells.items():
+            table.add_row(*values.values(), key=name)
         if keep in names:
             table.move_cursor(row=names.index(keep), animate=False)
         elif names:
             self.selected = names[0]
             self.schedule_log(0)
+
+    @staticmethod
+    def _row_under_cursor(table: DataTable) -> str | None:
+        if not table.row_count:
+            return None
+        return table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
 
     @on(DataTable.RowHighlighted, "#tasks")
     def _row_highlighted(self, event: DataTable.RowHighlighted) -> None:
