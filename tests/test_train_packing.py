@@ -7,8 +7,9 @@ from tests.models import make_tiny_model, smollm2_tokenizer
 from tests.test_train import rows
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+@pytest.fixture(scope="module", params=["sdpa", "varlen"])
+def setup(tmp_path_factory, request):
+    """The tiny model under transformers' SDPA (a block mask) and under the trainer's own per-example attention."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -23,7 +24,9 @@ def setup(tmp_path_factory):
     for i in range(0, 12, 2):
         turns = data[i]["messages"] + (data[i + 1]["messages"] if i % 4 == 0 else [])
         examples.append(encode(tok, turns, max_length=256))
-    model = AutoModelForCausalLM.from_pretrained(str(base), attn_implementation="sdpa", use_cache=True)
+    from stages.train import varlen
+    attention = varlen.register() if request.param == "varlen" else "sdpa"
+    model = AutoModelForCausalLM.from_pretrained(str(base), attn_implementation=attention, use_cache=True)
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM",
                                              target_modules=["q_proj", "v_proj", "down_proj"]))
     torch.manual_seed(0)

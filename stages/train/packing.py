@@ -1,9 +1,9 @@
 """Batches: examples bucketed by length, or packed into rows without cross-example attention.
 
 A packed row holds several examples end to end, up to `max_length` tokens. Each example's
-position ids restart at 0; that is what keeps examples apart: transformers turns restarting
-position ids (with no 2D attention mask) into a block-diagonal causal mask for SDPA and eager
-attention, and into variable-length sequences for flash attention on CUDA. `segments` names
+position ids restart at 0; that is what keeps examples apart: the trainer's attention
+(varlen.py) runs each example on its own, and flash attention on CUDA reads them as
+variable-length sequences (plain transformers SDPA would build a block-diagonal mask). `segments` names
 the example each token belongs to (-1 for padding), so losses can be read per example.
 
 The order of batches is a pure function of (seed, epoch), which is what lets a run resume

@@ -44,12 +44,13 @@ def cosine_lr(step: int, total: int, warmup: int, base_lr: float) -> float:
 
 # --- model
 def attention_implementation(device: str) -> str:
-    """Varlen flash attention for packed rows on CUDA when installed; SDPA with a block mask otherwise."""
+    """Varlen flash attention for packed rows on CUDA when installed; SDPA per packed example otherwise."""
     if device == "cuda":
         import importlib.util
         if importlib.util.find_spec("flash_attn") is not None:
             return "flash_attention_2"
-    return "sdpa"
+    from stages.train import varlen
+    return varlen.register()
 
 
 def load_model(base_dir: Path, quantization: str, hw: Hardware):
