@@ -96,5 +96,5 @@ def detect(requested: str = "auto") -> Hardware:
         return Hardware(device, "bf16", f"CPU has {', '.join(sorted(flags))}")
     speedup = cpu_bf16_speedup()
     if speedup >= BF16_MIN_SPEEDUP:
-        return Hardware(device, "bf16", f"CPU bf16 matmul measured {speedup:.1f}x fp32")
-    return Hardware(device, "fp32", f"CPU bf16 matmul measured only {speedup:.1f}x fp32")
+        return Hardware(device, "bf16", f"CPU bf16 matmul measured {speedup:.2g}x fp32")
+    return Hardware(device, "fp32", f"CPU bf16 matmul measured only {speedup:.2g}x fp32")
