@@ -130,3 +130,33 @@ def test_gradient_checkpointing_trains_the_same_curve(tmp_path, monkeypatch):
         train.run(cfg, "coding")
         curves.append([r["loss"] for r in io.read_jsonl(layout.metrics_file("coding")) if r["kind"] == "train"])
     assert len(curves[0]) == 3 and curves[0] == pytest.approx(curves[1], abs=1e-4)
+
+
+def test_packed_rows_are_cut_where_positions_restart():
+    import torch
+
+    from stages.train.varlen import segment_bounds
+
+    positions = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5, 0, 0, 1]])
+    assert segment_bounds(positions) == [[(0, 3), (3, 5), (5, 9)], [(0, 6), (6, 7), (7, 9)]]
+
+
+def test_the_trainer_attention_generates_like_sdpa(tmp_path):
+    # the evaluator loads models through the trainer's loader: padded batches and the KV cache take transformers' path
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from stages.train import varlen
+
+    base = make_tiny_model(tmp_path / "base")
+    tok = smollm2_tokenizer()
+    tok.padding_side = "left"
+    prompts = tok(["Code for type 2 diabetes?", "NEWS2 for RR 24, SpO2 93%, pulse 112?"], return_tensors="pt",
+                  padding=True)
+    outputs = []
+    for attention in ("sdpa", varlen.register()):
+        model = AutoModelForCausalLM.from_pretrained(str(base), attn_implementation=attention).eval()
+        with torch.no_grad():
+            outputs.append(model.generate(**prompts, max_new_tokens=8, do_sample=False,
+                                          pad_token_id=tok.pad_token_id))
+    assert torch.equal(outputs[0], outputs[1])
