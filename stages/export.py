@@ -39,7 +39,7 @@ CHECK_PROMPT = "The patient presents with"
 # on the f16 base) must agree fully; quantized types are gated by KL with about 3x margin, top-1 only loosely:
 # near-ties flip under rounding (a random tiny model's q8_0 agrees on 87 % at KL 0.003).
 BOUNDS: dict[str, dict[str, float]] = {
-    "f16": {"min_top1": 0.99, "max_kl": 1e-4},  # fp16 rounding may flip a near-tie; KL is the gate
+    "f16": {"min_top1": 0.99, "max_kl": 1e-4},  # top-1 counts near-ties as agreeing (compare_logits)
     "bf16": {"min_top1": 0.99, "max_kl": 1e-3},
     "lora": {"min_top1": 0.99, "max_kl": 1e-4},  # f16 LoRA GGUF applied on the f16 base GGUF
     "q8_0": {"min_top1": 0.8, "max_kl": 0.03},
@@ -185,8 +185,16 @@ def bounds_for(export_cfg: dict[str, Any]) -> dict[str, dict[str, float]]:
     return out
 
 
+TIE_NATS = 0.05  # under the reference, a pick this close to its top token is a near-tie, not a disagreement
+
+
 def compare_logits(ref, got) -> tuple[int, float, int]:
-    """(positions where the top token agrees, summed KL(ref || got), positions) over [positions, vocab] logits."""
+    """(positions where the top token agrees, summed KL(ref || got), positions) over [positions, vocab] logits.
+
+    Half-precision rounding (~1e-3 relative) flips the order of near-tied tokens; a position counts
+    as agreeing when the GGUF's top token is within TIE_NATS of the reference's top under the
+    reference's own distribution. Real breakage moves tokens by far more, and KL is measured too.
+    """
     import numpy as np
 
     ref, got = np.asarray(ref, dtype=np.float64), np.asarray(got, dtype=np.float64)
@@ -197,7 +205,9 @@ def compare_logits(ref, got) -> tuple[int, float, int]:
 
     lp, lq = log_softmax(ref), log_softmax(got)
     kl = (np.exp(lp) * (lp - lq)).sum(axis=-1)
-    agree = int((ref.argmax(-1) == got.argmax(-1)).sum())
+    rows = np.arange(ref.shape[0])
+    gap = lp[rows, ref.argmax(-1)] - lp[rows, got.argmax(-1)]
+    agree = int((gap <= TIE_NATS).sum())
     return agree, float(np.maximum(kl, 0.0).sum()), int(ref.shape[0])
 
 
