@@ -160,3 +160,23 @@ def test_the_trainer_attention_generates_like_sdpa(tmp_path):
             outputs.append(model.generate(**prompts, max_new_tokens=8, do_sample=False,
                                           pad_token_id=tok.pad_token_id))
     assert torch.equal(outputs[0], outputs[1])
+
+
+def test_packed_rows_are_cut_once_per_forward_not_once_per_layer(setup, monkeypatch):
+    import torch
+
+    from stages.train import varlen
+    from stages.train.hardware import Hardware
+    from stages.train.packing import collate_packed
+    from stages.train.torch_backend import token_nll
+
+    model, tok, examples = setup
+    if model.config._attn_implementation != varlen.NAME:
+        pytest.skip("the trainer's own attention only")
+    calls = []
+    real = varlen.segment_bounds
+    monkeypatch.setattr(varlen, "segment_bounds", lambda p: calls.append(1) or real(p))
+    packed = collate_packed(examples, tok.pad_token_id, "cpu", 3 * max(len(e.input_ids) for e in examples))
+    with torch.no_grad():
+        token_nll(model, packed, Hardware("cpu", "fp32", "test"))
+    assert model.config.num_hidden_layers > 1 and len(calls) == 1

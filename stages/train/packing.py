@@ -3,8 +3,9 @@
 A packed row holds several examples end to end, up to `max_length` tokens. Each example's
 position ids restart at 0; that is what keeps examples apart: the trainer's attention
 (varlen.py) runs each example on its own, and flash attention on CUDA reads them as
-variable-length sequences (plain transformers SDPA would build a block-diagonal mask). `segments` names
-the example each token belongs to (-1 for padding), so losses can be read per example.
+variable-length sequences (plain transformers SDPA would build a block-diagonal mask).
+`segments` names the example each token belongs to (-1 for padding), so losses can be read
+per example.
 
 The order of batches is a pure function of (seed, epoch), which is what lets a run resume
 from (epoch, batch index) mid-epoch.

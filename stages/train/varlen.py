@@ -12,7 +12,10 @@ is not a packed training row (a 2D padding mask, a KV cache) goes to transformer
 """
 from __future__ import annotations
 
+import weakref
+
 NAME = "medforge_varlen"
+_last_bounds: tuple = (lambda: None, -1, [])  # (weak ref to position_ids, its version, its bounds)
 
 
 def segment_bounds(position_ids) -> list[list[tuple[int, int]]]:
@@ -28,6 +31,17 @@ def segment_bounds(position_ids) -> list[list[tuple[int, int]]]:
     return bounds
 
 
+def bounds_for(position_ids, batch: int) -> list[list[tuple[int, int]]]:
+    """segment_bounds, computed once per forward: every layer gets the same position_ids tensor, and
+    reading it back to the host is a device sync on CUDA."""
+    global _last_bounds
+    seen, version, bounds = _last_bounds
+    if seen() is not position_ids or version != position_ids._version or len(bounds) != batch:
+        bounds = segment_bounds(position_ids.expand(batch, -1))
+        _last_bounds = (weakref.ref(position_ids), position_ids._version, bounds)
+    return bounds
+
+
 def attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     """query (B, H, T, D), key/value (B, KV, T, D) → output (B, T, H, D), as transformers expects."""
     import torch
@@ -38,7 +52,7 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     rows = []
-    for r, spans in enumerate(segment_bounds(position_ids.expand(query.shape[0], -1))):
+    for r, spans in enumerate(bounds_for(position_ids, query.shape[0])):
         pieces = [sdpa_attention_forward(module, query[r:r + 1, :, a:b], key[r:r + 1, :, a:b],
                                          value[r:r + 1, :, a:b], None, dropout=dropout, scaling=scaling,
                                          is_causal=True)[0]
