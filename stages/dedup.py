@@ -18,11 +18,15 @@ data/dedup/report.json. `medforge dedup` runs the same code on any JSONL.
 """
 from __future__ import annotations
 
+import gc
+import os
 import re
 import sys
 import time
 import unicodedata
 from collections import Counter, deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -224,51 +228,50 @@ def _tokens(norm: str) -> str:
     return " ".join(WORD_RE.findall(norm))
 
 
+def _batch_fingerprint(tokens: list[str], num_perm: int, shingle_words: int
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(signatures, quality, shingle values, shingles per document) of one batch of token strings."""
+    a, b = permutations(num_perm)
+    hashes, lengths, distinct = word_hashes("\n".join(tokens).encode("utf-8"), len(tokens))
+    hv, counts = shingle_hashes(hashes, lengths, shingle_words)
+    # the permuted matrix (num_perm x shingles) is built a few thousand shingles at a time, to stay in cache
+    bounds = np.concatenate([[0], np.cumsum(counts)])
+    cuts = np.unique(np.searchsorted(bounds, np.arange(0, bounds[-1], SHINGLES_PER_BATCH), side="right") - 1)
+    cuts = np.concatenate([cuts[cuts > 0], [len(counts)]]) if len(counts) else np.zeros(0, np.int64)
+    signatures, lo = [], 0
+    for hi in cuts.tolist():
+        signatures.append(_minhash(hv[bounds[lo]:bounds[hi]], counts[lo:hi], a, b))
+        lo = hi
+    values, per_doc = _shingle_sets(hv, counts)
+    return np.concatenate(signatures), distinct, values, per_doc
+
+
 def fingerprint(texts: Iterable[str], num_perm: int, shingle_words: int) -> Fingerprints:
+    """Fingerprints of `texts`, in order. Texts are normalized here (Python) while earlier batches are
+    hashed on a thread pool (numpy, which releases the GIL): every core works, the result is the same."""
     import xxhash
 
-    a, b = permutations(num_perm)
     digests: list[bytes] = []
-    quality: list[np.ndarray] = []
-    signatures: list[np.ndarray] = []
-    shingles: list[np.ndarray] = []
-    sizes: list[np.ndarray] = []
+    batches: list[Future] = []
     batch: list[str] = []
     batch_chars = 0
-
-    def flush():
-        nonlocal batch, batch_chars
-        if not batch:
-            return
-        hashes, lengths, distinct = word_hashes("\n".join(batch).encode("utf-8"), len(batch))
-        hv, counts = shingle_hashes(hashes, lengths, shingle_words)
-        # the permuted matrix (num_perm x shingles) is built a few thousand shingles at a time, to stay in cache
-        bounds = np.concatenate([[0], np.cumsum(counts)])
-        cuts = np.unique(np.searchsorted(bounds, np.arange(0, bounds[-1], SHINGLES_PER_BATCH), side="right") - 1)
-        cuts = np.concatenate([cuts[cuts > 0], [len(counts)]]) if len(counts) else np.zeros(0, np.int64)
-        lo = 0
-        for hi in cuts.tolist():
-            signatures.append(_minhash(hv[bounds[lo]:bounds[hi]], counts[lo:hi], a, b))
-            lo = hi
-        values, per_doc = _shingle_sets(hv, counts)
-        shingles.append(values)
-        sizes.append(per_doc)
-        quality.append(distinct)
-        batch, batch_chars = [], 0
-
-    for text in texts:
-        norm = normalize_text(text)
-        digests.append(xxhash.xxh3_128_digest(norm.encode("utf-8")))
-        batch.append(_tokens(norm))
-        batch_chars += len(norm)
-        if batch_chars >= CHARS_PER_BATCH:
-            flush()
-    flush()
+    with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
+        for text in texts:
+            norm = normalize_text(text)
+            digests.append(xxhash.xxh3_128_digest(norm.encode("utf-8")))
+            batch.append(_tokens(norm))
+            batch_chars += len(norm)
+            if batch_chars >= CHARS_PER_BATCH:
+                batches.append(pool.submit(_batch_fingerprint, batch, num_perm, shingle_words))
+                batch, batch_chars = [], 0
+        if batch:
+            batches.append(pool.submit(_batch_fingerprint, batch, num_perm, shingle_words))
+        parts = [future.result() for future in batches]
     if not digests:
         return Fingerprints.empty(num_perm)
-    offsets = np.concatenate([[0], np.cumsum(np.concatenate(sizes))]).astype(np.int64)
-    return Fingerprints(digests, np.concatenate(signatures), np.concatenate(quality).astype(np.int64),
-                        np.concatenate(shingles), offsets)
+    signatures, quality, shingles, sizes = (np.concatenate(column) for column in zip(*parts))
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    return Fingerprints(digests, signatures, quality.astype(np.int64), shingles, offsets)
 
 
 # --- clusters
@@ -339,21 +342,30 @@ def _connect(config: dict[str, Any], url: str):
     return client
 
 
-def insert_all(lsh, signatures: np.ndarray, docs: np.ndarray, buffer: bool = False) -> None:
+def insert_all(lsh, signatures: np.ndarray, docs: np.ndarray, buffer: bool = False) -> list[list[bytes]] | None:
     """Index `docs` (keys: 4-byte big-endian row numbers) in a MinHashLSH, all at once.
 
     Writes the very band keys `MinHashLSH.insert` would (big-endian bytes of each band of
     the signature) into the index's own hashtables and key store, so `lsh.query` and
     `lsh.remove` work as usual; but the keys of all documents are cut from one byte-swapped
     matrix, not per document (MinHashLSH.insert costs ~100 us a document here).
+    Returns, per table, the band keys that hold two or more documents when the in-memory
+    fill saw them (None on other storage: read them from the index).
     """
+    from datasketch.storage import DictListStorage, DictSetStorage
+
     swapped = np.ascontiguousarray(signatures[docs]).byteswap()
     keys = [i.to_bytes(4, "big") for i in docs.tolist()]
-    bands = []
+    in_memory = not buffer and not lsh.hashfunc and all(isinstance(t, DictSetStorage) for t in lsh.hashtables)
+    bands, shared = [], []
     for (start, end), table in zip(lsh.hashranges, lsh.hashtables):
-        raw = np.ascontiguousarray(swapped[:, start:end]).tobytes()
-        width = (end - start) * swapped.itemsize
-        hs = [raw[k:k + width] for k in range(0, len(raw), width)]
+        if in_memory:
+            hs, repeated = _fill_buckets(table._dict, swapped[:, start:end], keys)
+            bands.append(hs)
+            shared.append(repeated)
+            continue
+        width = (end - start) * swapped.itemsize  # each row's band, as one bytes object (from C)
+        hs = np.ascontiguousarray(swapped[:, start:end]).view(f"V{width}").ravel().tolist()
         if lsh.hashfunc:
             hs = [lsh.hashfunc(h) for h in hs]
         if buffer:
@@ -362,11 +374,37 @@ def insert_all(lsh, signatures: np.ndarray, docs: np.ndarray, buffer: bool = Fal
         else:  # the same calls, driven from C (no Python loop around them)
             deque(map(table.insert, hs, keys), maxlen=0)
         bands.append(hs)
-    for key, hs in zip(keys, zip(*bands)):
-        lsh.keys.insert(key, *hs, buffer=buffer)
+    if isinstance(lsh.keys, DictListStorage) and not buffer:
+        lsh.keys._dict.update(zip(keys, map(list, zip(*bands))))
+    else:
+        for key, hs in zip(keys, zip(*bands)):
+            lsh.keys.insert(key, *hs, buffer=buffer)
     if buffer:
         for storage in (*lsh.hashtables, lsh.keys):
             storage.empty_buffer()
+    return shared if in_memory else None
+
+
+def _fill_buckets(buckets: dict, rows: np.ndarray, keys: list[bytes]) -> tuple[list[bytes], list[bytes]]:
+    """What `DictSetStorage.insert(h, key)` for every row leaves in an empty table, built from C (one
+    insert at a time costs ~2.5 us, most of a dedup run): returns each row's band key, and the band
+    keys that hold two or more rows.
+    `rows`: (n, rows per band) uint32, each row's band as its bytes (already big-endian)."""
+    band = np.ascontiguousarray(rows).view(f"V{rows.shape[1] * rows.itemsize}").ravel()
+    hs = band.tolist()
+    buckets.update(zip(hs, map(set, zip(keys))))  # a shared bucket keeps only its last key here...
+    if len(buckets) == len(hs):
+        return hs, []
+    with np.errstate(over="ignore"):  # equal bands have equal 64-bit mixes (a collision only costs a look)
+        mixed = np.zeros(len(rows), np.uint64)
+        for column in rows.T:
+            mixed = _mix64(mixed * _LENGTH_MULT + column)
+    order = np.argsort(mixed)
+    same = mixed[order[1:]] == mixed[order[:-1]]
+    repeated = order[np.concatenate([same, [False]]) | np.concatenate([[False], same])]
+    for i in repeated.tolist():  # ...so its other keys are added back
+        buckets[hs[i]].add(keys[i])
+    return hs, [h for h in dict.fromkeys(hs[i] for i in repeated.tolist()) if len(buckets[h]) > 1]
 
 
 def candidate_pairs(fp: Fingerprints, docs: np.ndarray, params: tuple[int, int],
@@ -376,16 +414,38 @@ def candidate_pairs(fp: Fingerprints, docs: np.ndarray, params: tuple[int, int],
     All documents are inserted (pipelined on Redis), then every bucket holding two or more
     is read back: one pass instead of a query per document, and the same on every backend.
     """
+    client = _connect(storage, redis_url) if storage else None
+    with _gc_paused():
+        return _candidate_pairs(fp, docs, params, storage, client)
+
+
+@contextmanager
+def _gc_paused():
+    """The index is hundreds of thousands of small sets and nothing cyclic: without this, Python's
+    cycle collector re-scans every live object again and again while they are built (~3x the time)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _candidate_pairs(fp: Fingerprints, docs: np.ndarray, params: tuple[int, int],
+                     storage: dict[str, Any] | None, client) -> np.ndarray:
     from datasketch import MinHashLSH
 
-    client = _connect(storage, redis_url) if storage else None
     lsh = MinHashLSH(num_perm=fp.signatures.shape[1], params=params, storage_config=storage, prepickle=False)
     n = len(fp)
     try:
-        insert_all(lsh, fp.signatures, docs, buffer=storage is not None)
+        known_shared = insert_all(lsh, fp.signatures, docs, buffer=storage is not None)
         chunks, twos = [], []
-        for table in lsh.hashtables:
-            shared = [key for key, count in table.itemcounts().items() if count > 1]
+        for t, table in enumerate(lsh.hashtables):
+            if known_shared is not None:
+                shared = known_shared[t]
+            else:
+                shared = [key for key, count in table.itemcounts().items() if count > 1]
             for members in (table.getmany(*shared) if shared else []):
                 if len(members) == 2:  # most shared buckets: a pair, no index arithmetic needed
                     twos.extend(members)
@@ -402,6 +462,9 @@ def candidate_pairs(fp: Fingerprints, docs: np.ndarray, params: tuple[int, int],
             keys = list(client.scan_iter(match=storage["basename"] + b"*", count=10_000))
             for start in range(0, len(keys), 10_000):
                 client.delete(*keys[start:start + 10_000])
+        # MinHashLSH keeps a bound method of itself (a reference cycle): let go of its buckets now,
+        # not at the cycle collector's next full pass over all of them
+        lsh.hashtables, lsh.keys = [], None
     if not chunks:
         return np.zeros((0, 2), dtype=np.int64)
     codes = np.unique(np.concatenate(chunks))

@@ -77,6 +77,37 @@ def test_signature_of_a_document_does_not_depend_on_its_batch():
         assert np.array_equal(alone.signatures[0], together.signatures[i])
 
 
+def test_batches_hashed_in_parallel_come_back_in_order(monkeypatch):
+    rng = random.Random(3)
+    docs = [sentence(rng, rng.randint(0, 80)) for _ in range(300)]
+    one_batch = dedup.fingerprint(docs, 64, 5)
+    monkeypatch.setattr(dedup, "CHARS_PER_BATCH", 500)  # dozens of batches on the thread pool
+    many = dedup.fingerprint(docs, 64, 5)
+    assert many.digests == one_batch.digests
+    assert np.array_equal(many.signatures, one_batch.signatures)
+    assert np.array_equal(many.quality, one_batch.quality)
+    assert np.array_equal(many.shingles, one_batch.shingles) and np.array_equal(many.offsets, one_batch.offsets)
+
+
+def test_bulk_filled_index_equals_datasketch_own_inserts():
+    """The in-memory index built in bulk holds exactly what MinHashLSH.insert would, so its query works."""
+    from datasketch import MinHashLSH
+
+    rng = random.Random(4)
+    base = [sentence(rng, 60) for _ in range(40)]
+    docs = base + [mutate(rng, d, 2) for d in base[:10]] + base[:5]  # near and exact copies share buckets
+    fp = dedup.fingerprint(docs, 64, 5)
+    params = dedup.lsh_params(0.8, 64)
+    bulk, own = (MinHashLSH(num_perm=64, params=params, prepickle=False) for _ in range(2))
+    dedup.insert_all(bulk, fp.signatures, np.arange(len(docs)))
+    for i in range(len(docs)):
+        own.insert(i.to_bytes(4, "big"), dedup._Sketch(fp.signatures[i]))
+    for bulk_table, own_table in zip(bulk.hashtables, own.hashtables):
+        assert dict(bulk_table._dict) == dict(own_table._dict)
+    assert dict(bulk.keys._dict) == dict(own.keys._dict)
+    assert sorted(int.from_bytes(k, "big") for k in bulk.query(dedup._Sketch(fp.signatures[0]))) == [0, 40, 50]
+
+
 def test_estimated_jaccard_tracks_true_jaccard():
     rng = random.Random(2)
     base = sentence(rng, 120)
