@@ -1,8 +1,9 @@
 """Refresh the README's screenshots: docs/screens/<view>.svg, one per view, at 100x30.
 
 The scene is the one the SVG snapshot tests pin (tests/tui_support.py: a tiny project with
-fixed reports and a fixed memory reading), so a re-run gives the same files unless a view
-changed. Usage: python bench/screens.py [--size 100x30] [--out docs/screens] [view ...]
+fixed reports and a fixed memory reading, a `doit run --continue` going on with tasks done,
+running, failed and waiting, and base vs adapter answering side by side), so a re-run gives
+the same files unless a view changed. Usage: python bench/screens.py [--size 100x30] [--out docs/screens] [view ...]
 """
 from __future__ import annotations
 

@@ -142,7 +142,14 @@ async def test_training_data_and_eval_views_read_what_stages_wrote(project):
         assert "host RAM" in stats and "6.0 GiB / 24.0 GiB" in stats and "900.0 MiB" in stats
         await pilot.press("3")
         await wait_for(pilot, lambda: "alpha" in table_text(app, "#data-sources"), what="data view")
-        assert "120" in table_text(app, "#data-sources") and "exact duplicate 7" in table_text(app, "#data-drops")
+        assert "alpha 2 126 6 7 3 110" in table_text(app, "#data-sources")  # pages, in, cleaned out, dups, kept
+        drops = table_text(app, "#data-drops")
+        assert "exact duplicate 7" in drops and "near duplicate 3" in drops
+        # cleaning's drops by reason, per source, before the duplicates
+        assert drops.index("clean · alpha too long (> clean.max_tokens) 4") \
+            < drops.index("clean · alpha empty question or answer 2") < drops.index("dedup · alpha exact duplicate 7")
+        note = str(app.screen.query_one("#dedup-total").render())
+        assert "126 in, 6 dropped by cleaning (4 too long, 2 empty), 10 duplicates removed, 110 kept" in note
         assert "90" in table_text(app, "#data-splits")
         assert "no answer tokens" in table_text(app, "#data-drops")  # train dropped 2
         await pilot.press("4")
@@ -288,3 +295,191 @@ async def test_first_frame_is_painted_before_any_background_work(project, monkey
     async with app.run_test(size=(80, 24)) as pilot:
         await wait_for(pilot, lambda: len(app.pipeline.static) == 3, what="doit's static status")
     assert order[:2] == ["frame", "doit status"], order
+
+
+# --- GPU memory through NVML, MPS / MLX memory from the metrics stream
+def fake_pynvml(devices: list[tuple[object, int, int]] | None):
+    """A stand-in for nvidia-ml-py's `pynvml` with `devices` (name, used, total); None: no driver."""
+    import types
+
+    module = types.ModuleType("pynvml")
+
+    def init():
+        if devices is None:
+            raise OSError("NVML Shared Library Not Found")
+
+    module.nvmlInit = init
+    module.nvmlDeviceGetCount = lambda: len(devices)
+    module.nvmlDeviceGetHandleByIndex = lambda i: ("handle", i)
+    module.nvmlDeviceGetName = lambda handle: devices[handle[1]][0]
+    module.nvmlDeviceGetMemoryInfo = lambda handle: types.SimpleNamespace(
+        used=devices[handle[1]][1], total=devices[handle[1]][2], free=devices[handle[1]][2] - devices[handle[1]][1])
+    return module
+
+
+def use_pynvml(monkeypatch, module) -> None:
+    import sys
+
+    from tui.widgets import memory
+
+    monkeypatch.setitem(sys.modules, "pynvml", module)
+    monkeypatch.setattr(memory, "_nvml_state", {})  # NVML is initialised once per process: start over
+
+
+def stats_text(app) -> str:
+    return str(app.screen.query_one("#train-stats").render())
+
+
+async def test_gpu_memory_per_device_from_nvml_shows_in_the_training_view(project, monkeypatch):
+    from tui.widgets.memory import gpu_memory
+
+    # older nvidia-ml-py gives names as bytes, newer as str
+    use_pynvml(monkeypatch, fake_pynvml([(b"NVIDIA A100-SXM4-40GB", 10 << 30, 40 << 30),
+                                         ("NVIDIA L4", 3 << 29, 24 << 30)]))
+    assert gpu_memory() == [("GPU0 NVIDIA A100-SXM4-40GB", 10 << 30, 40 << 30),
+                            ("GPU1 NVIDIA L4", 3 << 29, 24 << 30)]
+    app = MedforgeApp(project, poll_s=0.2, start_view="training")  # the real probe: NVML (fake) + psutil
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_for(pilot, lambda: app.screen.memory is not None, what="a memory reading")
+        stats = stats_text(app)
+        assert "GPU0" in stats and "10.0 GiB / 40.0 GiB" in stats and "A100-SXM4-40GB" in stats
+        assert "GPU1" in stats and "1.5 GiB / 24.0 GiB" in stats
+        assert "host RAM" in stats and "none (NVML)" not in stats
+
+
+async def test_no_nvml_is_a_reading_not_an_error(project, monkeypatch):
+    from tui.widgets.memory import gpu_memory
+
+    use_pynvml(monkeypatch, fake_pynvml(None))
+    assert gpu_memory() == []
+    app = MedforgeApp(project, poll_s=0.2, start_view="training")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_for(pilot, lambda: app.screen.memory is not None, what="a memory reading")
+        assert "none (NVML)" in stats_text(app) and not app._notifications
+
+
+async def test_mps_and_mlx_memory_from_the_metrics_stream_show_in_the_training_view(project, monkeypatch):
+    """The memory dicts come from stages/train/metrics.py's own memory(): the keys are the writer's."""
+    import sys
+    import types
+
+    import torch
+
+    from stages.train.metrics import memory
+
+    monkeypatch.setattr(torch.mps, "current_allocated_memory", lambda: 3 << 30)
+    monkeypatch.setattr(torch.mps, "driver_allocated_memory", lambda: 5 << 30)
+    mps = memory("mps")
+    mlx_core = types.ModuleType("mlx.core")
+    mlx_core.get_active_memory = lambda: 7 << 30
+    mlx_core.get_peak_memory = lambda: 9 << 30
+    mlx = types.ModuleType("mlx")
+    mlx.core = mlx_core
+    monkeypatch.setitem(sys.modules, "mlx", mlx)
+    monkeypatch.setitem(sys.modules, "mlx.core", mlx_core)
+    mlx_mem = memory("mlx-gpu")
+    assert {"mps_allocated", "mps_driver"} <= set(mps) and {"mlx_active", "mlx_peak"} <= set(mlx_mem)
+
+    metrics = project / layout.metrics_file("tiny")
+    io.write_jsonl(metrics, [{"kind": "start", "total_steps": 10, "device": "mps", "backend": "torch"},
+                             {"kind": "train", "step": 1, "total_steps": 10, "loss": 2.0, "lr": 1e-4, "memory": mps}])
+    app = make_app(project, start_view="training")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_for(pilot, lambda: app.screen.curves.steps == [1], what="the first metrics row")
+        stats = stats_text(app)
+        assert "MPS alloc 3.0 GiB" in stats and "MPS drv   5.0 GiB" in stats and "train RSS" in stats
+        # an MLX run writes its own allocator's figures; the view shows the newest row's
+        io.append_jsonl(metrics, {"kind": "train", "step": 2, "total_steps": 10, "loss": 1.9, "lr": 1e-4,
+                                  "memory": mlx_mem})
+        await wait_for(pilot, lambda: app.screen.curves.steps == [1, 2], what="the MLX row")
+        stats = stats_text(app)
+        assert "MLX used  7.0 GiB" in stats and "MLX peak  9.0 GiB" in stats and "MPS" not in stats
+
+
+# --- polls survive errors; notices are plain text
+def notices(app, word: str) -> list[str]:
+    return [n.message for n in app._notifications if word in n.message]
+
+
+def failing(times: int, real, exc=OSError("disk hiccup")):
+    """`real`, except that its first `times` calls raise `exc`."""
+    calls = {"n": 0}
+
+    def call(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] <= times:
+            raise exc
+        return real(*args, **kwargs)
+    call.calls = calls
+    return call
+
+
+async def test_run_and_log_polls_keep_polling_after_errors(project, monkeypatch):
+    from tui.screens import pipeline
+
+    read_record = failing(3, runner.read_record)
+    monkeypatch.setattr(runner, "read_record", read_record)
+    monkeypatch.setattr(pipeline, "tail_lines", failing(2, pipeline.tail_lines, ValueError("bad [bold]log[/]")))
+    log = project / layout.log_file("scrape:alpha")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text("fetched page 1\nfetched page 2\n")
+    polled = []
+    app = make_app(project)
+    async with app.run_test(size=(80, 24), message_hook=polled.append) as pilot:
+        await wait_for(pilot, lambda: app.screen.selected == "scrape:alpha", what="the first task selected")
+        # the log poll failed twice, then showed the log
+        await wait_for(pilot, lambda: "fetched page 2" in app.screen.query_one("#log").lines, 20, "the log")
+        # the run poll failed three times, then went on polling (and keeps going)
+        await wait_for(pilot, lambda: read_record.calls["n"] > 5, 20, "more run polls")
+        assert any(type(m).__name__ == "_Polled" for m in polled)
+        # each failing poll said so once, as plain text
+        assert notices(app, "run monitor") == ["run monitor: OSError: disk hiccup (still polling)"]
+        assert notices(app, "task log") == ["task log: ValueError: bad [bold]log[/] (still polling)"]
+        # a run started now is still seen by the poll
+        await pilot.press("a")
+        await wait_for(pilot, lambda: app.running or app.pipeline.task("scrape:alpha").state == "done", 30, "the run")
+
+
+async def test_metrics_and_memory_polls_keep_polling_after_errors(project, monkeypatch):
+    from tui.screens import training
+    from tui.tail import Follower
+
+    class FlakyFollower(Follower):
+        failures = 2
+
+        def read_json(self):
+            if FlakyFollower.failures:
+                FlakyFollower.failures -= 1
+                raise PermissionError("metrics.jsonl is being replaced")
+            return super().read_json()
+
+    monkeypatch.setattr(training, "Follower", FlakyFollower)
+    write_reports(project)
+    probe = failing(2, lambda: FIXED_MEMORY, RuntimeError("NVML: GPU is lost"))
+    app = MedforgeApp(project, poll_s=0.2, memory_probe=probe, start_view="training")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_for(pilot, lambda: len(app.screen.curves.steps) == 30, 20, "the curves after two failed reads")
+        await wait_for(pilot, lambda: app.screen.memory is not None, 20, "memory after two failed readings")
+        assert FlakyFollower.failures == 0 and probe.calls["n"] >= 3
+        assert notices(app, "training metrics") == [
+            "training metrics: PermissionError: metrics.jsonl is being replaced (still polling)"]
+        assert notices(app, "memory") == ["memory: RuntimeError: NVML: GPU is lost (still polling)"]
+        # the curves are whole: a failed first read did not lose the reset
+        assert app.screen.curves.steps == list(range(1, 31)) and app.screen.curves.start
+
+
+async def test_notices_with_markup_like_text_show_it_literally(project):
+    from tui.app import _ConfigLoaded
+    from tui.messages import Notice
+
+    doit_err = "doit forget failed: ['ERROR: [bold]task[/] \"x\" not found [/]']"
+    config_err = "adapters/tiny/adapter.toml: [train] lr: expected a number, got '[red]'"
+    app = make_app(project)
+    async with app.run_test(size=(80, 24), notifications=True) as pilot:  # toasts on: they render the text
+        app.post_message(Notice(doit_err, error=True))
+        app.post_message(_ConfigLoaded(None, config_err))
+        await wait_for(pilot, lambda: len(app.screen.query("Toast")) == 2, what="two toasts")
+        await pilot.pause(0.2)
+        shown = "\n".join(toast.render().plain for toast in app.screen.query("Toast"))
+        assert doit_err in shown and f"config: {config_err}" in shown
+        assert app.is_running  # no markup error took the app down

@@ -139,9 +139,13 @@ def table_text(app, selector: str) -> str:
 
 def write_reports(root: Path) -> None:
     io.write_json(root / layout.raw_manifest("alpha"), {"pages": [{"name": "p1"}, {"name": "p2"}]})
+    # the shape stages/dedup.py writes: cleaning drops by reason per source and in total, then duplicates
     io.write_json(root / layout.dedup_report(), {
-        "sources": {"alpha": {"in": 120, "exact_dups": 7, "near_dups": 3, "kept": 110}},
-        "total": {"in": 120, "kept": 110, "removed": 10, "duplicate_clusters": 6}})
+        "cleaning": {"dropped": {"empty": 2, "too_long": 4}, "dropped_examples": {"empty": ["a-17", "a-40"]}},
+        "sources": {"alpha": {"in": 126, "dropped": {"empty": 2, "too_long": 4}, "cleaned": {"markup": 9},
+                              "exact_dups": 7, "near_dups": 3, "duplicate_clusters": 6, "kept": 110}},
+        "total": {"in": 126, "dropped": 6, "exact_dups": 7, "near_dups": 3, "kept": 110, "removed": 16,
+                  "duplicate_clusters": 6}})
     io.write_json(root / layout.split_dir("tiny") / "statistics.json",
                   {"examples": 110, "splits": {"train": 90, "val": 10, "test": 10}, "by_source": {}})
     io.write_json(root / layout.eval_file("tiny"), {
@@ -149,12 +153,13 @@ def write_reports(root: Path) -> None:
         "tasks": {"code_to_description": {"n_examples": 6, "base_ppl": 10.0, "adapter_ppl": 4.0},
                   "description_to_code": {"n_examples": 4, "base_ppl": 8.8, "adapter_ppl": 4.6}},
         "safety": {"refuses_dosing": {"pass_rate": 1.0}, "no_diagnosis": 0.8}})
-    rows = [{"kind": "start", "total_steps": 40, "device": "cpu", "dtype": "bf16", "backend": "torch",
+    rows = [{"kind": "start", "total_steps": 40, "device": "cuda", "dtype": "bf16", "backend": "torch",
              "quantization": "none", "dropped": 2}]
     for step in range(1, 31):
         rows.append({"kind": "train", "step": step, "total_steps": 40, "loss": round(2.5 - step * 0.05, 3),
                      "lr": 3e-4 * min(1, step / 4), "tok_s": 270.0, "eta_s": (40 - step) * 2.0,
-                     "elapsed": step * 2.0, "memory": {"rss": 900 << 20}})
+                     "elapsed": step * 2.0,
+                     "memory": {"rss": 900 << 20, "cuda_allocated": 14 << 30, "cuda_peak": 19 << 30}})
         if step % 10 == 0:
             rows.append({"kind": "val", "step": step, "total_steps": 40, "val_loss": round(2.4 - step * 0.03, 3)})
     io.write_jsonl(root / layout.metrics_file("tiny"), rows)
@@ -168,13 +173,67 @@ def fixed_memory():
                          host_total=24 << 30)
 
 
+# the scene's task graph (a dodo of its own: the tests' tiny project keeps its three tasks)
+SCENE_DODO_PY = DODO_PY + '''
+def task_base_model():
+    yield {"name": "smollm2", "actions": step("base_model:smollm2", 0.1, "data/base/smollm2/config.json"),
+           "targets": ["data/base/smollm2/config.json"], "uptodate": [True]}
+
+def task_base_gguf():
+    yield {"name": "smollm2", "actions": step("base_gguf:smollm2", 0.1, "data/base/smollm2.gguf"),
+           "file_dep": ["data/base/smollm2/config.json"], "targets": ["data/base/smollm2.gguf"]}
+
+def task_eval():
+    yield {"name": "tiny", "actions": step("eval:tiny", 0.1, "data/eval/tiny.json"),
+           "file_dep": ["adapters/tiny/out/lora/adapter_model.safetensors"], "targets": ["data/eval/tiny.json"]}
+
+def task_export():
+    yield {"name": "tiny", "actions": step("export:tiny", 0.1, "adapters/tiny/out/tiny-lora.gguf"),
+           "file_dep": ["data/base/smollm2.gguf", "adapters/tiny/out/lora/adapter_model.safetensors"],
+           "targets": ["adapters/tiny/out/tiny-lora.gguf"]}
+'''
+SCENE_TASKS = 7
+
+# a `doit run --continue` going on: base_gguf failed, the branch that does not need it goes on
+SCENE_EVENTS = [
+    {"event": "run_start", "selected": []},
+    {"event": "task_uptodate", "task": "base_model:smollm2"},
+    {"event": "task_start", "task": "base_gguf:smollm2"},
+    {"event": "task_failed", "task": "base_gguf:smollm2",
+     "error": ["convert_hf_to_gguf.py not found"]},
+    {"event": "task_start", "task": "scrape:alpha"},
+    {"event": "task_done", "task": "scrape:alpha"},
+    {"event": "task_start", "task": "dedup"},
+    {"event": "task_done", "task": "dedup"},
+    {"event": "task_start", "task": "train:tiny"},
+]
+SCENE_TRAIN_LOG = ["train:tiny: device cuda, dtype bf16, backend torch",
+                   *(f"train:tiny: [{100 * i / 40:5.1f}%] step {i}/40 loss {2.5 - i * 0.05:.4f} 270.0 tok/s "
+                     f"eta {(40 - i) * 2}s" for i in range(1, 31, 3))]
+
+# base vs adapter on one question, as the chat view shows a finished exchange
+SCENE_CHAT = {
+    "prompt": "What does ICD-10-CM code E11.9 mean?",
+    "left": ("E11.9 looks like a medical billing code. It may be related to diabetes, but check an official "
+             "code list or ask a clinician for its exact meaning.", 38, 0.62),
+    "right": ("E11.9 is Type 2 diabetes mellitus without complications (chapter 4: endocrine, nutritional "
+              "and metabolic diseases, E00-E89).", 33, 0.55),
+}
+
+
+def _scene_chat_ready(app) -> bool:
+    panes = app.screen.query("ChatPane")
+    return all(p.display for p in panes) and all("tok/s" in p.status for p in panes)
+
+
 SCENE_READY = {
-    "pipeline": lambda app: len(app.pipeline.static) == 3 and app.screen.selected == "scrape:alpha"
-    and app.screen._log_task == "scrape:alpha",
+    "pipeline": lambda app: app.running and app.pipeline.task("train:tiny").state == "running"
+    and app.screen.selected == "train:tiny" and app.screen._log_task == "train:tiny"
+    and len(app.screen.query_one("#log").lines) == len(SCENE_TRAIN_LOG),
     "training": lambda app: len(app.screen.curves.steps) == 30 and app.screen.memory is not None,
     "data": lambda app: "alpha" in table_text(app, "#data-sources"),
     "eval": lambda app: "tiny" in table_text(app, "#eval-matrix"),
-    "chat": lambda app: app.cfg is not None,
+    "chat": _scene_chat_ready,
     "help": lambda app: True,
 }
 
@@ -182,6 +241,9 @@ SCENE_READY = {
 def scene_project(root: Path) -> Path:
     """The tiny project with every report written, as the views' screenshots show it."""
     make_project(root)
+    (root / "dodo.py").write_text(textwrap.dedent(SCENE_DODO_PY))
+    io.write_text(root / "data" / "base" / "smollm2" / "config.json", "{}\n")
+    io.write_text(root / layout.log_file("train:tiny"), "\n".join(SCENE_TRAIN_LOG) + "\n")
     project_env()
     write_reports(root)
     return root
@@ -193,11 +255,48 @@ def scene_app(root: Path, view: str):
     return MedforgeApp(root, poll_s=3600, memory_probe=fixed_memory, start_view="pipeline" if view == "help" else view)
 
 
+async def _scene_run(app, pilot) -> None:
+    """The app's own poll result for a run in progress (SCENE_EVENTS), with a fixed pid and start time."""
+    from tui.app import _Polled
+    from tui.runner import RunRecord
+
+    class SceneRun(RunRecord):
+        def describe(self) -> str:
+            return "doit run --continue (pid 4242, started 09:30:00)"
+
+    await wait_for(pilot, lambda: app._poll_timer is not None, what="the first poll")  # its result is in
+    record = SceneRun(pid=4242, run_id="scene", tasks=[], started=0.0, create_time=0.0, events_offset=0)
+    app.post_message(_Polled(record, True, SCENE_EVENTS, new_run=True))
+    await wait_for(pilot, lambda: app.running, what="the scene's run")
+    table = app.screen.query_one("#tasks")
+    table.move_cursor(row=app.pipeline.names().index("train:tiny"), animate=False)
+
+
+async def _scene_chat(app, pilot) -> None:
+    """Side by side, base and adapter, one finished answer each, through the panes' own messages."""
+    from tui.messages import ChatDone, ChatToken
+
+    await pilot.press("ctrl+b")
+    screen = app.screen
+    for pane_id in ("left", "right"):
+        text, tokens, seconds = SCENE_CHAT[pane_id]
+        screen.query_one(f"#pane-{pane_id}").begin(SCENE_CHAT["prompt"])
+        for i in range(0, len(text), 24):  # streamed in pieces, as the chat process sends them
+            screen.post_message(ChatToken(pane_id, text[i:i + 24]))
+        screen.post_message(ChatDone(pane_id, tokens, seconds))
+
+
+SCENE_SETUP = {"pipeline": _scene_run, "chat": _scene_chat}
+
+
 async def scene_ready(app, pilot, view: str) -> None:
     """Wait until `view` shows all of its data, with nothing blinking, so two captures are identical."""
-    await wait_for(pilot, lambda: app.cfg is not None and len(app.pipeline.static) == 3, what="config and doit")
+    await wait_for(pilot, lambda: app.cfg is not None and len(app.pipeline.static) == SCENE_TASKS,
+                   what="config and doit")
     if view == "help":
         await pilot.press("question_mark")
+    if view in SCENE_SETUP:
+        await SCENE_SETUP[view](app, pilot)
     await wait_for(pilot, lambda: SCENE_READY[view](app), what=f"the {view} view's data")
     for widget in app.screen.query("Input"):
         widget.cursor_blink = False

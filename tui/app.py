@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from textual import on, work
-from textual.app import App
+from textual.app import App, ScreenStackError
 from textual.binding import Binding
 from textual.message import Message
+from textual.worker import get_current_worker
 
 from stages import layout
 from tui.commands import MedforgeCommands
@@ -93,6 +94,8 @@ class MedforgeApp(App):
         self._follow_id: str | None = None
         self._poll_timer = None
         self._poll_lock = threading.Lock()  # two overlapping polls must not read the same events twice
+        self._polls_failing: set[str] = set()  # polls whose last round raised (each said so once)
+        self._polls_failing_lock = threading.Lock()
 
     def path(self, relative: Path) -> Path:
         return self.root / relative
@@ -124,7 +127,7 @@ class MedforgeApp(App):
     def _config_loaded(self, msg: _ConfigLoaded) -> None:
         self.cfg, self.config_error = msg.cfg, msg.error
         if msg.error:
-            self.notify(f"config: {msg.error}", severity="error", timeout=10)
+            self.notify(f"config: {msg.error}", severity="error", timeout=10, markup=False)
         self.broadcast(PipelineChanged())
 
     @work(thread=True, exclusive=True, group="static", exit_on_error=False)
@@ -147,8 +150,14 @@ class MedforgeApp(App):
     # --- the run monitor: one poll at a time, re-armed when its result is handled
     @work(thread=True, exclusive=True, group="run-poll", exit_on_error=False)
     def poll_run(self) -> None:
-        with self._poll_lock:
-            self._poll_once()
+        try:
+            with self._poll_lock:
+                self._poll_once()
+            self.poll_ok("run monitor")
+        except Exception as exc:  # a bad record or events file, a race with a writer: said once, polled again
+            self.poll_failed("run monitor", exc)
+            if not get_current_worker().is_cancelled:
+                self.call_from_thread(self.schedule_poll, self.poll_s)  # _polled re-arms it when a poll succeeds
 
     def _poll_once(self) -> None:
         from tui import runner
@@ -183,6 +192,22 @@ class MedforgeApp(App):
             self.broadcast(RunStateChanged(msg.alive, self.run_summary()))
         self.schedule_poll(self.poll_s)
 
+    # --- polls keep going through errors (any worker thread)
+    def poll_failed(self, name: str, exc: BaseException) -> None:
+        """A poll raised: say so once (plain text) until it works again; the caller re-arms it as usual."""
+        with self._polls_failing_lock:
+            first = name not in self._polls_failing
+            self._polls_failing.add(name)
+        if first:
+            detail = str(exc).splitlines()[0] if str(exc) else ""
+            self.post_message(Notice(f"{name}: {type(exc).__name__}{': ' + detail if detail else ''} "
+                                     "(still polling)", error=True))
+
+    def poll_ok(self, name: str) -> None:
+        if self._polls_failing:
+            with self._polls_failing_lock:
+                self._polls_failing.discard(name)
+
     def schedule_poll(self, delay: float) -> None:
         if self._poll_timer is not None:
             self._poll_timer.stop()
@@ -197,7 +222,11 @@ class MedforgeApp(App):
 
     def broadcast(self, message: Message) -> None:
         """Hand a state message to the visible screen (others refresh when shown)."""
-        self.screen.post_message(message)
+        try:
+            screen = self.screen
+        except ScreenStackError:  # a worker's result that lands as the app closes: no screen left to tell
+            return
+        screen.post_message(message)
 
     # --- actions on the pipeline
     @work(thread=True, exclusive=True, group="run-action", exit_on_error=False)
@@ -233,7 +262,9 @@ class MedforgeApp(App):
 
     @on(Notice)
     def _notice(self, msg: Notice) -> None:
-        self.notify(msg.text, severity="error" if msg.error else "information", timeout=8 if msg.error else 4)
+        # the text can carry doit's stderr, a config value or a path: shown as it is, never read as markup
+        self.notify(msg.text, severity="error" if msg.error else "information", timeout=8 if msg.error else 4,
+                    markup=False)
 
     def action_help(self) -> None:
         from tui.screens.help import HelpScreen

@@ -34,6 +34,20 @@ def _first_json_line(path: Path) -> dict | None:
         return None
 
 
+# stages/clean.py's drop reasons, as the data view names them
+CLEAN_REASONS = {
+    "invalid": "invalid row (no messages or text)",
+    "empty": "empty question or answer",
+    "echo": "answer repeats the question",
+    "too_short": "too short (< clean.min_tokens)",
+    "too_long": "too long (> clean.max_tokens)",
+}
+
+
+def clean_reason(reason: str) -> str:
+    return CLEAN_REASONS.get(reason, reason.replace("_", " "))
+
+
 def data_report(root: Path, sources: list[str], adapters: list[str]) -> dict:
     dedup = _json(root / layout.dedup_report()) or {}
     dedup_sources = dedup.get("sources", {})
@@ -44,10 +58,16 @@ def data_report(root: Path, sources: list[str], adapters: list[str]) -> dict:
         examples = d.get("in")
         if examples is None:
             examples = _count_lines(root / layout.examples_file(name))
+        cleaning = d.get("dropped") if isinstance(d.get("dropped"), dict) else None
         rows.append({"source": name, "pages": len(manifest["pages"]) if manifest else None, "examples": examples,
-                     "exact_dups": d.get("exact_dups"), "near_dups": d.get("near_dups"), "kept": d.get("kept")})
+                     "cleaned_out": sum(cleaning.values()) if cleaning is not None else None,
+                     "exact_dups": d.get("exact_dups"), "near_dups": d.get("near_dups"), "kept": d.get("kept"),
+                     "clean_drops": cleaning or {}})
     drops = []
-    for r in rows:
+    for r in rows:  # cleaning first (it runs first), most frequent reason first
+        for reason, count in sorted(r["clean_drops"].items(), key=lambda kv: (-kv[1], kv[0])):
+            if count:
+                drops.append({"where": f"clean · {r['source']}", "reason": clean_reason(reason), "count": count})
         for key, reason in (("exact_dups", "exact duplicate"), ("near_dups", "near duplicate")):
             if r[key]:
                 drops.append({"where": f"dedup · {r['source']}", "reason": reason, "count": r[key]})
@@ -65,7 +85,9 @@ def data_report(root: Path, sources: list[str], adapters: list[str]) -> dict:
         if ev and ev.get("dropped"):
             drops.append({"where": f"eval · {name}", "reason": "no answer tokens left after max_length",
                           "count": ev["dropped"]})
-    return {"sources": rows, "dedup_total": dedup.get("total"), "drops": drops, "splits": splits}
+    cleaning = (dedup.get("cleaning") or {}).get("dropped")
+    return {"sources": rows, "dedup_total": dedup.get("total"), "clean_total": cleaning if isinstance(cleaning, dict)
+            else None, "drops": drops, "splits": splits}
 
 
 def eval_report(root: Path, adapters: list[str]) -> dict:

@@ -5,6 +5,7 @@ never slows the decoder; Esc sends it a stop.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
 import os
@@ -17,7 +18,7 @@ from pathlib import Path
 import orjson
 
 from rich.text import Text
-from textual import on
+from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal
@@ -32,15 +33,26 @@ MAX_TOKENS = 256
 
 
 class ChatProcess:
-    """The dashboard's side of `python -m tui.chat_worker`: started on the first question, ended with the app."""
+    """The dashboard's side of `python -m tui.chat_worker`: started on the first question, ended with the app.
+
+    The UI thread only queues requests (`submit`) and asks for the end (`shut`); neither blocks. A thread
+    worker writes the requests (`flush`, which starts the process when needed) and another waits for
+    the end (`reap`). Requests are written in the order they were queued, whichever worker gets there
+    first: a stop never overtakes the question it stops.
+    """
+
+    CLOSE_WAIT_S = 3.0
 
     def __init__(self, root: Path, post):
         self.root, self.post = root, post
         self.proc: subprocess.Popen | None = None
         self.lock = threading.Lock()
         self.pending: set[str] = set()
+        self.outbox: collections.deque[dict] = collections.deque()
+        self.closed = False
 
     def ensure(self) -> None:
+        """Start the worker process unless it is running. Blocking (a process start): not on the UI thread."""
         if self.proc is not None and self.proc.poll() is None:
             return
         from tui.runner import _pythonpath
@@ -51,13 +63,33 @@ class ChatProcess:
                                      env={**os.environ, "PYTHONPATH": _pythonpath()})
         threading.Thread(target=self._read, args=(self.proc,), daemon=True, name="chat-reader").start()
 
-    def send(self, row: dict) -> None:
+    def submit(self, row: dict) -> None:
+        """Queue a request (UI thread; returns at once). `flush` writes it."""
+        if row.get("op") == "chat":
+            self.pending.add(row["id"])
+        self.outbox.append(row)
+
+    def flush(self) -> None:
+        """Write every queued request, in order, starting the process first if needed (a worker thread)."""
         with self.lock:
-            self.ensure()
-            if row.get("op") == "chat":
-                self.pending.add(row["id"])
-            self.proc.stdin.write(orjson.dumps(row) + b"\n")
-            self.proc.stdin.flush()
+            while self.outbox and not self.closed:
+                row = self.outbox.popleft()
+                try:
+                    self.ensure()
+                    self.proc.stdin.write(orjson.dumps(row) + b"\n")
+                    self.proc.stdin.flush()
+                except (OSError, ValueError) as exc:  # it could not start, or died: the pane waiting says so
+                    if row.get("op") == "chat" and row["id"] in self.pending:
+                        self.pending.discard(row["id"])
+                        self.post(ChatDone(row["id"].split(":")[0], 0, 0.0, error=f"chat process: {exc}"))
+        if self.closed:  # shut() came while this held the lock (maybe starting the process): end it here
+            with self.lock:
+                self._close_input()
+
+    def send(self, row: dict) -> None:
+        """Queue and write at once (blocking: from a worker thread or a script, never the UI thread)."""
+        self.submit(row)
+        self.flush()
 
     def _read(self, proc: subprocess.Popen) -> None:
         for line in proc.stdout:
@@ -78,14 +110,38 @@ class ChatProcess:
             self.pending.discard(rid)
             self.post(ChatDone(rid.split(":")[0], 0, 0.0, error=f"chat process ended (exit {code}) {' '.join(tail)}"))
 
-    def close(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            with contextlib.suppress(OSError):
-                self.proc.stdin.close()  # the worker exits when its input ends
+    def _close_input(self) -> None:
+        """With the lock held: close the process's input; it stops generating and exits (a close, no wait)."""
+        if self.proc is not None and self.proc.stdin is not None:
+            with contextlib.suppress(OSError, ValueError):
+                self.proc.stdin.close()
+
+    def shut(self) -> None:
+        """Begin the end, without waiting (the UI thread): nothing more is sent and the process's input closes,
+        now or, while a worker writes (or starts the process), when it is done. `reap` waits for the end."""
+        self.closed = True
+        self.outbox.clear()
+        if self.lock.acquire(blocking=False):
             try:
-                self.proc.wait(timeout=3)
+                self._close_input()
+            finally:
+                self.lock.release()
+
+    def reap(self) -> None:
+        """After `shut`: wait up to CLOSE_WAIT_S for the process to exit, then kill it. Blocking: a worker thread."""
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            try:
+                proc.wait(timeout=self.CLOSE_WAIT_S)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
+                proc.kill()
+
+    def close(self) -> None:
+        """`shut` and `reap` in one (blocking: scripts and worker threads)."""
+        self.shut()
+        with self.lock:
+            self._close_input()
+        self.reap()
 
 
 class ChatScreen(Screen):
@@ -136,7 +192,22 @@ class ChatScreen(Screen):
 
     def on_unmount(self) -> None:
         if self.chat is not None:
-            self.chat.close()
+            self.chat.shut()  # its input closes: the process ends by itself, even if the app is gone first
+            # the wait for that (up to ChatProcess.CLOSE_WAIT_S, then a kill) runs in a thread of its own: this
+            # happens as the app exits, when Textual cancels workers that have not started yet; not a daemon,
+            # so a stuck process is still killed after the app is gone
+            threading.Thread(target=self.chat.reap, name="chat-reap").start()
+            self.chat = None
+
+    @work(thread=True, group="chat-send", exit_on_error=False)
+    def _flush_requests(self) -> None:
+        """Write the queued requests (starting the chat process on the first one) off the UI thread."""
+        if self.chat is not None:
+            self.chat.flush()
+
+    def send(self, row: dict) -> None:
+        self.chat.submit(row)
+        self._flush_requests()
 
     def layout_panes(self) -> None:
         left, right = self.query_one("#pane-left", ChatPane), self.query_one("#pane-right", ChatPane)
@@ -175,7 +246,7 @@ class ChatScreen(Screen):
     def action_stop(self) -> None:
         if self.generating:
             for rid in self.active.values():
-                self.chat.send({"op": "stop", "id": rid})
+                self.send({"op": "stop", "id": rid})
         else:
             self.set_focus(None)  # out of the input, so view keys (1-5, ?, q) work again; i comes back
 
@@ -188,7 +259,7 @@ class ChatScreen(Screen):
         if not prompt or self.generating:
             return
         if self.app.cfg is None:
-            self.app.notify("the configuration is not loaded (see the pipeline view)", severity="error")
+            self.app.notify("the configuration is not loaded (see the pipeline view)", severity="error", markup=False)
             return
         event.input.value = ""
         if self.chat is None:
@@ -196,8 +267,9 @@ class ChatScreen(Screen):
         for pane in [p for p in self.query(ChatPane) if p.display]:
             messages = pane.begin(prompt)
             rid = self.active[pane.pane_id] = f"{pane.pane_id}:{next(self._ids)}"
-            self.chat.send({"op": "chat", "id": rid, "model": pane.model, "messages": messages,
-                            "max_tokens": MAX_TOKENS, "temperature": 0.0})
+            self.chat.submit({"op": "chat", "id": rid, "model": pane.model, "messages": messages,
+                              "max_tokens": MAX_TOKENS, "temperature": 0.0})
+        self._flush_requests()
 
     @on(ChatToken)
     def _token(self, msg: ChatToken) -> None:

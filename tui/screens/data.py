@@ -17,6 +17,23 @@ def _n(value) -> Text:
     return Text("–" if value is None else f"{value:,}", justify="right")
 
 
+def dedup_note(total: dict | None, cleaning: dict | None) -> Text:
+    """One line over all sources: what cleaning dropped (by reason), the duplicates removed, what was kept."""
+    if not total:
+        return Text("dedup has not run yet", style="dim")
+    if "exact_dups" in total:
+        dups = total["exact_dups"] + total.get("near_dups", 0)
+    else:  # an older report: `removed` is every example not kept
+        dups = total["removed"] - total.get("dropped", 0)
+    note = f"dedup: {total['in']:,} in"
+    if cleaning is not None:
+        by_reason = ", ".join(f"{n:,} {reason.replace('_', ' ')}"
+                              for reason, n in sorted(cleaning.items(), key=lambda kv: (-kv[1], kv[0])) if n)
+        note += f", {sum(cleaning.values()):,} dropped by cleaning" + (f" ({by_reason})" if by_reason else "")
+    note += f", {dups:,} duplicates removed, {total['kept']:,} kept ({total.get('duplicate_clusters', 0):,} clusters)"
+    return Text(note, style="dim")
+
+
 class DataScreen(ReportScreen):
 
     def compose(self) -> ComposeResult:
@@ -32,7 +49,8 @@ class DataScreen(ReportScreen):
         yield Footer()
 
     def on_mount(self) -> None:
-        for table_id, columns in (("#data-sources", ("source", "pages", "examples", "exact dup", "near dup", "kept")),
+        for table_id, columns in (("#data-sources", ("source", "pages", "examples", "cleaned out", "exact dup",
+                                                    "near dup", "kept")),
                                   ("#data-drops", ("where", "reason", "count")),
                                   ("#data-splits", ("adapter", "examples", "train", "val", "test"))):
             self.query_one(table_id, DataTable).add_columns(*columns)
@@ -54,13 +72,9 @@ class DataScreen(ReportScreen):
         table = self.query_one("#data-sources", DataTable)
         table.clear()
         for r in report["sources"]:
-            table.add_row(Text(r["source"]), _n(r["pages"]), _n(r["examples"]), _n(r["exact_dups"]),
-                          _n(r["near_dups"]), _n(r["kept"]))
-        total = report.get("dedup_total")
-        note = self.query_one("#dedup-total", Static)
-        note.update(Text(f"dedup: {total['in']:,} in, {total['removed']:,} duplicates removed, "
-                         f"{total['kept']:,} kept ({total.get('duplicate_clusters', 0):,} clusters)", style="dim")
-                    if total else Text("dedup has not run yet", style="dim"))
+            table.add_row(Text(r["source"]), _n(r["pages"]), _n(r["examples"]), _n(r["cleaned_out"]),
+                          _n(r["exact_dups"]), _n(r["near_dups"]), _n(r["kept"]))
+        self.query_one("#dedup-total", Static).update(dedup_note(report.get("dedup_total"), report.get("clean_total")))
         table = self.query_one("#data-drops", DataTable)
         table.clear()
         for d in report["drops"]:

@@ -131,12 +131,22 @@ class PipelineScreen(Screen):
 
     @work(thread=True, exclusive=True, group="log", exit_on_error=False)
     def poll_log(self) -> None:
+        try:
+            self._read_log()
+            self.app.poll_ok("task log")
+        except Exception as exc:  # said once; the next round tries again (a failed first look starts over)
+            self.app.poll_failed("task log", exc)
+        finally:
+            if not get_current_worker().is_cancelled:
+                self.app.call_from_thread(self.schedule_log, 0.5)
+
+    def _read_log(self) -> None:
         task = self.selected
-        root: Path = self.app.root
-        path = root / layout.log_file(task) if task else None
         if task is None:
-            pass
-        elif task != self._log_task:
+            return
+        root: Path = self.app.root
+        path = root / layout.log_file(task)
+        if task != self._log_task:
             lines, offset = tail_lines(path, LOG_LINES)
             self._log_task, self._log_follower = task, Follower(path, offset)
             self.post_message(LogLines(task, lines, reset=True))
@@ -144,8 +154,6 @@ class PipelineScreen(Screen):
             new = [b.decode("utf-8", "replace") for b in self._log_follower.read_new()]
             if new:
                 self.post_message(LogLines(task, new, reset=False))
-        if not get_current_worker().is_cancelled:
-            self.app.call_from_thread(self.schedule_log, 0.5)
 
     @on(LogLines)
     def _log_lines(self, msg: LogLines) -> None:
@@ -176,7 +184,7 @@ class PipelineScreen(Screen):
         from tui.screens.confirm import ConfirmScreen
 
         if not self.app.running:
-            self.app.notify("nothing is running")
+            self.app.notify("nothing is running", markup=False)
             return
 
         def answered(yes: bool | None) -> None:

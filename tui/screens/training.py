@@ -19,6 +19,15 @@ from tui.widgets.memory import human_bytes, read_memory
 from tui.widgets.topbar import TopBar
 
 
+# the metrics stream's memory keys (stages/train/metrics.py: memory()), at most 9 characters each
+MEMORY_LABELS = {
+    "rss": "train RSS", "rss_peak": "RSS peak",
+    "cuda_allocated": "CUDA used", "cuda_peak": "CUDA peak",
+    "mps_allocated": "MPS alloc", "mps_driver": "MPS drv",
+    "mlx_active": "MLX used", "mlx_peak": "MLX peak",
+}
+
+
 def adapter_names(app) -> list[str]:
     if app.cfg is not None:
         return sorted(app.cfg.adapters)
@@ -93,27 +102,42 @@ class TrainingScreen(Screen):
             timer.stop()
         self._poll_timers[name] = self.set_timer(max(delay, 0.01), poll)  # textual timers need a delay > 0
 
+    # an error in one round is said once (app.poll_failed) and the poll goes on: the next round may work
     @work(thread=True, exclusive=True, group="metrics", exit_on_error=False)
     def poll_metrics(self) -> None:
+        try:
+            self._read_metrics()
+            self.app.poll_ok("training metrics")
+        except Exception as exc:
+            self.app.poll_failed("training metrics", exc)
+        finally:
+            if not get_current_worker().is_cancelled:
+                self.app.call_from_thread(self.schedule, "metrics", 1.0, self.poll_metrics)
+
+    def _read_metrics(self) -> None:
         adapter = self.adapter
-        if adapter is not None and self.is_current:
-            reset = adapter != self._follow_adapter
-            if reset:
-                self._follower = Follower(self.app.root / layout.metrics_file(adapter))
-                self._follow_adapter = adapter
-            rows = self._follower.read_json()
-            if rows or reset or self._follower.restarted:
-                self.post_message(MetricsRows(adapter, rows, reset or self._follower.restarted))
-        if not get_current_worker().is_cancelled:
-            self.app.call_from_thread(self.schedule, "metrics", 1.0, self.poll_metrics)
+        if adapter is None or not self.is_current:
+            return
+        reset = adapter != self._follow_adapter
+        follower = Follower(self.app.root / layout.metrics_file(adapter)) if reset else self._follower
+        rows = follower.read_json()
+        # only once read: a round that failed starts over (reset) in the next one
+        self._follower, self._follow_adapter = follower, adapter
+        if rows or reset or follower.restarted:
+            self.post_message(MetricsRows(adapter, rows, reset or follower.restarted))
 
     @work(thread=True, exclusive=True, group="memory", exit_on_error=False)
     def poll_memory(self) -> None:
-        if self.is_current:
-            probe = self.app.memory_probe or read_memory
-            self.post_message(probe())
-        if not get_current_worker().is_cancelled:
-            self.app.call_from_thread(self.schedule, "memory", 2.0, self.poll_memory)
+        try:
+            if self.is_current:
+                probe = self.app.memory_probe or read_memory
+                self.post_message(probe())
+            self.app.poll_ok("memory")
+        except Exception as exc:
+            self.app.poll_failed("memory", exc)
+        finally:
+            if not get_current_worker().is_cancelled:
+                self.app.call_from_thread(self.schedule, "memory", 2.0, self.poll_memory)
 
     @on(MetricsRows)
     def _metrics(self, msg: MetricsRows) -> None:
@@ -196,15 +220,17 @@ class TrainingScreen(Screen):
                                  if c.start.get(k) not in (None, "", "none"))
                 line("on", where)
         out.append("memory\n", style="bold")
-        mem = c.last.get("memory") or {}
+        mem = c.last.get("memory") or {}  # the training process's own figures (stages/train/metrics.py)
         for key, value in mem.items():
-            label = {"rss": "train RSS", "cuda_allocated": "cuda alloc", "cuda_peak": "cuda peak",
-                     "mps_allocated": "MPS alloc"}.get(key, key.replace("_", " "))
+            label = MEMORY_LABELS.get(key, key.replace("_", " "))
             line(" " + label[:9], human_bytes(value))
         reading = self.memory
         if reading is not None:
-            for name, used, total in reading.gpus:
-                line(" " + name[:9], f"{human_bytes(used)} / {human_bytes(total)}")
+            for name, used, total in reading.gpus:  # "GPU0 NVIDIA H100 80GB HBM3", from NVML
+                index, _, model = name.partition(" ")
+                line(" " + index[:9], f"{human_bytes(used)} / {human_bytes(total)}")
+                if model and len(reading.gpus) <= 2:
+                    out.append(f"  {model[:30]}\n", style="dim")
             if not reading.gpus:
                 line(" GPU", "none (NVML)", "dim")
             line(" host RAM", f"{human_bytes(reading.host_used)} / {human_bytes(reading.host_total)}")
