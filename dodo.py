@@ -3,9 +3,11 @@
 No stage logic lives here: each action runs `python -m stages <stage> <name>`.
 Incremental like make: targets, file deps (content-checked) and config_changed blocks.
 """
+import os
 import sys
 from pathlib import Path
 
+from doit import get_var
 from doit.tools import config_changed
 
 from stages import config, layout, scrape
@@ -13,6 +15,8 @@ from stages.config import ConfigError
 from stages.events import EventReporter
 
 layout.DATA.mkdir(exist_ok=True)
+if get_var("offline"):  # `doit offline=1`: network sources build from data/raw/ alone; every action inherits it
+    os.environ["MEDFORGE_OFFLINE"] = get_var("offline")
 DOIT_CONFIG = {"backend": "sqlite3", "dep_file": str(layout.doit_db()), "verbosity": 2,
                "reporter": EventReporter}
 try:
@@ -43,7 +47,7 @@ def task_base_gguf():
 def task_scrape():
     for s in CFG.enabled_sources():
         yield {"name": s.name, "actions": stage("scrape", s.name),
-               "uptodate": [config_changed(scrape.fetch_block(s)), scrape.refresh_due(s)],
+               "uptodate": [config_changed(scrape.fetch_block(s)), scrape.current(s)],
                "file_dep": layout.code("scrape.py") + layout.source_code(s.kind), "targets": [str(layout.raw_manifest(s.name))]}
 
 

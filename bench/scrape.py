@@ -1,6 +1,7 @@
 """Sustained request rate of the shared HTTP client against the local fake API, per API.
 
-Prints one JSON line: for each API, the steady request rate as a fraction of its limit
+Prints one JSON line: for each API a network source uses (PubMed, openFDA, ClinicalTrials.gov,
+RxNav, DailyMed, StackExchange, FDA guidance, MedlinePlus), the steady request rate as a fraction of its limit
 (target >= 0.95) and the over-limit answers once steady (target 0). Limits are scaled by
 --scale so the bench runs in seconds; the server enforces the scaled limit over the
 API's window.
@@ -27,7 +28,9 @@ PATHS = {"ncbi": ("esearch.fcgi", {"db": "pubmed", "term": "x", "retmax": 0}, "x
          "clinicaltrials": ("studies", {"pageSize": 1}, "json"),
          "rxnav": ("drugs.json", {"name": "lisinopril"}, "json"),
          "dailymed": ("spls.json", {"pagesize": 1}, "json"),
-         "stackexchange": ("questions", {"site": "medicalsciences", "pagesize": 1}, "json")}
+         "stackexchange": ("questions", {"site": "medicalsciences", "pagesize": 1}, "json"),
+         "fda": ("guidance.json", {}, "json"),  # fda_guidance: the index, then PDFs, from www.fda.gov
+         "medlineplus": ("xml.html", {}, "bytes")}
 
 
 def bench(api: str, seconds: float, scale: float, ceiling: float) -> dict:

@@ -5,6 +5,8 @@
 - retries with exponential backoff and jitter on 429, 5xx, timeouts and cut-off bodies,
   honouring `Retry-After`, StackExchange's `backoff`/quota and NCBI's rate-limit error
   that can arrive in a 200 body; one clear line once the retry budget is spent;
+- a daily request budget per API (openFDA 1,000 and StackExchange 300 without a key, and
+  StackExchange's `quota_remaining`), counted in a file so resumed runs share it;
 - API keys and the contact e-mail from the environment or a `.env` file, sent but
   never written anywhere: every URL or message that leaves this module is redacted;
 - a User-Agent naming medforge; NCBI's `tool` and `email` parameters.
@@ -15,6 +17,7 @@ bench run this very code against a local server.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import email.utils
 import fcntl
 import os
@@ -29,6 +32,7 @@ from typing import Any
 
 import orjson
 
+from stages import io
 from stages.sources import SourceError
 
 VERSION = "0.1.0"
@@ -279,7 +283,9 @@ class Client:
       backoff       first backoff delay in seconds (default 1.0; doubles, with jitter, to 60)
       max_wait      longest single wait asked by the API that we accept (default 600 s)
       timeout       seconds per request (default 60)
-      daily_limit   requests per day this run may use (default: the API's documented cap)
+      daily_limit   requests per UTC day (default: the API's documented cap); counted with the
+                    API's last reported quota in `<lock_dir>/<api>-<host>.usage.json`, so resumed
+                    runs and parallel sources of one API share one daily budget
     """
 
     def __init__(self, source: str, api: str, params: dict[str, Any] | None = None, *,
@@ -306,6 +312,7 @@ class Client:
             lock_dir = Path(params.get("lock_dir") or "data/.ratelimit")
         host = urllib.parse.urlsplit(self.base_url).netloc.replace(":", "_") or "local"
         self.limiter = RateLimiter(self.rate * RATE_MARGIN, Path(lock_dir) / f"{self.api.name}-{host}.next")
+        self.usage_path = Path(lock_dir) / f"{self.api.name}-{host}.usage.json"
         self.requests = 0          # sent, retries included
         self.over_limit = 0        # answers that said "too many requests"
         self.quota_remaining: int | None = None
@@ -371,9 +378,8 @@ class Client:
         shown = self.shown(method, url, params)
         last = "no attempt"
         for attempt in range(self.retries + 1):
-            self._check_quota(shown)
+            self._spend(shown)
             self.limiter.wait()
-            self.requests += 1
             try:
                 response = self._client.request(method, url, params=params, data=data)
                 content = response.content
@@ -410,14 +416,38 @@ class Client:
                 f"set mode = \"mirror\" in [sources.{self.source}] of sources.toml to build from data/raw/{self.source}/ "
                 f"(copied from a connected machine), or enabled = false to skip it")
 
-    def _check_quota(self, shown: str) -> None:
-        if self.quota_remaining is not None and self.quota_remaining <= 0:
-            raise QuotaExhausted(f"{self.source}: {self.api.title} daily quota is used up (quota_remaining 0) before "
-                                 f"{shown}; rerun after midnight UTC (it resumes), or set {self.api.key_env} for a larger quota")
-        if self.daily_limit and self.requests >= int(self.daily_limit):
-            raise QuotaExhausted(f"{self.source}: reached {self.daily_limit} requests, {self.api.title}'s daily limit"
-                                 f"{' without a key' if not self.key else ''}; rerun tomorrow (it resumes from its checkpoint)"
-                                 f"{f', or set {self.api.key_env}' if self.api.key_env and not self.key else ''}")
+    # -- the daily budget, kept beside the limiter's file: it outlives this run and is shared by every process
+    def _usage(self) -> dict[str, Any]:
+        today = dt.datetime.now(dt.timezone.utc).date().isoformat()
+        with contextlib.suppress(OSError, ValueError):
+            usage = io.read_json(self.usage_path)
+            if usage.get("day") == today:
+                return usage
+        return {"day": today, "requests": 0}
+
+    def _spend(self, shown: str) -> None:
+        """Count one request against today's budget (UTC) of this API, or stop before sending it."""
+        if self.daily_limit:
+            with self.limiter._shared():
+                usage = self._usage()
+                quotas = [q for q in (self.quota_remaining, usage.get("quota_remaining")) if q is not None]
+                if quotas and min(quotas) <= 0:
+                    raise QuotaExhausted(f"{self.source}: {self.api.title} daily quota is used up (quota_remaining 0) "
+                                         f"before {shown}; rerun after midnight UTC (it resumes from its checkpoint)"
+                                         f"{f', or set {self.api.key_env} for a larger quota' if not self.key else ''}")
+                if usage["requests"] >= int(self.daily_limit):
+                    raise QuotaExhausted(f"{self.source}: {usage['requests']} requests sent today (UTC): {self.api.title}'s "
+                                         f"daily limit{' without a key' if not self.key else ''} is {self.daily_limit}; "
+                                         f"rerun tomorrow (it resumes from its checkpoint)"
+                                         f"{f', or set {self.api.key_env}' if self.api.key_env and not self.key else ''}")
+                usage["requests"] += 1
+                io.write_json(self.usage_path, usage, durable=False)
+        self.requests += 1
+
+    def _note_quota(self, remaining: int) -> None:
+        self.quota_remaining = remaining
+        with self.limiter._shared():
+            io.write_json(self.usage_path, {**self._usage(), "quota_remaining": remaining}, durable=False)
 
     def _judge(self, response, content: bytes, expect: str, accept: tuple[int, ...], shown: str) -> Reply:
         status = response.status_code
@@ -479,7 +509,7 @@ class Client:
         if self.api.name != "stackexchange" or not isinstance(doc, dict):
             return
         if isinstance(doc.get("quota_remaining"), int):
-            self.quota_remaining = doc["quota_remaining"]
+            self._note_quota(doc["quota_remaining"])
         if isinstance(doc.get("backoff"), (int, float)) and doc["backoff"] > 0:
             if doc["backoff"] > self.max_wait:
                 raise HttpError(f"{self.source}: Stack Exchange asks for a {doc['backoff']} s backoff; "
@@ -492,7 +522,8 @@ def client(source: str, api: str, params: dict[str, Any] | None = None, **kw) ->
 
 
 def offline_requested(env: dict[str, str] | None = None) -> bool:
-    """MEDFORGE_OFFLINE=1 (set by `--offline`) forbids every network fetch."""
+    """MEDFORGE_OFFLINE=1 (what `doit offline=1` sets) forbids every network fetch: network sources build
+    from the raw pages already in data/raw/ (see stages/scrape.py)."""
     env = os.environ if env is None else env
     return env.get("MEDFORGE_OFFLINE", "").strip().lower() in ("1", "true", "yes")
 

@@ -35,8 +35,12 @@ def _fsync_dir(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(target: str | Path) -> Iterator[Path]:
-    """Yield a temporary file path; on success it replaces `target` in one rename."""
+def atomic_path(target: str | Path, durable: bool = True) -> Iterator[Path]:
+    """Yield a temporary file path; on success it replaces `target` in one rename.
+
+    durable=False skips the fsyncs: still all-or-nothing, but a power cut may lose the write
+    (for small state rewritten on every request, such as the daily request count).
+    """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
@@ -44,11 +48,13 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
-        with open(tmp_path, "rb+") as fh:
-            os.fsync(fh.fileno())
+        if durable:
+            with open(tmp_path, "rb+") as fh:
+                os.fsync(fh.fileno())
         os.chmod(tmp_path, _FILE_MODE)
         os.replace(tmp_path, target)
-        _fsync_dir(target.parent)
+        if durable:
+            _fsync_dir(target.parent)
     finally:
         tmp_path.unlink(missing_ok=True)
 
@@ -79,7 +85,7 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def write_bytes(target: str | Path, data: bytes) -> bool:
+def write_bytes(target: str | Path, data: bytes, durable: bool = True) -> bool:
     """Atomically write `data`; skip (and return False) when the file already holds it.
 
     Leaving identical content untouched keeps doit's checksums, and so dependents, quiet.
@@ -87,7 +93,7 @@ def write_bytes(target: str | Path, data: bytes) -> bool:
     target = Path(target)
     if target.exists() and target.stat().st_size == len(data) and target.read_bytes() == data:
         return False
-    with atomic_path(target) as tmp:
+    with atomic_path(target, durable) as tmp:
         tmp.write_bytes(data)
     return True
 
@@ -103,8 +109,8 @@ def dumps(obj: Any, indent: bool = False) -> bytes:
     return orjson.dumps(obj, option=option)
 
 
-def write_json(target: str | Path, obj: Any) -> bool:
-    return write_bytes(target, dumps(obj, indent=True) + b"\n")
+def write_json(target: str | Path, obj: Any, durable: bool = True) -> bool:
+    return write_bytes(target, dumps(obj, indent=True) + b"\n", durable)
 
 
 def read_json(path: str | Path) -> Any:

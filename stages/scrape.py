@@ -3,6 +3,9 @@
 Raw pages are stored as they arrive, one atomic file each, with a checkpoint of the
 cursor, so a killed scrape resumes where it stopped. The task's target is the
 manifest, written last: it lists every page with its hash and retrieval time.
+A network source downloads again only when its sources.toml block changed or its
+refresh is due; any other re-run (a code change) re-lists the finished pass, and
+mirror mode or `doit offline=1` builds from the pages already there.
 """
 from __future__ import annotations
 
@@ -126,19 +129,59 @@ def fetch_block(source_cfg: SourceConfig) -> dict[str, Any]:
     return {"kind": source_cfg.kind, "mode": source_cfg.mode, "params": source_cfg.params}
 
 
-def mirror_manifest(store: RawStore, source_cfg: SourceConfig) -> dict[str, Any]:
-    """mode = "mirror": data/raw/<source>/ was copied from a connected machine; fetch nothing."""
+def block_hash(source_cfg: SourceConfig) -> str:
+    return io.content_hash(io.dumps(fetch_block(source_cfg)))
+
+
+def is_current(source_cfg: SourceConfig, now: dt.datetime | None = None) -> bool:
+    """data/raw/<source>/ holds a finished scrape of this very block, not yet due for refresh.
+
+    Only then is a re-run of the task (a code change) a re-parse: nothing is downloaded again.
+    """
+    status = RawStore(layout.raw_dir(source_cfg.name)).status
+    if not status.get("done") or status.get("block") != block_hash(source_cfg):
+        return False
+    if source_cfg.refresh == "never":
+        return True
+    now = now or dt.datetime.now(dt.timezone.utc)
+    age_days = (now - dt.datetime.fromisoformat(status["finished_at"])).total_seconds() / 86400
+    return age_days < int(source_cfg.refresh[:-1])
+
+
+def current(source_cfg: SourceConfig):
+    """A doit `uptodate` check: False (scrape) when the raw pages are not a finished, fresh pass of this block.
+
+    Mirror mode and offline runs (`doit offline=1`) never fetch, so they are never due: they
+    rebuild from data/raw/ only when the block or the code changed.
+    """
+    def uptodate(task=None, values=None) -> bool:
+        from stages.http import offline_requested
+
+        return source_cfg.mode == "mirror" or offline_requested() or is_current(source_cfg)
+    return uptodate
+
+
+def build_from_raw(store: RawStore, source_cfg: SourceConfig, offline: bool) -> dict[str, Any]:
+    """Mirror mode, or an offline run: list the raw pages already in data/raw/<source>/; fetch nothing."""
+    name = source_cfg.name
     pages = store.pages()
-    if not pages:
-        raise SourceError(f"source '{source_cfg.name}' is in mirror mode but {store.pages_dir} holds no raw pages; "
-                          f"copy data/raw/{source_cfg.name}/ from a machine that scraped it (see docs/SOURCES.md), "
-                          f"or set mode = \"live\"")
     listed = store.folder / "manifest.json"
-    if listed.exists():  # the mirrored manifest says which pages make the finished pass
+    if offline and not (pages and listed.exists()):
+        raise SourceError(f"source '{name}' needs the network but this run is offline (offline=1 or MEDFORGE_OFFLINE=1) "
+                          f"and data/raw/{name}/ holds no finished scrape; copy that folder from a connected machine "
+                          f"and set mode = \"mirror\" in [sources.{name}] of sources.toml, or set enabled = false to skip it")
+    if not pages:
+        raise SourceError(f"source '{name}' is in mirror mode but {store.pages_dir} holds no raw pages; copy "
+                          f"data/raw/{name}/ from a machine that scraped it (README.md, section \"Sources\"), "
+                          f"or set mode = \"live\"")
+    if offline and store.status.get("block") != block_hash(source_cfg):
+        print(f"scrape:{name}: warning: offline, so building from the last finished scrape in {store.folder}, made "
+              f"before [sources.{name}] changed; the next online run scrapes it again")
+    if listed.exists():  # the (mirrored) manifest says which pages make the finished pass
         names = {p["name"] for p in io.read_json(listed).get("pages", [])}
         missing = names - {p.name for p in pages}
         if missing:
-            raise SourceError(f"source '{source_cfg.name}': mirror is incomplete, {len(missing)} page(s) of "
+            raise SourceError(f"source '{name}': mirror is incomplete, {len(missing)} page(s) of "
                               f"{listed} are missing (e.g. {sorted(missing)[0]}); copy the whole folder again")
         return store.write_manifest(source_cfg, keep=[p for p in pages if p.name in names])
     return store.write_manifest(source_cfg)
@@ -148,19 +191,22 @@ def run(cfg: Config, source_name: str) -> dict[str, Any]:
     source_cfg = cfg.sources[source_name]
     source = make(source_cfg.name, source_cfg.kind, source_cfg.params)
     store = RawStore(layout.raw_dir(source_cfg.name))
-    if source.network and source_cfg.mode == "mirror":
-        manifest = mirror_manifest(store, source_cfg)
-        print(f"scrape:{source_name}: mirror mode, {len(manifest['pages'])} raw page(s) in {store.folder}")
-        return manifest
+    block = block_hash(source_cfg)
     if source.network:
         from stages.http import offline_requested
 
-        if offline_requested():
-            raise SourceError(f"source '{source_name}' needs the network but this run is offline (MEDFORGE_OFFLINE); "
-                              f"set mode = \"mirror\" in [sources.{source_name}] of sources.toml to build from "
-                              f"data/raw/{source_name}/, or enabled = false to skip it")
-        resumed = store.begin(io.content_hash(io.dumps(fetch_block(source_cfg))))
-        if resumed:
+        offline = source_cfg.mode == "live" and offline_requested()
+        if source_cfg.mode == "mirror" or offline:
+            manifest = build_from_raw(store, source_cfg, offline)
+            print(f"scrape:{source_name}: {'offline' if offline else 'mirror mode'}, "
+                  f"{len(manifest['pages'])} raw page(s) in {store.folder}")
+            return manifest
+        if is_current(source_cfg):  # the code changed, not the block: re-parse what is there
+            manifest = store.write_manifest(source_cfg, keep=store.pass_pages())
+            print(f"scrape:{source_name}: the finished scrape of this block is not due for refresh; nothing downloaded, "
+                  f"{len(manifest['pages'])} raw page(s) in {store.folder}")
+            return manifest
+        if store.begin(block):
             print(f"scrape:{source_name}: resuming the unfinished scrape from {store.folder / CHECKPOINT}")
     source.fetch(store)
     # An offline source regenerates all its pages each run: pages it no longer writes
@@ -171,33 +217,6 @@ def run(cfg: Config, source_name: str) -> dict[str, Any]:
         store.finish()
     else:
         manifest = store.write_manifest(source_cfg, keep=store.touched)
-        io.write_json(store.folder / STATUS, {"done": True, "finished_at": now_utc()})
+        io.write_json(store.folder / STATUS, {"block": block, "done": True, "finished_at": now_utc()})
     print(f"scrape:{source_name}: {len(manifest['pages'])} raw page(s) in {store.folder}")
     return manifest
-
-
-def refresh_age_days(source_cfg: SourceConfig, now: dt.datetime | None = None) -> float | None:
-    """Days since the source's last complete scrape, or None if it never finished one."""
-    status_path = layout.raw_dir(source_cfg.name) / STATUS
-    if not status_path.exists():
-        return None
-    finished = io.read_json(status_path).get("finished_at")
-    if not finished:
-        return None
-    now = now or dt.datetime.now(dt.timezone.utc)
-    return (now - dt.datetime.fromisoformat(finished)).total_seconds() / 86400
-
-
-def refresh_due(source_cfg: SourceConfig):
-    """A doit `uptodate` check: False (re-scrape) once `refresh = "<N>d"` days have passed.
-
-    `refresh = "never"`, a mirror, and an offline source are never due by age; changes to
-    the block are config_changed's job, a missing manifest is doit's.
-    """
-    def uptodate(task=None, values=None) -> bool:
-        if source_cfg.refresh == "never" or source_cfg.mode == "mirror":
-            return True
-        days = int(source_cfg.refresh[:-1])
-        age = refresh_age_days(source_cfg)
-        return age is not None and age < days
-    return uptodate

@@ -15,6 +15,9 @@ points at `server.url("ncbi")` and the real client code talks to it.
 - Faults: `inject(api, *faults)` queues faults for that API's next requests:
   "429", "429-retry-after", "503", "timeout", "truncated", "html200", "ncbi-error200",
   "se-backoff", "se-throttle".
+- Quotas: StackExchange wrappers report `quota_remaining` counting down from `se_quota`;
+  past 0 every call is a throttle_violation. `se_replay` (a list of files) replays whole
+  recorded wrappers as the questions pages 1, 2, ...
 """
 from __future__ import annotations
 
@@ -60,17 +63,19 @@ def _studies() -> list[dict]:
 
 class FakeApi:
     def __init__(self, *, records: int = 60, scale: float = 1.0, limits: dict | None = None,
-                 enforce: bool = True, openfda_link: bool = True, pubmed_cap: int = 10_000,
-                 timeout_sleep: float = 1.0):
+                 enforce: bool = True, openfda_link: bool = True, openfda_skip_max: int = 25_000,
+                 pubmed_cap: int = 10_000, timeout_sleep: float = 1.0):
         self.records = records
         self.scale = scale
         self.limits = {api: (max(1, round(n * scale)) if scale >= 1 else n, w if scale >= 1 else w / scale)
                        for api, (n, w) in {**LIMITS, **(limits or {})}.items()}
         self.enforce = enforce
         self.openfda_link = openfda_link
+        self.openfda_skip_max = openfda_skip_max
         self.pubmed_cap = pubmed_cap
         self.timeout_sleep = timeout_sleep
         self.se_quota = 300  # StackExchange's daily quota without a key
+        self.se_replay: list[Path] = []
         self.faults: dict[str, collections.deque] = collections.defaultdict(collections.deque)
         self.arrivals: dict[str, collections.deque] = collections.defaultdict(collections.deque)
         self.log: list[dict] = []  # every request: api, path, query, t, status, over_limit, ua
@@ -135,7 +140,12 @@ class FakeApi:
             study["protocolSection"]["identificationModule"]["nctId"] = f"NCT9{i:07d}"
             self.studies.append(study)
         self.spl = (FIXTURES / "spl" / "cough.xml").read_text(encoding="utf-8")
-        self.setids = [f"22222222-0000-4000-8000-{i:012d}" for i in range(max(3, n // 10))]
+        # the DailyMed listing: the synthetic listing's rows first, then rows of its shape
+        self.spls_listing = json.loads((SYNTHETIC / "synthetic_dailymed_spls.json").read_text())
+        rows = self.spls_listing["data"]
+        self.spl_rows = rows + [dict(rows[-1], setid=f"22222222-0000-4000-8000-{i:012d}", title=f"{rows[-1]['title']} #{i}")
+                                for i in range(max(1, n // 10))]
+        self.setids = [r["setid"] for r in self.spl_rows]
 
     # --- request handling
     def _handler(self):
@@ -308,8 +318,8 @@ class FakeApi:
         if limit > 1000:
             return 400, js, b'{"error":{"code":"BAD_REQUEST","message":"Limit cannot exceed 1000 results for search requests. Use the skip or search_after param to get additional results."}}'
         skip = int(q.get("skip", 0))
-        if skip > 25000:
-            return 400, js, b'{"error":{"code":"BAD_REQUEST","message":"Skip value must 25000 or less."}}'
+        if skip > self.openfda_skip_max:
+            return 400, js, b'{"error":{"code":"BAD_REQUEST","message":"Skip value must %d or less."}}' % self.openfda_skip_max
         start = int(q["search_after"].split("=", 1)[1]) + 1 if q.get("search_after") else skip
         page = pool[start:start + limit]
         meta = {"disclaimer": "Do not rely on openFDA to make decisions regarding medical care.",
@@ -347,14 +357,15 @@ class FakeApi:
     def _api_dailymed(self, rest: str, q: dict):
         if rest == "spls.json":
             page, size = int(q.get("page", 1)), int(q.get("pagesize", 100))
-            total_pages = max(1, -(-len(self.setids) // size))
-            data = [{"setid": s, "spl_version": 1, "title": f"TRIAMINIC (DIPHENHYDRAMINE HCL) [NOVARTIS] #{i}",
-                     "published_date": "Apr 26, 2011"} for i, s in enumerate(self.setids)][(page - 1) * size: page * size]
+            total_pages = max(1, -(-len(self.spl_rows) // size))
             nxt = page + 1 if page < total_pages else "null"
-            meta = {"total_elements": len(self.setids), "elements_per_page": size, "total_pages": total_pages,
-                    "current_page": page, "next_page": nxt, "previous_page": page - 1 if page > 1 else "null",
-                    "next_page_url": f"{self.url('dailymed')}/spls.json?page={page + 1}&pagesize={size}" if nxt != "null" else "null",
-                    "previous_page_url": "null", "db_published_date": "Aug 11, 2026 10:00AM EST"}
+            url = f"{self.url('dailymed')}/spls.json?page=%s&pagesize={size}"
+            meta = {**self.spls_listing["metadata"], "total_elements": len(self.spl_rows), "elements_per_page": size,
+                    "total_pages": total_pages, "current_page": page, "current_url": url % page, "next_page": nxt,
+                    "next_page_url": url % nxt if nxt != "null" else "null",
+                    "previous_page": page - 1 if page > 1 else "null",
+                    "previous_page_url": url % (page - 1) if page > 1 else "null"}
+            data = self.spl_rows[(page - 1) * size: page * size]
             return 200, {"Content-Type": "application/json"}, json.dumps({"data": data, "metadata": meta}).encode()
         m = re.fullmatch(r"spls/([0-9a-f-]+)\.xml", rest)
         if m and m.group(1) in self.setids:
@@ -380,19 +391,24 @@ class FakeApi:
     # --- StackExchange
     def _api_stackexchange(self, rest: str, q: dict):
         js = {"Content-Type": "application/json; charset=utf-8"}
+        remaining = self.se_quota - len(self.requests("stackexchange"))  # this request is already logged
+        if remaining < 0:  # the day's quota is spent: every call is refused until midnight UTC
+            return 400, js, json.dumps({"error_id": 502, "error_name": "throttle_violation",
+                                        "error_message": "too many requests from this IP, more requests available in 86400 seconds"}).encode()
+        quota = {"quota_max": self.se_quota, "quota_remaining": remaining}
         questions = json.loads((SYNTHETIC / "synthetic_stackexchange_questions.json").read_text())
         answers = json.loads((SYNTHETIC / "synthetic_stackexchange_answers.json").read_text())
+        if rest == "questions" and self.se_replay:  # recorded wrappers, byte for byte
+            return 200, js, self.se_replay[int(q.get("page", 1)) - 1].read_bytes()
         if rest == "questions":
             page, size = int(q.get("page", 1)), int(q.get("pagesize", 30))
             items = questions["items"][(page - 1) * size: page * size]
-            return 200, js, json.dumps({"items": items, "has_more": page * size < len(questions["items"]),
-                                        "quota_max": self.se_quota, "quota_remaining": self.se_quota - len(self.requests("stackexchange"))}).encode()
+            return 200, js, json.dumps({"items": items, "has_more": page * size < len(questions["items"]), **quota}).encode()
         m = re.fullmatch(r"questions/([\d;]+)/answers", rest)
         if m:
             ids = {int(i) for i in m.group(1).split(";")}
             items = [a for a in answers["items"] if a["question_id"] in ids]
-            return 200, js, json.dumps({"items": items, "has_more": False, "quota_max": 300,
-                                        "quota_remaining": 300 - len(self.requests("stackexchange"))}).encode()
+            return 200, js, json.dumps({"items": items, "has_more": False, **quota}).encode()
         return 400, js, b'{"error_id":404,"error_name":"no_method","error_message":"no method found with this name"}'
 
     # --- FDA guidance

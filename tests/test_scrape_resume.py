@@ -39,16 +39,19 @@ def toml_value(v) -> str:
     return str(v)
 
 
-def project(root: Path, fake: FakeApi | None, name: str, mode: str = "live", **extra) -> Path:
+def block(fake: FakeApi | None, name: str, mode: str = "live", **extra) -> str:
     kind, api, params = SOURCES[name]
     params = {**params, "base_url": fake.url(api) if fake else "http://127.0.0.1:9", "rate": 40, "backoff": 0.02,
               "timeout": 2, **extra}
+    lines = "\n".join(f"{k} = {toml_value(v)}" for k, v in params.items())
+    return f'[sources.{name}]\nkind = "{kind}"\nmode = "{mode}"\nadapters = ["demo"]\n[sources.{name}.params]\n{lines}\n'
+
+
+def project(root: Path, fake: FakeApi | None, name: str, mode: str = "live", **extra) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     (root / "adapters" / "demo").mkdir(parents=True, exist_ok=True)
     (root / "adapters" / "demo" / "adapter.toml").write_text('description = "test"\n')
-    block = "\n".join(f"{k} = {toml_value(v)}" for k, v in params.items())
-    (root / "sources.toml").write_text(f'[sources.{name}]\nkind = "{kind}"\nmode = "{mode}"\nadapters = ["demo"]\n'
-                                       f"[sources.{name}.params]\n{block}\n")
+    (root / "sources.toml").write_text(block(fake, name, mode, **extra))
     return root
 
 
@@ -163,22 +166,60 @@ def test_mirror_mode_builds_from_raw_alone_and_offline_fails_in_one_line(fake, t
     assert not (offline / "data" / "raw" / "trials" / "manifest.json").exists()
 
 
-def test_refresh_due_for_dodo_uptodate(tmp_path, monkeypatch):
+def test_keys_never_reach_data_logs_or_errors(fake, tmp_path):
+    env_key, dotenv_key, email = "env-KEY-7f3a9c", "dotenv-KEY-51be02", "curator.secret@example.org"
+    root = project(tmp_path / "p", fake, "labels", retries=1)
+    with open(root / "sources.toml", "a") as fh:
+        fh.write(block(fake, "pubmed", retries=1))
+    (root / ".env").write_text(f'NCBI_API_KEY="{dotenv_key}"\nMEDFORGE_EMAIL={email}\n')
+    secrets = (env_key, dotenv_key, email, "curator.secret%40example.org")
+    start = len(fake.log)
+
+    def leaks(*outputs: str) -> list[str]:
+        """Every secret in the outputs or in any file under data/ (pages, checkpoints, manifests, logs, usage)."""
+        files = [p for p in (root / "data").rglob("*") if p.is_file()]
+        found = [f"{s} in output" for s in secrets for out in outputs if s in out]
+        return found + [f"{s} in {p}" for p in files for s in secrets if s.encode() in p.read_bytes()]
+
+    fake.inject("openfda", "503", "503")  # a failed run: its error line and its log name the request
+    failed = scrape(root, "labels", OPENFDA_API_KEY=env_key)
+    assert failed.returncode == 2 and "HTTP 503" in failed.stderr
+    assert "HTTP 503" in (root / "data" / "logs" / "scrape_labels.log").read_text()
+    assert leaks(failed.stdout, failed.stderr) == []
+    for name in ("labels", "pubmed"):
+        done = scrape(root, name, OPENFDA_API_KEY=env_key)
+        assert done.returncode == 0, done.stderr
+        assert leaks(done.stdout, done.stderr) == []
+    sent = fake.log[start:]
+    assert {r["query"].get("api_key") for r in sent if r["api"] == "openfda"} == {env_key}  # sent, from the env
+    assert {(r["query"].get("api_key"), r["query"].get("email")) for r in sent if r["api"] == "ncbi"} == {(dotenv_key, email)}
+    kinds = {p.relative_to(root / "data").parts[0] for p in (root / "data").rglob("*") if p.is_file()}
+    assert {"raw", "logs", ".ratelimit"} <= kinds and (root / "data/raw/labels/checkpoint.json").exists()
+
+
+def test_current_for_dodo_uptodate(tmp_path, monkeypatch):
     import datetime as dt
 
     from stages import scrape
     from stages.config import SourceConfig
 
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MEDFORGE_OFFLINE", raising=False)
 
-    def cfg(refresh, mode="live"):
+    def cfg(refresh, mode="live", **params):
         return SourceConfig(name="pm", kind="pubmed", enabled=True, adapters=[], refresh=refresh, mode=mode,
-                            params={}, raw_block={})
+                            params=params, raw_block={})
 
-    assert scrape.refresh_due(cfg("never"))(None, {}) is True
-    assert scrape.refresh_due(cfg("7d"))(None, {}) is False  # never finished: due
+    assert scrape.current(cfg("never"))(None, {}) is False  # never finished
+    assert scrape.current(cfg("7d", mode="mirror"))() is True  # a mirror never fetches
     status = tmp_path / "data" / "raw" / "pm" / scrape.STATUS
     old = (dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=8)).isoformat()
-    io.write_json(status, {"done": True, "finished_at": old})
-    assert scrape.refresh_due(cfg("7d"))() is False and scrape.refresh_due(cfg("9d"))() is True
-    assert scrape.refresh_due(cfg("7d", mode="mirror"))() is True
+    io.write_json(status, {"block": scrape.block_hash(cfg("7d")), "done": True, "finished_at": old})
+    assert scrape.current(cfg("7d"))() is False and scrape.current(cfg("9d"))() is True  # "9d": same block
+    assert scrape.current(cfg("never"))() is True
+    assert scrape.current(cfg("never", term="other"))() is False  # finished, but for another block
+    monkeypatch.setenv("MEDFORGE_OFFLINE", "1")
+    assert scrape.current(cfg("7d"))() is True  # offline: a due refresh builds from data/raw/
+    io.write_json(status, {"block": scrape.block_hash(cfg("7d")), "done": False, "started_at": old})
+    monkeypatch.delenv("MEDFORGE_OFFLINE")
+    assert scrape.current(cfg("never"))() is False  # an unfinished pass resumes

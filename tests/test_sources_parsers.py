@@ -124,9 +124,10 @@ def test_fda_guidance_index_real_and_pdf(tmp_path):
 
 
 def test_stackexchange_wrapper_real_and_questions_synthetic(tmp_path):
-    for name in ("test_users_associated.json", "test_stackoverflow_exists.json"):  # the real wrapper shape
-        doc = json.loads((REAL / "stackexchange" / name).read_text())
-        assert isinstance(doc["items"], list) and "has_more" in doc and doc["quota_remaining"] <= doc["quota_max"]
+    for name in ("test_users_associated.json", "test_stackoverflow_exists.json"):  # real wrappers, through the parser
+        shutil.copy(REAL / "stackexchange" / name, tmp_path / "questions-00009.json")
+        assert parsed("stackexchange", tmp_path / "questions-00009.json")[1] == []  # users and sites: no questions
+    (tmp_path / "questions-00009.json").unlink()
     shutil.copy(SYN / "synthetic_stackexchange_questions.json", tmp_path / "questions-00001.json")
     shutil.copy(SYN / "synthetic_stackexchange_answers.json", tmp_path / "answers-00001.json")
     source, recs = parsed("stackexchange", tmp_path / "questions-00001.json")
@@ -150,6 +151,37 @@ def test_medlineplus_synthetic():
     assert "- Wheezing" in recs[0]["summary"] and "<" not in recs[0]["summary"]
     assert [r["id"] for r in parsed("medlineplus", SYN / "synthetic_medlineplus_topics.xml", language="Spanish")[1]] == ["1717"]
     assert tasks(source, recs[0]) == ["medlineplus_explain", "medlineplus_synonyms", "medlineplus_body_system"]
+
+
+def test_drugbank_streams_a_multi_mb_file_in_constant_memory(tmp_path):
+    import re
+    import tracemalloc
+
+    text = (SYN / "synthetic_drugbank.xml").read_text()
+    head, drug = text[:text.index("<drug ")], re.search(r"<drug .*?\n</drug>\n", text, re.S).group(0)
+
+    def stream(drugs: int) -> tuple[int, int]:
+        """Write a DrugBank-shaped file of `drugs` drugs; fetch it into pages and parse them: (file size, peak bytes)."""
+        big = tmp_path / f"full_database_{drugs}.xml"
+        with open(big, "w", encoding="utf-8") as fh:
+            fh.write(head)
+            for i in range(drugs):
+                fh.write(drug.replace("DB00722", f"DB{i:05d}"))
+            fh.write("</drugbank>\n")
+        source = make("db", "drugbank", {"path": str(big), "chunk": 25})
+        store = RawStore(tmp_path / f"raw{drugs}")
+        tracemalloc.start()
+        try:
+            source.fetch(store)
+            assert sum(1 for page in store.pages() for _ in source.parse(page)) == drugs
+            return big.stat().st_size, tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    small, small_peak = stream(600)
+    size, peak = stream(2400)
+    assert size > 4_500_000 and size > 3.9 * small
+    assert peak < size / 4 and peak < 1.2 * small_peak, f"peak {peak:,} B on {size:,} B, {small_peak:,} B on {small:,} B"
 
 
 def test_drugbank_streams_and_refuses_entities(tmp_path):
@@ -198,11 +230,58 @@ def test_local_files_forms(tmp_path):
     assert [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}] in [r["messages"] for r in recs]
 
 
+def minimal_pdf(path: Path, paragraphs: list[str]) -> Path:
+    """A real PDF written by pypdf: one page of Helvetica text per paragraph."""
+    from pypdf import PdfWriter
+    from pypdf.generic import ContentStream, DictionaryObject, NameObject
+
+    writer = PdfWriter()
+    for para in paragraphs:
+        page = writer.add_blank_page(612, 792)
+        font = DictionaryObject({NameObject("/Type"): NameObject("/Font"), NameObject("/Subtype"): NameObject("/Type1"),
+                                 NameObject("/BaseFont"): NameObject("/Helvetica")})
+        page[NameObject("/Resources")] = DictionaryObject({NameObject("/Font"): DictionaryObject({NameObject("/F1"): font})})
+        content = ContentStream(None, writer)
+        content.set_data(b"BT /F1 9 Tf 20 760 Td (" + para.encode("latin-1") + b") Tj ET")
+        page.replace_contents(content)
+    with open(path, "wb") as fh:
+        writer.write(fh)
+    return path
+
+
+PARAGRAPHS = ["Hypertension. " + "Blood pressure above 140/90 mmHg on repeated readings defines hypertension. " * 4,
+              "Lifestyle first. " + "Salt reduction, weight loss and exercise lower blood pressure by several mmHg. " * 4]
+
+
+def test_local_files_pdf_becomes_passages(tmp_path):
+    minimal_pdf(tmp_path / "notes.pdf", PARAGRAPHS)
+    source = make("loc", "local_files", {"paths": [str(tmp_path / "*.pdf")], "chunk_chars": 400, "task": "notes"})
+    store = RawStore(tmp_path / "raw")
+    source.fetch(store)
+    (page,) = store.pages()
+    recs = list(source.parse(page))
+    assert [r["passage"].split(".")[0] for r in recs] == ["Hypertension", "Lifestyle first"]
+    assert all(len(r["passage"]) > 200 for r in recs) and recs[0]["document"] == page.name
+    (example,) = source.examples(recs[0])
+    assert example["task"] == "notes_continue" and "140/90" in example["messages"][0]["content"] + example["messages"][1]["content"]
+
+
 def test_parse_command_works_for_every_new_kind(tmp_path):
+    pages = tmp_path / "pages"
+    pages.mkdir()
+    shutil.copy(SYN / "synthetic_stackexchange_questions.json", pages / "questions-00001.json")  # a temp copy, not the repo
+    shutil.copy(SYN / "synthetic_stackexchange_answers.json", pages / "answers-00001.json")
+    shutil.copy(REAL / "fda_guidance/search-for-guidance-sample.json", pages / "index.json")
+    from tests.fakeapi import tiny_pdf
+    (pages / "doc-120958.pdf").write_bytes(tiny_pdf(["Guidance for Industry", "I. Introduction",
+                                                     "This guidance helps manufacturers label foods."]))
+    (pages / "mine.jsonl").write_text(json.dumps({"instruction": "Define tachycardia.", "output": "A heart rate above 100/min."}))
     cases = {"pubmed": REAL / "pubmed/pubmed2.xml", "openfda": REAL / "openfda/aspirin.json",
              "clinicaltrials": REAL / "clinicaltrials/get_nct06382129_20260811.json", "dailymed": REAL / "spl/cough.xml",
              "rxnorm": SYN / "synthetic_rxnav_drugs.json", "medlineplus": SYN / "synthetic_medlineplus_topics.xml",
-             "drugbank": SYN / "synthetic_drugbank.xml", "hf_qa": SYN / "synthetic_medmcqa.jsonl"}
+             "drugbank": SYN / "synthetic_drugbank.xml", "hf_qa": SYN / "synthetic_medmcqa.jsonl",
+             "stackexchange": pages / "questions-00001.json", "fda_guidance": pages / "doc-120958.pdf",
+             "local_files": minimal_pdf(pages / "notes.pdf", PARAGRAPHS)}
     root = Path(__file__).resolve().parents[1]
     for kind, path in cases.items():
         out = subprocess.run([sys.executable, "-c", "import sys; from stages.cli import main; sys.exit(main(sys.argv[1:]))",

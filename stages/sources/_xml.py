@@ -92,15 +92,16 @@ def iter_elements(source: str | Path | bytes | IO[bytes], tags: set[str], where:
     """Yield each complete element whose local name is in `tags` (outermost match only); constant memory."""
     where = where or (str(source) if isinstance(source, (str, Path)) else "XML")
     stream = _Stream(where, tags)
-    if isinstance(source, bytes):
-        yield from stream.feed(source, True)
-        return
     fh = open(source, "rb") if isinstance(source, (str, Path)) else source
     try:
+        if isinstance(source, bytes):
+            yield from stream.feed(source, True)
+            return
         while data := fh.read(chunk):
             yield from stream.feed(data)
         yield from stream.feed(b"", True)
     finally:
+        stream.parser = None  # parser <-> handlers is a cycle: break it, or each page's buffers wait for the GC
         if fh is not source:
             fh.close()
 

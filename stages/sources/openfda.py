@@ -92,16 +92,22 @@ class OpenFda(Source):
                 state["page"] += 1
                 state["fetched"] += len(results)
                 total = int(((doc.get("meta") or {}).get("results") or {}).get("total") or 0)
-                link = reply.link("next")
-                if link and results:
-                    query_of_next = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(link).query, keep_blank_values=True))
-                    state["cursor"] = http.strip_secret_params(query_of_next)
-                elif state["cursor"]:  # following links: no next link is the end
-                    state["done"] = True
-                elif len(results) == limit and state["skip"] + limit < total and state["skip"] + limit <= SKIP_MAX:
-                    state["cursor"], state["skip"] = None, state["skip"] + limit
+                link = reply.link("next") if results else None
+                nxt = http.strip_secret_params(dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(link).query,
+                                                                           keep_blank_values=True))) if link else None
+                # following links, no next link is the end; without links, skip paging until the total
+                more = nxt is not None or (not state["cursor"] and len(results) == limit and state["skip"] + limit < total)
+                skip = int(nxt.get("skip") or 0) if nxt else state["skip"] + limit
+                if more and nxt and ("search_after" in nxt or skip <= SKIP_MAX):
+                    state["cursor"] = nxt
+                elif more and not nxt and skip <= SKIP_MAX:
+                    state["skip"] = skip
                 else:
                     state["done"] = True
+                    if more:  # a skip past the cap would be refused: say so instead of stopping quietly
+                        print(f"{self.name}: warning: openFDA pages with skip only up to {SKIP_MAX:,} and sent no "
+                              f"search_after Link; stopped after {state['fetched']:,} of {total:,} records: narrow "
+                              f"sources.{self.name}.params.search (e.g. by date) to reach the rest")
                 store.save_checkpoint(state)
 
     def parse(self, page: Path) -> Iterator[dict[str, Any]]:

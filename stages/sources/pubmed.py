@@ -88,6 +88,9 @@ class PubMed(Source):
                         store.save_checkpoint(state)
                         continue
                     state["ranges"].pop(0)
+                    if count > cap:  # one day alone is over the cap: esearch cannot list the rest
+                        print(f"{self.name}: warning: {start} alone has {count:,} hits, over esearch's {cap:,} cap; only "
+                              f"{cap:,} are fetched: narrow sources.{self.name}.params.term to reach the rest")
                     if count:
                         found = parse_esearch(client.get("esearch.fcgi", {**window, "usehistory": "y",
                                                                           "retmax": min(count, cap)}, expect="xml").content)

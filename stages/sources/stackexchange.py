@@ -60,7 +60,7 @@ class StackExchange(Source):
                 reply = client.get("questions", {**query, "page": state["page"]})
                 doc = reply.json()
                 store.put(f"questions-{state['page']:05d}.json", reply.content)
-                ids = [q["question_id"] for q in doc.get("items") or [] if q.get("answer_count")]
+                ids = [q["question_id"] for q in doc.get("items") or [] if q.get("answer_count") and q.get("question_id")]
                 state["answers_for"] = [state["page"], ids] if ids else None
                 state["done"] = not doc.get("has_more")
                 state["page"] += 1
