@@ -23,10 +23,15 @@ def build_parser() -> argparse.ArgumentParser:
     parse.add_argument("source", help="a source name from sources.toml (or a source kind)")
     parse.add_argument("file", help="a raw response file (as stored under data/raw/<source>/pages/)")
 
-    dedup = sub.add_parser("dedup", help="exact + near-duplicate removal on any JSONL with 'text' or 'messages'")
+    dedup = sub.add_parser("dedup", help="exact + near-duplicate removal on any JSONL with 'text' or 'messages'",
+                           description="Runs the pipeline's dedup (exact + MinHash near-duplicates) on any JSONL whose "
+                           "records have a 'text' string or a 'messages' list; writes the kept lines unchanged "
+                           "(every field, 'id' included, in input order) and prints one JSON line: kept, removed, "
+                           "clusters, seconds.")
     dedup.add_argument("input", help="input JSONL")
     dedup.add_argument("--out", required=True, help="output JSONL of kept records")
-    dedup.add_argument("--threshold", type=float, default=0.8)
+    dedup.add_argument("--threshold", type=float, default=0.8,
+                       help="Jaccard similarity of word 5-shingles at which two records are near-duplicates (0.8)")
 
     sub.add_parser("dashboard", help="open the terminal dashboard (the default)")
     return parser

@@ -6,17 +6,22 @@ word or phrase, case-insensitive) and `data.exclude_keywords` (none may occur); 
 `data.max_examples` when > 0 (by a stable hash rank, so the cap keeps whole clusters and
 mostly the same ones as data grows). A record can feed any number of adapters.
 
-Splits are 80/10/10 by a stable hash of each example's `cluster` key (set by dedup: the
-source record, joined with its near-duplicates' records): a whole cluster lands in one split,
-so no near-copy of a test question sits in train, and a record never changes split when data
-is added. Because the hash ignores source and task, every (source, task) stratum is split
-80/10/10 in expectation; statistics.json shows each stratum's shares. With `data.frozen_test`
-(a JSONL such as an earlier test.jsonl, or a list of ids/cluster keys), exactly those clusters
-form the test split and new data only joins train and val.
+Splits are 80/10/10 per (source, task) stratum, at the level of clusters. An example's
+`cluster` key is set by dedup to its source record (`<source>:<source_id>`), so every
+question made from one ICD code or one patient lands in one split. Near-duplicates need no
+key of their own: dedup keeps one example per near-duplicate cluster (Jaccard >= its
+threshold) and drops the rest, so no near-copy of a test question is left to sit in train.
+
+Placement (see `assign`) is remembered in data/splits/<adapter>/assignments.json: a cluster
+placed once keeps its split for good, so adding data never moves an existing record. Only
+new clusters are placed, each into the split its strata lack most, which keeps every
+stratum, small ones included, within about one cluster of its 80/10/10 share. With
+`data.frozen_test` (a JSONL such as an earlier test.jsonl, or a list of ids/cluster keys),
+exactly those clusters form the test split and new data only joins train and val.
 
 Outputs in data/splits/<adapter>/: train/val/test.jsonl (messages), alpaca/ and sharegpt/
-copies, statistics.json and a dataset card README.md. Files are rewritten only when their
-content changes, which is what keeps an unchanged adapter from retraining.
+copies, statistics.json, a dataset card README.md and assignments.json. Files are rewritten
+only when their content changes, which is what keeps an unchanged adapter from retraining.
 """
 from __future__ import annotations
 
@@ -29,9 +34,11 @@ from typing import Any
 from stages import io, layout
 from stages.errors import StageError
 
-FRACTIONS = (("train", 0.8), ("val", 0.9), ("test", 1.0))  # cumulative upper bounds
-MIN_FOR_ALL_SPLITS = 10
+SHARES = {"train": 0.8, "val": 0.1, "test": 0.1}
+FROZEN_SHARES = {"train": 0.8 / 0.9, "val": 0.1 / 0.9}  # with a frozen test set, new clusters join train or val
+MIN_FOR_ALL_SPLITS = 10  # examples from which an adapter gets at least one cluster in every split
 KEEP_FIELDS = ("id", "source", "task", "messages", "provenance", "cluster")
+LEDGER = "assignments.json"
 
 
 def unit_hash(key: str) -> float:
@@ -39,61 +46,96 @@ def unit_hash(key: str) -> float:
     return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") / 2.0 ** 64
 
 
-TRAIN_VAL = (("train", 0.8), ("val", 0.9), ("val", 1.0))  # with a frozen test set: see split_of
+def assign(rows: list[dict], earlier: dict[str, str] | None = None,
+           shares: dict[str, float] = SHARES) -> dict[str, str]:
+    """Split name per cluster of `rows` (each with `cluster`, `source`, `task`).
 
-
-def split_of(key: str, fractions=FRACTIONS) -> str:
-    u = unit_hash(key)
-    name = next(name for name, upper in fractions if u < upper)
-    if fractions is TRAIN_VAL and u >= 0.9:
-        # would have been test: train or val by a second hash, 8:1, so train/val keep their 80:10 ratio
-        # and every cluster that was in train or val before the test set was frozen stays put
-        return "train" if unit_hash(key + "#frozen") < 8 / 9 else "val"
-    return name
-
-
-def _interval(split: str, fractions=FRACTIONS) -> tuple[float, float]:
-    lower = 0.0
-    for name, upper in fractions:
-        if name == split:
-            return lower, upper
-        lower = upper
-    raise KeyError(split)
-
-
-def _distance(u: float, split: str, fractions=FRACTIONS) -> float:
-    lower, upper = _interval(split, fractions)
-    return 0.0 if lower <= u < upper else min(abs(u - lower), abs(u - upper))
-
-
-def assign(keys: list[str], fractions=FRACTIONS) -> list[str]:
-    """Split name per example, from its group key; no split stays empty when there are >= 10 examples.
-
-    Only a small set can leave a split empty by chance: the group whose hash lies nearest
-    that split's range moves there (from the largest split). With fewer than three groups
-    the groups cannot fill three splits, so examples are split one by one.
+    Why not a hash of the cluster alone: that is stable but stratified only in expectation
+    (a 20-record stratum has no test example 12 % of the time), and no rule that depends on
+    the cluster alone can do better, while any rule that looks at the rest of the data can
+    move a record when data is added. So placements are remembered (`earlier`, the ledger):
+    - a cluster in `earlier` keeps its split (when that split is in `shares`); it is never moved;
+    - new clusters are placed one at a time in the order of a stable hash of their key, each
+      into the split with the largest shortfall against its quota, summed over the strata its
+      examples belong to: `share * stratum size (with this cluster) - examples already there`,
+      divided by the stratum's size so that a small stratum outweighs a large one. On a
+      single stratum this is a largest-deficit apportionment: at every prefix each split is
+      within one cluster of its share (80/10/10 of 20 one-example clusters is 16/2/2);
+    - from MIN_FOR_ALL_SPLITS examples, a split left empty takes the next new cluster (train,
+      then val, then test), so no split stays empty once there are clusters enough for all;
+    - a cluster is never divided: with fewer clusters than splits some splits stay empty, and
+      an example that joins a cluster placed earlier (a new task for an old record) follows it.
+    The result is a function of the data and the ledger; from an empty ledger, of the data.
     """
-    groups = list(dict.fromkeys(keys))
-    if len(keys) >= MIN_FOR_ALL_SPLITS and len(groups) < 3:
-        print(f"split: only {len(groups)} cluster(s) for {len(keys)} examples: splitting examples one by one")
-        keys = [f"{key}#{i}" for i, key in enumerate(keys)]
-        groups = list(keys)
-    where = {g: split_of(g, fractions) for g in groups}
-    if len(keys) >= MIN_FOR_ALL_SPLITS:
-        size = Counter(keys)
-        for target in dict.fromkeys(name for name, _ in fractions):
-            totals = Counter()
-            for g in groups:
-                totals[where[g]] += size[g]
-            if totals[target]:
-                continue
-            holding = Counter(where[g] for g in groups)
-            donors = [s for s in holding if holding[s] >= 2]  # a split never gives away its last group
-            donor = max(donors, key=lambda s: (totals[s], s))
-            movable = [g for g in groups if where[g] == donor]
-            pick = min(movable, key=lambda g: (_distance(unit_hash(g), target, fractions), g))
-            where[pick] = target
-    return [where[k] for k in keys]
+    earlier = earlier or {}
+    names = [s for s in layout.SPLITS if shares.get(s, 0) > 0]
+    strata_of: dict[str, Counter] = defaultdict(Counter)  # cluster -> (source, task) -> examples
+    for row in rows:
+        strata_of[row["cluster"]][(row["source"], row["task"])] += 1
+    where = {c: earlier[c] for c in strata_of if earlier.get(c) in names}
+    total: Counter = Counter()   # examples per stratum in this data
+    size: Counter = Counter()    # of them, placed so far
+    placed = {s: Counter() for s in names}  # per split: examples per stratum placed there
+    overall = Counter()
+    for c, strata in strata_of.items():
+        total.update(strata)
+        if c in where:
+            size.update(strata)
+            placed[where[c]].update(strata)
+            overall[where[c]] += sum(strata.values())
+    fill = len(rows) >= MIN_FOR_ALL_SPLITS
+    for c in sorted((c for c in strata_of if c not in where), key=lambda c: (unit_hash(c), c)):
+        strata = list(strata_of[c].items())
+        empty = next((s for s in names if not overall[s]), None) if fill else None
+        best, best_score = names[0], None
+        for s in names:  # in order, so a tie goes to train, then val
+            share, there = shares[s], placed[s]
+            score = (s == empty, sum(m * (share * (size[k] + m) - there[k]) / total[k] for k, m in strata))
+            if best_score is None or score > best_score:
+                best, best_score = s, score
+        where[c] = best
+        for k, m in strata:
+            size[k] += m
+            placed[best][k] += m
+            overall[best] += m
+    return where
+
+
+def ledger_file(adapter_name: str) -> Path:
+    return layout.split_dir(adapter_name) / LEDGER
+
+
+def load_ledger(adapter_name: str) -> dict[str, str]:
+    """cluster -> split of every cluster earlier runs placed.
+
+    Without a readable ledger (first run, or a project split by an older medforge), the
+    clusters in the existing split files, so upgrading moves nothing either.
+    """
+    path = ledger_file(adapter_name)
+    if path.exists():
+        try:
+            doc = io.read_json(path)
+            return {str(c): name for name, clusters in doc["splits"].items() if name in layout.SPLITS
+                    for c in clusters}
+        except (ValueError, KeyError, TypeError, AttributeError):
+            print(f"split:{adapter_name}: warning: {path} is unreadable; taking placements from the split files")
+    ledger: dict[str, str] = {}
+    for name in layout.SPLITS:
+        part = layout.split_file(adapter_name, name)
+        try:
+            for row in io.read_jsonl(part) if part.exists() else ():
+                if isinstance(row, dict) and row.get("cluster"):
+                    ledger.setdefault(str(row["cluster"]), name)
+        except ValueError:
+            continue
+    return ledger
+
+
+def save_ledger(adapter_name: str, ledger: dict[str, str]) -> None:
+    splits = {name: sorted(c for c, s in ledger.items() if s == name) for name in layout.SPLITS}
+    io.write_json(ledger_file(adapter_name), {
+        "note": "cluster placements; a cluster listed here keeps its split when data is added (delete to re-place)",
+        "splits": splits})
 
 
 def _cap(rows: list[dict], max_examples: int) -> list[dict]:
@@ -198,20 +240,27 @@ def run(cfg, adapter_name: str) -> dict[str, Any]:
     max_examples = adapter.data.get("max_examples", 0)
     rows = _cap(rows, max_examples)
     frozen_info = None
+    earlier = load_ledger(adapter_name)
     if adapter.data.get("frozen_test"):
         frozen = load_frozen(adapter_name, adapter.data["frozen_test"])
         test_clusters = {r["cluster"] for r in rows if r["cluster"] in frozen or str(r["id"]) in frozen}
-        rest = [r for r in rows if r["cluster"] not in test_clusters]
-        where = dict(zip((r["cluster"] for r in rest), assign([r["cluster"] for r in rest], TRAIN_VAL)))
-        names = ["test" if r["cluster"] in test_clusters else where[r["cluster"]] for r in rows]
+        where = assign([r for r in rows if r["cluster"] not in test_clusters], earlier, FROZEN_SHARES)
+        where.update(dict.fromkeys(test_clusters, "test"))
         present = {r["cluster"] for r in rows} | {str(r["id"]) for r in rows}
         missing = len({k for k in frozen if k not in present})
         frozen_info = {"file": adapter.data["frozen_test"], "clusters": len(test_clusters), "missing": missing}
         if missing:
             print(f"split:{adapter_name}: warning: {missing} frozen test entries are no longer in the data")
     else:
-        names = assign([row["cluster"] for row in rows])
-    by_split: dict[str, list[dict]] = {name: [] for name, _ in FRACTIONS}
+        where = assign(rows, earlier)
+    names = [where[row["cluster"]] for row in rows]
+    new = sum(1 for c, name in where.items() if earlier.get(c) != name)
+    empty = [name for name in layout.SPLITS if name not in set(names)]
+    if empty and rows:
+        print(f"split:{adapter_name}: warning: {', '.join(empty)} empty: {len(where)} cluster(s) in "
+              f"{len(rows)} example(s), and a cluster is never divided across splits")
+    save_ledger(adapter_name, {**earlier, **where})
+    by_split: dict[str, list[dict]] = {name: [] for name in layout.SPLITS}
     for row, name in zip(rows, names):
         by_split[name].append(row)
     changed = [name for name, part in by_split.items() if io.write_jsonl(layout.split_file(adapter_name, name), part)]
@@ -226,7 +275,8 @@ def run(cfg, adapter_name: str) -> dict[str, Any]:
     io.write_json(layout.split_statistics(adapter_name), stats)
     io.write_text(layout.dataset_card(adapter_name), dataset_card(adapter, stats, by_split))
     counts = ", ".join(f"{name} {len(part)}" for name, part in by_split.items())
-    print(f"split:{adapter_name}: {len(rows)} example(s): {counts}"
+    print(f"split:{adapter_name}: {len(rows)} example(s): {counts}; {new} cluster(s) placed now, "
+          f"{len(where) - new} kept where earlier runs put them"
           f"{' (rewritten: ' + ', '.join(changed) + ')' if changed else ' (unchanged)'}")
     return stats
 
@@ -261,12 +311,14 @@ def upstream(sources: list[str]) -> dict[str, Any]:
     report = io.read_json(path)
     per = {name: report.get("sources", {}).get(name) for name in sources}
     per = {name: stats for name, stats in per.items() if stats}
-    dropped = Counter()
+    from stages.clean import REASONS
+
+    dropped = Counter(dict.fromkeys(REASONS, 0))  # every reason, so a zero reads as checked rather than missing
     for stats in per.values():
         dropped.update(stats.get("dropped", {}))
     return {
         "records_in": sum(s.get("in", 0) for s in per.values()),
-        "dropped": dict(sorted(dropped.items())),
+        "dropped": {why: dropped[why] for why in [*REASONS, *sorted(set(dropped) - set(REASONS))]},
         "exact_duplicates": sum(s.get("exact_dups", 0) for s in per.values()),
         "near_duplicates": sum(s.get("near_dups", 0) for s in per.values()),
         "duplicate_clusters": sum(s.get("duplicate_clusters", 0) for s in per.values()),
@@ -375,9 +427,10 @@ def dataset_card(adapter, stats: dict[str, Any], by_split: dict[str, list[dict]]
         "## Splits", "",
         _table(["split", "examples", "clusters"], [[s, stats["splits"][s], stats["clusters"][s]] for s in splits]), "",
         _table(["task"] + splits, [[t] + [c.get(s, 0) for s in splits] for t, c in stats["by_task"].items()]), "",
-        "Splits are cut by a stable hash of each example's cluster (its source record, joined with every near-"
-        f"duplicate at Jaccard >= {up.get('dedup_threshold', 0.8)}), so no near-copy of a test example is in train "
-        "or val, and adding data never moves an existing example."
+        "Splits are 80/10/10 within each source and task, cut by cluster: a cluster is one source record (one "
+        "code, one patient), so all questions about it share a split. Dedup kept one example of every group of "
+        f"near-duplicates (Jaccard >= {up.get('dedup_threshold', 0.8)}), so no near-copy of a test example is in "
+        "train or val. Placements are kept in `assignments.json`: adding data never moves an existing example."
         + (f" The test split is frozen ({stats['frozen_test']['file']})." if stats.get("frozen_test") else ""), "",
         "## Cleaning and deduplication", "",
         _table(["step", "examples"], [["records in (its sources)", up.get("records_in", "?")]]
@@ -401,6 +454,7 @@ def dataset_card(adapter, stats: dict[str, Any], by_split: dict[str, list[dict]]
         f"{splits!r}}})",
         "```", "",
         "Each line: `id`, `source`, `task`, `messages` (role/content), `provenance` (source, record id, origin, "
-        "licence, retrieval time) and `cluster`. `alpaca/` and `sharegpt/` hold the same splits in those formats.", "",
+        "licence, retrieval time) and `cluster` (its source record, `<source>:<source_id>`). `alpaca/` and "
+        "`sharegpt/` hold the same splits in those formats.", "",
     ]
     return "\n".join(parts)

@@ -72,6 +72,38 @@ def test_word_estimate_is_documented_and_a_built_tokenizer_is_used(tmp_path, mon
     assert counter.count(["one two three, four.", ""]) == [6, 0]
 
 
+def test_tokenizer_counts_are_cached_per_text(tmp_path, monkeypatch):
+    """dedup counts every example; split then reads the same texts' counts from data/cache instead of re-tokenizing."""
+    monkeypatch.chdir(tmp_path)
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, "one": 1, "two": 2}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    (tmp_path / "base").mkdir()
+    tok.save(str(tmp_path / "base" / "tokenizer.json"))
+    texts = ["one two three, four.", "", "two two", "one two three, four."]
+    first = clean.token_counter("./base")
+    assert first.count(texts) == [6, 0, 2, 6]
+    assert len(list((tmp_path / "data" / "cache").glob("tokens-*.npz"))) == 1
+
+    second = clean.token_counter("./base")  # a later stage: every text is known, nothing is tokenized
+
+    def no_tokenizing(batch):
+        raise AssertionError(f"tokenized {batch}")
+
+    second._encode = no_tokenizing
+    assert second.count(texts[::-1]) == [6, 2, 0, 6]
+    calls = []
+    second._encode = lambda batch: calls.append(list(batch)) or [len(t.split()) for t in batch]
+    assert second.count(["two two", "new text here", "new text here"]) == [2, 3, 3]
+    assert calls == [["new text here"]]  # only the unseen text, once
+    # another tokenizer file is another cache
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()  # "three," and "four." are one token each now
+    tok.save(str(tmp_path / "base" / "tokenizer.json"))
+    assert clean.token_counter("./base").count(["one two three, four."]) == [4]
+    assert len(list((tmp_path / "data" / "cache").glob("tokens-*.npz"))) == 2
+
+
 SOURCES = """
 [dedup]
 source_priority = ["vitals"]

@@ -68,3 +68,45 @@ def test_sources_toml_errors(tmp_path, sources, expected):
 def test_adapter_data_errors(tmp_path, adapter, expected):
     found = problems(project(tmp_path, adapter=adapter))
     assert any(expected in line for line in found), found
+
+
+# --- the repository's own defaults and their documentation
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_default_pipeline_runs_the_full_icd10cm_source():
+    cfg = config.load(REPO)
+    icd = cfg.sources["icd10cm"]
+    assert icd.enabled and icd.adapters == ["clinical_coding"]
+    assert icd.params.get("max_codes", 0) == 0  # every code; max_codes stays an optional cap
+    from stages.sources.icd10cm import Icd10cmSource
+
+    assert Icd10cmSource("icd10cm", icd.params).param("max_codes", 0, int) == 0
+
+
+def _section(text: str, title: str) -> str:
+    start = text.index(f"\n## {title}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end > 0 else None]
+
+
+def test_readme_configuration_documents_every_data_quality_key():
+    section = _section((REPO / "README.md").read_text(encoding="utf-8"), "Configuration")
+    for key in config.DEDUP_SCHEMA:
+        assert f"`[dedup] {key}`" in section or f"`{key}`" in section, f"[dedup] {key}"
+    for key in config.CLEAN_SCHEMA:
+        assert f"`[clean] {key}`" in section or f"`{key}`" in section, f"[clean] {key}"
+    for key in config.DATA_SCHEMA:
+        assert f"`data.{key}`" in section, f"data.{key}"
+    assert "medforge dedup IN.jsonl --out OUT.jsonl" in section and "`id`" in section
+    for reason in ("invalid", "empty", "echo", "too_short", "too_long"):
+        assert f"`{reason}`" in section
+
+
+def test_runtime_dependencies_cover_the_redis_backend_and_bulk_minhash():
+    import tomllib
+
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    names = {d.split(">")[0].split("=")[0].split("[")[0].split(";")[0].strip(): d for d in deps}
+    assert names["redis"].startswith("redis>=")          # dedup.backend = "redis" imports it at run time
+    assert names["datasketch"].startswith("datasketch>=2.0")  # MinHash.bulk(scheme=...) in bench/dedup.py

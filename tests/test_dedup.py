@@ -235,6 +235,26 @@ def test_cli_round_trip_keeps_records_unchanged(tmp_path):
     assert kept == lines[:30] + [lines[-1]]  # byte-identical, in input order
 
 
+def test_cli_keeps_every_field_including_id(tmp_path):
+    """`medforge dedup` on records with an `id`: kept lines come back byte for byte, ids included."""
+    rng = random.Random(11)
+    texts = [sentence(rng, 60) for _ in range(12)]
+    records = [{"id": f"doc-{i:03d}", "text": text, "lang": "en"} for i, text in enumerate(texts)]
+    records.append({"id": "copy-of-doc-002", "text": texts[2]})                      # exact duplicate
+    shorter = " ".join(texts[4].split()[:-2])  # near duplicate, no richer than doc-004, which stays
+    records.append({"id": 7, "messages": [{"role": "user", "content": shorter}]})
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    lines = [json.dumps(r, ensure_ascii=False) for r in records]
+    src.write_text("\n".join(lines) + "\n")
+    result = subprocess.run([sys.executable, "-m", "stages.cli", "dedup", str(src), "--out", str(out)],
+                            capture_output=True, text=True, cwd=tmp_path, env=cli_env(), timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.strip().splitlines()[-1])["kept"] == 12
+    kept = out.read_text().splitlines()
+    assert kept == lines[:12]
+    assert [json.loads(line)["id"] for line in kept] == [f"doc-{i:03d}" for i in range(12)]
+
+
 def test_cli_names_a_bad_line(tmp_path):
     src = tmp_path / "in.jsonl"
     src.write_text('{"text": "fine"}\n{"other": 1}\n')
