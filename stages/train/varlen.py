@@ -52,11 +52,14 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     rows = []
-    for r, spans in enumerate(bounds_for(position_ids, query.shape[0])):
-        pieces = [sdpa_attention_forward(module, query[r:r + 1, :, a:b], key[r:r + 1, :, a:b],
-                                         value[r:r + 1, :, a:b], None, dropout=dropout, scaling=scaling,
-                                         is_causal=True)[0]
-                  for a, b in spans]
+    # unbind and split, not indexing: their backward assembles the gradient once (stack, cat), where
+    # each slice's backward would zero-fill and add a whole (B, H, T, D) tensor, once per example
+    for (spans, q, k, v) in zip(bounds_for(position_ids, query.shape[0]), query.unbind(0), key.unbind(0),
+                                value.unbind(0)):
+        sizes = [b - a for a, b in spans]
+        pieces = [sdpa_attention_forward(module, qs.unsqueeze(0), ks.unsqueeze(0), vs.unsqueeze(0), None,
+                                         dropout=dropout, scaling=scaling, is_causal=True)[0]
+                  for qs, ks, vs in zip(q.split(sizes, dim=1), k.split(sizes, dim=1), v.split(sizes, dim=1))]
         rows.append(pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1))
     return torch.cat(rows, dim=0), None
 
