@@ -1,0 +1,108 @@
+"""A faster LoRA branch for peft's Linear layers: one autograd function instead of five modules.
+
+peft computes `result + lora_B(lora_A(dropout(x))) * scaling`: a Bernoulli draw per input element
+(torch's CPU bernoulli is as slow as the layer's own matmul), the scaling and the sum as two more
+passes over the (tokens x out) output, and `x @ A.T` with a 16-column transposed weight, which
+MKL runs several times slower than the same product with A.T made contiguous. Here:
+
+- the dropout mask comes from 16-bit slices of 64-bit random words (four draws per RNG call),
+  keeping an element when its slice is at or above p * 65536: p is honoured to 1/65536;
+- dropout's 1/(1-p) and the LoRA scaling are one scalar, applied inside `addmm`, which also adds
+  the base output: no extra pass over the output;
+- every product runs on contiguous operands in the layout the backward pass needs.
+
+The math is peft's (tests compare outputs and gradients). Anything else — merged or disabled
+adapters, several adapters, DoRA and other variants, autocast, mixed dtypes — goes through
+peft's own forward.
+"""
+from __future__ import annotations
+
+import types
+
+_KEEP_SCALE = 65536
+
+
+def keep_mask(shape, p: float, device):
+    """Bernoulli(1 - p) as a bool tensor, from four 16-bit slices of each random 64-bit word."""
+    import torch
+
+    n = 1
+    for size in shape:
+        n *= size
+    words = torch.randint(-2 ** 63, 2 ** 63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=device)
+    threshold = round(p * _KEEP_SCALE) - _KEEP_SCALE // 2  # int16 values are uniform on [-32768, 32767]
+    return (words.view(torch.int16)[:n] >= threshold).view(shape)
+
+
+def _lora_function():
+    import torch
+
+    class LoraBranch(torch.autograd.Function):
+        """result + c * ((x * mask) @ A.T) @ B.T, with c = scaling / (1 - p)."""
+
+        @staticmethod
+        def forward(ctx, x, result, weight_a, weight_b, c: float, mask):
+            xm = x if mask is None else x * mask
+            a = xm @ weight_a.t().contiguous()
+            out = torch.addmm(result, a, weight_b.t().contiguous(), alpha=c)
+            ctx.save_for_backward(xm, a, weight_a, weight_b, mask)
+            ctx.c = c
+            return out
+
+        @staticmethod
+        def backward(ctx, grad):
+            xm, a, weight_a, weight_b, mask = ctx.saved_tensors
+            c = ctx.c
+            grad_a = (grad @ weight_b).mul_(c)                       # (tokens, r)
+            grad_b = (a.t() @ grad).t().mul_(c) if ctx.needs_input_grad[3] else None     # (out, r)
+            grad_w_a = (xm.t() @ grad_a).t() if ctx.needs_input_grad[2] else None       # (r, in)
+            grad_x = None
+            if ctx.needs_input_grad[0]:
+                grad_x = grad_a @ weight_a
+                if mask is not None:
+                    grad_x.mul_(mask)
+            return grad_x, grad, grad_w_a, grad_b, None, None
+
+    return LoraBranch
+
+
+_BRANCH = None
+
+
+def _forward(self, x, *args, **kwargs):
+    import torch
+
+    adapters = self.active_adapters
+    adapter = adapters[0] if len(adapters) == 1 else None
+    if (adapter is None or adapter not in self.lora_A or self.disable_adapters or self.merged
+            or kwargs.get("adapter_names") is not None or adapter in getattr(self, "lora_variant", {})
+            or torch.is_autocast_enabled(x.device.type)):
+        return self._peft_forward(x, *args, **kwargs)
+    weight_a, weight_b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
+    result = self.base_layer(x, *args, **kwargs)
+    if not (x.dtype == result.dtype == weight_a.dtype == weight_b.dtype):
+        return self._peft_forward(x, *args, **kwargs)
+    dropout = self.lora_dropout[adapter]
+    p = dropout.p if isinstance(dropout, torch.nn.Dropout) and dropout.training else 0.0
+    shape = result.shape
+    x2 = x.reshape(-1, x.shape[-1])
+    mask = keep_mask(x2.shape, p, x.device) if p > 0 else None
+    global _BRANCH
+    if _BRANCH is None:
+        _BRANCH = _lora_function()
+    out = _BRANCH.apply(x2, result.reshape(-1, shape[-1]), weight_a, weight_b,
+                        float(self.scaling[adapter]) / (1.0 - p), mask)
+    return out.view(shape)
+
+
+def install(model) -> int:
+    """Route every plain peft LoRA Linear of `model` through the fused branch; returns how many."""
+    from peft.tuners.lora.layer import Linear
+
+    count = 0
+    for module in model.modules():
+        if type(module) is Linear and not hasattr(module, "_peft_forward"):
+            module._peft_forward = module.forward
+            module.forward = types.MethodType(_forward, module)
+            count += 1
+    return count

@@ -1,0 +1,125 @@
+"""The fused LoRA branch computes peft's LoRA: same outputs and gradients, dropout at its rate."""
+from __future__ import annotations
+
+import pytest
+
+from tests.models import make_tiny_model
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def lora_model(base, dropout: float):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(base))
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=TARGETS,
+                                             task_type="CAUSAL_LM"))
+    torch.manual_seed(0)
+    with torch.no_grad():  # LoRA B starts at zero; make every branch count
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    return model
+
+
+def loss_and_grads(model, ids):
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return out.loss.item(), grads
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "base")
+
+
+def test_without_dropout_outputs_and_gradients_equal_peft(base):
+    import torch
+
+    from stages.train import fused_lora
+
+    model = lora_model(base, 0.0)
+    model.train()
+    ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(1))
+    expected_loss, expected = loss_and_grads(model, ids)
+    assert fused_lora.install(model) == 2 * len(TARGETS)  # the tiny model has two layers
+    loss, grads = loss_and_grads(model, ids)
+    assert abs(loss - expected_loss) < 1e-5
+    assert grads.keys() == expected.keys()
+    for name in grads:
+        assert torch.allclose(grads[name], expected[name], atol=1e-5, rtol=1e-4), name
+
+
+def test_with_dropout_it_is_peft_under_the_same_mask(base, monkeypatch):
+    """peft's dropout with a given mask (x * mask / (1 - p)) against the fused branch with that mask."""
+    import torch
+
+    from stages.train import fused_lora
+
+    p = 0.25
+    model = lora_model(base, p)
+    model.train()
+    ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(2))
+    masks: list = []
+
+    def recorded(shape, p_, device):
+        masks.append(torch.rand(shape, generator=torch.Generator().manual_seed(len(masks))) >= p_)
+        return masks[-1]
+
+    replay = iter(range(10 ** 6))
+
+    class Replay(torch.nn.Module):  # peft's dropout module, replaying the recorded masks in call order
+        def forward(self, x):
+            mask = masks[next(replay)]
+            return x * mask.view(x.shape) / (1 - p)
+
+    monkeypatch.setattr(fused_lora, "keep_mask", recorded)
+    fused_lora.install(model)
+    loss, grads = loss_and_grads(model, ids)
+    assert len(masks) == 2 * len(TARGETS)
+    for module in model.modules():
+        if hasattr(module, "_peft_forward"):
+            module.forward = module._peft_forward
+            module.lora_dropout["default"] = Replay()
+    expected_loss, expected = loss_and_grads(model, ids)
+    assert abs(loss - expected_loss) < 1e-5
+    for name in grads:
+        assert torch.allclose(grads[name], expected[name], atol=1e-5, rtol=1e-4), name
+
+
+def test_keep_mask_drops_at_the_configured_rate():
+    import torch
+
+    from stages.train.fused_lora import keep_mask
+
+    torch.manual_seed(0)
+    for p in (0.05, 0.1, 0.5):
+        mask = keep_mask((1000, 1000), p, "cpu")
+        assert mask.dtype == torch.bool and mask.shape == (1000, 1000)
+        assert abs((1 - mask.float().mean().item()) - p) < 0.002
+    a, b = keep_mask((64, 64), 0.5, "cpu"), keep_mask((64, 64), 0.5, "cpu")
+    assert not torch.equal(a, b)  # fresh draws every call
+    torch.manual_seed(3)
+    c = keep_mask((7, 5), 0.3, "cpu")
+    torch.manual_seed(3)
+    assert torch.equal(c, keep_mask((7, 5), 0.3, "cpu"))  # seeded like everything else (exact resume)
+
+
+def test_eval_mode_and_merged_adapters_still_match(base):
+    import torch
+
+    from stages.train import fused_lora
+
+    model = lora_model(base, 0.1)
+    model.eval()
+    ids = torch.randint(0, 1000, (1, 16), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        fused_lora.install(model)
+        assert torch.allclose(model(input_ids=ids).logits, expected, atol=1e-5)
+        model.merge_adapter()  # merged: peft's own forward
+        assert torch.allclose(model(input_ids=ids).logits, expected, atol=1e-4)
