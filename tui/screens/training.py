@@ -102,17 +102,21 @@ class TrainingScreen(Screen):
             timer.stop()
         self._poll_timers[name] = self.set_timer(max(delay, 0.01), poll)  # textual timers need a delay > 0
 
-    # an error in one round is said once (app.poll_failed) and the poll goes on: the next round may work
-    @work(thread=True, exclusive=True, group="metrics", exit_on_error=False)
-    def poll_metrics(self) -> None:
+    def _poll_round(self, name: str, label: str, delay: float, body, poll) -> None:
+        """One round of a repeating poll (in its worker): an error is said once (app.poll_failed) and the
+        poll goes on, since the next round may work."""
         try:
-            self._read_metrics()
-            self.app.poll_ok("training metrics")
+            body()
+            self.app.poll_ok(label)
         except Exception as exc:
-            self.app.poll_failed("training metrics", exc)
+            self.app.poll_failed(label, exc)
         finally:
             if not get_current_worker().is_cancelled:
-                self.app.call_from_thread(self.schedule, "metrics", 1.0, self.poll_metrics)
+                self.app.call_from_thread(self.schedule, name, delay, poll)
+
+    @work(thread=True, exclusive=True, group="metrics", exit_on_error=False)
+    def poll_metrics(self) -> None:
+        self._poll_round("metrics", "training metrics", 1.0, self._read_metrics, self.poll_metrics)
 
     def _read_metrics(self) -> None:
         adapter = self.adapter
@@ -128,16 +132,12 @@ class TrainingScreen(Screen):
 
     @work(thread=True, exclusive=True, group="memory", exit_on_error=False)
     def poll_memory(self) -> None:
-        try:
-            if self.is_current:
-                probe = self.app.memory_probe or read_memory
-                self.post_message(probe())
-            self.app.poll_ok("memory")
-        except Exception as exc:
-            self.app.poll_failed("memory", exc)
-        finally:
-            if not get_current_worker().is_cancelled:
-                self.app.call_from_thread(self.schedule, "memory", 2.0, self.poll_memory)
+        self._poll_round("memory", "memory", 2.0, self._read_memory, self.poll_memory)
+
+    def _read_memory(self) -> None:
+        if self.is_current:
+            probe = self.app.memory_probe or read_memory
+            self.post_message(probe())
 
     @on(MetricsRows)
     def _metrics(self, msg: MetricsRows) -> None:
