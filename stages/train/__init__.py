@@ -11,8 +11,9 @@ Another backend plugs in at `BACKENDS` and the dispatch in `run`.
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from stages import io, layout
 from stages.errors import StageError
@@ -44,31 +45,38 @@ def base_folder(spec: str, where: str) -> Path:
     return path
 
 
-def read_split(adapter: str, split: str) -> list[dict[str, Any]]:
+def iter_split(adapter: str, split: str) -> Iterator[dict[str, Any]]:
+    """The split's rows, read as they are used (fails now, not on first use, when the file is missing)."""
     path = layout.split_file(adapter, split)
     if not path.exists():
         raise StageError(f"{path} is missing; run `doit split:{adapter}` first")
-    return list(io.read_jsonl(path))
+    return io.read_jsonl(path)
+
+
+def read_split(adapter: str, split: str) -> list[dict[str, Any]]:
+    return list(iter_split(adapter, split))
 
 
 def run(cfg, adapter_name: str) -> dict[str, Any]:
     """Read and encode the splits once, then hand them to the recipe's backend (same inputs, same outputs)."""
     from stages.train import format as fmt
     from stages.train.metrics import MetricsStream
-    from stages.train.torch_backend import load_tokenizer
+    from stages.train.torch_backend import VAL_MAX_EXAMPLES, load_tokenizer
 
     a = cfg.adapters[adapter_name]
     where = str(layout.adapter_toml(adapter_name))
     backend = resolve_backend(a.train["backend"], where)
     base_dir = base_folder(a.base_model, where)
-    train_rows, val_rows = read_split(adapter_name, "train"), read_split(adapter_name, "val")
+    train_rows, val_rows = read_split(adapter_name, "train"), contextlib.closing(iter_split(adapter_name, "val"))
     if not train_rows:
         raise StageError(f"{layout.split_file(adapter_name, 'train')} has no examples; check the adapter's "
                          f"sources in sources.toml and 'data.tasks' in {where}")
     tokenizer = load_tokenizer(base_dir)
     max_length = a.train["max_length"]
     train_examples, dropped = fmt.encode_rows(tokenizer, train_rows, max_length)
-    val_examples, _ = fmt.encode_rows(tokenizer, val_rows, max_length)
+    # both backends validate on the first VAL_MAX_EXAMPLES examples only: encode no more val rows than that
+    with val_rows as rows:
+        val_examples, _ = fmt.encode_rows(tokenizer, rows, max_length, limit=VAL_MAX_EXAMPLES)
     if not train_examples:
         raise StageError(f"{where}: every training example lost its answer to truncation at "
                          f"'train.max_length' = {max_length}; raise it")

@@ -38,6 +38,17 @@ def end_of_turn_ids(tokenizer) -> list[int]:
     return tokenizer(marker, add_special_tokens=False)["input_ids"] if marker else []
 
 
+def trained_count(example: Encoded, token: int) -> int:
+    """How many times `token` is trained in `example` (list.index finds its few positions at C speed)."""
+    ids, labels, n, i = example.input_ids, example.labels, 0, -1
+    while True:
+        try:
+            i = ids.index(token, i + 1)
+        except ValueError:
+            return n
+        n += labels[i] != IGNORE
+
+
 def problems(checked: list[Checked], eot: list[int], max_length: int, max_truncated: float) -> list[str]:
     """What is wrong with these encoded examples, one line each (empty when fine)."""
     out = []
@@ -53,9 +64,7 @@ def problems(checked: list[Checked], eot: list[int], max_length: int, max_trunca
         for c in checked:
             if c.full_length > max_length:
                 continue  # a truncated answer has lost its end anyway (counted below)
-            trained_eot = sum(1 for t, label in zip(c.example.input_ids, c.example.labels)
-                              if label != IGNORE and t == eot[-1])
-            if trained_eot < c.turns:
+            if trained_count(c.example, eot[-1]) < c.turns:
                 untrained.append(c.row_id)
         if untrained:
             out.append(f"{len(untrained)} example(s) leave the end-of-turn token untrained (first: {untrained[0]}); "
@@ -95,12 +104,14 @@ def run(cfg, adapter_name: str) -> dict[str, Any]:
     base_dir = base_folder(a.base_model, where)
     tokenizer = load_tokenizer(base_dir)
     max_length, max_truncated = a.train["max_length"], a.train["max_truncated"]
-    checked = []
-    for i, row in enumerate(read_split(adapter_name, "train")):
-        full = fmt.encode(tokenizer, row["messages"], max_length=10 ** 9, task=row.get("task", ""))
-        example = Encoded(full.input_ids[:max_length], full.labels[:max_length], full.task)
-        turns = sum(1 for m in row["messages"] if m["role"] == "assistant" and m["content"].strip())
-        checked.append(Checked(example, str(row.get("id", f"line {i + 1}")), len(full.input_ids), turns))
+    checked, rows = [], read_split(adapter_name, "train")
+    for start in range(0, len(rows), fmt.BATCH):  # every row: one without trained tokens fails the build
+        chunk = rows[start:start + fmt.BATCH]
+        encoded = fmt.encode_batch(tokenizer, [row["messages"] for row in chunk], max_length,
+                                   [row.get("task", "") for row in chunk])
+        for i, (row, (example, full_length)) in enumerate(zip(chunk, encoded), start):
+            turns = sum(1 for m in row["messages"] if m["role"] == "assistant" and m["content"].strip())
+            checked.append(Checked(example, str(row.get("id", f"line {i + 1}")), full_length, turns))
     found = problems(checked, end_of_turn_ids(tokenizer), max_length, max_truncated)
     template = template_problem(base_dir, adapter_name)
     if template:
