@@ -80,3 +80,15 @@ def test_a_changed_template_beside_the_adapter_fails(tmp_path, monkeypatch, tiny
     tok.save_pretrained(str(layout.lora_dir("coding")))
     with pytest.raises(StageError, match=r"chat template in .*lora.* differs from the one training used"):
         lint.run(cfg, "coding")
+
+
+def test_trained_count_counts_trained_positions_of_a_token():
+    from stages.train.format import IGNORE, Encoded
+    from stages.train.lint import trained_count
+
+    ids = [5, 9, 5, 5, 7, 5]
+    for labels in ([5, 9, 5, 5, 7, 5], [IGNORE, 9, 5, IGNORE, 7, 5], [IGNORE] * 6,
+                   [IGNORE, IGNORE, IGNORE, 5, 7, IGNORE]):
+        expected = sum(1 for t, label in zip(ids, labels) if label != IGNORE and t == 5)  # the rule it replaces
+        assert trained_count(Encoded(ids, labels), 5) == expected
+    assert trained_count(Encoded(ids, ids), 8) == 0 and trained_count(Encoded([], []), 5) == 0
