@@ -91,7 +91,7 @@ def test_accumulated_micro_batches_equal_one_big_batch(setup, packing):
     def grads(micro):
         for p in params:
             p.grad = None
-        loss = accumulate_gradients(model, micro, tokens, tok.pad_token_id, hw, packing, 512)
+        loss = accumulate_gradients(model, micro, tokens, tok.pad_token_id, hw, packing)
         return loss, [p.grad.clone() for p in params]
 
     big_loss, big = grads([examples])
@@ -106,7 +106,7 @@ def test_accumulated_micro_batches_equal_one_big_batch(setup, packing):
     for p in params:
         p.grad = None
     for micro in (examples[:1], examples[1:3], examples[3:]):
-        accumulate_gradients(model, [micro], sum(e.n_trained for e in micro) * 3, tok.pad_token_id, hw, packing, 512)
+        accumulate_gradients(model, [micro], sum(e.n_trained for e in micro) * 3, tok.pad_token_id, hw, packing)
     naive = [p.grad.clone() for p in params]
     assert max((a - b).abs().max().item() for a, b in zip(naive, big)) > 1e-4 * max(b.abs().max().item() for b in big)
     del torch

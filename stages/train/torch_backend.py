@@ -185,7 +185,7 @@ def mean_loss(model, examples: list[Encoded], pad_id: int, hw: Hardware,
 
 
 def accumulate_gradients(model, micro: list[list[Encoded]], step_tokens: int, pad_id: int, hw: Hardware,
-                         packing: bool, max_length: int) -> float:
+                         packing: bool) -> float:
     """Backward over the micro-batches of one optimizer step; returns this rank's share of the loss.
 
     Each micro-batch's summed NLL is divided by `step_tokens`, the trained tokens of the whole
@@ -195,8 +195,10 @@ def accumulate_gradients(model, micro: list[list[Encoded]], step_tokens: int, pa
     for batch in micro:
         if not batch:  # a rank's share of a short final batch can be empty
             continue
-        collated = (collate_packed(batch, pad_id, hw.device_index, max_length) if packing
-                    else collate(batch, pad_id, hw.device_index))
+        # packed: the whole micro-batch in one row, so no position is padding; the attention (varlen flash,
+        # or SDPA per example) never looks across examples, whatever the row's length
+        collated = (collate_packed(batch, pad_id, hw.device_index, sum(len(e.input_ids) for e in batch))
+                    if packing else collate(batch, pad_id, hw.device_index))
         nll, _ = token_nll(model, collated, hw)
         loss = nll.sum() / step_tokens
         loss.backward()
@@ -223,7 +225,7 @@ def train(*, name: str, base_model: str, lora: dict[str, Any], train_cfg: dict[s
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)
     pad_id = tokenizer.pad_token_id
-    packing, max_length = train_cfg.get("packing", True), train_cfg["max_length"]
+    packing = train_cfg.get("packing", True)
 
     batch_size, accum = train_cfg["batch_size"], train_cfg["grad_accum"]
     stream = BatchStream(train_examples, batch_size, seed, world.rank, world.size)
@@ -301,8 +303,7 @@ def train(*, name: str, base_model: str, lora: dict[str, Any], train_cfg: dict[s
         epoch = micro[-1][0]
         tokens = sum(e.n_trained for _, _, whole in micro for e in whole)  # all ranks': the loss denominator
         input_tokens = sum(len(e.input_ids) for _, _, whole in micro for e in whole)
-        loss_value = accumulate_gradients(model, [mine for _, mine, _ in micro], tokens, pad_id, hw,
-                                          packing, max_length)
+        loss_value = accumulate_gradients(model, [mine for _, mine, _ in micro], tokens, pad_id, hw, packing)
         distributed.sum_gradients(trainable, world)
         loss_value = distributed.all_sum([loss_value], world)[0]
         grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM))
