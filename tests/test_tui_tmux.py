@@ -29,7 +29,8 @@ def test_dashboard_in_tmux_runs_the_pipeline(tmp_path):
         wait_sync(lambda: "never run; waits for scrape:alpha" in screen(), 30, "the pipeline view")
         tmux("send-keys", "-t", session, "a")
         wait_sync(lambda: screen().count("✔ done") == 3, 60, "all tasks done on screen")
-        assert "last run finished" in screen()
+        # doit exits (writing its dep DB) a moment after its last task: the header says so once it has
+        wait_sync(lambda: "last run finished" in screen(), 30, "the run reported finished")
         tmux("send-keys", "-t", session, "2")
         wait_sync(lambda: "12/12 (100%)" in screen(), 15, "the training view")
         tmux("send-keys", "-t", session, "q")
