@@ -270,7 +270,7 @@ def token_counter(spec: str) -> TokenCounter:
         def encode(texts: list[str]) -> list[int]:
             return [len(e.ids) for e in batch(texts, add_special_tokens=False)]
 
-        cache = layout.DATA / "cache" / f"tokens-{io.file_hash(path)[:16]}.npz"
+        cache = layout.token_count_cache(io.file_hash(path))
         return TokenCounter(spec, "tokenizer", encode, cache)
     return TokenCounter(spec, "word-estimate")
 

@@ -117,6 +117,15 @@ def dataset_card(adapter: str) -> Path:
     return split_dir(adapter) / "README.md"
 
 
+def split_ledger(adapter: str) -> Path:
+    """Which split every cluster was placed in, so a later run never moves one."""
+    return split_dir(adapter) / "assignments.json"
+
+
+def token_count_cache(tokenizer_hash: str) -> Path:
+    return DATA / "cache" / f"tokens-{tokenizer_hash[:16]}.npz"
+
+
 # --- adapters (trained outputs sit beside adapter.toml, under out/, git-ignored)
 def adapter_toml(adapter: str) -> Path:
     return ADAPTERS / adapter / "adapter.toml"

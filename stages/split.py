@@ -38,7 +38,6 @@ SHARES = {"train": 0.8, "val": 0.1, "test": 0.1}
 FROZEN_SHARES = {"train": 0.8 / 0.9, "val": 0.1 / 0.9}  # with a frozen test set, new clusters join train or val
 MIN_FOR_ALL_SPLITS = 10  # examples from which an adapter gets at least one cluster in every split
 KEEP_FIELDS = ("id", "source", "task", "messages", "provenance", "cluster")
-LEDGER = "assignments.json"
 
 
 def unit_hash(key: str) -> float:
@@ -101,17 +100,13 @@ def assign(rows: list[dict], earlier: dict[str, str] | None = None,
     return where
 
 
-def ledger_file(adapter_name: str) -> Path:
-    return layout.split_dir(adapter_name) / LEDGER
-
-
 def load_ledger(adapter_name: str) -> dict[str, str]:
     """cluster -> split of every cluster earlier runs placed.
 
     Without a readable ledger (first run, or a project split by an older medforge), the
     clusters in the existing split files, so upgrading moves nothing either.
     """
-    path = ledger_file(adapter_name)
+    path = layout.split_ledger(adapter_name)
     if path.exists():
         try:
             doc = io.read_json(path)
@@ -133,7 +128,7 @@ def load_ledger(adapter_name: str) -> dict[str, str]:
 
 def save_ledger(adapter_name: str, ledger: dict[str, str]) -> None:
     splits = {name: sorted(c for c, s in ledger.items() if s == name) for name in layout.SPLITS}
-    io.write_json(ledger_file(adapter_name), {
+    io.write_json(layout.split_ledger(adapter_name), {
         "note": "cluster placements; a cluster listed here keeps its split when data is added (delete to re-place)",
         "splits": splits})
 

@@ -142,7 +142,7 @@ def test_a_small_stratum_gets_its_share_and_keeps_it_as_data_grows(tmp_path, mon
 
     for seed in range(5):  # different cluster keys, so different hash orders
         io.write_jsonl(layout.dedup_file(), [{**r, "cluster": f"{r['cluster']}#{seed}"} for r in data(400, 20)])
-        layout.split_dir("decide").joinpath(split.LEDGER).unlink(missing_ok=True)
+        layout.split_ledger("decide").unlink(missing_ok=True)
         for p in layout.split_files("decide"):
             p.unlink(missing_ok=True)
         split.run(config.load(), "decide")
@@ -169,7 +169,7 @@ def test_placements_survive_a_lost_ledger_and_an_upgrade(project):
     """Without assignments.json (deleted, or splits made by an older medforge) the split files are the record."""
     io.write_jsonl(layout.dedup_file(), kept(range(200)))
     split.run(config.load(), "decide")
-    ledger = layout.split_dir("decide") / split.LEDGER
+    ledger = layout.split_ledger("decide")
     saved = io.read_json(ledger)
     assert sum(len(c) for c in saved["splits"].values()) == 200
     # an older layout: clusters placed by some other rule, no ledger
