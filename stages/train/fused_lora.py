@@ -12,7 +12,8 @@ MKL runs several times slower than the same product with A.T made contiguous. He
 - every product runs on contiguous operands in the layout the backward pass needs.
 
 The math is peft's (tests compare outputs and gradients). Anything else — merged or disabled
-adapters, several adapters, DoRA and other variants, autocast, mixed dtypes — goes through
+adapters, several adapters, DoRA and other variants, autocast, an input whose dtype is not the
+LoRA weights' — goes through
 peft's own forward.
 """
 from __future__ import annotations
@@ -79,9 +80,10 @@ def _forward(self, x, *args, **kwargs):
             or torch.is_autocast_enabled(x.device.type)):
         return self._peft_forward(x, *args, **kwargs)
     weight_a, weight_b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
-    result = self.base_layer(x, *args, **kwargs)
-    if not (x.dtype == result.dtype == weight_a.dtype == weight_b.dtype):
+    if not (x.dtype == weight_a.dtype == weight_b.dtype):  # decided before the base layer runs: never twice
         return self._peft_forward(x, *args, **kwargs)
+    result = self.base_layer(x, *args, **kwargs)
+    result_dtype = result.dtype  # a quantized base can answer in its compute dtype; peft returns that one
     dropout = self.lora_dropout[adapter]
     p = dropout.p if isinstance(dropout, torch.nn.Dropout) and dropout.training else 0.0
     shape = result.shape
@@ -90,9 +92,9 @@ def _forward(self, x, *args, **kwargs):
     global _BRANCH
     if _BRANCH is None:
         _BRANCH = _lora_function()
-    out = _BRANCH.apply(x2, result.reshape(-1, shape[-1]), weight_a, weight_b,
+    out = _BRANCH.apply(x2, result.reshape(-1, shape[-1]).to(x.dtype), weight_a, weight_b,
                         float(self.scaling[adapter]) / (1.0 - p), mask)
-    return out.view(shape)
+    return out.view(shape).to(result_dtype)
 
 
 def install(model) -> int:
