@@ -13,8 +13,7 @@ MKL runs several times slower than the same product with A.T made contiguous. He
 
 The math is peft's (tests compare outputs and gradients). Anything else — merged or disabled
 adapters, several adapters, DoRA and other variants, autocast, an input whose dtype is not the
-LoRA weights' — goes through
-peft's own forward.
+LoRA weights' — goes through peft's own forward.
 """
 from __future__ import annotations
 
