@@ -10,7 +10,9 @@
 
 The learning-rate schedule is a pure function of the step, so the step is its whole state.
 A folder only gets its final name once complete, so a run killed mid-save leaves the
-previous checkpoint as the newest one.
+previous checkpoint as the newest one. Under FSDP (fsdp.py) the weights and optimizer moments are
+gathered into whole tensors before they are written, and cut to each rank's part when read back,
+so the files are the same whatever the number of processes that wrote them.
 """
 from __future__ import annotations
 
@@ -35,16 +37,42 @@ def fingerprint(recipe: dict[str, Any], examples) -> str:
 
 
 def trainable_state(model) -> dict[str, Any]:
-    return {n: p.detach().to("cpu", copy=True).contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    """The trainable (LoRA) weights as whole CPU tensors (under FSDP a collective: every rank calls it)."""
+    from stages.train import fsdp
+
+    return {n: fsdp.full(p.detach()).to("cpu", copy=True).contiguous()
+            for n, p in model.named_parameters() if p.requires_grad}
 
 
 def load_trainable(model, weights: dict[str, Any]) -> None:
     import torch
 
+    from stages.train import fsdp
+
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in weights.items():
-            params[name].copy_(value.to(params[name].device, params[name].dtype))
+            params[name].copy_(fsdp.shard_like(value, params[name]))
+
+
+def optimizer_state(optimizer) -> dict[str, Any]:
+    """optimizer.state_dict() with whole tensors (under FSDP a collective: every rank calls it)."""
+    from stages.train import fsdp
+
+    saved = optimizer.state_dict()
+    return {**saved, "state": {i: {k: fsdp.full(v) for k, v in s.items()} for i, s in saved["state"].items()}}
+
+
+def load_optimizer(optimizer, saved: dict[str, Any]) -> None:
+    """Restore what optimizer_state saved; a moment shaped like its parameter becomes that parameter's part."""
+    import torch
+
+    from stages.train import fsdp
+
+    params = [p for group in optimizer.param_groups for p in group["params"]]  # state_dict()'s numbering
+    saved["state"] = {i: {k: fsdp.shard_like(v, params[i]) if torch.is_tensor(v) and v.shape == params[i].shape
+                          else v for k, v in s.items()} for i, s in saved["state"].items()}
+    optimizer.load_state_dict(saved)
 
 
 def rng_state() -> dict[str, Any]:
@@ -78,16 +106,20 @@ def latest(root: Path) -> Path | None:
 
 
 def save(root: Path, step: int, *, model, optimizer, state: dict[str, Any], best: dict[str, Any] | None,
-         keep: int) -> Path:
+         keep: int, write: bool = True) -> Path:
+    """Write a checkpoint; under FSDP every rank calls it (gathering is collective) and one has `write`."""
     import torch
     from safetensors.torch import save_file
 
     target = root / f"step-{step:08d}"
+    weights, moments = trainable_state(model), optimizer_state(optimizer)
+    if not write:
+        return target
     with io.atomic_dir(target) as tmp:
-        save_file(trainable_state(model), str(tmp / "adapter.safetensors"))
+        save_file(weights, str(tmp / "adapter.safetensors"))
         if best is not None:
             save_file(best, str(tmp / "best.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(moments, tmp / "optimizer.pt")
         torch.save(rng_state(), tmp / "rng.pt")
         io.write_json(tmp / "state.json", state)
     for old in steps(root)[:-keep]:
@@ -103,7 +135,7 @@ def load(path: Path, *, model, optimizer) -> tuple[dict[str, Any], dict[str, Any
     from safetensors.torch import load_file
 
     load_trainable(model, load_file(str(path / "adapter.safetensors")))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+    load_optimizer(optimizer, torch.load(path / "optimizer.pt", weights_only=False))
     set_rng_state(torch.load(path / "rng.pt", weights_only=False))
     best = load_file(str(path / "best.safetensors")) if (path / "best.safetensors").exists() else None
     return io.read_json(path / "state.json"), best

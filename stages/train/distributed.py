@@ -5,6 +5,7 @@ step, the LoRA gradients (a few MB) are summed across ranks in one all-reduce. W
 rank's loss divided by the trained tokens of the whole global step, that sum is exactly the
 gradient one process would get from the whole batch. Rank 0 writes metrics, checkpoints and
 the adapter. NCCL on CUDA, gloo on CPU (how the tests run two processes on one machine).
+With a 4-bit base, FSDP shards the base across the ranks instead of replicating it (fsdp.py).
 """
 from __future__ import annotations
 
@@ -16,10 +17,15 @@ from dataclasses import dataclass
 class World:
     rank: int = 0
     size: int = 1
+    fsdp: bool = False  # the base is sharded (fsdp.py): every forward is collective, ranks run in lockstep
 
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def parallelism(self) -> str:
+        return "fsdp" if self.fsdp else "ddp" if self.size > 1 else "single"
 
 
 def launched_world_size() -> int:
@@ -27,8 +33,9 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def init(device: str) -> World:
-    """Join the process group the launcher set up; a single process needs none."""
+def init(device: str, shard_base: bool = False) -> World:
+    """Join the process group the launcher set up; a single process needs none. `shard_base`
+    (a 4-bit base): with several processes, FSDP shards it instead of each rank holding a replica."""
     import torch
     import torch.distributed as dist
 
@@ -39,7 +46,7 @@ def init(device: str) -> World:
         if device == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend=backend)
-    return World(dist.get_rank(), dist.get_world_size())
+    return World(dist.get_rank(), dist.get_world_size(), fsdp=shard_base)
 
 
 def all_sum(values: list[float], world: World) -> list[float]:
@@ -57,7 +64,7 @@ def all_sum(values: list[float], world: World) -> list[float]:
 
 def sum_gradients(params, world: World) -> None:
     """Sum the gradients of `params` over ranks (one flat all-reduce)."""
-    if world.size == 1:
+    if world.size == 1 or world.fsdp:  # FSDP has summed them already (fsdp.py)
         return
     import torch
     import torch.distributed as dist

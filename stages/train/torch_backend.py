@@ -6,10 +6,12 @@ trained tokens (token-weighted across grad accumulation and across data-parallel
 AdamW (paged on CUDA) with a cosine schedule after a linear warmup. Validation at the start,
 every `eval_every` steps and at the end keeps the best adapter, which is the one saved;
 `patience` validations without a new best stop the run. Checkpoints (checkpoint.py) let a
-killed run resume mid-epoch on the same trajectory.
+killed run resume mid-epoch on the same trajectory. Several processes train data-parallel
+(distributed.py); with a 4-bit base they shard it with FSDP (fsdp.py).
 """
 from __future__ import annotations
 
+import functools
 import math
 import shutil
 import time
@@ -18,7 +20,7 @@ from typing import Any
 
 from stages import io
 from stages.errors import StageError
-from stages.train import checkpoint, distributed, fused_lora
+from stages.train import checkpoint, distributed, fsdp, fused_lora
 from stages.train.metrics import run_summary
 from stages.train.format import IGNORE, Encoded
 from stages.train.hardware import Hardware
@@ -53,8 +55,9 @@ def attention_implementation(device: str) -> str:
     return varlen.register()
 
 
-def load_model(base_dir: Path, quantization: str, hw: Hardware):
-    """The frozen base model: fp32 weights (autocast gives bf16 compute), or 4-bit nf4 for QLoRA."""
+def load_model(base_dir: Path, quantization: str, hw: Hardware, sharded: bool = False):
+    """The frozen base model: fp32 weights (autocast gives bf16 compute), or 4-bit nf4 for QLoRA.
+    `sharded`: for FSDP, which shards floating-point tensors only (fsdp.py)."""
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -67,7 +70,7 @@ def load_model(base_dir: Path, quantization: str, hw: Hardware):
         from transformers import BitsAndBytesConfig
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=hw.torch_dtype)
+            bnb_4bit_compute_dtype=hw.torch_dtype, **({"bnb_4bit_quant_storage": hw.torch_dtype} if sharded else {}))
         kwargs["device_map"] = {"": hw.device_index}
     model = AutoModelForCausalLM.from_pretrained(str(base_dir), **kwargs)
     if quantization != "nf4":
@@ -109,21 +112,30 @@ def add_lora(model, lora: dict[str, Any], quantization: str, gradient_checkpoint
     return model
 
 
-def make_optimizer(params, lr: float, kind: str, device: str, where: str = "adapter.toml"):
+def make_optimizer(params, lr: float, kind: str, device: str, where: str = "adapter.toml", sharded: bool = False):
     import torch
 
     if kind == "auto":
-        kind = "paged_adamw" if device == "cuda" else "adamw"
+        kind = "paged_adamw" if device == "cuda" and not sharded else "adamw"
     if kind == "paged_adamw":
         if device != "cuda":
             raise StageError(f"{where}: key 'train.optimizer' = \"paged_adamw\" needs a CUDA GPU (this run is on "
                              f"{device}); set it to \"adamw\" or \"auto\"")
+        if sharded:  # its kernels take plain tensors, not FSDP's DTensor shards
+            raise StageError(f"{where}: key 'train.optimizer' = \"paged_adamw\" does not work with nf4 on several "
+                             "GPUs (FSDP); set it to \"adamw\" or \"auto\"")
         import bitsandbytes as bnb
         return bnb.optim.PagedAdamW(params, lr=lr, weight_decay=0.0)
     return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
 
 
 # --- losses
+def trained_logits(base, inputs: dict[str, Any], keep):
+    """The decoder, then the output head only at the positions `keep` marks as trained."""
+    hidden = base.get_decoder()(**inputs, use_cache=False).last_hidden_state  # a cache disables packed masks
+    return base.get_output_embeddings()(hidden[:, :-1][keep])
+
+
 def token_nll(model, batch: dict[str, Any], hw: Hardware):
     """Summed negative log-likelihood of the trained tokens and their counts, per row (per example
     for a packed batch, indexed like the examples it was packed from).
@@ -142,9 +154,10 @@ def token_nll(model, batch: dict[str, Any], hw: Hardware):
         inputs["position_ids"] = batch["position_ids"]
     else:
         inputs["attention_mask"] = batch["attention_mask"]
+    # under FSDP the base has it as a method that gathers its sharded root first (fsdp.shard)
+    forward = getattr(base, trained_logits.__name__, None) or functools.partial(trained_logits, base)
     with hw.autocast():
-        hidden = base.get_decoder()(**inputs, use_cache=False).last_hidden_state  # a cache disables packed masks
-        logits = base.get_output_embeddings()(hidden[:, :-1][keep])
+        logits = forward(inputs, keep)
     nll = F.cross_entropy(logits.float(), targets[keep], reduction="none")
     if "segments" in batch:
         owners = batch["segments"][:, 1:][keep]
@@ -179,28 +192,37 @@ def nll_by_example(model, examples: list[Encoded], pad_id: int, hw: Hardware,
 def mean_loss(model, examples: list[Encoded], pad_id: int, hw: Hardware,
               world: distributed.World = distributed.World()) -> float:
     """Token-weighted mean NLL; with several ranks each scores its share and the sums are combined."""
-    pairs = nll_by_example(model, examples[world.rank::world.size], pad_id, hw)
+    mine = examples[world.rank::world.size]
+    pairs = nll_by_example(model, mine, pad_id, hw)
+    if world.fsdp:  # forwards are collective: as many as rank 0 (the largest share) runs, the extra ones thrown away
+        idle = math.ceil(len(examples[::world.size]) / EVAL_BATCH_SIZE) - math.ceil(len(mine) / EVAL_BATCH_SIZE)
+        nll_by_example(model, examples[:1] * idle, pad_id, hw, batch_size=1)
     total, tokens = distributed.all_sum([sum(s for s, _ in pairs), float(sum(c for _, c in pairs))], world)
     return total / max(1.0, tokens)
 
 
 def accumulate_gradients(model, micro: list[list[Encoded]], step_tokens: int, pad_id: int, hw: Hardware,
-                         packing: bool) -> float:
+                         packing: bool, filler: list[Encoded] | None = None) -> float:
     """Backward over the micro-batches of one optimizer step; returns this rank's share of the loss.
 
     Each micro-batch's summed NLL is divided by `step_tokens`, the trained tokens of the whole
     step (all micro-batches, all ranks), so the accumulated gradient is that of one big batch.
+    A rank's share of a short final batch can be empty: it is skipped, or, with `filler` (FSDP,
+    whose forward and backward are collective), the filler runs with weight 0.
     """
     loss_value = 0.0
     for batch in micro:
-        if not batch:  # a rank's share of a short final batch can be empty
-            continue
+        weight = 1.0
+        if not batch:
+            if filler is None:
+                continue
+            batch, weight = filler, 0.0
         # packed: the whole micro-batch in one row, so no position is padding; the attention (varlen flash,
         # or SDPA per example) never looks across examples, whatever the row's length
         collated = (collate_packed(batch, pad_id, hw.device_index, sum(len(e.input_ids) for e in batch))
                     if packing else collate(batch, pad_id, hw.device_index))
         nll, _ = token_nll(model, collated, hw)
-        loss = nll.sum() / step_tokens
+        loss = nll.sum() * (weight / step_tokens)
         loss.backward()
         loss_value += loss.item()
     return loss_value
@@ -215,12 +237,14 @@ def train(*, name: str, base_model: str, lora: dict[str, Any], train_cfg: dict[s
 
     from stages.train.metrics import Progress
 
-    world = distributed.init(hw.device)
+    quantization = train_cfg["quantization"]
+    world = distributed.init(hw.device, shard_base=quantization == "nf4")
     seed = train_cfg["seed"]
     torch.manual_seed(seed)
-    quantization = train_cfg["quantization"]
-    model = add_lora(load_model(base_dir, quantization, hw), lora, quantization,
+    model = add_lora(load_model(base_dir, quantization, hw, sharded=world.fsdp), lora, quantization,
                      train_cfg.get("gradient_checkpointing", False))
+    if world.fsdp:
+        fsdp.shard(model, trained_logits)  # before the optimizer: it swaps the parameters for their shards
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)
@@ -237,7 +261,8 @@ def train(*, name: str, base_model: str, lora: dict[str, Any], train_cfg: dict[s
     val_examples = val_examples[:VAL_MAX_EXAMPLES]
     base_lr = train_cfg["lr"]
     optimizer = make_optimizer(trainable, cosine_lr(0, steps, warmup, base_lr), train_cfg.get("optimizer", "auto"),
-                               hw.device)
+                               hw.device, sharded=world.fsdp)
+    filler = [min(train_examples, key=lambda e: len(e.input_ids))] if world.fsdp else None
     fingerprint = checkpoint.fingerprint({"base_model": base_model, "lora": lora, "train": train_cfg,
                                           "world": world.size}, train_examples)
 
@@ -267,10 +292,12 @@ def train(*, name: str, base_model: str, lora: dict[str, Any], train_cfg: dict[s
             metrics.start(total_steps=steps, n_train=len(train_examples), n_val=len(val_examples), dropped=dropped,
                           device=hw.device, dtype=hw.dtype, dtype_reason=hw.reason, backend="torch",
                           quantization=quantization, trainable_params=n_trainable, packing=packing,
-                          world_size=world.size, eval_every=eval_every, patience=patience)
+                          world_size=world.size, parallelism=world.parallelism, eval_every=eval_every,
+                          patience=patience)
         log(f"train:{name}: {len(train_examples)} examples ({dropped} dropped), {steps} steps, "
             f"{hw.device} {hw.dtype} ({hw.reason}), {quantization}, {n_trainable:,} trainable params, "
-            f"{'packed' if packing else 'length-bucketed'} batches, {world.size} process(es)")
+            f"{'packed' if packing else 'length-bucketed'} batches, {world.size} process(es)"
+            f"{' (FSDP: the base is sharded across them)' if world.fsdp else ''}")
 
     def validate(step: int) -> None:
         nonlocal best
@@ -303,10 +330,11 @@ def train(*, name: str, base_model: str, lora: dict[str, Any], train_cfg: dict[s
         epoch = micro[-1][0]
         tokens = sum(e.n_trained for _, _, whole in micro for e in whole)  # all ranks': the loss denominator
         input_tokens = sum(len(e.input_ids) for _, _, whole in micro for e in whole)
-        loss_value = accumulate_gradients(model, [mine for _, mine, _ in micro], tokens, pad_id, hw, packing)
+        loss_value = accumulate_gradients(model, [mine for _, mine, _ in micro], tokens, pad_id, hw, packing,
+                                          filler)
         distributed.sum_gradients(trainable, world)
         loss_value = distributed.all_sum([loss_value], world)[0]
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM))
+        grad_norm = float(fsdp.full(torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM)))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step_seconds = time.perf_counter() - t0
@@ -329,9 +357,9 @@ def train(*, name: str, base_model: str, lora: dict[str, Any], train_cfg: dict[s
                 log(f"train:{name}: early stop at step {done}: {patience} validations without a new best")
             break
         if checkpoint_dir is not None and done % checkpoint_every == 0 and done < steps:
-            if world.main:
+            if world.main or world.fsdp:  # FSDP: every rank gathers its shards, rank 0 writes
                 checkpoint.save(checkpoint_dir, done, model=model, optimizer=optimizer, best=best,
-                                keep=train_cfg.get("keep_checkpoints", 2),
+                                keep=train_cfg.get("keep_checkpoints", 2), write=world.main,
                                 state={"fingerprint": fingerprint, "loop": state, "data": stream.position()})
             distributed.barrier(world)
     if progress is not None:
@@ -343,10 +371,11 @@ def train(*, name: str, base_model: str, lora: dict[str, Any], train_cfg: dict[s
         state=state, hw=hw, adapter=name, base_model=base_model, backend="torch", quantization=quantization,
         steps=steps, n_train=len(train_examples), n_val=len(val_examples), dropped=dropped,
         resumed_from=str(resumed_from) if resumed_from else None, packing=packing, world_size=world.size,
-        trainable_params=n_trainable, lora=lora, train=train_cfg)
+        parallelism=world.parallelism, trainable_params=n_trainable, lora=lora, train=train_cfg)
+    weights = checkpoint.trainable_state(model) if world.fsdp else None  # FSDP: gathered from every rank's shard
     if world.main:
         with io.atomic_dir(out_dir) as tmp:
-            model.save_pretrained(str(tmp))
+            model.save_pretrained(str(tmp), state_dict=weights)
             tokenizer.save_pretrained(str(tmp))  # the chat template travels with the adapter
             io.write_json(tmp / "train_summary.json", summary)
         metrics.end(state["step"], summary)
