@@ -81,7 +81,7 @@ def task_lint():
         checked = {"base_model": a.base_model, **{k: a.train[k] for k in ("max_length", "max_truncated", "lint_examples")}}
         yield {"name": a.name, "actions": stage("lint", a.name), "uptodate": [config_changed(checked)],
                "file_dep": [str(layout.split_file(a.name, "train")), str(layout.base_weights(a.base_model))]
-               + layout.code("train/lint.py", "train/format.py"), "targets": [str(layout.lint_report(a.name))]}
+               + layout.code("train/lint.py", "train/format.py", "train/encoded.py"), "targets": [str(layout.lint_report(a.name))]}
 
 
 def task_train():

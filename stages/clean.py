@@ -223,14 +223,10 @@ class TokenCounter:
 
     def _load(self) -> dict[int, int]:
         if self._memo is None:
-            self._memo = {}
-            try:
-                import numpy as np
+            from stages import io
 
-                with np.load(self.cache, allow_pickle=False) as data:
-                    self._memo = dict(zip(data["keys"].tolist(), data["counts"].tolist()))
-            except (OSError, ValueError, KeyError):
-                pass  # none yet, or unreadable: counted afresh
+            data = io.read_arrays(self.cache) or {}  # none yet, or unreadable: counted afresh
+            self._memo = dict(zip(data["keys"].tolist(), data["counts"].tolist())) if {"keys", "counts"} <= data.keys() else {}
         return self._memo
 
     def _save(self) -> None:
@@ -240,10 +236,8 @@ class TokenCounter:
 
         memo = self._memo or {}
         try:
-            with io.atomic_path(self.cache) as tmp:
-                with open(tmp, "wb") as fh:
-                    np.savez(fh, keys=np.fromiter(memo.keys(), np.uint64, len(memo)),
-                             counts=np.fromiter(memo.values(), np.uint32, len(memo)))
+            io.write_arrays(self.cache, keys=np.fromiter(memo.keys(), np.uint64, len(memo)),
+                            counts=np.fromiter(memo.values(), np.uint32, len(memo)))
         except OSError as exc:  # a cache only: counting still worked
             print(f"warning: could not save token counts to {self.cache} ({exc})")
 

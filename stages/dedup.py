@@ -594,18 +594,16 @@ def _cache_key(path: Path, settings: dict, clean_settings: dict, counter_key: st
 
 
 def _load_cache(cache: Path, key: str) -> tuple[list[str], dict, Fingerprints] | None:
-    if not cache.exists():
-        return None
+    data = io.read_arrays(cache, key)
+    if data is None:
+        return None  # none yet, unreadable or stale: recompute
     try:
-        with np.load(cache, allow_pickle=False) as data:
-            if str(data["key"]) != key:
-                return None
-            fp = Fingerprints([bytes(d) for d in data["digests"]], data["signatures"], data["quality"],
-                              data["shingles"], data["offsets"])
-            reasons = [str(r) for r in data["reasons"]]
-            changes = orjson.loads(data["changes"].tobytes())
-    except (OSError, ValueError, KeyError):
-        return None  # unreadable or older cache: recompute
+        fp = Fingerprints([bytes(d) for d in data["digests"]], data["signatures"], data["quality"],
+                          data["shingles"], data["offsets"])
+        reasons = [str(r) for r in data["reasons"]]
+        changes = orjson.loads(data["changes"].tobytes())
+    except (KeyError, ValueError):
+        return None  # an older cache's layout: recompute
     if len(fp) != sum(1 for r in reasons if not r):
         return None
     return reasons, changes, fp
@@ -624,11 +622,9 @@ def _prepare(source, settings: dict, clean_settings: dict, counter: clean.TokenC
     fp = fingerprint((example_text(row) for row, r in zip(cleaned, reasons) if not r),
                      settings["num_perm"], settings["shingle_words"])
     digests = np.array(fp.digests, dtype="S16") if fp.digests else np.zeros(0, dtype="S16")
-    with io.atomic_path(cache) as tmp:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, key=np.array(key), digests=digests, signatures=fp.signatures, quality=fp.quality,
-                     shingles=fp.shingles, offsets=fp.offsets, reasons=np.array(reasons, dtype=str),
-                     changes=np.frombuffer(io.dumps(changes), dtype=np.uint8))
+    io.write_arrays(cache, key, digests=digests, signatures=fp.signatures, quality=fp.quality, shingles=fp.shingles,
+                    offsets=fp.offsets, reasons=np.array(reasons, dtype=str),
+                    changes=np.frombuffer(io.dumps(changes), dtype=np.uint8))
     return _Source(source.name, source.kind, path, reasons, changes, fp, False)
 
 

@@ -156,3 +156,28 @@ def file_hash(path: str | Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def write_arrays(target: str | Path, key: str | None = None, durable: bool = True, **arrays) -> None:
+    """Atomically write numpy `arrays` (an .npz cache), stamped with `key` when given."""
+    import numpy as np
+
+    if key is not None:
+        arrays["key"] = np.array(key)
+    with atomic_path(target, durable) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
+
+
+def read_arrays(path: str | Path, key: str | None = None) -> dict[str, Any] | None:
+    """The arrays `write_arrays` wrote, all in memory; None when the file is missing, unreadable or
+    stamped with another `key` (a cache that cannot be trusted is recomputed, never used)."""
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if key is not None and ("key" not in data.files or str(data["key"]) != key):
+                return None
+            return {name: data[name] for name in data.files}
+    except (OSError, ValueError, KeyError, EOFError):
+        return None

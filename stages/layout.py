@@ -126,6 +126,11 @@ def token_count_cache(tokenizer_hash: str) -> Path:
     return DATA / "cache" / f"tokens-{tokenizer_hash[:16]}.npz"
 
 
+def encoded_cache(adapter: str, split: str) -> Path:
+    """A split's token ids and loss labels, shared by lint and train (stages/train/encoded.py)."""
+    return DATA / "cache" / "encoded" / adapter / f"{split}.npz"
+
+
 # --- adapters (trained outputs sit beside adapter.toml, under out/, git-ignored)
 def adapter_toml(adapter: str) -> Path:
     return ADAPTERS / adapter / "adapter.toml"

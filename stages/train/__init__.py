@@ -60,6 +60,8 @@ def read_split(adapter: str, split: str) -> list[dict[str, Any]]:
 def run(cfg, adapter_name: str) -> dict[str, Any]:
     """Read and encode the splits once, then hand them to the recipe's backend (same inputs, same outputs)."""
     from stages.train import format as fmt
+    from stages.train.distributed import launched_rank
+    from stages.train.encoded import encode_split
     from stages.train.metrics import MetricsStream
     from stages.train.torch_backend import VAL_MAX_EXAMPLES, load_tokenizer
 
@@ -67,20 +69,23 @@ def run(cfg, adapter_name: str) -> dict[str, Any]:
     where = str(layout.adapter_toml(adapter_name))
     backend = resolve_backend(a.train["backend"], where)
     base_dir = base_folder(a.base_model, where)
-    train_rows, val_rows = read_split(adapter_name, "train"), contextlib.closing(iter_split(adapter_name, "val"))
-    if not train_rows:
-        raise StageError(f"{layout.split_file(adapter_name, 'train')} has no examples; check the adapter's "
-                         f"sources in sources.toml and 'data.tasks' in {where}")
+    val_rows = contextlib.closing(iter_split(adapter_name, "val"))
     tokenizer = load_tokenizer(base_dir)
     max_length = a.train["max_length"]
-    train_examples, dropped = fmt.encode_rows(tokenizer, train_rows, max_length)
+    encoded = encode_split(tokenizer, base_dir, adapter_name, "train", max_length)  # cached: lint encoded it
+    if not encoded:
+        raise StageError(f"{layout.split_file(adapter_name, 'train')} has no examples; check the adapter's "
+                         f"sources in sources.toml and 'data.tasks' in {where}")
+    train_examples = [example for example, _ in encoded if example.n_trained]
+    dropped = len(encoded) - len(train_examples)
     # both backends validate on the first VAL_MAX_EXAMPLES examples only: encode no more val rows than that
     with val_rows as rows:
         val_examples, _ = fmt.encode_rows(tokenizer, rows, max_length, limit=VAL_MAX_EXAMPLES)
     if not train_examples:
         raise StageError(f"{where}: every training example lost its answer to truncation at "
                          f"'train.max_length' = {max_length}; raise it")
-    print(f"train:{adapter_name}: mask check (trained text in [[ ]]):\n{fmt.describe(tokenizer, train_examples[0])}")
+    say = print if launched_rank() == 0 else (lambda *_: None)  # one log, not one per process
+    say(f"train:{adapter_name}: mask check (trained text in [[ ]]):\n{fmt.describe(tokenizer, train_examples[0])}")
 
     if backend == "mlx":
         from stages.train import mlx_backend as engine
@@ -99,19 +104,20 @@ def run(cfg, adapter_name: str) -> dict[str, Any]:
         base_dir=base_dir, tokenizer=tokenizer, train_examples=train_examples, val_examples=val_examples,
         dropped=dropped, hw=hw, metrics=metrics, out_dir=layout.lora_dir(adapter_name),
         checkpoint_dir=layout.checkpoints_dir(adapter_name))
-    print(f"train:{adapter_name}: val loss {summary['start_val_loss']} -> {summary['end_val_loss']} "
-          f"(best {summary['best_val_loss']} at step {summary['best_step']}, exported), "
-          f"{summary['tok_s']} trained tok/s -> {layout.lora_dir(adapter_name)}")
+    say(f"train:{adapter_name}: val loss {summary['start_val_loss']} -> {summary['end_val_loss']} "
+        f"(best {summary['best_val_loss']} at step {summary['best_step']}, exported), "
+        f"{summary['tok_s']} trained tok/s -> {layout.lora_dir(adapter_name)}")
     return summary
 
 
 def relaunch(adapter_name: str, gpus: int) -> dict[str, Any]:
-    """More than one GPU: run this stage again as one data-parallel process per GPU (torchrun, as
-    `accelerate launch` does) and return what rank 0 wrote."""
+    """More than one GPU: run this stage again as one process per GPU (torchrun, as `accelerate launch`
+    does) and return what rank 0 wrote. The processes train data-parallel, or with an nf4 base shard
+    it with FSDP (torch_backend decides)."""
     import subprocess
     import sys
 
-    print(f"train:{adapter_name}: {gpus} GPUs: relaunching as {gpus} data-parallel processes")
+    print(f"train:{adapter_name}: {gpus} GPUs: relaunching as {gpus} processes (data-parallel; FSDP for nf4)")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
            "-m", "stages", "train", adapter_name]
     if subprocess.run(cmd).returncode != 0:

@@ -33,6 +33,11 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def launched_rank() -> int:
+    """This process's rank (0 when run directly)."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def init(device: str, shard_base: bool = False) -> World:
     """Join the process group the launcher set up; a single process needs none. `shard_base`
     (a 4-bit base): with several processes, FSDP shards it instead of each rank holding a replica."""

@@ -378,7 +378,7 @@ def train(*, name: str, base_model: str, lora: dict[str, Any], train_cfg: dict[s
         metrics.start(total_steps=steps, n_train=len(train_examples), n_val=len(val_examples), dropped=dropped,
                       device=hw.device, dtype=hw.dtype, dtype_reason=hw.reason, backend="mlx",
                       quantization=quantization, trainable_params=n_trainable, packing=False, world_size=1,
-                      eval_every=eval_every, patience=patience)
+                      parallelism="single", eval_every=eval_every, patience=patience)
     log(f"train:{name}: {len(train_examples)} examples ({dropped} dropped), {steps} steps, MLX "
         f"{hw.device} {hw.dtype} ({hw.reason}), {quantization}, {n_trainable:,} trainable params, "
         "length-bucketed batches")
@@ -445,7 +445,7 @@ def train(*, name: str, base_model: str, lora: dict[str, Any], train_cfg: dict[s
         state=state, hw=hw, adapter=name, base_model=base_model, backend="mlx", quantization=quantization,
         steps=steps, n_train=len(train_examples), n_val=len(val_examples), dropped=dropped,
         resumed_from=str(resumed_from) if resumed_from else None, packing=False, world_size=1,
-        trainable_params=n_trainable, memory=memory(), lora=lora, train=train_cfg)
+        parallelism="single", trainable_params=n_trainable, memory=memory(), lora=lora, train=train_cfg)
     with io.atomic_dir(out_dir) as tmp:
         save_peft(tmp, final, lora, base_dir, tokenizer)
         save_mlx(tmp / "mlx", final, lora, len(model.layers), lora_keys)
