@@ -386,7 +386,9 @@ def run(cfg, adapter_name: str) -> dict[str, Any]:
 
     matrix, dropped = {}, 0
     for name, rows in splits.items():
-        cell, lost = evaluate_split(judge, rows, a.train["max_length"], max_generate)
+        # a split is scored at its own adapter's max_length: the same truncation in every adapter's eval,
+        # so the base row of the matrix is one figure per split, not one per evaluating adapter
+        cell, lost = evaluate_split(judge, rows, cfg.adapters[name].train["max_length"], max_generate)
         matrix[name] = cell
         if name == adapter_name:
             dropped = lost

@@ -129,3 +129,36 @@ def test_eval_matrix_task_metrics_safety_samples_and_reports(tmp_path, monkeypat
     report.run_matrix(cfg)
     matrix = layout.matrix_file().read_text()
     assert "| **coding** |" in matrix and "| **wards** |" in matrix and "[wards](wards/report.md)" in matrix
+
+
+def test_a_split_is_scored_at_its_own_adapters_max_length(tmp_path, monkeypatch, tiny_base):
+    """Truncation is the split's: every adapter's eval scores the base on it alike, so the matrix has one base row."""
+    from stages import config, evaluate, report
+    from tests.gguf_project import make_lora
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("short", "long"):
+        write_splits(name)
+    long_rows = list(io.read_jsonl(layout.split_file("long", "test")))
+    for row in long_rows:  # answers longer than "short"'s max_length
+        row["messages"][-1]["content"] = " ".join(["hypertension"] * 40)
+    io.write_jsonl(layout.split_file("long", "test"), long_rows)
+    problems: list[str] = []
+    adapters = {}
+    for seed, (name, max_length) in enumerate((("short", 48), ("long", 384)), 1):
+        path = layout.adapter_toml(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(MATRIX_TOML.format(base=tiny_base).replace("max_length = 384", f"max_length = {max_length}")
+                        + "safety = false\n")
+        adapters[name] = config.load_adapter(tmp_path, path, problems)
+        make_lora(tiny_base, layout.lora_dir(name), seed=seed)
+    assert not problems
+    cfg = config.Config(root=tmp_path, sources={}, adapters=adapters, dedup={})
+
+    short, long = evaluate.run(cfg, "short"), evaluate.run(cfg, "long")
+    by_short, by_long = short["matrix"]["long"], long["matrix"]["long"]
+    assert by_short["n_tokens"] == by_long["n_tokens"]  # not cut at "short"'s 48 tokens
+    assert by_short["base_ppl"] == pytest.approx(by_long["base_ppl"], rel=1e-6)
+    report.run_matrix(cfg)
+    base_row = next(line for line in layout.matrix_file().read_text().splitlines() if line.startswith("| base"))
+    assert report._num(long["base_ppl"]) in base_row
