@@ -77,9 +77,17 @@ def test_static_status_says_why_each_task_runs(project):
     assert rows["train:tiny"]["status"] == "run"
 
 
-def test_one_run_at_a_time_and_stop(project, monkeypatch):
+@pytest.mark.parametrize("sigint", ["default", "ignored"])
+def test_one_run_at_a_time_and_stop(project, monkeypatch, sigint):
+    """Stop saves doit's state, also when the dashboard itself was started with SIGINT ignored (nohup, `&`)."""
+    import signal
+
     monkeypatch.setenv("TINY_TRAIN_S", "60")
-    record = runner.start(project, ["train:tiny"])
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN if sigint == "ignored" else signal.default_int_handler)
+    try:
+        record = runner.start(project, ["train:tiny"])  # the run inherits this process's SIGINT disposition
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert runner.current_run(project).pid == record.pid
     with pytest.raises(runner.RunBusy, match=f"pid {record.pid}"):
         runner.start(project, [])

@@ -106,7 +106,7 @@ def start(root: Path, tasks: list[str] | tuple[str, ...] = (), python: str = sys
         log_path = root / layout.run_log()
         log_path.parent.mkdir(parents=True, exist_ok=True)
         run_id = uuid.uuid4().hex[:12]
-        argv = [python, "-m", "doit", "run", *tasks]
+        argv = [python, "-m", "tui.doit_run", "run", *tasks]  # doit, with SIGINT handled even if inherited ignored
         env = {**os.environ, "MEDFORGE_RUN_ID": run_id, "PYTHONUNBUFFERED": "1", "PYTHONPATH": _pythonpath()}
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(argv, cwd=root, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
