@@ -41,8 +41,9 @@ medforge and TRL train the completion tokens; the users' recipe trains every rea
 trainer's model is freed first, so no two models are held at once): on CUDA
 `torch.cuda.max_memory_allocated()` (tensors only, not the allocator's cache), its base weights
 included; on Linux CPUs the growth of the process's peak resident set (VmHWM, reset through
-/proc/self/clear_refs) above the resident set at the start (memory kept by the allocator from an
-earlier trainer is reused without counting, so a lower bound); null elsewhere. `peak_memory`
+/proc/self/clear_refs) above the resident set at the start, after glibc's `malloc_trim` has handed
+back what the previous trainer freed (without it, a later trainer reuses that memory uncounted and
+looks several GiB lighter than the first); null elsewhere. `peak_memory`
 says which; `held_before_trainers_gib` (CUDA) is the most still allocated as a trainer started.
 
 `mfu` = medforge's model FLOPs per second / this machine's matmul peak for the dtype (the best of
@@ -141,12 +142,19 @@ def parameter_count(base_dir: Path) -> int:
 
 # --- the machine
 def free() -> None:
-    """Drop unreachable models (trainers hold reference cycles) and return their GPU memory to the driver."""
+    """Drop unreachable models (trainers hold reference cycles) and return their memory: GPU memory to the
+    driver, freed heap to the OS (glibc keeps it otherwise, and the next trainer's RSS growth would hide it)."""
+    import ctypes
+    import ctypes.util
+
     import torch
 
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+    libc = ctypes.util.find_library("c")
+    if libc and hasattr(ctypes.CDLL(libc), "malloc_trim"):
+        ctypes.CDLL(libc).malloc_trim(0)
 
 
 def sync(device: str) -> None:
