@@ -226,7 +226,8 @@ class TokenCounter:
             from stages import io
 
             data = io.read_arrays(self.cache) or {}  # none yet, or unreadable: counted afresh
-            self._memo = dict(zip(data["keys"].tolist(), data["counts"].tolist())) if {"keys", "counts"} <= data.keys() else {}
+            has = {"keys", "counts"} <= data.keys()
+            self._memo = dict(zip(data["keys"].tolist(), data["counts"].tolist())) if has else {}
         return self._memo
 
     def _save(self) -> None:

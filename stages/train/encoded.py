@@ -28,23 +28,23 @@ def cache_key(split_path: Path, base_dir: Path, max_length: int) -> str:
     return h.hexdigest()
 
 
-def encode_split(tokenizer, base_dir: Path, adapter: str, split: str, max_length: int
-                 ) -> list[tuple[fmt.Encoded, int]]:
-    """`format.encode_batch` of every row of the split, in file order, each with its length before truncation."""
+def encode_split(tokenizer, base_dir: Path, adapter: str, split: str, max_length: int,
+                 rows: list[dict] | None = None) -> list[tuple[fmt.Encoded, int]]:
+    """`format.encode_batch` of every row of the split, in file order, each with its length before truncation.
+
+    `rows`: the split's rows when the caller has read them already (read here otherwise, on a cache miss only).
+    """
     from stages.train import iter_split
 
     split_path = layout.split_file(adapter, split)
-    rows = iter_split(adapter, split)  # says which task to run when the split is missing
+    if rows is None and not split_path.exists():
+        iter_split(adapter, split)  # says which task to run
     cache = layout.encoded_cache(adapter, split)
     key = cache_key(split_path, base_dir, max_length)
     cached = _load(cache, key)
     if cached is not None:
-        rows.close()
         return cached
-    out: list[tuple[fmt.Encoded, int]] = []
-    while chunk := [row for _, row in zip(range(fmt.BATCH), rows)]:
-        out += fmt.encode_batch(tokenizer, [row["messages"] for row in chunk], max_length,
-                                [row.get("task", "") for row in chunk])
+    out = list(fmt.encode_stream(tokenizer, rows if rows is not None else iter_split(adapter, split), max_length))
     _save(cache, key, out)
     return out
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 IGNORE = -100
 
@@ -132,6 +132,15 @@ def encode_batch(tokenizer, conversations: list[list[dict[str, str]]], max_lengt
     return out
 
 
+def encode_stream(tokenizer, rows: Iterable[dict[str, Any]], max_length: int,
+                  batch: int = BATCH) -> Iterator[tuple[Encoded, int]]:
+    """`encode_batch` of dataset rows, `batch` at a time, in order: rows are read only as they are needed."""
+    it = iter(rows)
+    while chunk := list(itertools.islice(it, batch)):
+        yield from encode_batch(tokenizer, [row["messages"] for row in chunk], max_length,
+                                [row.get("task", "") for row in chunk])
+
+
 def encode_rows(tokenizer, rows: Iterable[dict[str, Any]], max_length: int,
                 limit: int | None = None) -> tuple[list[Encoded], int]:
     """Encode dataset rows; rows left with nothing to train (e.g. truncated away) are dropped and counted.
@@ -139,21 +148,15 @@ def encode_rows(tokenizer, rows: Iterable[dict[str, Any]], max_length: int,
     With `limit`, stop once that many examples are kept: the later rows are neither read nor encoded.
     """
     out, dropped = [], 0
-    size = min(BATCH, limit) if limit else BATCH
-    it = iter(rows)
-    while limit is None or len(out) < limit:
-        chunk = list(itertools.islice(it, size))
-        if not chunk:
-            break
-        encoded = encode_batch(tokenizer, [row["messages"] for row in chunk], max_length,
-                               [row.get("task", "") for row in chunk])
-        for example, _ in encoded:
-            if limit is not None and len(out) == limit:
+    if limit == 0:
+        return out, dropped
+    for example, _ in encode_stream(tokenizer, rows, max_length, min(BATCH, limit) if limit else BATCH):
+        if example.n_trained:
+            out.append(example)
+            if len(out) == limit:
                 break
-            if example.n_trained:
-                out.append(example)
-            else:
-                dropped += 1
+        else:
+            dropped += 1
     return out, dropped
 
 

@@ -95,7 +95,7 @@ def template_problem(base_dir: Path, adapter_name: str) -> str | None:
 
 
 def run(cfg, adapter_name: str) -> dict[str, Any]:
-    from stages.train import base_folder, iter_split
+    from stages.train import base_folder, read_split
     from stages.train import format as fmt
     from stages.train.encoded import encode_split
     from stages.train.torch_backend import load_tokenizer
@@ -106,9 +106,10 @@ def run(cfg, adapter_name: str) -> dict[str, Any]:
     tokenizer = load_tokenizer(base_dir)
     max_length, max_truncated = a.train["max_length"], a.train["max_truncated"]
     # every row: one without trained tokens fails the build (the encoding is cached for train:<adapter>)
-    encoded = encode_split(tokenizer, base_dir, adapter_name, "train", max_length)
+    rows = read_split(adapter_name, "train")
+    encoded = encode_split(tokenizer, base_dir, adapter_name, "train", max_length, rows)
     checked = []
-    for i, (row, (example, full_length)) in enumerate(zip(iter_split(adapter_name, "train"), encoded)):
+    for i, (row, (example, full_length)) in enumerate(zip(rows, encoded)):
         turns = sum(1 for m in row["messages"] if m["role"] == "assistant" and m["content"].strip())
         checked.append(Checked(example, str(row.get("id", f"line {i + 1}")), full_length, turns))
     found = problems(checked, end_of_turn_ids(tokenizer), max_length, max_truncated)
