@@ -95,10 +95,11 @@ def task_train():
 
 def task_eval():
     tests = [str(layout.split_file(n, "test")) for n in CFG.adapters]  # the matrix reads every adapter's test split
-    lengths = {n: a.train["max_length"] for n, a in CFG.adapters.items()}  # ... each at its adapter's max_length
+    # ... each as its own adapter scores it: its max_length and max_examples
+    splits = {n: [a.train["max_length"], a.eval["max_examples"]] for n, a in CFG.adapters.items()}
     for a in CFG.adapters.values():
         yield {"name": a.name, "actions": stage("eval", a.name),
-               "uptodate": [config_changed({"eval": a.eval, "max_length": lengths})],
+               "uptodate": [config_changed({"eval": a.eval, "splits": splits})],
                "file_dep": [str(layout.lora_weights(a.name))] + tests + layout.code("evaluate.py", "safety.py", "news2.py"),
                "targets": [str(layout.eval_file(a.name))]}
 

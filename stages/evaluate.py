@@ -353,14 +353,14 @@ def samples(judge: Judge, own_rows: list[dict]) -> list[dict]:
 
 
 def test_splits(cfg, adapter_name: str) -> dict[str, list[dict]]:
-    """Every adapter's test split (own first), capped at the evaluated adapter's eval.max_examples."""
+    """Every adapter's test split (own first), each capped at its own adapter's eval.max_examples: every
+    adapter's eval scores the same examples of a split (at that adapter's max_length, see `run`)."""
     from stages.train import read_split
 
-    limit = cfg.adapters[adapter_name].eval["max_examples"]
     names = [adapter_name] + sorted(n for n in cfg.adapters if n != adapter_name)
     out = {}
     for name in names:
-        rows = read_split(name, "test")
+        rows, limit = read_split(name, "test"), cfg.adapters[name].eval["max_examples"]
         out[name] = rows[:limit] if limit > 0 else rows
     return out
 
@@ -386,8 +386,8 @@ def run(cfg, adapter_name: str) -> dict[str, Any]:
 
     matrix, dropped = {}, 0
     for name, rows in splits.items():
-        # a split is scored at its own adapter's max_length: the same truncation in every adapter's eval,
-        # so the base row of the matrix is one figure per split, not one per evaluating adapter
+        # a split is scored as its own adapter defines it (examples, max_length): every adapter's eval
+        # scores the base alike, so the matrix has one base figure per split
         cell, lost = evaluate_split(judge, rows, cfg.adapters[name].train["max_length"], max_generate)
         matrix[name] = cell
         if name == adapter_name:

@@ -223,13 +223,9 @@ def matrix_markdown(reports: dict[str, dict[str, Any]], verifies: dict[str, dict
            "## Answer perplexity (rows: model, columns: test split; lower is better)", "",
            "| model | " + " | ".join(splits) + " |", "|---|" + "---:|" * len(splits)]
     bases: dict[str, dict[str, Any]] = {}
-    for name in sorted(reports):
-        base = reports[name].get("base_model", "base")
+    for name in sorted(reports):  # every eval scores a split alike (evaluate.run): any one's base cell will do
         for split, cell in reports[name].get("matrix", {}).items():
-            owner = reports.get(split, {})  # the split's own adapter scored its base on all of it: prefer that
-            if owner.get("base_model", "base") == base and split in owner.get("matrix", {}):
-                cell = owner["matrix"][split]
-            bases.setdefault(base, {}).setdefault(split, cell)
+            bases.setdefault(reports[name].get("base_model", "base"), {}).setdefault(split, cell)
     for base, cells in bases.items():
         out.append(f"| base `{base}` | " + " | ".join(_num(cells.get(s, {}).get("base_ppl")) for s in splits) + " |")
     for name in sorted(reports):

@@ -131,8 +131,9 @@ def test_eval_matrix_task_metrics_safety_samples_and_reports(tmp_path, monkeypat
     assert "| **coding** |" in matrix and "| **wards** |" in matrix and "[wards](wards/report.md)" in matrix
 
 
-def test_a_split_is_scored_at_its_own_adapters_max_length(tmp_path, monkeypatch, tiny_base):
-    """Truncation is the split's: every adapter's eval scores the base on it alike, so the matrix has one base row."""
+def test_a_split_is_scored_as_its_own_adapter_defines_it(tmp_path, monkeypatch, tiny_base):
+    """A split is scored as its adapter defines it (max_length, max_examples): every adapter's eval scores the
+    base on it alike, so the matrix has one base figure per split."""
     from stages import config, evaluate, report
     from tests.gguf_project import make_lora
 
@@ -145,11 +146,11 @@ def test_a_split_is_scored_at_its_own_adapters_max_length(tmp_path, monkeypatch,
     io.write_jsonl(layout.split_file("long", "test"), long_rows)
     problems: list[str] = []
     adapters = {}
-    for seed, (name, max_length) in enumerate((("short", 48), ("long", 384)), 1):
+    for seed, (name, max_length, max_examples) in enumerate((("short", 48, 3), ("long", 384, 40)), 1):
         path = layout.adapter_toml(name)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(MATRIX_TOML.format(base=tiny_base).replace("max_length = 384", f"max_length = {max_length}")
-                        + "safety = false\n")
+                        .replace("max_examples = 40", f"max_examples = {max_examples}") + "safety = false\n")
         adapters[name] = config.load_adapter(tmp_path, path, problems)
         make_lora(tiny_base, layout.lora_dir(name), seed=seed)
     assert not problems
@@ -157,6 +158,7 @@ def test_a_split_is_scored_at_its_own_adapters_max_length(tmp_path, monkeypatch,
 
     short, long = evaluate.run(cfg, "short"), evaluate.run(cfg, "long")
     by_short, by_long = short["matrix"]["long"], long["matrix"]["long"]
+    assert by_short["n_examples"] == by_long["n_examples"] == 8  # not capped at "short"'s 3 examples
     assert by_short["n_tokens"] == by_long["n_tokens"]  # not cut at "short"'s 48 tokens
     assert by_short["base_ppl"] == pytest.approx(by_long["base_ppl"], rel=1e-6)
     report.run_matrix(cfg)
