@@ -6,9 +6,12 @@ passes over the (tokens x out) output, and `x @ A.T` with a 16-column transposed
 MKL runs several times slower than the same product with A.T made contiguous. Here:
 
 - the dropout mask comes from 16-bit slices of 64-bit random words (four draws per RNG call),
-  keeping an element when its slice is at or above p * 65536: p is honoured to 1/65536;
-- dropout's 1/(1-p) and the LoRA scaling are one scalar, applied inside `addmm`, which also adds
-  the base output: no extra pass over the output;
+  keeping an element when its slice is at or above p * 65536: p is honoured to 1/65536; it is
+  applied with `where` (a float copy of a bool mask, as `x * mask` makes, is one more pass);
+- backward keeps x and the 1-byte mask, not the 4-byte masked copy: q, k and v (and gate and
+  up) share one x, so a layer saves one input for them instead of five, and backward re-masks it;
+- dropout's 1/(1-p) and the LoRA scaling are one scalar, applied inside `addmm_`, which adds the
+  branch into the base layer's fresh output in place: no extra pass over the output;
 - every product runs on contiguous operands in the layout the backward pass needs.
 
 The math is peft's (tests compare outputs and gradients). Anything else — merged or disabled
@@ -34,33 +37,37 @@ def keep_mask(shape, p: float, device):
     return (words.view(torch.int16)[:n] >= threshold).view(shape)
 
 
+def masked(x, mask):
+    """x with the dropped elements zeroed (mask None: nothing dropped)."""
+    import torch
+
+    return x if mask is None else torch.where(mask, x, 0.0)
+
+
 def _lora_function():
     import torch
 
     class LoraBranch(torch.autograd.Function):
-        """result + c * ((x * mask) @ A.T) @ B.T, with c = scaling / (1 - p)."""
+        """result + c * ((x * mask) @ A.T) @ B.T, with c = scaling / (1 - p), added into `result`."""
 
         @staticmethod
         def forward(ctx, x, result, weight_a, weight_b, c: float, mask):
-            xm = x if mask is None else x * mask
-            a = xm @ weight_a.t().contiguous()
-            out = torch.addmm(result, a, weight_b.t().contiguous(), alpha=c)
-            ctx.save_for_backward(xm, a, weight_a, weight_b, mask)
+            a = masked(x, mask) @ weight_a.t().contiguous()
+            # `result` is the base layer's own fresh output, which nothing saved: add into it
+            ctx.mark_dirty(result)
+            result.addmm_(a, weight_b.t().contiguous(), alpha=c)
+            ctx.save_for_backward(x, a, weight_a, weight_b, mask)
             ctx.c = c
-            return out
+            return result
 
         @staticmethod
         def backward(ctx, grad):
-            xm, a, weight_a, weight_b, mask = ctx.saved_tensors
+            x, a, weight_a, weight_b, mask = ctx.saved_tensors
             c = ctx.c
             grad_a = (grad @ weight_b).mul_(c)                       # (tokens, r)
             grad_b = (a.t() @ grad).t().mul_(c) if ctx.needs_input_grad[3] else None     # (out, r)
-            grad_w_a = (xm.t() @ grad_a).t() if ctx.needs_input_grad[2] else None       # (r, in)
-            grad_x = None
-            if ctx.needs_input_grad[0]:
-                grad_x = grad_a @ weight_a
-                if mask is not None:
-                    grad_x.mul_(mask)
+            grad_w_a = (masked(x, mask).t() @ grad_a).t() if ctx.needs_input_grad[2] else None  # (r, in)
+            grad_x = masked(grad_a @ weight_a, mask) if ctx.needs_input_grad[0] else None
             return grad_x, grad, grad_w_a, grad_b, None, None
 
     return LoraBranch
@@ -81,19 +88,17 @@ def _forward(self, x, *args, **kwargs):
     weight_a, weight_b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
     if not (x.dtype == weight_a.dtype == weight_b.dtype):  # decided before the base layer runs: never twice
         return self._peft_forward(x, *args, **kwargs)
-    result = self.base_layer(x, *args, **kwargs)
+    x2 = x.reshape(-1, x.shape[-1])
+    result = self.base_layer(x2, *args, **kwargs)  # on 2D rows: a fresh (tokens, out) tensor, not a view
     result_dtype = result.dtype  # a quantized base can answer in its compute dtype; peft returns that one
     dropout = self.lora_dropout[adapter]
     p = dropout.p if isinstance(dropout, torch.nn.Dropout) and dropout.training else 0.0
-    shape = result.shape
-    x2 = x.reshape(-1, x.shape[-1])
     mask = keep_mask(x2.shape, p, x.device) if p > 0 else None
     global _BRANCH
     if _BRANCH is None:
         _BRANCH = _lora_function()
-    out = _BRANCH.apply(x2, result.reshape(-1, shape[-1]).to(x.dtype), weight_a, weight_b,
-                        float(self.scaling[adapter]) / (1.0 - p), mask)
-    return out.view(shape).to(result_dtype)
+    out = _BRANCH.apply(x2, result.to(x.dtype), weight_a, weight_b, float(self.scaling[adapter]) / (1.0 - p), mask)
+    return out.view(*x.shape[:-1], out.shape[-1]).to(result_dtype)
 
 
 def install(model) -> int:
