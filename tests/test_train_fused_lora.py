@@ -123,3 +123,38 @@ def test_eval_mode_and_merged_adapters_still_match(base):
         assert torch.allclose(model(input_ids=ids).logits, expected, atol=1e-5)
         model.merge_adapter()  # merged: peft's own forward
         assert torch.allclose(model(input_ids=ids).logits, expected, atol=1e-4)
+
+
+def saved_bytes(model, ids) -> int:
+    """Bytes of the distinct storages autograd keeps for backward over a training forward of the decoder
+    (the layers LoRA is in; the output head's logits would swamp them), weights aside."""
+    import torch
+
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model.get_base_model().get_decoder()(input_ids=ids)
+    return sum(storages.values())
+
+
+def test_with_dropout_it_keeps_far_less_for_backward_than_peft(base):
+    """peft keeps a masked fp32 copy of the input per LoRA branch; the fused branch keeps the input
+    (one for q, k and v, one for gate and up) and a 1-byte mask."""
+    import torch
+
+    from stages.train import fused_lora
+
+    model = lora_model(base, 0.1)
+    model.train()
+    ids = torch.randint(0, 1000, (2, 64), generator=torch.Generator().manual_seed(5))
+    peft_bytes = saved_bytes(model, ids)
+    fused_lora.install(model)
+    fused_bytes = saved_bytes(model, ids)
+    assert fused_bytes < 0.8 * peft_bytes, (fused_bytes, peft_bytes)
