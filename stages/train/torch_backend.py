@@ -20,7 +20,7 @@ from typing import Any
 
 from stages import io
 from stages.errors import StageError
-from stages.train import checkpoint, distributed, fsdp, fused_lora
+from stages.train import checkpoint, distributed, fsdp, fused_lora, head_loss
 from stages.train.metrics import run_summary
 from stages.train.format import IGNORE, Encoded
 from stages.train.hardware import Hardware
@@ -130,10 +130,15 @@ def make_optimizer(params, lr: float, kind: str, device: str, where: str = "adap
 
 
 # --- losses
-def trained_logits(base, inputs: dict[str, Any], keep):
-    """The decoder, then the output head only at the positions `keep` marks as trained."""
+def trained_nll(base, inputs: dict[str, Any], keep, targets):
+    """The decoder, then the output head and the NLL of `targets` only at the positions `keep` marks."""
+    import torch.nn.functional as F
+
     hidden = base.get_decoder()(**inputs, use_cache=False).last_hidden_state  # a cache disables packed masks
-    return base.get_output_embeddings()(hidden[:, :-1][keep])
+    hidden, head = hidden[:, :-1][keep], base.get_output_embeddings()
+    if head_loss.applies(head):  # frozen head: one logits tensor, its gradient made in place (head_loss.py)
+        return head_loss.head_nll(head, hidden, targets)
+    return F.cross_entropy(head(hidden).float(), targets, reduction="none")
 
 
 def token_nll(model, batch: dict[str, Any], hw: Hardware):
@@ -144,7 +149,6 @@ def token_nll(model, batch: dict[str, Any], hw: Hardware):
     of a small model's compute per position, and prompt positions need no logits.
     """
     import torch
-    import torch.nn.functional as F
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # LoRA layers live inside it
     targets = batch["labels"][:, 1:]
@@ -155,10 +159,9 @@ def token_nll(model, batch: dict[str, Any], hw: Hardware):
     else:
         inputs["attention_mask"] = batch["attention_mask"]
     # under FSDP the base has it as a method that gathers its sharded root first (fsdp.shard)
-    forward = getattr(base, trained_logits.__name__, None) or functools.partial(trained_logits, base)
+    forward = getattr(base, trained_nll.__name__, None) or functools.partial(trained_nll, base)
     with hw.autocast():
-        logits = forward(inputs, keep)
-    nll = F.cross_entropy(logits.float(), targets[keep], reduction="none")
+        nll = forward(inputs, keep, targets[keep])
     if "segments" in batch:
         owners = batch["segments"][:, 1:][keep]
         n = int(batch["segments"].max().item()) + 1
@@ -244,7 +247,7 @@ def train(*, name: str, base_model: str, lora: dict[str, Any], train_cfg: dict[s
     model = add_lora(load_model(base_dir, quantization, hw, sharded=world.fsdp), lora, quantization,
                      train_cfg.get("gradient_checkpointing", False))
     if world.fsdp:
-        fsdp.shard(model, trained_logits)  # before the optimizer: it swaps the parameters for their shards
+        fsdp.shard(model, trained_nll)  # before the optimizer: it swaps the parameters for their shards
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)
