@@ -47,7 +47,9 @@ looks several GiB lighter than the first); null elsewhere. `peak_memory`
 says which; `held_before_trainers_gib` (CUDA) is the most still allocated as a trainer started.
 
 `mfu` = medforge's model FLOPs per second / this machine's matmul peak for the dtype (the best of
-square matmuls timed in this run, on the training device: 8192-wide on CUDA, 2048 on CPU).
+square matmuls timed in this run before each trainer and after the last, on the training device:
+8192-wide on CUDA, 2048 on CPU; load from other processes only lowers a timing, so the best is
+the peak, and a busy moment cannot inflate the MFU).
 Model FLOPs of a LoRA step, per processed token: forward 2*N of the frozen body + backward 2*N
 (input gradients; frozen weights need no weight gradients) + 6*N of the LoRA weights + causal
 attention over each example's own context (forward 4*d*ctx per layer, backward twice that); the
@@ -456,9 +458,10 @@ def run(args, hw, tmp: str) -> dict:
     quant, ckpt = args.quantization, args.gradient_checkpointing
     for module in ("datasets", "peft", "trl", *(("bitsandbytes",) if quant == "nf4" else ())):
         importlib.import_module(module)  # before any peak is marked: no trainer's peak counts an import
-    peak = matmul_peak(hw.torch_dtype, hw.device)
+    matmul_best = 0.0  # timed before every trainer and after the last: a busy moment only lowers one timing
     results, peaks, held = {}, {}, []
     for name in ("medforge", "users_recipe", "trl_packing"):
+        matmul_best = max(matmul_best, matmul_peak(hw.torch_dtype, hw.device))
         start = memory_mark(hw.device)  # frees the previous trainer's model first
         if hw.device == "cuda":
             held.append(start)
@@ -474,7 +477,7 @@ def run(args, hw, tmp: str) -> dict:
                                       tmp + "/trl", quant, ckpt, attention)
         peaks[name] = memory_peak_gib(hw.device, start)
     free()
-    peak = max(peak, matmul_peak(hw.torch_dtype, hw.device))  # again after: the best is the machine's peak
+    peak = max(matmul_best, matmul_peak(hw.torch_dtype, hw.device))
     ours, users, trl = results["medforge"], results["users_recipe"], results["trl_packing"]
     result = {
         "medforge_tok_s": round(ours["tok_s"], 1), "users_recipe_tok_s": round(users["tok_s"], 1),
