@@ -158,3 +158,15 @@ def test_checkpoints_of_another_recipe_are_not_resumed(tmp_path, monkeypatch, ti
     assert summary["resumed_from"] is None and summary["steps_done"] == 3
     kinds = [r["kind"] for r in metrics(tmp_path)]
     assert "resume" not in kinds and kinds.count("train") == 3
+
+
+def test_data_hash_is_the_digest_of_the_whole_json_fed_one_example_at_a_time():
+    """Streaming the examples into the hash must not change it: checkpoints written before still resume."""
+    from stages import io
+    from stages.train.checkpoint import data_hash
+    from stages.train.format import IGNORE, Encoded
+
+    for examples in ([], [Encoded([1, 2, 3], [IGNORE, 2, 3])],
+                     [Encoded([5, 6], [IGNORE, 6], "a"), Encoded([], []), Encoded([7], [7], "b")]):
+        assert data_hash(examples) == io.content_hash(io.dumps([[e.input_ids, e.labels] for e in examples]))
+    assert data_hash([Encoded([1, 2], [IGNORE, 2])]) != data_hash([Encoded([1, 2], [1, 2])])
