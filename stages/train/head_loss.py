@@ -32,16 +32,16 @@ def _function():
         def forward(ctx, hidden, weight, targets):
             logits = hidden @ weight.t()  # under autocast: in its dtype; the reductions below are fp32
             nll = torch.empty(len(targets), dtype=torch.float32, device=hidden.device)
-            rows = torch.arange(len(targets), device=hidden.device)
             want_grad = ctx.needs_input_grad[0]
             for start in range(0, len(targets), CHUNK_ROWS):
                 chunk = slice(start, start + CHUNK_ROWS)
                 block = logits[chunk].float()  # a view when the logits are fp32
                 lse = torch.logsumexp(block, dim=-1)
-                nll[chunk] = lse - block[rows[chunk] - start, targets[chunk]]
+                picked = (torch.arange(len(block), device=block.device), targets[chunk])  # each row's target
+                nll[chunk] = lse - block[picked]
                 if want_grad:  # d nll / d logits = softmax - one-hot
                     block.sub_(lse[:, None]).exp_()
-                    block[rows[chunk] - start, targets[chunk]] -= 1.0
+                    block[picked] -= 1.0
                     if block.dtype != logits.dtype:  # half-precision logits: .float() was a copy
                         logits[chunk] = block
             if want_grad:
