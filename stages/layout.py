@@ -24,8 +24,10 @@ def source_code(kind: str) -> list[str]:
     (stages/news2.py scores what stages/sources/news2.py generates): editing either re-runs the source."""
     extra = [f"{kind}.py"] if (CODE / f"{kind}.py").exists() else []
     module = CODE / "sources" / f"{kind}.py"
-    if module.exists() and "_xml." in module.read_text():
-        extra.append("sources/_xml.py")  # the safe XML parser its pages go through
+    if module.exists():  # the shared helpers it uses: the safe XML parser (_xml), the text renderer (_text)
+        text = module.read_text()
+        extra += [f"sources/{h.name}" for h in sorted((CODE / "sources").glob("_*.py"))
+                  if h.stem != "__init__" and f"{h.stem}." in text]
     return code(f"sources/{kind}.py", *extra)
 
 

@@ -93,8 +93,10 @@ def test_clinicaltrials_real_pages_and_single_study():
     assert len(page1) == len(page2) == 5 and page1[0]["id"] == "NCT02710084"
     assert page1[0]["conditions"] == ["Phelan-McDermid Syndrome"] and page1[0]["interventions"] == ["Oxytocin", "Saline"]
     _, (one,) = parsed("clinicaltrials", REAL / "clinicaltrials/get_nct06382129_20260811.json")
-    assert len(one["criteria"]["inclusion"]) == 12 and len(one["criteria"]["exclusion"]) == 26
-    assert one["criteria"]["inclusion"][1] == "Age ≥18 years old;" and "\\<" not in " ".join(one["criteria"]["inclusion"])
+    inc, exc = one["criteria"]["inclusion"], one["criteria"]["exclusion"]
+    assert inc[0] == "Inclusion Criteria:" and exc[0] == "Exclusion Criteria:"  # each part keeps its heading
+    assert len(inc) == 1 + 12 and len(exc) == 1 + 26 and inc[2] == "2. Age ≥18 years old;"  # numbered items stay numbered
+    assert "\\<" not in " ".join(inc + exc) and "11. Urine protein ≤2+ or < 1000mg/24h;" in inc
     assert tasks(source, one) == ["clinicaltrials_summary", "clinicaltrials_eligibility", "clinicaltrials_design"]
 
 

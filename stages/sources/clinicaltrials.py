@@ -16,28 +16,28 @@ from typing import Any, Iterator
 
 import orjson
 
-from stages.sources import Source, SourceError
+from stages.sources import Source, SourceError, _text
 
-_HEADING = re.compile(r"^\s*(inclusion|exclusion)\s+criteria\s*:?\s*$", re.I | re.M)
-_BULLET = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s*")
+# the headings registries write: "Inclusion Criteria:", "Key Inclusion Criteria:", "INCLUSION CRITERIA",
+# "Eligibility criteria:", "Exclusion criteria for parents:" ...
+_HEADING = re.compile(r"(?:(?:key|main|major|general|specific|additional|other)\s+)?(inclusion|exclusion|eligibility)"
+                      r"(?:\s+criteria)?(?:\s+(?:for|in|of)\b[^:]{0,80}|\s*\([^)]{0,80}\))?\s*:?", re.I)
+_ITEM = re.compile(r"\s*(?:-|\d+\.)\s")
 
 
-def split_eligibility(text: str) -> dict[str, list[str]]:
-    """'Inclusion Criteria: ... Exclusion Criteria: ...' -> {"inclusion": [...], "exclusion": [...]}."""
-    out: dict[str, list[str]] = {"inclusion": [], "exclusion": []}
-    if not text:
-        return out
-    marks = list(_HEADING.finditer(text))
-    if not marks:
-        return out
-    for i, m in enumerate(marks):
-        body = text[m.end(): marks[i + 1].start() if i + 1 < len(marks) else len(text)]
-        items = []
-        for line in body.splitlines():
-            line = _BULLET.sub("", line.replace("\\<", "<").replace("\\>", ">")).strip()
-            if line:
-                items.append(line)
-        out[m.group(1).lower()].extend(items)
+def split_eligibility(markdown: str) -> dict[str, list[str]]:
+    """The Markdown eligibility field -> {"preamble", "inclusion", "exclusion"}: lists of rendered lines.
+
+    Each part keeps its own heading line as written and its items as "- " / "1. " lines, sub-items
+    indented under theirs; text before the first heading is the preamble, never dropped.
+    """
+    out: dict[str, list[str]] = {"preamble": [], "inclusion": [], "exclusion": []}
+    part = "preamble"
+    for line in _text.markdown_to_text(markdown).splitlines():
+        heading = None if _ITEM.match(line) else _HEADING.fullmatch(line.strip())
+        if heading:
+            part = "exclusion" if heading.group(1).lower() == "exclusion" else "inclusion"
+        out[part].append(line)
     return out
 
 
@@ -78,7 +78,11 @@ class ClinicalTrials(Source):
             doc = orjson.loads(page.read_bytes())
         except orjson.JSONDecodeError as exc:
             raise SourceError(f"{page}: not valid JSON ({exc}); delete it and rerun the scrape") from None
+        if not isinstance(doc, dict) or not ("studies" in doc or "protocolSection" in doc):
+            raise SourceError(f"{page}: not a ClinicalTrials.gov v2 answer (expected /studies' {{\"studies\": [...]}} "
+                              f"or one study's {{\"protocolSection\": ...}}); delete it and rerun the scrape")
         studies = doc.get("studies") if "studies" in doc else [doc]  # a /studies page or one /studies/{nctId}
+        plain = _text.unescape_markdown
         for study in studies or []:
             proto = (study or {}).get("protocolSection") or {}
             ident = proto.get("identificationModule") or {}
@@ -89,21 +93,21 @@ class ClinicalTrials(Source):
             design = proto.get("designModule") or {}
             arms = proto.get("armsInterventionsModule") or {}
             outcomes = proto.get("outcomesModule") or {}
-            criteria = elig.get("eligibilityCriteria", "")
             yield {
                 "id": nct, "nct_id": nct, "origin": f"https://clinicaltrials.gov/study/{nct}",
-                "title": ident.get("briefTitle") or ident.get("officialTitle") or "",
-                "summary": (proto.get("descriptionModule") or {}).get("briefSummary", ""),
-                "conditions": (proto.get("conditionsModule") or {}).get("conditions") or [],
+                "title": plain(ident.get("briefTitle") or ident.get("officialTitle") or ""),
+                # v2 text fields are Markdown: rendered, so no escape or emphasis mark reaches the examples
+                "summary": _text.markdown_to_text((proto.get("descriptionModule") or {}).get("briefSummary", "")),
+                "conditions": [plain(c) for c in (proto.get("conditionsModule") or {}).get("conditions") or []],
                 "status": (proto.get("statusModule") or {}).get("overallStatus", ""),
                 "study_type": design.get("studyType", ""), "phases": design.get("phases") or [],
                 "enrollment": (design.get("enrollmentInfo") or {}).get("count"),
-                "interventions": [i.get("name", "") for i in arms.get("interventions") or [] if i.get("name")],
-                "primary_outcomes": [o.get("measure", "") for o in outcomes.get("primaryOutcomes") or [] if o.get("measure")],
+                "interventions": [plain(i.get("name", "")) for i in arms.get("interventions") or [] if i.get("name")],
+                "primary_outcomes": [plain(o.get("measure", "")) for o in outcomes.get("primaryOutcomes") or [] if o.get("measure")],
                 "sponsor": ((proto.get("sponsorCollaboratorsModule") or {}).get("leadSponsor") or {}).get("name", ""),
                 "sex": elig.get("sex", ""), "minimum_age": elig.get("minimumAge", ""),
                 "maximum_age": elig.get("maximumAge", ""),
-                "criteria": split_eligibility(criteria),
+                "criteria": split_eligibility(elig.get("eligibilityCriteria", "")),
             }
 
     def examples(self, record: dict[str, Any]) -> Iterator[dict[str, Any]]:
@@ -112,14 +116,11 @@ class ClinicalTrials(Source):
             yield {"task": "clinicaltrials_summary", "messages": [
                 {"role": "user", "content": f"Summarise the clinical trial \"{title}\" ({record['nct_id']})."},
                 {"role": "assistant", "content": record["summary"]}]}
-        inc, exc = record["criteria"]["inclusion"], record["criteria"]["exclusion"]
-        if inc or exc:
+        criteria = record["criteria"]
+        lines = criteria["preamble"] + criteria["inclusion"] + criteria["exclusion"]
+        if lines:
             ages = " to ".join(a for a in (record["minimum_age"], record["maximum_age"]) if a)
-            answer = []
-            if inc:
-                answer.append("Inclusion criteria:\n" + "\n".join(f"- {c}" for c in inc))
-            if exc:
-                answer.append("Exclusion criteria:\n" + "\n".join(f"- {c}" for c in exc))
+            answer = ["\n".join(lines)]
             if ages:
                 answer.append(f"Age: {ages}.")
             yield {"task": "clinicaltrials_eligibility", "messages": [

@@ -14,7 +14,7 @@ from typing import Any, Iterator
 
 import orjson
 
-from stages.sources import Source, SourceError, _xml
+from stages.sources import Source, SourceError, _text, _xml
 
 # LOINC section codes -> (key, question template)
 SECTIONS = {
@@ -31,6 +31,49 @@ SECTIONS = {
     "50570-1": ("do_not_use", "When should {name} not be used?"),
 }
 _SETID = re.compile(r"^[0-9a-fA-F-]{36}$")
+
+
+def _code(section) -> str | None:
+    code = _xml.find(section, "code")
+    return code.get("code") if code is not None else None
+
+
+def _subsections(section) -> Iterator:
+    for component in _xml.findall(section, "component"):
+        sub = _xml.find(component, "section")
+        if sub is not None:
+            yield sub
+
+
+def labelled_sections(root) -> Iterator:
+    """The outermost sections whose LOINC code has a question, in document order, at any depth
+    (an OTC boxed warning sits inside an unclassified section); each carries its subsections."""
+    def walk(section):
+        if _code(section) in SECTIONS:
+            yield section
+        else:
+            for sub in _subsections(section):
+                yield from walk(sub)
+
+    body = _xml.find(root, "component", "structuredBody")
+    for component in _xml.findall(body, "component"):
+        section = _xml.find(component, "section")
+        if section is not None:
+            yield from walk(section)
+
+
+def section_lines(section, top: bool = False) -> list[str]:
+    """A section as text lines: its title as a heading, its narrative (lists and table rows kept), then
+    every subsection the same way, at any depth. The top title loses its number (the question names
+    the section); subsection numbers stay, because the label's cross-references ("see 5.1") use them."""
+    title = _text.one_line(_text.xml_to_text(_xml.find(section, "title")))
+    lines = [_text.strip_section_number(title) if top else title] if title else []
+    body = _text.xml_to_text(_xml.find(section, "text"))
+    if body:
+        lines.append(body)
+    for sub in _subsections(section):
+        lines.extend(section_lines(sub))
+    return lines
 
 
 class DailyMed(Source):
@@ -76,17 +119,21 @@ class DailyMed(Source):
     def parse(self, page: Path) -> Iterator[dict[str, Any]]:
         if page.suffix == ".json":  # a listing page: setids only, their labels are separate pages
             try:
-                orjson.loads(page.read_bytes())
+                doc = orjson.loads(page.read_bytes())
             except orjson.JSONDecodeError as exc:
                 raise SourceError(f"{page}: not valid JSON ({exc}); delete it and rerun the scrape") from None
+            if not isinstance(doc, dict) or not isinstance(doc.get("data"), list):
+                raise SourceError(f"{page}: not a DailyMed spls.json listing (expected an object with a \"data\" "
+                                  f"list of setids); delete it and rerun the scrape")
             return
         root = _xml.parse(page)
         if _xml.local(root.tag) != "document":
-            return
+            raise SourceError(f"{page}: not an SPL document (root <{_xml.local(root.tag)}>, expected <document> of "
+                              f"urn:hl7-org:v3); delete it and rerun the scrape")
         node = _xml.find(root, "setId")
         setid = node.get("root") if node is not None else None
         if not setid:
-            return
+            raise SourceError(f"{page}: SPL document without <setId root=...>; delete it and rerun the scrape")
         product = next((e for e in root.iter() if _xml.local(e.tag) == "manufacturedProduct"
                         and _xml.find(e, "name") is not None), None)
         name = ""
@@ -98,20 +145,11 @@ class DailyMed(Source):
             generic_node = next((e for e in product.iter() if _xml.local(e.tag) == "genericMedicine"), None)
             generic = _xml.text(_xml.find(generic_node, "name")) if generic_node is not None else ""
         sections: dict[str, str] = {}
-        for sec in root.iter():
-            if _xml.local(sec.tag) != "section":
-                continue
-            code = _xml.find(sec, "code")
-            loinc = code.get("code") if code is not None else None
-            if loinc not in SECTIONS:
-                continue
-            key = SECTIONS[loinc][0]
-            body = _xml.text(_xml.find(sec, "text"))
-            children = [_xml.text(_xml.find(c, "section", "text")) for c in _xml.findall(sec, "component")]
-            full = " ".join(x for x in [body, *children] if x)
-            title = _xml.text(_xml.find(sec, "title"))
-            if full and key not in sections:
-                sections[key] = f"{title}: {full}" if title and not full.lower().startswith(title.lower()) else full
+        for sec in labelled_sections(root):
+            key = SECTIONS[_code(sec)][0]
+            text = "\n".join(section_lines(sec, top=True))
+            if text:  # a second section of the same kind (two products in one label) is added, not dropped
+                sections[key] = f"{sections[key]}\n{text}" if key in sections else text
         labeler = _xml.text(_xml.find(root, "author", "assignedEntity", "representedOrganization", "name"))
         yield {"id": setid, "setid": setid, "origin": f"https://dailymed.nlm.nih.gov/dailymed/lookup.cfm?setid={setid}",
                "title": _xml.text(_xml.find(root, "title")), "label_type": (_xml.find(root, "code").get("displayName", "")

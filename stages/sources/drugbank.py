@@ -9,11 +9,12 @@ params: path (the XML file), chunk (500), max_drugs (0 = all).
 """
 from __future__ import annotations
 
+import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any, Iterator
 
-from stages.sources import Source, SourceError, _xml
+from stages.sources import Source, SourceError, _text, _xml
 
 NS = "http://www.drugbank.ca"
 FIELDS = ("description", "indication", "pharmacodynamics", "mechanism-of-action", "toxicity", "metabolism",
@@ -26,6 +27,16 @@ QUESTIONS = {
     "toxicity": ("toxicity", "What is known about the toxicity and overdose of {name}?"),
     "metabolism": ("metabolism", "How is {name} metabolized?"),
 }
+
+# DrugBank cites its references inline: [L41539], [A246624, A246629], [FDA Label], [T28]
+_CITATION = r"(?:[A-Z]{1,2}\d+|FDA Label|Label|Wikipedia|MSDS)"
+REFERENCE = re.compile(rf"[ \t]*\[{_CITATION}(?:\s*,\s*{_CITATION})*\]")
+
+
+def field_text(elem) -> str:
+    """A DrugBank text field: Markdown (lists, _italic_, **bold**) -> plain text, reference markers removed."""
+    raw = "".join(elem.itertext()) if elem is not None else ""
+    return _text.markdown_to_text(REFERENCE.sub("", raw.replace("\r\n", "\n").replace("\r", "\n")))
 
 
 class DrugBank(Source):
@@ -67,6 +78,10 @@ class DrugBank(Source):
             flush()
 
     def parse(self, page: Path) -> Iterator[dict[str, Any]]:
+        with open(page, "rb") as fh:
+            if b"<drugbank" not in fh.read(4096):
+                raise SourceError(f"{page}: not DrugBank XML (expected full_database.xml's <drugbank> root holding <drug> "
+                                  f"records); check sources.{self.name}.params.path")
         for drug in _xml.iter_elements(page, {"drug"}):
             ids = _xml.findall(drug, "drugbank-id")
             primary = next((i for i in ids if i.get("primary") == "true"), ids[0] if ids else None)
@@ -77,12 +92,12 @@ class DrugBank(Source):
             interactions = []
             for inter in _xml.findall(_xml.find(drug, "drug-interactions"), "drug-interaction"):
                 interactions.append({"id": _xml.text(_xml.find(inter, "drugbank-id")), "name": _xml.text(_xml.find(inter, "name")),
-                                     "description": _xml.text(_xml.find(inter, "description"))})
+                                     "description": _text.one_line(field_text(_xml.find(inter, "description")))})
             yield {"id": dbid, "origin": f"https://go.drugbank.com/drugs/{dbid}", "name": name,
                    "type": drug.get("type", ""),
                    "groups": [_xml.text(g) for g in _xml.findall(_xml.find(drug, "groups"), "group")],
                    "categories": [_xml.text(_xml.find(c, "category")) for c in _xml.findall(_xml.find(drug, "categories"), "category")],
-                   **{f.replace("-", "_"): _xml.text(_xml.find(drug, f)) for f in FIELDS},
+                   **{f.replace("-", "_"): field_text(_xml.find(drug, f)) for f in FIELDS},
                    "interactions": interactions}
 
     def examples(self, record: dict[str, Any]) -> Iterator[dict[str, Any]]:

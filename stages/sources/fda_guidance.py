@@ -9,21 +9,20 @@ plus the HTTP ones (base_url defaults to https://www.fda.gov).
 """
 from __future__ import annotations
 
-import html
 import re
 from pathlib import Path
 from typing import Any, Iterator
 
 import orjson
 
-from stages.sources import Source, SourceError
+from stages.sources import Source, SourceError, _text
 
 INDEX = "index.json"
 _MEDIA = re.compile(r'href="/media/(\d+)/download"')
 
 
 def strip_html(text: str) -> str:
-    return re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", text or ""))).strip()
+    return _text.one_line(_text.html_to_text(text))
 
 
 def index_rows(doc: Any) -> list[dict[str, Any]]:

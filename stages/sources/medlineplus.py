@@ -8,22 +8,18 @@ skipping discovery), plus the HTTP ones.
 """
 from __future__ import annotations
 
-import html
 import re
 from pathlib import Path
 from typing import Any, Iterator
 
-from stages.sources import Source, SourceError, _xml
+from stages.sources import Source, SourceError, _text, _xml
 
 _FILE = re.compile(r"mplus_topics_(\d{4}-\d{2}-\d{2})\.xml")
 
 
 def summary_text(escaped_html: str) -> str:
     """<full-summary> holds HTML: list items become '- ' lines, tags go, entities decode."""
-    text = re.sub(r"<li[^>]*>", "\n- ", escaped_html or "", flags=re.I)
-    text = re.sub(r"</?(p|ul|ol|br|h\d)[^>]*>", "\n", text, flags=re.I)
-    text = html.unescape(re.sub(r"<[^>]+>", "", text))
-    return re.sub(r"\n\s*\n+", "\n", re.sub(r"[ \t]+", " ", text)).strip()
+    return _text.html_to_text(escaped_html)
 
 
 class MedlinePlus(Source):
@@ -56,6 +52,10 @@ class MedlinePlus(Source):
 
     def parse(self, page: Path) -> Iterator[dict[str, Any]]:
         language = self.param("language", "English", str)
+        with open(page, "rb") as fh:
+            if b"<health-topics" not in fh.read(4096):
+                raise SourceError(f"{page}: not a MedlinePlus health topics file (expected mplus_topics_*.xml with a "
+                                  f"<health-topics> root); delete it and rerun the scrape")
         for topic in _xml.iter_elements(page, {"health-topic"}):
             if topic.get("language", "English") != language or not topic.get("id"):
                 continue

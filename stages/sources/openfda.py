@@ -17,7 +17,7 @@ from typing import Any, Iterator
 
 import orjson
 
-from stages.sources import Source, SourceError
+from stages.sources import Source, SourceError, _text
 
 ENDPOINTS = ("drug/label", "drug/event")
 SKIP_MAX = 25_000
@@ -52,6 +52,13 @@ def _joined(value: Any) -> str:
     if isinstance(value, list):
         return "\n".join(str(v).strip() for v in value if str(v).strip())
     return str(value or "").strip()
+
+
+def _number(value: Any) -> float | None:
+    try:
+        return float(str(value).strip())
+    except ValueError:
+        return None
 
 
 class OpenFda(Source):
@@ -115,7 +122,14 @@ class OpenFda(Source):
             doc = orjson.loads(page.read_bytes())
         except orjson.JSONDecodeError as exc:
             raise SourceError(f"{page}: not valid JSON ({exc}); delete it and rerun the scrape") from None
-        for result in doc.get("results") or [] if isinstance(doc, dict) else []:
+        if not isinstance(doc, dict) or not ({"results", "error", "meta"} & doc.keys()):
+            raise SourceError(f"{page}: not an openFDA answer (expected an object with \"results\", or an \"error\"); "
+                              f"delete it and rerun the scrape")
+        results = doc.get("results") or []
+        if not isinstance(results, list):
+            raise SourceError(f"{page}: openFDA \"results\" is {type(results).__name__}, expected a list; delete it "
+                              f"and rerun the scrape")
+        for result in results:
             if not isinstance(result, dict):
                 continue
             if "safetyreportid" in result:
@@ -127,7 +141,8 @@ class OpenFda(Source):
     @staticmethod
     def _label(r: dict) -> dict[str, Any]:
         fda = r.get("openfda") or {}
-        sections = {field: _joined(r[field]) for field in LABEL_QUESTIONS if _joined(r.get(field))}
+        # each field opens with its heading, numbered on PLR labels ("1 INDICATIONS AND USAGE"): the number goes
+        sections = {field: _text.strip_section_number(_joined(r[field])) for field in LABEL_QUESTIONS if _joined(r.get(field))}
         set_id = str(r.get("set_id") or r.get("id"))
         return {"id": set_id, "type": "label", "set_id": set_id, "version": str(r.get("version", "")),
                 "effective_time": str(r.get("effective_time", "")),
@@ -142,13 +157,13 @@ class OpenFda(Source):
         patient = r.get("patient") or {}
         drugs = [{"name": str(d.get("medicinalproduct", "")).strip(), "role": ROLE.get(str(d.get("drugcharacterization")), ""),
                   "indication": str(d.get("drugindication", "")).strip()} for d in patient.get("drug") or []]
-        age = patient.get("patientonsetage")
+        age = _number(patient.get("patientonsetage"))  # free text in some reports ("UNK", "45-50"): then no age
         unit = AGE_UNITS.get(str(patient.get("patientonsetageunit", "")), "")
         return {"id": str(r["safetyreportid"]), "type": "event", "receivedate": str(r.get("receivedate", "")),
                 "origin": "https://open.fda.gov/apis/drug/event/",
                 "serious": str(r.get("serious", "")) == "1",
                 "criteria": [label for key, label in SERIOUS.items() if str(r.get(key, "")) == "1"],
-                "age": f"{float(age):g} {unit}{'s' if unit and float(age) != 1 else ''}" if age and unit else "",
+                "age": f"{age:g} {unit}{'s' if age != 1 else ''}" if age is not None and unit else "",
                 "sex": SEX.get(str(patient.get("patientsex", "")), ""),
                 "reactions": [str(x.get("reactionmeddrapt", "")).strip() for x in patient.get("reaction") or []
                               if x.get("reactionmeddrapt")],

@@ -15,7 +15,7 @@ import datetime as dt
 from pathlib import Path
 from typing import Any, Iterator
 
-from stages.sources import Source, SourceError, _xml
+from stages.sources import Source, SourceError, _text, _xml
 
 
 def _date(text: str, key: str, source: str) -> dt.date:
@@ -46,6 +46,21 @@ def parse_esearch(content: bytes) -> dict[str, Any]:
             "ids": [_xml.text(i) for i in _xml.findall(_xml.find(root, "IdList"), "Id")],
             "webenv": _xml.text(_xml.find(root, "WebEnv")) or None,
             "query_key": _xml.text(_xml.find(root, "QueryKey")) or None, "errors": errors}
+
+
+def _json_kind(page: Path) -> str:
+    """What a JSON file from E-utilities is, for the error that says it is not an EFetch page."""
+    import orjson
+
+    try:
+        doc = orjson.loads(page.read_bytes())
+    except orjson.JSONDecodeError:
+        return "not valid JSON"
+    if isinstance(doc, dict) and "esearchresult" in doc:
+        return "an ESearch result: PMIDs only"
+    if isinstance(doc, dict) and doc.get("error"):
+        return f"an NCBI error: {str(doc['error'])[:80]}"
+    return "not an E-utilities answer"
 
 
 class PubMed(Source):
@@ -121,7 +136,17 @@ class PubMed(Source):
 
     # --- parse
     def parse(self, page: Path) -> Iterator[dict[str, Any]]:
+        with open(page, "rb") as fh:
+            head = fh.read(2048).lstrip()
+        if head.startswith((b"{", b"[")):
+            raise SourceError(f"{page}: a JSON answer ({_json_kind(page)}), not EFetch XML; PubMed records come from "
+                              f"efetch pages (<PubmedArticleSet>): parse an efetch-*.xml page")
+        if b"<eSearchResult" in head or b"<eSummaryResult" in head:
+            raise SourceError(f"{page}: an ESearch/ESummary answer (PMIDs only), not EFetch XML; parse an efetch-*.xml "
+                              f"page (<PubmedArticleSet>)")
+        articles = 0
         for art in _xml.iter_elements(page, {"PubmedArticle"}):
+            articles += 1
             citation = _xml.find(art, "MedlineCitation")
             article = _xml.find(citation, "Article")
             pmid = _xml.text(_xml.find(citation, "PMID"))
@@ -129,7 +154,7 @@ class PubMed(Source):
                 continue
             sections = []
             for node in _xml.findall(_xml.find(article, "Abstract"), "AbstractText"):
-                body = _xml.text(node)
+                body = _text.xml_to_text(node)  # ≤ from <u>&lt;</u>, p_trend, CO2: meaning kept
                 if body:
                     sections.append({"label": node.get("Label", ""), "category": node.get("NlmCategory", ""), "text": body})
             issue = _xml.find(article, "Journal", "JournalIssue", "PubDate")
@@ -142,7 +167,7 @@ class PubMed(Source):
                                  "qualifiers": [_xml.text(q) for q in _xml.findall(heading, "QualifierName")]})
             yield {
                 "id": pmid, "pmid": pmid, "origin": f"https://pubmed.ncbi.nlm.nih.gov/{pmid}/",
-                "title": _xml.text(_xml.find(article, "ArticleTitle")),
+                "title": _text.one_line(_text.xml_to_text(_xml.find(article, "ArticleTitle"))),
                 "abstract": sections,
                 "journal": _xml.text(_xml.find(article, "Journal", "Title")),
                 "year": year,
@@ -150,6 +175,9 @@ class PubMed(Source):
                 "publication_types": [_xml.text(p) for p in _xml.findall(_xml.find(article, "PublicationTypeList"), "PublicationType")],
                 "language": _xml.text(_xml.find(article, "Language")),
             }
+        if not articles and b"<PubmedArticleSet" not in head and b"<PubmedBookArticle" not in head:
+            raise SourceError(f"{page}: no <PubmedArticleSet> in it (not an EFetch answer of db=pubmed, retmode=xml); "
+                              f"delete it and rerun the scrape")
 
     # --- examples
     @staticmethod

@@ -23,6 +23,9 @@ TTY_LABEL = {"IN": "ingredients", "PIN": "precise ingredients", "MIN": "multiple
              "SBDF": "branded dose forms", "GPCK": "generic packs", "BPCK": "branded packs"}
 
 
+_PAGE = re.compile(r"(drugs|allrelated)-([a-z0-9-]+)\.json")  # the page names fetch gives: what was asked
+
+
 def _slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "x"
 
@@ -72,19 +75,31 @@ class RxNorm(Source):
             doc = orjson.loads(page.read_bytes())
         except orjson.JSONDecodeError as exc:
             raise SourceError(f"{page}: not valid JSON ({exc}); delete it and rerun the scrape") from None
+        if not isinstance(doc, dict) or not ({"drugGroup", "allRelatedGroup"} & doc.keys()):
+            raise SourceError(f"{page}: not an RxNav answer (expected drugs.json's \"drugGroup\" or allrelated.json's "
+                              f"\"allRelatedGroup\"); delete it and rerun the scrape")
+        # current answers may leave out what was asked (drugGroup.name null, rxcui ""): the page name has it
+        asked = _PAGE.fullmatch(page.name)
         if "drugGroup" in doc:
             group = doc["drugGroup"] or {}
-            products = [{"rxcui": c["rxcui"], "name": c.get("name", ""), "synonym": c.get("synonym", ""), "tty": tty}
-                        for tty, props in _groups(group).items() for c in props]
-            if products and group.get("name"):
-                yield {"id": f"drugs:{group['name'].lower()}", "type": "drugs", "query": group["name"], "products": products,
-                       "origin": f"https://mor.nlm.nih.gov/RxNav/search?searchBy=String&searchTerm={group['name']}"}
-        elif "allRelatedGroup" in doc:
+            query = group.get("name") or (asked.group(2).replace("-", " ") if asked and asked.group(1) == "drugs" else "")
+            products = [{"rxcui": str(c["rxcui"]), "name": c.get("name", ""), "synonym": c.get("synonym", ""), "tty": tty}
+                        for tty, props in _groups(group).items() for c in props if c.get("rxcui")]
+            if products and not query:
+                raise SourceError(f"{page}: drugs.json answer without drugGroup.name, and the file is not named "
+                                  f"drugs-<name>.json; rename it after the drug name it was fetched for")
+            if products:
+                yield {"id": f"drugs:{query.lower()}", "type": "drugs", "query": query, "products": products,
+                       "origin": f"https://mor.nlm.nih.gov/RxNav/search?searchBy=String&searchTerm={query}"}
+        else:
             group = doc["allRelatedGroup"] or {}
             related = {tty: sorted({c.get("name", "") for c in props if c.get("name")}) for tty, props in _groups(group).items()}
-            rxcui = str(group.get("rxcui", ""))
+            rxcui = str(group.get("rxcui") or (asked.group(2) if asked and asked.group(1) == "allrelated" else ""))
+            if related and not rxcui.isdigit():
+                raise SourceError(f"{page}: allrelated.json answer without allRelatedGroup.rxcui, and the file is not "
+                                  f"named allrelated-<rxcui>.json; rename it after the RxCUI it was fetched for")
             this = next((c.get("name") for props in _groups(group).values() for c in props if str(c.get("rxcui")) == rxcui), "")
-            if rxcui and related:
+            if related:
                 yield {"id": f"allrelated:{rxcui}", "type": "allrelated", "rxcui": rxcui, "name": this, "related": related,
                        "origin": f"https://mor.nlm.nih.gov/RxNav/search?searchBy=RXCUI&searchTerm={rxcui}"}
 

@@ -11,22 +11,17 @@ max_pages (10; 0 = all), min_score (1), filter ("withbody"), plus the HTTP ones.
 from __future__ import annotations
 
 import html
-import re
 from pathlib import Path
 from typing import Any, Iterator
 
 import orjson
 
-from stages.sources import Source, SourceError
+from stages.sources import Source, SourceError, _text
 
-_TAG = re.compile(r"<[^>]+>")
-_BLOCK = re.compile(r"</?(p|br|li|ul|ol|h\d|pre|blockquote)[^>]*>", re.I)
 
 
 def html_to_text(text: str) -> str:
-    text = _BLOCK.sub("\n", text or "")
-    text = html.unescape(_TAG.sub("", text))
-    return re.sub(r"\n\s*\n+", "\n\n", re.sub(r"[ \t]+", " ", text)).strip()
+    return _text.html_to_text(text)
 
 
 class StackExchange(Source):
