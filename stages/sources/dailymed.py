@@ -134,7 +134,8 @@ class DailyMed(Source):
         setid = node.get("root") if node is not None else None
         if not setid:
             raise SourceError(f"{page}: SPL document without <setId root=...>; delete it and rerun the scrape")
-        product = next((e for e in root.iter() if _xml.local(e.tag) == "manufacturedProduct"
+        # the product: <manufacturedProduct>, or <manufacturedMedicine> in legacy (2005-era) SPL
+        product = next((e for e in root.iter() if _xml.local(e.tag) in ("manufacturedProduct", "manufacturedMedicine")
                         and _xml.find(e, "name") is not None), None)
         name = ""
         if product is not None:  # <name>TRIAMINIC<suffix>Childrens ...</suffix></name>: keep a space
