@@ -25,7 +25,9 @@ UNDERLINED = {"<": "≤", ">": "≥"}  # PubMed writes ≤ as <u>&lt;</u>
 # XML narrative names (SPL) -> the HTML element they render as
 XML_NAMES = {"paragraph": "p", "item": "li", "caption": "caption", "linkHtml": "span", "content": "span"}
 XML_SKIP = {"renderMultiMedia", "observationMedia"}
-SECTION_NUMBER = re.compile(r"^\s*\d{1,2}(?:\.\d{1,2})*\.?\s+(?=\S)")
+# "1 INDICATIONS AND USAGE", "2.1\tDosage": a number, then a capitalised heading word that is not a unit ("10 MG")
+SECTION_NUMBER = re.compile(r"^\s*\d{1,2}(?:\.\d{1,2})*\.?\s+(?=[A-Z])"
+                            r"(?!(?i:mg|mcg|ml|g|kg|iu|units?|tablets?|capsules?|hours?|days?|weeks?|years?)\b)")
 _ESCAPE = re.compile(r"\\[!-/:-@\[-`{-~]")
 
 
