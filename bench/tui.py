@@ -165,12 +165,11 @@ def base_gguf(root: Path) -> Path | None:
 
 
 def bare_tok_s(gguf: Path, max_tokens: int) -> tuple[float, int]:
-    """What stages.chat does, without the dashboard: same loader arguments, chat template and prompt."""
-    from llama_cpp import Llama
-
+    """What stages.chat does, without the dashboard: same loader, chat template and prompt."""
+    from stages import gguf as loader
     from stages.chat import N_CTX
 
-    llm = Llama(model_path=str(gguf), n_ctx=N_CTX, verbose=False, seed=0)
+    llm = loader.load(gguf, n_ctx=N_CTX)
     if "tokenizer.chat_template" in llm.metadata:
         llm.chat_format = "chat_template.default"
     first = None

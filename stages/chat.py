@@ -122,15 +122,9 @@ class ChatModel:
 
     # --- llama-cpp-python
     def _load_gguf(self) -> None:
-        from llama_cpp import Llama
+        from stages import gguf
 
-        try:
-            self.llm = Llama(model_path=str(self.choice.model),
-                             lora_path=str(self.choice.lora) if self.choice.lora else None,
-                             n_ctx=N_CTX, verbose=False, seed=0)
-        except (ValueError, RuntimeError) as exc:
-            raise StageError(f"{self.choice.describe()}: llama-cpp-python cannot load it ({exc}); "
-                             "rebuild it with doit") from None
+        self.llm = gguf.load(self.choice.model, self.choice.lora, n_ctx=N_CTX)
         if "tokenizer.chat_template" in self.llm.metadata:
             self.llm.chat_format = "chat_template.default"  # the GGUF's own template, never a guessed one
 

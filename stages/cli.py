@@ -33,16 +33,23 @@ def build_parser() -> argparse.ArgumentParser:
     dedup.add_argument("--threshold", type=float, default=0.8,
                        help="Jaccard similarity of word 5-shingles at which two records are near-duplicates (0.8)")
 
+    sub.add_parser("serve", add_help=False,
+                   help="OpenAI-compatible server on a GGUF with the safe llama.cpp settings: --adapter NAME for its "
+                   "verified export, or llama_cpp.server's own arguments (--model, --lora_path, --host, --port, ...)")
     sub.add_parser("dashboard", help="open the terminal dashboard (the default)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
     from stages.config import ConfigError
     from stages.errors import StageError
 
     try:
+        if argv[:1] == ["serve"]:  # every other argument is llama_cpp.server's: it parses them itself
+            from stages.serve import main as serve
+            return serve(argv[1:])
+        args = build_parser().parse_args(argv)
         if args.command == "chat":
             from stages.chat import chat_command
             return chat_command(args)

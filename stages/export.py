@@ -29,9 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stages import io, layout
+from stages import gguf, io, layout, llamacpp
 from stages.errors import StageError
-from stages import llamacpp
 
 CHECK_PROMPT = "The patient presents with"
 # Measured on SmolLM2-135M (llama.cpp's converter, every position of 8 chat prompts): f16 top-1 100 %,
@@ -71,21 +70,20 @@ def _base_task(spec: str) -> str:
     return f"base_model:{layout.slug(spec)}"
 
 
-def check_gguf(model_path: Path, lora_path: Path | None = None, n_tokens: int = 4) -> list[float]:
+def check_gguf(model_path: Path, lora_path: Path | None = None, n_tokens: int = 4, kind: str = "") -> list[float]:
     """Load a GGUF (plus a LoRA GGUF) in llama-cpp-python, generate a few tokens; return the prompt's last logits.
 
-    Raises StageError when it does not load, or its logits are not finite.
+    Runs in a child process (stages.gguf.in_child). Raises StageError when it does not load, its logits
+    are not finite, or llama.cpp crashes.
     """
-    import math
+    name = (lora_path or model_path).name
+    return gguf.in_child(_check_gguf, model_path, lora_path, n_tokens,
+                         doing=f"decoding {name}" + (f" ({kind})" if kind else ""))
 
-    from llama_cpp import Llama
 
+def _check_gguf(model_path: Path, lora_path: Path | None, n_tokens: int) -> list[float]:
     what = f"{model_path}" + (f" + {lora_path}" if lora_path else "")
-    try:
-        llm = Llama(model_path=str(model_path), lora_path=str(lora_path) if lora_path else None,
-                    n_ctx=256, n_batch=64, verbose=False, seed=0)
-    except (ValueError, RuntimeError) as exc:
-        raise StageError(f"{what}: llama-cpp-python cannot load it ({exc}); re-run the export") from None
+    llm = gguf.load(model_path, lora_path, n_ctx=256, n_batch=64)
     try:
         tokens = llm.tokenize(CHECK_PROMPT.encode())
         llm.eval(tokens)
@@ -105,7 +103,7 @@ def run_base(cfg, spec: str) -> Path:
     target = layout.base_gguf(spec)
     with io.atomic_path(target) as tmp:
         llamacpp.convert_hf(src, tmp, "f16")
-        check_gguf(tmp)
+        check_gguf(tmp, kind="f16")
         tokenizer = _load_tokenizer(src)
         conversations = [[{"role": "user", "content": p}] for p in FALLBACK_PROMPTS]
         figures = verify(src, None, tokenizer, conversations, [Candidate("f16", tmp, name=target.name)], BOUNDS)
@@ -158,7 +156,7 @@ def build_merged(adapter_name: str, base_dir: Path, quants: list[str], work: Pat
         elif quant != "f16":
             llamacpp.quantize(f16, path, quant)
         out[quant] = path
-        check_gguf(path)
+        check_gguf(path, kind=quant)
     return out
 
 
@@ -267,9 +265,18 @@ def conversations_for(adapter_name: str | None, n: int) -> list[list[dict]]:
 
 def verify(base_dir: Path, lora_dir: Path | None, tokenizer, conversations: list[list[dict]],
            candidates: list[Candidate], bounds: dict[str, dict[str, float]], max_length: int = 512) -> dict:
-    """Figures per candidate GGUF against transformers (+ peft) in fp32; see the module docstring."""
+    """Figures per candidate GGUF against transformers (+ peft) in fp32; see the module docstring.
+
+    Runs in a child process (stages.gguf.in_child): a crash in llama.cpp is a StageError naming the GGUFs.
+    """
+    doing = "verifying " + ", ".join(f"{c.label} ({c.kind})" for c in candidates)
+    return gguf.in_child(_verify, base_dir, lora_dir, tokenizer, conversations, candidates, bounds, max_length,
+                         doing=doing)
+
+
+def _verify(base_dir: Path, lora_dir: Path | None, tokenizer, conversations: list[list[dict]],
+            candidates: list[Candidate], bounds: dict[str, dict[str, float]], max_length: int) -> dict:
     import torch
-    from llama_cpp import Llama
     from transformers import AutoModelForCausalLM
 
     from stages.evaluate import end_of_turn_id
@@ -294,14 +301,8 @@ def verify(base_dir: Path, lora_dir: Path | None, tokenizer, conversations: list
     llms = {}
     try:
         for c in candidates:
-            try:
-                llms[c.label] = Llama(model_path=str(c.model), lora_path=str(c.lora) if c.lora else None,
-                                      n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True, seed=0,
-                                      verbose=False)
-            except (ValueError, RuntimeError) as exc:
-                raise StageError(f"{c.lora or c.model}: llama-cpp-python cannot load it ({exc}); re-run the export") \
-                    from None
-            llm = llms[c.label]
+            llm = llms[c.label] = gguf.load(c.model, c.lora, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
+                                            logits_all=True)
             problems = [p for p in (template_check(llm, tokenizer, sequences[0][1]),
                                     stop_check(llm, llm.tokenize(b"Hello", add_bos=False), eot)) if p]
             figures[c.label] = {"kind": c.kind, "agree": 0, "kl_sum": 0.0, "positions": 0, "problems": problems}
@@ -420,8 +421,9 @@ def stop_tokens(tokenizer) -> list[str]:
 
 
 def serve_command(cfg, adapter_name: str, host: str = "127.0.0.1", port: int = 8000) -> list[str]:
-    """llama-cpp-python's OpenAI-compatible server on the adapter's verified export (the best merged GGUF,
-    else base + LoRA GGUF), with the GGUF's own chat template. Needs `pip install 'llama-cpp-python[server]'`."""
+    """`medforge serve` (llama-cpp-python's OpenAI-compatible server with the safe llama.cpp settings of
+    stages.gguf) on the adapter's verified export (the best merged GGUF, else base + LoRA GGUF), with the
+    GGUF's own chat template. The first four items run it; `medforge serve` + the rest is what users type."""
     import sys
 
     from stages.config import QUANT_TYPES
@@ -430,7 +432,7 @@ def serve_command(cfg, adapter_name: str, host: str = "127.0.0.1", port: int = 8
     merged = [layout.merged_gguf(adapter_name, q) for q in QUANT_TYPES if q in a.export["merged"]]
     model = ["--model", str(merged[0])] if merged else \
         ["--model", str(layout.base_gguf(a.base_model)), "--lora_path", str(layout.lora_gguf(adapter_name))]
-    return [sys.executable, "-m", "llama_cpp.server", *model, "--chat_format", "chat_template.default",
+    return [sys.executable, "-m", "stages.cli", "serve", *model, "--chat_format", "chat_template.default",
             "--host", host, "--port", str(port)]
 
 
@@ -466,7 +468,7 @@ def run(cfg, adapter_name: str) -> list[Path]:
         work = Path(tmp)
         lora_tmp = work / layout.lora_gguf(adapter_name).name
         llamacpp.convert_lora(layout.lora_dir(adapter_name), base_dir, lora_tmp, "f16")
-        check_gguf(base_gguf, lora_path=lora_tmp)
+        check_gguf(base_gguf, lora_path=lora_tmp, kind="lora")
         merged = build_merged(adapter_name, base_dir, quants, work)
         candidates = [Candidate("lora", base_gguf, lora_tmp)] + [Candidate(q, p) for q, p in merged.items()]
         figures = verify(base_dir, layout.lora_dir(adapter_name), tokenizer,
@@ -490,7 +492,7 @@ def run(cfg, adapter_name: str) -> list[Path]:
         model_line = f"FROM {rel}\nADAPTER ./{layout.lora_gguf(adapter_name).name}"
     io.write_text(layout.modelfile(adapter_name), modelfile_text(adapter_name, parts, stop_tokens(tokenizer),
                                                                  model_line))
-    serve = shlex.join(["python"] + serve_command(cfg, adapter_name)[1:])
+    serve = shlex.join(["medforge", "serve"] + serve_command(cfg, adapter_name)[4:])
     io.write_json(layout.verify_file(adapter_name), {"adapter": adapter_name, "gguf": figures, "serve": serve,
                                                      "ollama": f"ollama create {adapter_name} -f Modelfile"})
     print(f"export:{adapter_name}: verified; serve it with: {serve}")

@@ -168,13 +168,20 @@ def convert_lora(lora_dir: Path, base_dir: Path, out: Path, outtype: str = "f16"
 
 
 def quantize(src: Path, out: Path, quant: str, threads: int = 0) -> None:
-    """Quantize a GGUF with llama.cpp's own quantizer (`llama_model_quantize`)."""
+    """Quantize a GGUF with llama.cpp's own quantizer (`llama_model_quantize`), in a child process: a crash
+    in native code is one StageError line naming the file and the type (stages.gguf.in_child)."""
+    from stages import gguf
+
+    if quant not in FTYPES:
+        raise StageError(f"unknown quantization '{quant}'; use one of {', '.join(FTYPES)}")
+    gguf.in_child(_quantize, src, out, quant, threads, doing=f"quantizing {src.name} to {quant}")
+
+
+def _quantize(src: Path, out: Path, quant: str, threads: int) -> None:
     import ctypes
 
     import llama_cpp
 
-    if quant not in FTYPES:
-        raise StageError(f"unknown quantization '{quant}'; use one of {', '.join(FTYPES)}")
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, FTYPES[quant])
     params.nthread = threads

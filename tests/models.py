@@ -31,14 +31,15 @@ def smollm2_tokenizer():
     return AutoTokenizer.from_pretrained(str(smollm2_tokenizer_dir()))
 
 
-def make_tiny_model(path: str | Path, seed: int = 0) -> Path:
+def make_tiny_model(path: str | Path, seed: int = 0, **shape) -> Path:
+    """A random tiny Llama with the SmolLM2 tokenizer (TINY, with `shape` fields laid over it)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     path = Path(path)
     tokenizer = smollm2_tokenizer()
     config = LlamaConfig(vocab_size=len(tokenizer), tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **TINY)
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **{**TINY, **shape})
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     with torch.no_grad():

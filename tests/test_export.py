@@ -49,10 +49,9 @@ def hf_logits(base: Path, lora: Path | None, ids: list[int]) -> np.ndarray:
 
 
 def gguf_logits(model: Path, lora: Path | None, ids: list[int]) -> np.ndarray:
-    from llama_cpp import Llama
+    from stages import gguf
 
-    llm = Llama(model_path=str(model), lora_path=str(lora) if lora else None, n_ctx=128, logits_all=True,
-                verbose=False)
+    llm = gguf.load(model, lora, n_ctx=128, logits_all=True)
     try:
         llm.eval(ids)
         return np.array(llm.scores[: len(ids)], dtype=np.float32)

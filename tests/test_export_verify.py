@@ -130,10 +130,10 @@ def test_wrong_chat_template_fails_verification(project, tmp_path):
 
 @pytest.mark.slow
 def test_generation_must_stop_at_the_training_end_of_turn(project):
-    from llama_cpp import Llama
+    from stages import gguf
 
     tokenizer = smollm2_tokenizer()
-    llm = Llama(model_path=str(layout.merged_gguf(ADAPTER, "q8_0")), n_ctx=64, verbose=False)
+    llm = gguf.load(layout.merged_gguf(ADAPTER, "q8_0"), n_ctx=64)
     try:
         prompt = llm.tokenize(b"Hello", add_bos=False)
         assert export.stop_check(llm, prompt, tokenizer.convert_tokens_to_ids("<|im_end|>")) is None
@@ -204,10 +204,10 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_llama_cpp_server_answers_from_the_verified_export(project):
+def test_medforge_serve_answers_from_the_verified_export(project):
     port = _free_port()
     cmd = export.serve_command(project, ADAPTER, port=port)
-    assert cmd[1:4] == ["-m", "llama_cpp.server", "--model"]
+    assert cmd[1:5] == ["-m", "stages.cli", "serve", "--model"]  # `medforge serve`: the safe llama.cpp settings
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
@@ -219,7 +219,7 @@ def test_llama_cpp_server_answers_from_the_verified_export(project):
                     break
             except httpx.HTTPError:
                 pass
-            assert time.monotonic() < deadline, "llama_cpp.server did not start"
+            assert time.monotonic() < deadline, "medforge serve did not start"
             time.sleep(0.5)
         reply = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
             "messages": [{"role": "user", "content": "Score NEWS2 for RR 24, SpO2 93, HR 115."}],
