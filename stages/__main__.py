@@ -1,15 +1,21 @@
 """`python -m stages <stage> [<name>]`: run one pipeline step, as doit's actions do.
 
 Each step runs in its own process (memory comes back when it ends; a kill stops only
-it) and tees its output into data/logs/<stage>_<name>.log for the dashboard. A
-known failure prints one line naming what to fix and exits 2, without a traceback.
+it) and tees its output into data/logs/<stage>_<name>.log for the dashboard. Every log
+ends with the outcome: `[task] done in Ns`, or `[task] failed: <one line>`. A known
+failure prints that one line naming what to fix and exits 2, without a traceback; an
+unexpected one keeps its traceback in the log above the line and exits 1; a native
+crash writes its Python stack there (faulthandler), and doit's reporter adds the
+failure line for a process that died without one (stages.events).
 """
 from __future__ import annotations
 
+import faulthandler
 import importlib
 import os
 import sys
 import time
+import traceback
 
 from stages import layout
 
@@ -62,6 +68,11 @@ def known_errors() -> tuple[type[BaseException], ...]:
     return (ConfigError, SourceError, StageError, FileNotFoundError)
 
 
+def failure_line(task: str, reason) -> str:
+    """The last line of a failed task's log (the dashboard and stages.events look for it)."""
+    return f"[{task}] failed: {reason}"
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0] not in STAGES:
         print(f"usage: python -m stages <{'|'.join(STAGES)}> [<name>]", file=sys.stderr)
@@ -71,8 +82,12 @@ def main(argv: list[str]) -> int:
     task = f"{stage}:{args[0]}" if named and args else stage
     log_path = layout.log_file(task)
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "w", encoding="utf-8") as log:
+    log_path.write_text("", encoding="utf-8")
+    # appending: child processes append to it too (their fault handlers), and nothing may overwrite that
+    with open(log_path, "a", encoding="utf-8") as log:
         sys.stdout, sys.stderr = _Tee(sys.__stdout__, log), _Tee(sys.__stderr__, log)
+        os.environ["MEDFORGE_TASK_LOG"] = str(log_path)  # child processes' fault handlers write here too
+        faulthandler.enable(log)
         started = time.time()
         print(f"[{task}] started (pid {os.getpid()})")
         try:
@@ -82,9 +97,14 @@ def main(argv: list[str]) -> int:
             getattr(module, ENTRY.get(stage, "run"))(cfg, *args)
             print(f"[{task}] done in {time.time() - started:.1f}s")
         except known_errors() as exc:
-            print(f"[{task}] error: {exc}", file=sys.stderr)
+            print(failure_line(task, exc), file=sys.stderr)
             return 2
+        except BaseException as exc:  # a bug or an interrupt: the traceback stays in the log, then the outcome
+            traceback.print_exc()
+            print(failure_line(task, f"{type(exc).__name__}: {exc}".rstrip(": ")), file=sys.stderr)
+            return 130 if isinstance(exc, KeyboardInterrupt) else 1
         finally:  # the log closes next: a flush at exit through a closed tee would exit 120
+            faulthandler.disable()
             sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
     return 0
 

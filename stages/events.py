@@ -24,6 +24,26 @@ def emit(event: str, **fields) -> None:
     io.append_jsonl(layout.events_file(), row)
 
 
+def end_log(task: str, reason: str) -> None:
+    """Make a failed task's log end with its outcome. `python -m stages` writes that line itself, unless
+    its process died first (a signal, an OOM kill, a native crash): then doit's reason goes there, e.g.
+    "Command failed: ... returned -11" (its exit code, -11 = SIGSEGV)."""
+    path = layout.log_file(task)
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - 4096))
+            raw = fh.read()
+    except OSError:
+        raw = b""
+    tail = raw.decode("utf-8", "replace").rstrip().splitlines()
+    if tail and tail[-1].startswith(f"[{task}] failed: "):
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as log:
+        log.write(("\n" if raw and not raw.endswith(b"\n") else "") + f"[{task}] failed: {reason}\n")
+
+
 class EventReporter(ConsoleReporter):
     desc = "console output plus JSON-lines task events in data/events.jsonl"
 
@@ -42,7 +62,10 @@ class EventReporter(ConsoleReporter):
         super().add_success(task)
 
     def add_failure(self, task, fail_info):
-        emit("task_failed", task=task.name, error=str(fail_info.get_msg()).strip().splitlines()[-1:])
+        error = str(fail_info.get_msg()).strip().splitlines()[-1:]
+        emit("task_failed", task=task.name, error=error)
+        if task.actions:
+            end_log(task.name, error[0] if error else "failed")
         super().add_failure(task, fail_info)
 
     def skip_uptodate(self, task):

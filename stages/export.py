@@ -16,8 +16,8 @@ position of held-out conversations (the adapter's test split; fixed prompts when
 as top-1 agreement and mean KL(HF || GGUF), within bounds per quant type (`BOUNDS`, overridable
 with [export] max_kl / min_top1 in adapter.toml); the GGUF's embedded chat template must render
 the prompt tokens training saw, and llama.cpp must stop generating at the end-of-turn token.
-A failed check raises StageError with the figures and removes the adapter's old exports, so
-nothing unverified is served. Beside the GGUFs: verify.json (the figures and the serve
+A failed check raises StageError with the figures; any failure (a crash in llama.cpp too) removes
+the adapter's old exports, so nothing unverified is served. Beside the GGUFs: verify.json (the figures and the serve
 command) and an Ollama Modelfile with the training chat template and stop tokens.
 """
 from __future__ import annotations
@@ -70,13 +70,14 @@ def _base_task(spec: str) -> str:
     return f"base_model:{layout.slug(spec)}"
 
 
-def check_gguf(model_path: Path, lora_path: Path | None = None, n_tokens: int = 4, kind: str = "") -> list[float]:
+def check_gguf(model_path: Path, lora_path: Path | None = None, n_tokens: int = 4, kind: str = "",
+               name: str = "") -> list[float]:
     """Load a GGUF (plus a LoRA GGUF) in llama-cpp-python, generate a few tokens; return the prompt's last logits.
 
     Runs in a child process (stages.gguf.in_child). Raises StageError when it does not load, its logits
     are not finite, or llama.cpp crashes.
     """
-    name = (lora_path or model_path).name
+    name = name or (lora_path or model_path).name  # a temp file's target's name, where it has one
     return gguf.in_child(_check_gguf, model_path, lora_path, n_tokens,
                          doing=f"decoding {name}" + (f" ({kind})" if kind else ""))
 
@@ -103,7 +104,7 @@ def run_base(cfg, spec: str) -> Path:
     target = layout.base_gguf(spec)
     with io.atomic_path(target) as tmp:
         llamacpp.convert_hf(src, tmp, "f16")
-        check_gguf(tmp, kind="f16")
+        check_gguf(tmp, kind="f16", name=target.name)
         tokenizer = _load_tokenizer(src)
         conversations = [[{"role": "user", "content": p}] for p in FALLBACK_PROMPTS]
         figures = verify(src, None, tokenizer, conversations, [Candidate("f16", tmp, name=target.name)], BOUNDS)
@@ -467,16 +468,16 @@ def run(cfg, adapter_name: str) -> list[Path]:
     with tempfile.TemporaryDirectory(prefix=".export.", dir=out_dir) as tmp:
         work = Path(tmp)
         lora_tmp = work / layout.lora_gguf(adapter_name).name
-        llamacpp.convert_lora(layout.lora_dir(adapter_name), base_dir, lora_tmp, "f16")
-        check_gguf(base_gguf, lora_path=lora_tmp, kind="lora")
-        merged = build_merged(adapter_name, base_dir, quants, work)
-        candidates = [Candidate("lora", base_gguf, lora_tmp)] + [Candidate(q, p) for q, p in merged.items()]
-        figures = verify(base_dir, layout.lora_dir(adapter_name), tokenizer,
-                         conversations_for(adapter_name, a.export["verify_examples"]), candidates,
-                         bounds_for(a.export), a.train["max_length"])
         try:
+            llamacpp.convert_lora(layout.lora_dir(adapter_name), base_dir, lora_tmp, "f16")
+            check_gguf(base_gguf, lora_path=lora_tmp, kind="lora")
+            merged = build_merged(adapter_name, base_dir, quants, work)
+            candidates = [Candidate("lora", base_gguf, lora_tmp)] + [Candidate(q, p) for q, p in merged.items()]
+            figures = verify(base_dir, layout.lora_dir(adapter_name), tokenizer,
+                             conversations_for(adapter_name, a.export["verify_examples"]), candidates,
+                             bounds_for(a.export), a.train["max_length"])
             gate(figures, f"export:{adapter_name}", where)
-        except StageError:
+        except Exception:  # whatever failed (a crash too), no export of an older adapter stays to be served
             remove_exports(adapter_name, list(QUANT_TYPES))
             raise
         targets = [layout.lora_gguf(adapter_name)] + [layout.merged_gguf(adapter_name, q) for q in merged]

@@ -71,8 +71,9 @@ class Project:
         # the copied `stages` must win over the installed one, in doit and in every action
         return {**os.environ, "PYTHONPATH": str(self.root)}
 
-    def doit(self, *args: str, check: bool = True, timeout: int = 1200) -> subprocess.CompletedProcess:
-        result = subprocess.run([sys.executable, "-m", "doit", *args], cwd=self.root, env=self.env(),
+    def doit(self, *args: str, check: bool = True, timeout: int = 1200,
+             env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        result = subprocess.run([sys.executable, "-m", "doit", *args], cwd=self.root, env={**self.env(), **(env or {})},
                                 capture_output=True, text=True, timeout=timeout)
         if check and result.returncode != 0:
             raise AssertionError(f"doit {' '.join(args)} failed ({result.returncode}):\n"

@@ -58,7 +58,7 @@ with open(log_path, "w") as log:
             if i % 4 == 0:
                 io.append_jsonl(metrics, {"kind": "val", "step": i, "total_steps": steps, "val_loss": 3.2 / i})
     if os.environ.get("TINY_FAIL") == task:
-        print(f"[{task}] error: told to fail", file=log, flush=True)
+        print(f"[{task}] failed: told to fail", file=log, flush=True)
         sys.exit(2)
     if stage == "train":
         io.append_jsonl(metrics, {"kind": "end", "step": steps, "elapsed": seconds, "summary": {}})
