@@ -1,6 +1,9 @@
 """The fused LoRA branch computes peft's LoRA: same outputs and gradients, dropout at its rate."""
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import pytest
 
 from tests.models import make_tiny_model
@@ -158,3 +161,62 @@ def test_with_dropout_it_keeps_far_less_for_backward_than_peft(base):
     fused_lora.install(model)
     fused_bytes = saved_bytes(model, ids)
     assert fused_bytes < 0.8 * peft_bytes, (fused_bytes, peft_bytes)
+
+
+def close_at_bf16(got, expected, tolerance: float = 3e-2) -> bool:
+    """Equal at bf16 precision: the difference is small against the tensor's own size (a norm ratio, as an
+    elementwise tolerance fails on the near-zero elements that bf16 rounds most)."""
+    return (got.float() - expected.float()).norm().item() <= tolerance * expected.float().norm().item()
+
+
+@pytest.mark.parametrize("setup", ["bf16 base", "autocast over fp32 base"])
+def test_under_bf16_outputs_and_gradients_equal_peft(base, setup):
+    """bf16 as the trainer runs it (a bf16 base, fp32 LoRA weights: no autocast) and as QLoRA's fp32 parts
+    run it (autocast): the fused branch computes in bf16 and must stay peft's LoRA at bf16 precision."""
+    import torch
+
+    from stages.train import fused_lora
+
+    model = lora_model(base, 0.0)
+    if setup == "bf16 base":  # the base in bf16, LoRA in fp32 as peft keeps it over a half-precision base
+        for p in model.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(torch.bfloat16)
+        context = contextlib.nullcontext
+    else:
+        context = functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16)
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+    model.train()
+    ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(6))
+    with context():
+        expected_loss, expected = loss_and_grads(model, ids)
+        fused_lora.install(model)
+        loss, grads = loss_and_grads(model, ids)
+    assert abs(loss - expected_loss) < 2e-2 * abs(expected_loss)
+    for name in grads:
+        assert grads[name].dtype == torch.float32, name  # fp32 gradients for the fp32 LoRA weights and AdamW
+        assert close_at_bf16(grads[name], expected[name]), name
+
+
+def test_under_bf16_the_fused_branch_runs_not_peft(base):
+    """The fused branch no longer falls back to peft for bf16 activations or under autocast."""
+    import torch
+
+    from stages.train import fused_lora
+
+    model = lora_model(base, 0.1)
+    for p in model.parameters():
+        if not p.requires_grad:
+            p.data = p.data.to(torch.bfloat16)
+    fused_lora.install(model)
+    model.train()
+    peft_calls = []
+    for module in model.modules():
+        if hasattr(module, "_peft_forward"):
+            real = module._peft_forward
+            module._peft_forward = lambda *a, real=real, **k: peft_calls.append(1) or real(*a, **k)
+    ids = torch.randint(0, 1000, (1, 16), generator=torch.Generator().manual_seed(7))
+    for context in (contextlib.nullcontext(), torch.autocast("cpu", dtype=torch.bfloat16)):
+        with context:
+            model(input_ids=ids).logits.float().sum().backward()
+    assert peft_calls == []

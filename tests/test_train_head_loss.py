@@ -77,3 +77,23 @@ def test_a_trained_or_biased_head_is_not_its_case():
     assert not applies(torch.nn.Linear(4, 8, bias=True).requires_grad_(False))
     assert not applies(torch.nn.Linear(4, 8, bias=False))  # weight requires grad: the head is being trained
     assert not applies(torch.nn.Embedding(8, 4))
+
+
+def test_with_a_bf16_head_and_bf16_hidden_states_it_matches_cross_entropy_at_bf16_precision():
+    """The trainer's bf16 path: a base stored in bf16, no autocast. NLL stays fp32, the hidden-state
+    gradient comes back in bf16 like the hidden states."""
+    import torch
+
+    from stages.train.head_loss import head_nll
+
+    head, hidden, targets = inputs(100, seed=4)
+    head.to(torch.bfloat16)
+    hidden = hidden.detach().to(torch.bfloat16).requires_grad_(True)
+    upstream = torch.rand(100, generator=torch.Generator().manual_seed(5))
+    expected = reference(hidden.float(), head.weight.float(), targets)
+    (expected_grad,) = torch.autograd.grad((expected * upstream).sum(), hidden)
+    nll = head_nll(head, hidden, targets)
+    (grad,) = torch.autograd.grad((nll * upstream).sum(), hidden)
+    assert nll.dtype == torch.float32 and grad.dtype == torch.bfloat16
+    assert torch.allclose(nll, expected, atol=5e-2, rtol=2e-2)
+    assert (grad.float() - expected_grad.float()).norm() <= 3e-2 * expected_grad.float().norm()

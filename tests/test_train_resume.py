@@ -131,14 +131,15 @@ def test_exported_adapter_is_the_best_and_patience_stops(tmp_path, monkeypatch, 
     assert summary["stopped_early"] and summary["steps_done"] < 40
     assert vals[-1]["step"] == summary["steps_done"] == best["step"] + 2 * 2  # two evals without a new best
     # the saved adapter scores the best validation loss, not the last one
-    from stages.train import torch_backend
+    from stages.train import fused_lora, torch_backend
     from stages.train.format import encode_rows
     from stages.train.hardware import Hardware
     from peft import PeftModel
     tok = torch_backend.load_tokenizer(tiny_base)
     val, _ = encode_rows(tok, io.read_jsonl(layout.split_file("coding", "val")), 128)
-    hw = Hardware("cpu", "fp32", "test")
+    hw = Hardware("cpu", summary["dtype"], "test")  # scored as training scored it: in bf16 a bf16 base, fused LoRA
     model = PeftModel.from_pretrained(torch_backend.load_model(tiny_base, "none", hw), str(layout.lora_dir("coding")))
+    fused_lora.install(model)
     assert torch_backend.mean_loss(model, val, tok.pad_token_id, hw) == pytest.approx(summary["best_val_loss"], abs=1e-4)
     assert summary["best_val_loss"] < summary["end_val_loss"]
 

@@ -7,16 +7,22 @@ MKL runs several times slower than the same product with A.T made contiguous. He
 
 - the dropout mask comes from 16-bit slices of 64-bit random words (four draws per RNG call),
   keeping an element when its slice is at or above p * 65536: p is honoured to 1/65536; it is
-  applied with `where` (a float copy of a bool mask, as `x * mask` makes, is one more pass);
+  applied as a product with its bytes (uint8: neither a float copy of the mask nor CPU's slow `where`);
 - backward keeps x and the 1-byte mask, not the 4-byte masked copy: q, k and v (and gate and
   up) share one x, so a layer saves one input for them instead of five, and backward re-masks it;
 - dropout's 1/(1-p) and the LoRA scaling are one scalar, applied inside `addmm_`, which adds the
   branch into the base layer's fresh output in place: no extra pass over the output;
 - every product runs on contiguous operands in the layout the backward pass needs.
 
-The math is peft's (tests compare outputs and gradients). Anything else — merged or disabled
-adapters, several adapters, DoRA and other variants, autocast, an input whose dtype is not the
-LoRA weights' — goes through peft's own forward.
+In bf16 the branch computes in bf16 as peft's does under autocast: in autocast's dtype when it
+is on, else in the activations' dtype (a bf16 base with fp32 LoRA weights and optimizer state, as
+torch_backend.load_model sets up); the fp32 LoRA weights are cast to it per forward (r x in: tiny)
+and their bf16 gradients cast back by autograd. All operands of the branch share one dtype, so the
+autograd function itself never mixes dtypes, on any device.
+
+The math is peft's (tests compare outputs and gradients, in fp32 and in bf16). Anything else —
+merged or disabled adapters, several adapters, DoRA and other variants — goes through peft's own
+forward.
 """
 from __future__ import annotations
 
@@ -38,10 +44,13 @@ def keep_mask(shape, p: float, device):
 
 
 def masked(x, mask):
-    """x with the dropped elements zeroed (mask None: nothing dropped)."""
+    """x with the dropped elements zeroed (mask None: nothing dropped).
+
+    A product with the mask's bytes as uint8 (a free view), not `where`: CPU's `where` is 2-4x slower,
+    which under bf16 made the masks cost more than the branch's matmuls; x's dtype wins the promotion."""
     import torch
 
-    return x if mask is None else torch.where(mask, x, 0.0)
+    return x if mask is None else x * mask.view(torch.uint8)
 
 
 def _lora_function():
@@ -76,28 +85,37 @@ def _lora_function():
 _BRANCH = None
 
 
+def compute_dtype(x):
+    """The dtype the branch runs in: autocast's while it is on (peft's layers would run in it), else x's."""
+    import torch
+
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
 def _forward(self, x, *args, **kwargs):
     import torch
 
     adapters = self.active_adapters
     adapter = adapters[0] if len(adapters) == 1 else None
     if (adapter is None or adapter not in self.lora_A or self.disable_adapters or self.merged
-            or kwargs.get("adapter_names") is not None or adapter in getattr(self, "lora_variant", {})
-            or torch.is_autocast_enabled(x.device.type)):
+            or kwargs.get("adapter_names") is not None or adapter in getattr(self, "lora_variant", {})):
         return self._peft_forward(x, *args, **kwargs)
-    weight_a, weight_b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
-    if not (x.dtype == weight_a.dtype == weight_b.dtype):  # decided before the base layer runs: never twice
-        return self._peft_forward(x, *args, **kwargs)
+    dtype = compute_dtype(x)
     x2 = x.reshape(-1, x.shape[-1])
     result = self.base_layer(x2, *args, **kwargs)  # on 2D rows: a fresh (tokens, out) tensor, not a view
-    result_dtype = result.dtype  # a quantized base can answer in its compute dtype; peft returns that one
+    result_dtype = result.dtype  # a quantized base can answer in its input's dtype; peft returns that one
     dropout = self.lora_dropout[adapter]
     p = dropout.p if isinstance(dropout, torch.nn.Dropout) and dropout.training else 0.0
     mask = keep_mask(x2.shape, p, x.device) if p > 0 else None
     global _BRANCH
     if _BRANCH is None:
         _BRANCH = _lora_function()
-    out = _BRANCH.apply(x2, result.to(x.dtype), weight_a, weight_b, float(self.scaling[adapter]) / (1.0 - p), mask)
+    # every cast is a no-op where dtypes already agree (fp32 throughout, or bf16 activations and base);
+    # autograd casts the gradients of the cast operands back (fp32 LoRA weights get fp32 gradients)
+    weight_a, weight_b = self.lora_A[adapter].weight.to(dtype), self.lora_B[adapter].weight.to(dtype)
+    out = _BRANCH.apply(x2.to(dtype), result.to(dtype), weight_a, weight_b,
+                        float(self.scaling[adapter]) / (1.0 - p), mask)
     return out.view(*x.shape[:-1], out.shape[-1]).to(result_dtype)
 
 

@@ -56,16 +56,18 @@ def attention_implementation(device: str) -> str:
 
 
 def load_model(base_dir: Path, quantization: str, hw: Hardware, sharded: bool = False):
-    """The frozen base model: fp32 weights (autocast gives bf16 compute), or 4-bit nf4 for QLoRA.
+    """The frozen base model: its weights in the compute dtype (fp32, or bf16: stored so, not cast by
+    autocast in every forward), or 4-bit nf4 for QLoRA (its other weights fp32, computing under autocast).
+    peft keeps the LoRA weights, and so the optimizer state, in fp32 over a bf16 base (add_lora).
     `sharded`: for FSDP, which shards floating-point tensors only (fsdp.py)."""
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # bars flood the task log the dashboard shows
-    kwargs: dict[str, Any] = {"dtype": torch.float32, "attn_implementation": attention_implementation(hw.device)}
-    if kwargs["attn_implementation"] == "flash_attention_2":
-        kwargs["dtype"] = hw.torch_dtype  # flash attention runs in half precision only
+    kwargs: dict[str, Any] = {"dtype": hw.torch_dtype, "attn_implementation": attention_implementation(hw.device)}
+    if quantization == "nf4" and kwargs["attn_implementation"] != "flash_attention_2":
+        kwargs["dtype"] = torch.float32  # as before bf16 bases: QLoRA's non-4-bit weights fp32 (flash attention: half)
     if quantization == "nf4":
         from transformers import BitsAndBytesConfig
         kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -103,8 +105,8 @@ def add_lora(model, lora: dict[str, Any], quantization: str, gradient_checkpoint
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
     config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
                         target_modules=list(lora["targets"]), bias="none", task_type="CAUSAL_LM")
-    try:
-        model = get_peft_model(model, config)
+    try:  # over a bf16 base peft makes the LoRA weights fp32 (autocast_adapter_dtype): fp32 updates and AdamW state
+        model = get_peft_model(model, config, autocast_adapter_dtype=True)
     except ValueError as exc:  # e.g. a target module the architecture does not have
         raise StageError(f"adapter.toml key 'lora.targets' {lora['targets']}: {exc}; name modules the base "
                          "model has (Llama-style: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj)") from None
@@ -130,6 +132,17 @@ def make_optimizer(params, lr: float, kind: str, device: str, where: str = "adap
 
 
 # --- losses
+def compute_context(base, hw: Hardware):
+    """Autocast for a base with fp32 weights under bf16 compute (nf4: prepare_model_for_kbit_training
+    upcasts its norms and embeddings); a base stored in the compute dtype runs as it is, without
+    autocast's cast of every weight in every forward (its embeddings' dtype tells which)."""
+    import contextlib
+
+    if base.get_input_embeddings().weight.dtype == hw.torch_dtype:
+        return contextlib.nullcontext()
+    return hw.autocast()
+
+
 def trained_nll(base, inputs: dict[str, Any], keep, targets):
     """The decoder, then the output head and the NLL of `targets` only at the positions `keep` marks."""
     import torch.nn.functional as F
@@ -160,7 +173,7 @@ def token_nll(model, batch: dict[str, Any], hw: Hardware):
         inputs["attention_mask"] = batch["attention_mask"]
     # under FSDP the base has it as a method that gathers its sharded root first (fsdp.shard)
     forward = getattr(base, trained_nll.__name__, None) or functools.partial(trained_nll, base)
-    with hw.autocast():
+    with compute_context(base, hw):
         nll = forward(inputs, keep, targets[keep])
     if "segments" in batch:
         owners = batch["segments"][:, 1:][keep]
