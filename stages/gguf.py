@@ -16,7 +16,7 @@ to the AMX buffer, which is why f16 GGUFs work. So where the library has its AMX
 defaults stand (the repacked q4_0 kernels on AVX2/AVX-512 CPUs stay on). `MEDFORGE_LLAMA_EXTRA_BUFTS`
 = 1 / 0 overrides (1: a build known good, e.g. by GCC 14; 0: any other crash to rule out).
 Measured cost: none where nothing changes; on an AMX CPU the alternative is a crash
-(bench/gguf.py prints decode tok/s both ways, each in a child process).
+(bench/gguf_decode.py prints decode tok/s both ways, each in a child process).
 
 `in_child` runs a function in a fresh Python process: a signal there (SIGSEGV in llama.cpp, an
 OOM kill) becomes one StageError line naming what was being done, the GGUF, the CPU and what to
@@ -134,9 +134,10 @@ def _signal_name(code: int) -> str:
     return f"signal {-code}"
 
 
-def crash_line(doing: str, exitcode: int | None, advice: str = "") -> str:
-    """One line for a child that died: what it was doing, how it died, on which CPU, what to do."""
-    how = f"{_signal_name(exitcode)}, exit {exitcode}" if exitcode and exitcode < 0 else f"exit {exitcode}"
+def crash_line(doing: str, exitcode: int, advice: str = "") -> str:
+    """One line for a child killed by a signal (exitcode < 0): what it was doing, how it died, on which CPU,
+    what to do."""
+    how = f"{_signal_name(exitcode)}, exit {exitcode}"
     use, why = extra_bufts()
     if not advice:
         advice = (f"set {EXTRA_BUFTS_ENV}=0 and re-run" if use else
@@ -195,8 +196,10 @@ def in_child(fn: Callable, *args, doing: str, advice: str = "", **kwargs) -> Any
         proc.kill()
         proc.wait()
         raise
-    if not raw:  # died before answering
+    if not raw and code is not None and code < 0:  # killed by a signal before answering
         raise StageError(crash_line(doing, code, advice))
+    if not raw:  # a Python error before it could answer (its traceback went to stderr: the task log)
+        raise StageError(f"the child process {doing} exited with code {code} before answering; its error is above")
     outcome = pickle.loads(raw)
     if outcome[0] == "ok":
         return outcome[1]

@@ -17,7 +17,7 @@ import pytest
 
 from stages import export, io, layout
 from stages.errors import StageError
-from tests.gguf_project import ADAPTER, exported_project
+from tests.gguf_project import ADAPTER, UNTRAINED, exported_project
 from tests.models import smollm2_tokenizer
 
 
@@ -232,6 +232,19 @@ def test_medforge_serve_answers_from_the_verified_export(project):
         proc.terminate()
         proc.wait(timeout=30)
         proc.stdout.close()
+
+
+@pytest.mark.slow
+def test_serve_adapter_stands_for_its_verified_export(project):
+    from stages.serve import adapter_args
+
+    args = adapter_args(ADAPTER)
+    assert args[:2] == ["--model", str(layout.merged_gguf(ADAPTER, "q8_0"))]
+    assert args[args.index("--host") + 1] == "127.0.0.1"
+    with pytest.raises(StageError, match="no verified export of 'untrained' yet; build it first"):
+        adapter_args(UNTRAINED)
+    with pytest.raises(StageError, match="adapters/nope/adapter.toml not found"):
+        adapter_args("nope")
 
 
 def test_recipe_bounds_are_validated(tmp_path):

@@ -118,3 +118,12 @@ def test_a_native_crash_writes_its_python_stack_to_the_task_log(monkeypatch, tmp
         gguf.in_child(segfault, doing="decoding")
     text = log.read_text()
     assert "Fatal Python error: Segmentation fault" in text and "in segfault" in text
+
+
+def exit_without_answer() -> None:
+    os._exit(3)
+
+
+def test_a_child_that_exits_without_answering_is_not_called_a_crash():
+    with pytest.raises(StageError, match="^the child process testing exited with code 3 before answering"):
+        gguf.in_child(exit_without_answer, doing="testing")
