@@ -2,6 +2,7 @@
 and of the chat process's life: started and ended off the UI thread."""
 from __future__ import annotations
 
+import os
 import subprocess
 import threading
 from pathlib import Path
@@ -174,3 +175,36 @@ async def test_the_chat_process_starts_and_ends_off_the_ui_thread(plain_project,
     wait_sync(lambda: proc.poll() is not None, 10, "the chat process to end with the app")
     wait_sync(lambda: waits, 10, "the wait for its end")
     assert ui_thread not in waits  # the wait for its end (up to 3 s, then a kill) ran in a thread of its own
+
+
+CRASH_HOOK = '''
+import os
+
+if os.environ.get("MEDFORGE_TEST_FAULT") == "chat-segfault":
+    import stages.chat
+
+    def crash(*args, **kwargs):
+        import ctypes
+        ctypes.string_at(0)  # a real invalid read in native code, as a llama.cpp crash is
+        yield ""
+
+    stages.chat.stream_chat = crash
+'''
+
+
+async def test_a_native_crash_in_the_chat_process_is_named_in_the_pane(plain_project, monkeypatch, tmp_path):
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(CRASH_HOOK)
+    monkeypatch.setenv("PYTHONPATH", os.environ["PYTHONPATH"] + os.pathsep + str(hook))
+    monkeypatch.setenv("MEDFORGE_TEST_FAULT", "chat-segfault")
+    app = make_app(plain_project, start_view="chat")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_for(pilot, lambda: app.cfg is not None, what="config")
+        left = app.screen.query_one("#pane-left")
+        app.screen.query_one("#chat-input").value = "hi"
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: left.status == "error", 60, "the crash to reach the pane")
+        text = " ".join(left.query_one("Transcript").text.split())
+        assert "llama.cpp crashed (SIGSEGV, exit -11) in the chat process" in text
+        assert "extra buffer types" in text

@@ -106,9 +106,14 @@ class ChatProcess:
         code = proc.wait()
         self.stderr.seek(0)
         tail = self.stderr.read().decode("utf-8", "replace").strip().splitlines()[-1:]
+        if code < 0:  # killed by a signal: a native crash says which CPU, which setting and what to do
+            from stages.gguf import crash_line
+            reason = crash_line("in the chat process", code)
+        else:
+            reason = f"chat process ended (exit {code}) {' '.join(tail)}"
         for rid in list(self.pending):  # it died mid-answer: say so in the panes waiting on it
             self.pending.discard(rid)
-            self.post(ChatDone(rid.split(":")[0], 0, 0.0, error=f"chat process ended (exit {code}) {' '.join(tail)}"))
+            self.post(ChatDone(rid.split(":")[0], 0, 0.0, error=reason))
 
     def _close_input(self) -> None:
         """With the lock held: close the process's input; it stops generating and exits (a close, no wait)."""
