@@ -41,7 +41,7 @@ def task_base_model():
 def task_base_gguf():
     for slug, spec in BASES.items():
         yield {"name": slug, "actions": stage("base_gguf", spec), "file_dep": [str(layout.base_weights(spec))]
-               + layout.code("export.py", "llamacpp.py"), "targets": [str(layout.base_gguf(spec))]}
+               + layout.code("export.py", "llamacpp.py", "gguf.py"), "targets": [str(layout.base_gguf(spec))]}
 
 
 def task_scrape():
@@ -108,7 +108,7 @@ def task_export():
     for a in CFG.adapters.values():
         yield {"name": a.name, "actions": stage("export", a.name), "uptodate": [config_changed(a.export)],
                "file_dep": [str(layout.lora_weights(a.name)), str(layout.base_gguf(a.base_model)),
-                            str(layout.split_file(a.name, "test"))] + layout.code("export.py", "llamacpp.py"),
+                            str(layout.split_file(a.name, "test"))] + layout.code("export.py", "llamacpp.py", "gguf.py"),
                "targets": [str(p) for p in [layout.lora_gguf(a.name), layout.verify_file(a.name), layout.modelfile(a.name)]
                            + [layout.merged_gguf(a.name, q) for q in a.export["merged"]]]}
 
