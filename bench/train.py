@@ -16,8 +16,11 @@ saved with the SmolLM2 tokenizer as a Hugging Face folder in a temp dir that all
 load. Random weights train as fast as trained ones: throughput depends on shapes only.
 
 All three train the same LoRA (r=16 on q,k,v,o,gate,up,down; dropout 0.05) with AdamW, in the
-dtype `stages.train.hardware.detect()` picks for this machine (fp32 autocast-free or bf16), with
-gradient checkpointing off unless `--gradient-checkpointing` turns it on for all three (TRL's
+dtype `--dtype` names or, with auto, `stages.train.hardware.detect()` picks for this machine (fp32
+autocast-free or bf16; the JSON line's `dtype`). In bf16 medforge stores the frozen base in bf16
+(`torch_backend.load_model`; LoRA weights and AdamW state fp32); the two baselines load it in fp32
+and train with the Trainer's `bf16=True` (autocast), as their recipes do. Gradient checkpointing
+is off unless `--gradient-checkpointing` turns it on for all three (TRL's
 own default is on: the bench sets it explicitly). `--quantization nf4` is QLoRA for all three:
 4-bit NF4 base with double quantization and the run's dtype as compute dtype; medforge loads it
 with its own `torch_backend.load_model` / `add_lora`, the other two as users do
@@ -46,8 +49,9 @@ back what the previous trainer freed (without it, a later trainer reuses that me
 looks several GiB lighter than the first); null elsewhere. `peak_memory`
 says which; `held_before_trainers_gib` (CUDA) is the most still allocated as a trainer started.
 
-`mfu` = medforge's model FLOPs per second / this machine's matmul peak for the dtype (the best of
-square matmuls timed in this run before each trainer and after the last, on the training device:
+`mfu` = medforge's model FLOPs per second / this machine's matmul peak for the run's dtype
+(`peak_matmul_gflop_s`, timed in that dtype; the best of square matmuls timed in this run before
+each trainer and after the last, on the training device:
 8192-wide on CUDA, 2048 on CPU; load from other processes only lowers a timing, so the best is
 the peak, and a busy moment cannot inflate the MFU).
 Model FLOPs of a LoRA step, per processed token: forward 2*N of the frozen body + backward 2*N
@@ -58,7 +62,7 @@ computes there. With nf4 the frozen body still counts 2*N per pass (its weights 
 and multiplied in the compute dtype); gradient checkpointing's recomputed forward does not count.
 
     python bench/train.py [--steps 4] [--examples 256] [--base DIR] [--shape smollm2|llama-3.1-8b|tiny]
-                          [--quantization none|nf4] [--gradient-checkpointing]
+                          [--quantization none|nf4] [--gradient-checkpointing] [--dtype auto|bf16|fp32]
     python bench/train.py --shape llama-3.1-8b --quantization nf4 --steps 10   # CUDA: the 8B QLoRA run
 """
 from __future__ import annotations
