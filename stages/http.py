@@ -5,6 +5,12 @@
 - retries with exponential backoff and jitter on 429, 5xx, timeouts and cut-off bodies,
   honouring `Retry-After`, StackExchange's `backoff`/quota and NCBI's rate-limit error
   that can arrive in a 200 body; one clear line once the retry budget is spent;
+- an API error carried by a 200 (a JSON `error`, NCBI's `<ERROR>`), JSON of the wrong shape, a
+  corrupt compressed body: retried like a 5xx, never handed back as a page; a redirect loop
+  fails at once, in one line;
+- completeness checked, not assumed: a `Listing` holds what the API said "all" is (its total,
+  the cursors seen), so a page that ends the listing short is retried and a repeated cursor
+  stops the scrape, instead of either passing as the end of the data;
 - a daily request budget per API (openFDA 1,000 and StackExchange 300 without a key, and
   StackExchange's `quota_remaining`), counted in a file so resumed runs share it;
 - API keys and the contact e-mail from the environment or a `.env` file, sent but
@@ -28,7 +34,7 @@ import time
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import orjson
 
@@ -56,11 +62,14 @@ class Api:
     key_param: str | None = None      # query parameter the key travels in
     over_limit: tuple[int, ...] = (429,)  # statuses meaning "too many requests"
     limit_doc: str = ""               # where the limit is documented
+    error_fields: tuple[str, ...] = ("error",)  # top-level JSON keys that make an answer an error, even a 200
+    error_xml: bytes | None = None    # an XML answer holding this element is an error (NCBI's <ERROR>)
+    json_top: tuple[type, ...] = (dict,)  # what the top level of a JSON answer is (an object, for most)
 
 
 APIS: dict[str, Api] = {a.name: a for a in (
     Api("ncbi", "NCBI E-utilities", "https://eutils.ncbi.nlm.nih.gov/entrez/eutils", rate=3, keyed_rate=10,
-        key_env="NCBI_API_KEY", key_param="api_key",
+        key_env="NCBI_API_KEY", key_param="api_key", error_xml=b"<ERROR>",
         limit_doc="https://www.ncbi.nlm.nih.gov/books/NBK25497/ (3 req/s, 10 with api_key)"),
     Api("openfda", "openFDA", "https://api.fda.gov", rate=4, keyed_rate=4, daily=1000, keyed_daily=120_000,
         key_env="OPENFDA_API_KEY", key_param="api_key",
@@ -71,10 +80,11 @@ APIS: dict[str, Api] = {a.name: a for a in (
         limit_doc="https://lhncbc.nlm.nih.gov/RxNav/TermsofService.html (20 req/s per IP; over-limit answers 403)"),
     Api("clinicaltrials", "ClinicalTrials.gov v2", "https://clinicaltrials.gov/api/v2", rate=50 / 60,
         limit_doc="https://clinicaltrials.gov/data-api/api (about 50 req/min per IP)"),
-    Api("fda", "FDA.gov", "https://www.fda.gov", rate=2,
+    Api("fda", "FDA.gov", "https://www.fda.gov", rate=2, json_top=(list, dict),  # the guidance index is an array
         limit_doc="undocumented; medforge keeps to 2 req/s"),
     Api("stackexchange", "Stack Exchange API 2.3", "https://api.stackexchange.com/2.3", rate=30, daily=300,
         keyed_daily=10_000, key_env="STACKEXCHANGE_KEY", key_param="key", over_limit=(429, 400),
+        error_fields=("error_id", "error_name"),
         limit_doc="https://api.stackexchange.com/docs/throttle (30 req/s per IP; 300/day, 10,000 with key)"),
     Api("medlineplus", "MedlinePlus", "https://medlineplus.gov", rate=85 / 60,
         limit_doc="https://medlineplus.gov/about/developers/webservices/ (85 req/min per IP)"),
@@ -242,6 +252,77 @@ class _Retry(Exception):
         self.reason, self.delay = reason, delay
 
 
+class Incomplete(_Retry):
+    """Raised by a request's `check`: a well-formed answer that cannot be the page asked for
+    (it ends the listing short, or is empty yet points further); retried like a 5xx."""
+
+
+@dataclass(frozen=True)
+class Page:
+    """What one answer of a paged listing says about the whole listing (read by a source, judged by a Listing)."""
+    items: int                   # records on this page
+    next: Any = None             # the cursor of the next page (token, link query, page number); None: the last page
+    total: Any = None            # records in the whole listing, where the API says (totalCount, meta.results.total)
+    capped: bool = False         # the source stops here on purpose, at a documented cap it warns about
+
+
+def _count(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    return int(value) if isinstance(value, str) and value.strip().isdigit() else None
+
+
+class Listing:
+    """One paged listing, checked page by page against what the API itself said "all" is.
+
+    Its state (records so far, the announced total, hashes of the cursors seen) lives in the
+    source's checkpoint under "listing", so a resumed scrape keeps checking where it stopped.
+    Pass `check(read)` to `Client.get`: `read(reply) -> Page` is the source's only per-API part.
+    - a page with no next cursor while fewer records than announced (or `wanted`) have come is
+      not the end: it is retried, then the scrape fails in one line naming the shortfall;
+    - an empty page that still points further is retried the same way;
+    - a next cursor seen before stops the scrape at once (a server stuck on one page).
+    Nothing changes until a page passes, so a bad answer is never stored or counted.
+    """
+
+    def __init__(self, source: str, state: dict[str, Any], *, wanted: int = 0, got: int = 0):
+        self.source = source
+        self.wanted = wanted
+        self.state = state.setdefault("listing", {"got": got, "total": None, "seen": []})
+        self.last: Page | None = None
+
+    def check(self, read: Callable[[Reply], Page]) -> Callable[[Reply], None]:
+        def judge(reply: Reply) -> None:
+            page = read(reply)
+            st = self.state
+            total = _count(page.total)
+            total = total if total is not None else st["total"]
+            got = st["got"] + page.items
+            of = f" of the {total:,} records the API announced" if total is not None else " records"
+            key = None
+            if page.next is not None:
+                key = io.content_hash(io.dumps(page.next))[:16]
+                if key in st["seen"]:
+                    shown = str(page.next if not isinstance(page.next, dict) else urllib.parse.urlencode(page.next))
+                    raise HttpError(f"{self.source}: the API sent the same next-page cursor again ({shown[:60]}) after "
+                                    f"{got:,}{of}: stopped instead of paging in a loop, nothing marked done; rerun "
+                                    f"`doit scrape:{self.source}` later (it resumes from its checkpoint), or narrow "
+                                    f"[sources.{self.source}.params] if it repeats")
+                if page.items == 0:
+                    raise Incomplete(f"an empty page that still points to a next one, after {st['got']:,}{of}")
+            elif not page.capped and total is not None:
+                expected = min(total, self.wanted) if self.wanted else total
+                if got < expected:
+                    raise Incomplete(f"the listing ended (no next page) after {got:,}{of}")
+            st.update(got=got, total=total)
+            if key is not None:
+                st["seen"].append(key)
+            self.last = page
+        return judge
+
+
 def retry_after(value: str | None) -> float | None:
     """Seconds from a Retry-After header (delta-seconds or an HTTP date)."""
     if not value:
@@ -361,12 +442,15 @@ class Client:
 
     def request(self, method: str, path: str, *, params: dict[str, Any] | None = None,
                 data: dict[str, Any] | None = None, expect: str = "json",
-                accept: tuple[int, ...] = (200,)) -> Reply:
+                accept: tuple[int, ...] = (200,), check: Callable[[Reply], None] | None = None,
+                api_errors: bool = True) -> Reply:
         """Send until a good answer or the retry budget is spent.
 
-        expect: "json", "xml", "pdf" or "bytes" — what a good 200 body must be (an HTML error page
-        or a truncated body is retried). accept: statuses handed back to the caller as is
-        (e.g. openFDA's 404 NOT_FOUND, which means "no results").
+        expect: "json", "xml", "pdf" or "bytes" — what a good 200 body must be (an HTML error page,
+        a truncated body, JSON of the wrong shape or, unless `api_errors` is False, the API's
+        own error in a 200 is retried). accept: statuses handed back to the caller as is
+        (e.g. openFDA's 404 NOT_FOUND, which means "no results"). check: called on a good 200
+        (a `Listing.check`); it raises `Incomplete` to retry, or a SourceError to stop.
         """
         url = self.url(path)
         params = {k: v for k, v in (params or {}).items() if v is not None}
@@ -383,7 +467,7 @@ class Client:
             try:
                 response = self._client.request(method, url, params=params, data=data)
                 content = response.content
-                return self._judge(response, content, expect, accept, shown)
+                return self._judge(response, content, expect, accept, shown, check, api_errors)
             except _Retry as retry:
                 last = retry.reason
                 delay = retry.delay if retry.delay is not None else self._backoff(attempt)
@@ -395,6 +479,17 @@ class Client:
                     raise Offline(self._offline_message()) from None
             except (self._httpx.RemoteProtocolError, self._httpx.ReadError, self._httpx.WriteError) as exc:
                 last, delay = f"connection dropped mid-response ({type(exc).__name__})", self._backoff(attempt)
+            except self._httpx.DecodingError:
+                last, delay = "a corrupt compressed body (its Content-Encoding does not decode)", self._backoff(attempt)
+            except self._httpx.TooManyRedirects:
+                raise HttpError(f"{self.source}: {shown} redirects in a redirect loop (over {self._client.max_redirects} "
+                                f"hops); check base_url in [sources.{self.source}.params] of sources.toml, or rerun "
+                                f"`doit scrape:{self.source}` later if the server is misconfigured") from None
+            except self._httpx.UnsupportedProtocol:
+                raise HttpError(f"{self.source}: {shown} is not an http(s) URL; fix base_url in "
+                                f"[sources.{self.source}.params] of sources.toml") from None
+            except self._httpx.HTTPError as exc:  # any other transport fault (proxy, protocol): worth another try
+                last, delay = f"{type(exc).__name__}: {self.redact(str(exc))[:120]}", self._backoff(attempt)
             if attempt == self.retries:
                 break
             if delay > self.max_wait:
@@ -403,8 +498,8 @@ class Client:
             self.limiter.pause(delay)
             time.sleep(delay)
         raise HttpError(f"{self.source}: {shown} failed after {self.retries + 1} attempts (last: {last}); "
-                        f"the API may be down or throttling this machine — rerun `doit scrape:{self.source}` later, "
-                        f"it resumes from its checkpoint")
+                        f"the API may be down, throttling this machine or serving partial answers — nothing is marked "
+                        f"done; rerun `doit scrape:{self.source}` later, it resumes from its checkpoint")
 
     def _backoff(self, attempt: int) -> float:
         ceiling = min(self.backoff_cap, self.backoff * (2 ** attempt))
@@ -449,7 +544,8 @@ class Client:
         with self.limiter._shared():
             io.write_json(self.usage_path, {**self._usage(), "quota_remaining": remaining}, durable=False)
 
-    def _judge(self, response, content: bytes, expect: str, accept: tuple[int, ...], shown: str) -> Reply:
+    def _judge(self, response, content: bytes, expect: str, accept: tuple[int, ...], shown: str,
+               check: Callable[[Reply], None] | None = None, api_errors: bool = True) -> Reply:
         status = response.status_code
         headers = response.headers
         reply = Reply(status, content, headers, self.redact(str(response.url)))
@@ -477,16 +573,40 @@ class Client:
             except orjson.JSONDecodeError:
                 raise _Retry("truncated or invalid JSON body") from None
             self._stackexchange_wrapper(reply._json)
+            if not isinstance(reply._json, self.api.json_top):
+                raise _Retry(f"JSON of the wrong shape ({type(reply._json).__name__} where {self.api.title} answers "
+                             f"{' or '.join(t.__name__ for t in self.api.json_top)})")
         elif expect == "xml":
             problem = _xml_complete(content)
             if problem:
                 raise _Retry(problem)
+        if api_errors:
+            error = self._api_error(reply, expect)
+            if error:
+                raise _Retry(f"an API error in a 200 answer: {error}")
+        if check is not None:
+            try:
+                check(reply)
+            except (AttributeError, KeyError, TypeError, ValueError, IndexError) as exc:  # a page of a shape not planned for
+                raise _Retry(f"an answer of an unexpected shape ({type(exc).__name__}: {self.redact(str(exc))[:100]})") from None
         elif expect == "pdf":
             if not content.lstrip()[:5] == b"%PDF-":
                 raise _Retry("not a PDF")
             if b"%%EOF" not in content[-2048:]:
                 raise _Retry("truncated PDF (no %%EOF)")
         return reply
+
+    def _api_error(self, reply: Reply, expect: str) -> str | None:
+        """The API's own error inside a 200 (the Api's `error_fields` / `error_xml`), shortened and redacted."""
+        if expect == "json" and isinstance(reply._json, dict):
+            found = {k: reply._json[k] for k in self.api.error_fields if reply._json.get(k) not in (None, "", [], {})}
+            if found:
+                return self.redact(io.dumps(found).decode("utf-8", "replace"))[:200]
+        elif expect == "xml" and self.api.error_xml and self.api.error_xml in reply.content[:4096]:
+            m = re.search(re.escape(self.api.error_xml) + rb"(.*?)</", reply.content[:4096], re.S)
+            detail = m.group(1).decode("utf-8", "replace").strip()[:160] if m else ""
+            return self.redact(f"{self.api.error_xml.decode()}{detail}")
+        return None
 
     def _throttle_in_body(self, content: bytes) -> str | None:
         """NCBI answers over-limit requests with {"error":"API rate limit exceeded",...}, sometimes as 200."""

@@ -14,7 +14,13 @@ points at `server.url("ncbi")` and the real client code talks to it.
   NCBI's error body, StackExchange's throttle_violation) and is counted.
 - Faults: `inject(api, *faults)` queues faults for that API's next requests:
   "429", "429-retry-after", "503", "timeout", "truncated", "html200", "ncbi-error200",
-  "se-backoff", "se-throttle".
+  "se-backoff", "se-throttle", and the silent-loss ones: "error200" (the API's real error
+  body with status 200), "empty-end" (the page emptied and its next cursor dropped, the
+  announced total kept), "gzip-corrupt" (a gzip Content-Encoding over garbage),
+  "redirect-loop" (a 302 back to the same URL), "array200"/"null200" (JSON of the wrong
+  shape), "ok" (answer normally: to aim a later fault at page 2). `stick(api, fault)`
+  applies a fault to every request once the queue is empty, until `unstick(api)`;
+  `repeat_cursor` (a set of APIs) makes the next-page cursor repeat the one just sent.
 - Quotas: StackExchange wrappers report `quota_remaining` counting down from `se_quota`;
   past 0 every call is a throttle_violation. `se_replay` (a list of files) replays whole
   recorded wrappers as the questions pages 1, 2, ...
@@ -77,6 +83,8 @@ class FakeApi:
         self.se_quota = 300  # StackExchange's daily quota without a key
         self.se_replay: list[Path] = []
         self.faults: dict[str, collections.deque] = collections.defaultdict(collections.deque)
+        self.sticky: dict[str, str] = {}
+        self.repeat_cursor: set[str] = set()
         self.arrivals: dict[str, collections.deque] = collections.defaultdict(collections.deque)
         self.log: list[dict] = []  # every request: api, path, query, t, status, over_limit, ua
         self.lock = threading.Lock()
@@ -105,6 +113,14 @@ class FakeApi:
     def inject(self, api: str, *faults: str) -> None:
         with self.lock:
             self.faults[api].extend(faults)
+
+    def stick(self, api: str, fault: str) -> None:
+        with self.lock:
+            self.sticky[api] = fault
+
+    def unstick(self, api: str) -> None:
+        with self.lock:
+            self.sticky.pop(api, None)
 
     def requests(self, api: str | None = None) -> list[dict]:
         return sorted((r for r in self.log if api is None or r["api"] == api), key=lambda r: r["t"])  # arrival order
@@ -185,7 +201,7 @@ class FakeApi:
             query.update(urllib.parse.parse_qsl(h.rfile.read(length).decode()))
         with self.lock:
             over = self._over_limit(api, now)
-            fault = self.faults[api].popleft() if self.faults[api] and not over else None
+            fault = None if over else self.faults[api].popleft() if self.faults[api] else self.sticky.get(api)
         entry = {"api": api, "path": rest, "query": query, "t": now, "over_limit": over, "fault": fault,
                  "ua": h.headers.get("user-agent", ""), "method": method, "status": None}
         self.log.append(entry)  # at arrival: a request still being answered (a timeout) is already counted
@@ -200,6 +216,8 @@ class FakeApi:
                 status, headers, body = self._route(api, rest, query)
         else:
             status, headers, body = self._route(api, rest, query)
+        if fault in ("empty-end", "array200", "null200") and status == 200 and "json" in headers.get("Content-Type", ""):
+            headers, body = self._reshape(fault, headers, body)
         if fault == "se-backoff" and status == 200:
             doc = json.loads(body)
             doc["backoff"] = 1
@@ -216,6 +234,21 @@ class FakeApi:
         h.end_headers()
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # a client that timed out has gone
             h.wfile.write(body)
+
+    @staticmethod
+    def _reshape(fault: str, headers: dict, body: bytes):
+        if fault != "empty-end":  # valid JSON, but not the object the API documents
+            return headers, b"null" if fault == "null200" else json.dumps([json.loads(body)]).encode()
+        doc = json.loads(body)  # what a silently-failing backend sends: no records, no cursor, the total unchanged
+        for key in ("results", "studies", "items", "data"):
+            if isinstance(doc.get(key), list):
+                doc[key] = []
+        doc.pop("nextPageToken", None)
+        if "has_more" in doc:
+            doc["has_more"] = False
+        if isinstance(doc.get("metadata"), dict):
+            doc["metadata"].update(next_page="null", next_page_url="null")
+        return {k: v for k, v in headers.items() if k.lower() != "link"}, json.dumps(doc).encode()
 
     def _over_limit_answer(self, api: str):
         js = {"Content-Type": "application/json"}
@@ -238,6 +271,21 @@ class FakeApi:
             return 503, {"Content-Type": "text/html"}, HTML_PAGE
         if fault == "html200":
             return 200, {"Content-Type": "text/html; charset=utf-8"}, HTML_PAGE
+        if fault == "error200":  # the API's own error body, sent with 200
+            if api == "openfda":
+                return 200, js, (FIXTURES / "openfda" / "500.json").read_bytes()
+            if api == "ncbi":
+                return 200, {"Content-Type": "text/xml"}, (b'<?xml version="1.0" ?>\n<eFetchResult>\n\t<ERROR>Unable to '
+                                                          b'obtain query #1</ERROR>\n</eFetchResult>\n')
+            if api == "stackexchange":
+                return 200, js, b'{"error_id":500,"error_name":"internal_error","error_message":"an internal error"}'
+            return 200, js, b'{"error":{"code":"SERVER_ERROR","message":"Check your request and try again"}}'
+        if fault == "gzip-corrupt":
+            return 200, {**js, "Content-Encoding": "gzip"}, b"\x1f\x8b\x08\x00" + b"not really gzip" * 8
+        if fault == "redirect-loop":
+            return 302, {"Location": h.path, "Content-Type": "text/plain"}, b"moved"
+        if fault in ("ok", "empty-end", "array200", "null200"):
+            return None, None, None
         if fault == "ncbi-error200":
             return 200, js, (FIXTURES / "pubmed" / "ratelimit_error.json").read_bytes()
         if fault == "se-throttle":
@@ -333,6 +381,8 @@ class FakeApi:
             else:
                 nxt["skip"] = "0"
                 nxt["search_after"] = f"0={start + limit - 1}"
+            if "openfda" in self.repeat_cursor and q.get("search_after"):
+                nxt = q  # a backend stuck on one page
             headers["Link"] = f'<{self.url("openfda")}/{rest}?{urllib.parse.urlencode(nxt)}>; rel="next"'
         return 200, headers, json.dumps({"meta": meta, "results": page}).encode()
 
@@ -349,6 +399,8 @@ class FakeApi:
         doc: dict = {"studies": page}
         if start + size < len(self.studies):
             doc["nextPageToken"] = base64.urlsafe_b64encode(str(start + size).encode()).decode()
+            if "clinicaltrials" in self.repeat_cursor and q.get("pageToken"):
+                doc["nextPageToken"] = q["pageToken"]  # a backend stuck on one page
         if not q.get("pageToken") and q.get("countTotal") == "true":
             doc["totalCount"] = len(self.studies)
         return 200, js, json.dumps(doc).encode()

@@ -130,7 +130,7 @@ def test_failed_scrape_leaves_no_manifest_and_the_rerun_resumes(fake, tmp_path):
     out, err = first.communicate(timeout=60)
     fake.faults["openfda"].clear()
     assert first.returncode == 2
-    error = [line for line in err.splitlines() if "error" in line]
+    error = [line for line in err.splitlines() if "] failed:" in line]  # the one line `python -m stages` ends with
     assert len(error) == 1 and "labels" in error[0] and "HTTP 503" in error[0] and "resumes" in error[0]
     raw = root / "data" / "raw" / "labels"
     assert not (raw / "manifest.json").exists()

@@ -59,17 +59,26 @@ class ClinicalTrials(Source):
                  "filter.overallStatus": self.param("status", "", str) or None,
                  "fields": self.param("fields", "", str) or None}
         state = store.checkpoint or {"page": 0, "token": None, "fetched": 0, "done": False, "total": None}
+        # "all" is the first page's totalCount (or max_records); a repeated nextPageToken stops the scrape
+        listing = http.Listing(self.name, state, wanted=max_records, got=state["fetched"])
+
+        def read(reply) -> http.Page:
+            doc = reply.json()
+            studies = doc.get("studies") or []
+            if not isinstance(studies, list):
+                raise http.Incomplete(f"\"studies\" is {type(studies).__name__}, not a list")
+            return http.Page(len(studies), doc.get("nextPageToken") or None, doc.get("totalCount"))
+
         with http.Client(self.name, self.api, self.params) as client:
             while not state["done"] and not (max_records and state["fetched"] >= max_records):
                 params = {**query, "pageToken": state["token"]} if state["token"] else query
-                reply = client.get("studies", params)
-                doc = reply.json()
+                reply = client.get("studies", params, check=listing.check(read))
+                page = listing.last
                 store.put(f"studies-{state['page']:05d}.json", reply.content)
                 state["page"] += 1
-                state["fetched"] += len(doc.get("studies") or [])
-                if "totalCount" in doc:
-                    state["total"] = doc["totalCount"]
-                state["token"] = doc.get("nextPageToken")
+                state["fetched"] += page.items
+                state["total"] = listing.state["total"]
+                state["token"] = page.next
                 state["done"] = not state["token"]
                 store.save_checkpoint(state)
 

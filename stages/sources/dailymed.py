@@ -90,6 +90,17 @@ class DailyMed(Source):
         max_labels = self.param("max_labels", 200, int)
         filters = {"drug_name": self.param("drug_name", "", str) or None, "labeler": self.param("labeler", "", str) or None}
         state = store.checkpoint or {"page": 1, "pending": [], "listed": 0, "listing_done": False}
+        # "all" is the listing's metadata.total_elements (or max_labels); a repeated next_page stops the scrape
+        listing = http.Listing(self.name, state, wanted=max_labels, got=state["listed"])
+
+        def read(reply) -> http.Page:
+            doc = reply.json()
+            rows, meta = doc.get("data") or [], doc.get("metadata") or {}
+            if not isinstance(rows, list) or not isinstance(meta, dict):
+                raise http.Incomplete("\"data\" is not a list or \"metadata\" not an object")
+            nxt = meta.get("next_page")
+            return http.Page(len(rows), None if str(nxt) in ("null", "None", "") else nxt, meta.get("total_elements"))
+
         with http.Client(self.name, self.api, self.params) as client:
             while True:
                 if state["pending"]:
@@ -103,16 +114,16 @@ class DailyMed(Source):
                     continue
                 if state["listing_done"] or (max_labels and state["listed"] >= max_labels):
                     break
-                reply = client.get("spls.json", {**filters, "page": state["page"], "pagesize": size})
+                reply = client.get("spls.json", {**filters, "page": state["page"], "pagesize": size},
+                                   check=listing.check(read))
                 doc = reply.json()
                 store.put(f"spls-{state['page']:05d}.json", reply.content)
-                setids = [d["setid"] for d in doc.get("data") or [] if d.get("setid")]
+                setids = [d["setid"] for d in doc.get("data") or [] if isinstance(d, dict) and d.get("setid")]
                 if max_labels:
                     setids = setids[: max(0, max_labels - state["listed"])]
                 state["pending"] += setids
                 state["listed"] += len(setids)
-                meta = doc.get("metadata") or {}
-                state["listing_done"] = not setids or str(meta.get("next_page", "null")) in ("null", "None", "")
+                state["listing_done"] = not setids or listing.last.next is None
                 state["page"] += 1
                 store.save_checkpoint(state)
 

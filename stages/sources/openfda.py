@@ -81,10 +81,32 @@ class OpenFda(Source):
                  "limit": limit}
         state = store.checkpoint or {"page": 0, "cursor": None, "skip": 0, "fetched": 0, "done": False}
         prefix = endpoint.replace("/", "-")
+        # "all" is meta.results.total (or max_records): a page ending the listing short of it is retried, then fails
+        listing = http.Listing(self.name, state, wanted=max_records, got=state["fetched"])
+
+        def read(reply) -> http.Page:
+            doc = reply.json()
+            results = doc.get("results") or []
+            if not isinstance(results, list):
+                raise http.Incomplete(f"\"results\" is {type(results).__name__}, not a list")
+            total = ((doc.get("meta") or {}).get("results") or {}).get("total")
+            link = reply.link("next") if results else None
+            nxt = http.strip_secret_params(dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(link).query,
+                                                                       keep_blank_values=True))) if link else None
+            # following links, no next link is the end; without links, skip paging until the total
+            more = nxt is not None or (not state["cursor"] and len(results) == limit
+                                       and state["skip"] + limit < int(total or 0))
+            skip = int(nxt.get("skip") or 0) if nxt else state["skip"] + limit
+            if more and nxt and ("search_after" in nxt or skip <= SKIP_MAX):
+                return http.Page(len(results), ["cursor", nxt], total)
+            if more and not nxt and skip <= SKIP_MAX:
+                return http.Page(len(results), ["skip", skip], total)
+            return http.Page(len(results), None, total, capped=more)  # capped: a skip past the cap would be refused
+
         with http.Client(self.name, self.api, self.params) as client:
             while not state["done"] and not (max_records and state["fetched"] >= max_records):
                 params = state["cursor"] or {**query, **({"skip": state["skip"]} if state["skip"] else {})}
-                reply = client.get(f"{endpoint}.json", params, accept=(200, 404))
+                reply = client.get(f"{endpoint}.json", params, accept=(200, 404), check=listing.check(read))
                 if reply.status == 404:
                     code = (reply.json() if reply.content.startswith(b"{") else {}).get("error", {}).get("code")
                     if code != "NOT_FOUND":
@@ -93,28 +115,20 @@ class OpenFda(Source):
                     state["done"] = True  # no (more) matches: an empty result, not a failure
                     store.save_checkpoint(state)
                     break
-                doc = reply.json()
-                results = doc.get("results") or []
+                page = listing.last
                 store.put(f"{prefix}-{state['page']:05d}.json", reply.content)
                 state["page"] += 1
-                state["fetched"] += len(results)
-                total = int(((doc.get("meta") or {}).get("results") or {}).get("total") or 0)
-                link = reply.link("next") if results else None
-                nxt = http.strip_secret_params(dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(link).query,
-                                                                           keep_blank_values=True))) if link else None
-                # following links, no next link is the end; without links, skip paging until the total
-                more = nxt is not None or (not state["cursor"] and len(results) == limit and state["skip"] + limit < total)
-                skip = int(nxt.get("skip") or 0) if nxt else state["skip"] + limit
-                if more and nxt and ("search_after" in nxt or skip <= SKIP_MAX):
-                    state["cursor"] = nxt
-                elif more and not nxt and skip <= SKIP_MAX:
-                    state["skip"] = skip
-                else:
+                state["fetched"] += page.items
+                if page.next is None:
                     state["done"] = True
-                    if more:  # a skip past the cap would be refused: say so instead of stopping quietly
+                    if page.capped:  # say so instead of stopping quietly
                         print(f"{self.name}: warning: openFDA pages with skip only up to {SKIP_MAX:,} and sent no "
-                              f"search_after Link; stopped after {state['fetched']:,} of {total:,} records: narrow "
-                              f"sources.{self.name}.params.search (e.g. by date) to reach the rest")
+                              f"search_after Link; stopped after {state['fetched']:,} of {int(page.total or 0):,} "
+                              f"records: narrow sources.{self.name}.params.search (e.g. by date) to reach the rest")
+                elif page.next[0] == "cursor":
+                    state["cursor"] = page.next[1]
+                else:
+                    state["skip"] = page.next[1]
                 store.save_checkpoint(state)
 
     def parse(self, page: Path) -> Iterator[dict[str, Any]]:

@@ -106,9 +106,11 @@ class PubMed(Source):
                     if count > cap:  # one day alone is over the cap: esearch cannot list the rest
                         print(f"{self.name}: warning: {start} alone has {count:,} hits, over esearch's {cap:,} cap; only "
                               f"{cap:,} are fetched: narrow sources.{self.name}.params.term to reach the rest")
-                    if count:
-                        found = parse_esearch(client.get("esearch.fcgi", {**window, "usehistory": "y",
-                                                                          "retmax": min(count, cap)}, expect="xml").content)
+                    if count:  # the id list must hold all `count` ids (up to the cap) it just announced
+                        wanted = http.Listing(self.name, {}).check(
+                            lambda r: http.Page(len(parse_esearch(r.content)["ids"]), None, min(count, cap)))
+                        found = parse_esearch(client.get("esearch.fcgi", {**window, "usehistory": "y", "retmax": min(count, cap)},
+                                                         expect="xml", check=wanted).content)
                         state["current"] = {"range": [start, end], "webenv": found["webenv"],
                                             "query_key": found["query_key"], "ids": found["ids"], "next": 0}
                     store.save_checkpoint(state)
@@ -128,7 +130,8 @@ class PubMed(Source):
         common = {"db": "pubmed", "retmode": "xml", "rettype": "abstract"}
         if cur.get("webenv"):
             reply = client.get("efetch.fcgi", {**common, "WebEnv": cur["webenv"], "query_key": cur["query_key"],
-                                               "retstart": offset, "retmax": len(ids)}, expect="xml", accept=(200, 400))
+                                               "retstart": offset, "retmax": len(ids)}, expect="xml", accept=(200, 400),
+                               api_errors=False)  # an expired WebEnv answers <ERROR> in a 200: handled below
             if reply.status == 200 and b"<PubmedArticleSet" in reply.content[:2048]:
                 return reply.content
             cur["webenv"] = None  # the history session expired: use the stored ids from now on

@@ -40,6 +40,16 @@ class StackExchange(Source):
         query = {"site": site, "filter": self.param("filter", "withbody", str), "pagesize": size,
                  "order": "desc", "sort": self.param("sort", "votes", str), "tagged": self.param("tagged", "", str) or None}
         state = store.checkpoint or {"page": 1, "answers_for": None, "done": False}
+        # no total without filter=total: "all" is has_more; an empty page that says has_more is retried
+        listing = http.Listing(self.name, state)
+
+        def read(reply) -> http.Page:
+            doc = reply.json()
+            items = doc.get("items") or []
+            if not isinstance(items, list):
+                raise http.Incomplete(f"\"items\" is {type(items).__name__}, not a list")
+            return http.Page(len(items), state["page"] + 1 if doc.get("has_more") else None, doc.get("total"))
+
         with http.Client(self.name, self.api, self.params) as client:
             while True:
                 if state["answers_for"]:
@@ -52,10 +62,11 @@ class StackExchange(Source):
                     continue
                 if state["done"] or (max_pages and state["page"] > max_pages):
                     break
-                reply = client.get("questions", {**query, "page": state["page"]})
+                reply = client.get("questions", {**query, "page": state["page"]}, check=listing.check(read))
                 doc = reply.json()
                 store.put(f"questions-{state['page']:05d}.json", reply.content)
-                ids = [q["question_id"] for q in doc.get("items") or [] if q.get("answer_count") and q.get("question_id")]
+                ids = [q["question_id"] for q in doc.get("items") or []
+                       if isinstance(q, dict) and q.get("answer_count") and q.get("question_id")]
                 state["answers_for"] = [state["page"], ids] if ids else None
                 state["done"] = not doc.get("has_more")
                 state["page"] += 1
