@@ -48,7 +48,8 @@ def task_scrape():
     for s in CFG.enabled_sources():
         yield {"name": s.name, "actions": stage("scrape", s.name),
                "uptodate": [config_changed(scrape.fetch_block(s)), scrape.current(s)],
-               "file_dep": layout.code("scrape.py") + layout.source_code(s.kind), "targets": [str(layout.raw_manifest(s.name))]}
+               "file_dep": layout.code("scrape.py") + layout.source_code(s.kind) + scrape.input_files(s),  # + the user's files
+               "targets": [str(layout.raw_manifest(s.name))]}
 
 
 def task_normalize():

@@ -133,6 +133,15 @@ def block_hash(source_cfg: SourceConfig) -> str:
     return io.content_hash(io.dumps(fetch_block(source_cfg)))
 
 
+def input_files(source_cfg: SourceConfig) -> list[str]:
+    """The user's files this source reads (paths, globs, DrugBank XML, a local dataset), for the scrape's file_dep:
+    doit hashes their content, so editing, adding or removing one re-runs this source and what its output changes."""
+    try:
+        return [str(p) for p in make(source_cfg.name, source_cfg.kind, source_cfg.params).inputs()]
+    except SourceError:  # an unknown kind: the scrape itself reports it in one line
+        return []
+
+
 def is_current(source_cfg: SourceConfig, now: dt.datetime | None = None) -> bool:
     """data/raw/<source>/ holds a finished scrape of this very block, not yet due for refresh.
 

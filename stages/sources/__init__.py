@@ -9,6 +9,8 @@ The protocol, in data-flow order:
   `store.checkpoint`; network sources use the one shared HTTP client.
 - `parse(page)`: one raw page file -> records (dicts with a stable string `id`).
 - `examples(record)`: one record -> instruction examples `{"task", "messages"}`.
+- `inputs()`: the files on the user's disk that `fetch` reads (doit's file_dep of the scrape:
+  editing, adding or removing one re-runs that source alone).
 """
 from __future__ import annotations
 
@@ -57,6 +59,10 @@ class Source:
 
     def fetch(self, store: "RawStore") -> None:
         raise NotImplementedError
+
+    def inputs(self) -> list[Path]:
+        """The user's files `fetch` reads, as they are now (never raises: a missing file is fetch's error to report)."""
+        return []
 
     def parse(self, page: Path) -> Iterator[dict[str, Any]]:
         raise NotImplementedError

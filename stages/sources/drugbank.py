@@ -55,6 +55,11 @@ class DrugBank(Source):
                               f"from go.drugbank.com and point path at it")
         return path
 
+    def inputs(self) -> list[Path]:
+        raw = self.params.get("path")
+        path = Path(raw).expanduser() if isinstance(raw, str) and raw else None
+        return [path] if path and path.is_file() else []
+
     def fetch(self, store) -> None:
         chunk = max(1, self.param("chunk", 500, int))
         max_drugs = self.param("max_drugs", 0, int)

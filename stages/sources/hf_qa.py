@@ -70,6 +70,14 @@ class HfQa(Source):
                               f"({type(exc).__name__}); set params.path to a local copy, or mode = \"mirror\" with "
                               f"data/raw/{self.name}/ copied from a connected machine, or enabled = false") from None
 
+    def inputs(self) -> list[Path]:
+        """A local copy: the file, or every file of a save_to_disk folder (the hub and its cache are not the user's)."""
+        raw = self.params.get("path")
+        local = Path(raw).expanduser() if isinstance(raw, str) and raw else None
+        if local is None or not local.exists():
+            return []
+        return sorted(p for p in local.rglob("*") if p.is_file()) if local.is_dir() else [local]
+
     def fetch(self, store) -> None:
         ds = self._load()
         max_rows = self.param("max_rows", 2000, int)

@@ -60,6 +60,16 @@ class LocalFiles(Source):
         if params.get("licence"):  # provenance carries what the user says their files are licensed under
             self.licence = str(params["licence"])
 
+    @staticmethod
+    def _matches(pattern: str) -> list[Path]:
+        matched = sorted(Path(p) for p in glob.glob(str(Path(pattern).expanduser()), recursive=True))
+        return [p for p in matched if p.is_file() and p.suffix.lower() in SUFFIXES]
+
+    def inputs(self) -> list[Path]:
+        patterns = self.params.get("paths")
+        return [p for pattern in patterns if isinstance(pattern, str) for p in self._matches(pattern)] \
+            if isinstance(patterns, list) else []
+
     def _files(self) -> list[Path]:
         patterns = self.param("paths", [], list)
         if not patterns:
@@ -67,8 +77,7 @@ class LocalFiles(Source):
                               f"e.g. [\"data/local/*.jsonl\"]")
         files: list[Path] = []
         for pattern in patterns:
-            matched = sorted(Path(p) for p in glob.glob(str(Path(pattern).expanduser()), recursive=True))
-            matched = [p for p in matched if p.is_file() and p.suffix.lower() in SUFFIXES]
+            matched = self._matches(pattern)
             if not matched:
                 raise SourceError(f"sources.{self.name}.params.paths: '{pattern}' matches no .jsonl/.json/.csv/.pdf "
                                   f"file; fix the path")
