@@ -172,3 +172,15 @@ retries = 2
         rows = [json.loads(r) for r in project.path("data/examples/trials.jsonl").read_text().splitlines()]
         assert len({r["provenance"]["source_id"] for r in rows}) == 12  # every study the server had
         assert project.run(*tasks) == set()
+
+
+@pytest.mark.parametrize("kind, api, params, body", [
+    ("rxnorm", "rxnav", {"names": ["lisinopril"]}, b'{"drugGroup": {"conceptGroup": ["SCD"]}}'),
+    ("fda_guidance", "fda", {"index_path": "guidance.json"}, b'[["not", "a", "row"]]'),
+])
+def test_nested_json_of_the_wrong_shape_is_one_line(fake, tmp_path, kind, api, params, body):
+    fake._route = lambda api_, rest, q: (200, {"Content-Type": "application/json"}, body)
+    with pytest.raises(SourceError, match="unexpected shape") as err:
+        fetch(fake, tmp_path, kind, api, **params)
+    one_line(err.value)
+    assert RawStore(tmp_path / kind).pages() == []

@@ -67,7 +67,8 @@ class FdaGuidance(Source):
         state = store.checkpoint
         with http.Client(self.name, self.api, self.params) as client:
             if not state:
-                reply = client.get(self.param("index_path", "files/api/datatables/static/search-for-guidance.json", str))
+                reply = client.get(self.param("index_path", "files/api/datatables/static/search-for-guidance.json", str),
+                                   check=lambda r: index_rows(r.json()))  # rows of another shape are retried, then one line: not a crash
                 store.put(INDEX, reply.content)
                 rows = [r for r in index_rows(reply.json()) if r["media"]
                         and (not status or r["status"].lower() == status.lower())

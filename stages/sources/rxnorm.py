@@ -63,7 +63,8 @@ class RxNorm(Source):
                     state["rxcuis"].pop(0)
                 else:
                     name = state["names"][0]
-                    reply = client.get("drugs.json", {"name": name})
+                    reply = client.get("drugs.json", {"name": name},  # a drugGroup of another shape is retried, not a crash
+                                       check=lambda r: _groups(r.json().get("drugGroup") or {}))
                     store.put(f"drugs-{_slug(name)}.json", reply.content)
                     scd = _groups(reply.json().get("drugGroup") or {}).get("SCD", [])
                     state["rxcuis"] += [c["rxcui"] for c in scd[:per_name] if str(c.get("rxcui", "")).isdigit()]
