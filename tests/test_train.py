@@ -197,6 +197,27 @@ def test_nf4_base_is_really_4bit(tiny_base):
     assert linears[0].weight.quant_type == "nf4"
 
 
+def test_validation_leaves_the_4bit_layout_training_needs(tiny_base):
+    """On AVX512-BF16 CPUs bitsandbytes repacks a 4-bit weight in place at an eval-mode, no-grad forward (our
+    validation) into an inference-only layout whose kernel passes no gradient to the layer's input."""
+    import torch
+
+    import bitsandbytes as bnb
+    from stages.train.hardware import Hardware
+    from stages.train.torch_backend import load_model
+
+    model = load_model(tiny_base, "nf4", Hardware("cpu", "fp32", "test"))
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        model.eval()(ids)  # a validation pass
+    linears = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in linears)
+    model.train()
+    hidden = model.get_input_embeddings()(ids).detach().requires_grad_()
+    model(inputs_embeds=hidden).logits.sum().backward()  # the gradient reaches the input through every layer
+    assert hidden.grad is not None and hidden.grad.abs().sum() > 0
+
+
 def test_grad_accum_and_epochs_set_the_step_count(tmp_path, monkeypatch, tiny_base):
     from stages import train
 
