@@ -52,10 +52,7 @@ class ModelChoice:
 def base_spec(cfg, adapter: str | None) -> str:
     """The base model an adapter was trained on; with no adapter, the project's (default) base."""
     if adapter is not None:
-        if adapter not in cfg.adapters:
-            raise StageError(f"unknown adapter '{adapter}' (no adapters/{adapter}/adapter.toml); known: "
-                             f"{', '.join(sorted(cfg.adapters)) or 'none'}")
-        return cfg.adapters[adapter].base_model
+        return cfg.adapter(adapter).base_model
     bases = cfg.base_models()
     if len(bases) == 1 or (bases and DEFAULT_BASE_MODEL not in bases):
         return bases[0]

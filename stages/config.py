@@ -206,6 +206,14 @@ class Config:
     def enabled_sources(self) -> list[SourceConfig]:
         return [s for s in self.sources.values() if s.enabled]
 
+    def adapter(self, name: str) -> AdapterConfig:
+        """The adapter `name`, or a StageError naming its missing adapter.toml and the known adapters."""
+        if name not in self.adapters:
+            from stages.errors import StageError
+            raise StageError(f"unknown adapter '{name}': {ADAPTERS_DIR}/{name}/adapter.toml not found; known adapters: "
+                             f"{', '.join(sorted(self.adapters)) or 'none'}")
+        return self.adapters[name]
+
     def sources_for(self, adapter: str) -> list[SourceConfig]:
         """Sources that list the adapter, plus those its `data.sources` names."""
         extra = set(self.adapters[adapter].data.get("sources", [])) if adapter in self.adapters else set()

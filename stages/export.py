@@ -421,20 +421,24 @@ def stop_tokens(tokenizer) -> list[str]:
     return stops
 
 
-def serve_command(cfg, adapter_name: str, host: str = "127.0.0.1", port: int = 8000) -> list[str]:
-    """`medforge serve` (llama-cpp-python's OpenAI-compatible server with the safe llama.cpp settings of
-    stages.gguf) on the adapter's verified export (the best merged GGUF, else base + LoRA GGUF), with the
-    GGUF's own chat template. The first four items run it; `medforge serve` + the rest is what users type."""
-    import sys
-
+def serve_args(cfg, adapter_name: str, host: str = "127.0.0.1", port: int = 8000) -> list[str]:
+    """`medforge serve`'s arguments (llama-cpp-python's server, with the safe llama.cpp settings of stages.gguf)
+    for the adapter's verified export: the best merged GGUF, else base + LoRA GGUF, with the GGUF's own chat
+    template."""
     from stages.config import QUANT_TYPES
 
-    a = cfg.adapters[adapter_name]
+    a = cfg.adapter(adapter_name)
     merged = [layout.merged_gguf(adapter_name, q) for q in QUANT_TYPES if q in a.export["merged"]]
     model = ["--model", str(merged[0])] if merged else \
         ["--model", str(layout.base_gguf(a.base_model)), "--lora_path", str(layout.lora_gguf(adapter_name))]
-    return [sys.executable, "-m", "stages.cli", "serve", *model, "--chat_format", "chat_template.default",
-            "--host", host, "--port", str(port)]
+    return [*model, "--chat_format", "chat_template.default", "--host", host, "--port", str(port)]
+
+
+def serve_command(cfg, adapter_name: str, host: str = "127.0.0.1", port: int = 8000) -> list[str]:
+    """The command that runs `medforge serve` on the adapter's export from this Python."""
+    import sys
+
+    return [sys.executable, "-m", "stages.cli", "serve", *serve_args(cfg, adapter_name, host, port)]
 
 
 def remove_exports(adapter_name: str, quants: list[str]) -> None:
@@ -449,10 +453,7 @@ def run(cfg, adapter_name: str) -> list[Path]:
 
     from stages.config import QUANT_TYPES
 
-    if adapter_name not in cfg.adapters:
-        raise StageError(f"adapters/{adapter_name}/adapter.toml not found; known adapters: "
-                         f"{', '.join(sorted(cfg.adapters)) or 'none'}")
-    a = cfg.adapters[adapter_name]
+    a = cfg.adapter(adapter_name)
     where = str(layout.adapter_toml(adapter_name))
     base_dir = layout.base_dir(a.base_model)
     _need(base_dir / "config.json", "base model folder", _base_task(a.base_model))
@@ -493,7 +494,7 @@ def run(cfg, adapter_name: str) -> list[Path]:
         model_line = f"FROM {rel}\nADAPTER ./{layout.lora_gguf(adapter_name).name}"
     io.write_text(layout.modelfile(adapter_name), modelfile_text(adapter_name, parts, stop_tokens(tokenizer),
                                                                  model_line))
-    serve = shlex.join(["medforge", "serve"] + serve_command(cfg, adapter_name)[4:])
+    serve = shlex.join(["medforge", "serve", *serve_args(cfg, adapter_name)])
     io.write_json(layout.verify_file(adapter_name), {"adapter": adapter_name, "gguf": figures, "serve": serve,
                                                      "ollama": f"ollama create {adapter_name} -f Modelfile"})
     print(f"export:{adapter_name}: verified; serve it with: {serve}")

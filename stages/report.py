@@ -258,9 +258,7 @@ def _read_optional(path: Path):
 
 
 def run(cfg, adapter_name: str) -> Path:
-    if adapter_name not in cfg.adapters:
-        raise StageError(f"adapters/{adapter_name}/adapter.toml not found; known adapters: "
-                         f"{', '.join(sorted(cfg.adapters)) or 'none'}")
+    cfg.adapter(adapter_name)
     eval_path = layout.eval_file(adapter_name)
     if not eval_path.exists():
         raise StageError(f"{eval_path} is missing; run `doit eval:{adapter_name}` first")

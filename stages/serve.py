@@ -17,13 +17,11 @@ def adapter_args(adapter: str) -> list[str]:
     from stages.errors import StageError
 
     cfg = config.load()
-    if adapter not in cfg.adapters:
-        raise StageError(f"adapters/{adapter}/adapter.toml not found; known adapters: "
-                         f"{', '.join(sorted(cfg.adapters)) or 'none'}")
+    cfg.adapter(adapter)
     if not layout.verify_file(adapter).exists():
         raise StageError(f"{layout.verify_file(adapter)}: no verified export of '{adapter}' yet; "
                          f"build it first (`doit export:{adapter}`)")
-    return export.serve_command(cfg, adapter)[4:]
+    return export.serve_args(cfg, adapter)
 
 
 def main(argv: list[str]) -> int:
