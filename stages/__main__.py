@@ -18,6 +18,8 @@ import time
 import traceback
 
 from stages import layout
+from stages.errors import failure_line
+from stages.gguf import LOG_ENV
 
 # stage -> (module, takes a name?)
 STAGES = {
@@ -68,11 +70,6 @@ def known_errors() -> tuple[type[BaseException], ...]:
     return (ConfigError, SourceError, StageError, FileNotFoundError)
 
 
-def failure_line(task: str, reason) -> str:
-    """The last line of a failed task's log (the dashboard and stages.events look for it)."""
-    return f"[{task}] failed: {reason}"
-
-
 def main(argv: list[str]) -> int:
     if not argv or argv[0] not in STAGES:
         print(f"usage: python -m stages <{'|'.join(STAGES)}> [<name>]", file=sys.stderr)
@@ -86,7 +83,7 @@ def main(argv: list[str]) -> int:
     # appending: child processes append to it too (their fault handlers), and nothing may overwrite that
     with open(log_path, "a", encoding="utf-8") as log:
         sys.stdout, sys.stderr = _Tee(sys.__stdout__, log), _Tee(sys.__stderr__, log)
-        os.environ["MEDFORGE_TASK_LOG"] = str(log_path)  # child processes' fault handlers write here too
+        os.environ[LOG_ENV] = str(log_path)  # child processes' fault handlers write here too (stages.gguf)
         faulthandler.enable(log)
         started = time.time()
         print(f"[{task}] started (pid {os.getpid()})")

@@ -3,3 +3,9 @@
 
 class StageError(Exception):
     """A stage cannot continue; the message names the file/key/source and what to do."""
+
+
+def failure_line(task: str, reason) -> str:
+    """The last line of a failed task's log: written by `python -m stages`, or by doit's reporter
+    (stages.events) for a process that died before it could."""
+    return f"[{task}] failed: {reason}"

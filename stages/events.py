@@ -11,6 +11,7 @@ import time
 from doit.reporter import ConsoleReporter
 
 from stages import io, layout
+from stages.errors import failure_line
 
 
 # set by the dashboard's runner on the runs it starts, so it can tell its run's events from others
@@ -37,11 +38,11 @@ def end_log(task: str, reason: str) -> None:
     except OSError:
         raw = b""
     tail = raw.decode("utf-8", "replace").rstrip().splitlines()
-    if tail and tail[-1].startswith(f"[{task}] failed: "):
+    if tail and tail[-1].startswith(failure_line(task, "")):
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as log:
-        log.write(("\n" if raw and not raw.endswith(b"\n") else "") + f"[{task}] failed: {reason}\n")
+        log.write(("\n" if raw and not raw.endswith(b"\n") else "") + failure_line(task, reason) + "\n")
 
 
 class EventReporter(ConsoleReporter):

@@ -196,7 +196,7 @@ def in_child(fn: Callable, *args, doing: str, advice: str = "", **kwargs) -> Any
         proc.kill()
         proc.wait()
         raise
-    if not raw and code is not None and code < 0:  # killed by a signal before answering
+    if not raw and code < 0:  # killed by a signal before answering
         raise StageError(crash_line(doing, code, advice))
     if not raw:  # a Python error before it could answer (its traceback went to stderr: the task log)
         raise StageError(f"the child process {doing} exited with code {code} before answering; its error is above")
