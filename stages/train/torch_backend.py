@@ -83,7 +83,7 @@ def load_model(base_dir: Path, quantization: str, hw: Hardware, sharded: bool = 
     return model
 
 
-def keep_4bit_layout(model) -> int:
+def keep_4bit_layout(model) -> None:
     """Stop bitsandbytes repacking 4-bit weights for inference on CPUs with AVX512-BF16.
 
     Its Linear4bit, in eval mode with an input that needs no gradient (our validation), rewrites the
@@ -91,12 +91,9 @@ def keep_4bit_layout(model) -> int:
     takes the inference kernel, which passes no gradient to the layer's input, and under FSDP the next
     all-gather brings back the plain layout under the mark: loss curves drift (two FSDP processes 0.75
     nats off one process by step 6 on an AMX Xeon). Training needs one layout throughout."""
-    count = 0
     for module in model.modules():
         if getattr(module, "support_avx512bf16_for_cpu", False):
             module.support_avx512bf16_for_cpu = False
-            count += 1
-    return count
 
 
 def load_tokenizer(base_dir: Path):
