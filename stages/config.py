@@ -6,16 +6,18 @@ Importing this module is cheap (stdlib only): dodo.py imports it on every `doit`
 """
 from __future__ import annotations
 
+import difflib
 import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stages.schema import REQUIRED, Key, check, check_value
+
 SOURCES_FILE = "sources.toml"
 ADAPTERS_DIR = "adapters"
 DEFAULT_BASE_MODEL = "embedded:smollm2-135m-instruct"
-REFRESH_RE = re.compile(r"^(never|\d+d)$")
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_\-]*$")
 
 
@@ -27,84 +29,53 @@ class ConfigError(Exception):
         super().__init__("\n".join(problems))
 
 
-# --- a tiny schema: key -> (type(s), default); default REQUIRED means the key must be given
-REQUIRED = object()
-_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
-               list: "a list", dict: "a table"}
+# --- every key of sources.toml and adapter.toml, as data (stages/schema.py checks them; sources declare
+# their own params in their file: Source.PARAMS)
+ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+QUANT_TYPES = ("f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0")
 
-
-def _type_name(types: tuple) -> str:
-    return " or ".join(_TYPE_NAMES.get(t, t.__name__) for t in types)
-
-
-def _check(where: str, table: dict, schema: dict[str, tuple], problems: list[str], prefix: str = "") -> dict:
-    """Validate `table` against `schema`, filling defaults; unknown keys are errors (typos)."""
-    out: dict[str, Any] = {}
-    for key in table:
-        if key not in schema:
-            known = ", ".join(sorted(schema))
-            problems.append(f"{where}: unknown key '{prefix}{key}' (known keys: {known}); remove or rename it")
-    for key, (types, default, *item) in schema.items():
-        if key not in table:
-            if default is REQUIRED:
-                problems.append(f"{where}: missing key '{prefix}{key}' ({_type_name(types)}); add it")
-            else:
-                out[key] = default() if callable(default) else default
-            continue
-        value = table[key]
-        # TOML has distinct int and float; accept an int where a number is wanted, never a bool.
-        ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
-        if float in types and isinstance(value, int) and not isinstance(value, bool):
-            value, ok = float(value), True
-        if not ok:
-            problems.append(f"{where}: key '{prefix}{key}' must be {_type_name(types)} (got {value!r}); fix its value")
-            continue
-        if item and isinstance(value, list):
-            bad = [v for v in value if not isinstance(v, item[0])]
-            if bad:
-                problems.append(f"{where}: key '{prefix}{key}' must be a list of {_type_name((item[0],))} (got {bad[0]!r}); fix it")
-                continue
-        out[key] = value
-    return out
-
-
+SOURCES_TOP_SCHEMA = {
+    "sources": Key(dict, REQUIRED),
+    "dedup": Key(dict, dict),
+    "clean": Key(dict, dict),
+}
 SOURCE_SCHEMA = {
-    "kind": ((str,), REQUIRED),
-    "enabled": ((bool,), True),
-    "adapters": ((list,), list, str),
-    "refresh": ((str,), "never"),
-    "mode": ((str,), "live"),
-    "params": ((dict,), dict),
+    "kind": Key(str, REQUIRED, nonblank=True),  # a file stages/sources/<kind>.py (checked against them at load)
+    "enabled": Key(bool, True),
+    "adapters": Key(list, list, items=str, unique=True),
+    "refresh": Key(str, "never", pattern=r"never|\d+d", expect='"never" or "<N>d" (e.g. "30d")'),
+    "mode": Key(str, "live", choices=("live", "mirror")),
+    "params": Key(dict, dict),
 }
 LORA_SCHEMA = {
-    "r": ((int,), 16),
-    "alpha": ((float,), 32.0),
-    "dropout": ((float,), 0.05),
-    "targets": ((list,), lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], str),
+    "r": Key(int, 16, min=1),
+    "alpha": Key(float, 32.0, above=0),
+    "dropout": Key(float, 0.05, min=0, below=1),
+    "targets": Key(list, lambda: list(ALL_TARGETS), items=str, unique=True, nonblank=True),
 }
 TRAIN_SCHEMA = {
-    "backend": ((str,), "auto"),
-    "quantization": ((str,), "none"),
-    "lr": ((float,), 2e-4),
-    "epochs": ((int,), 1),
-    "max_steps": ((int,), 0),
-    "batch_size": ((int,), 8),
-    "grad_accum": ((int,), 1),
-    "max_length": ((int,), 512),
-    "warmup_ratio": ((float,), 0.05),
-    "seed": ((int,), 0),
-    "dtype": ((str,), "auto"),
-    "preset": ((str,), ""),                   # quick | overnight | full: steps, eval and checkpoint cadence
-    "eval_every": ((int,), 0),                # validation every N optimizer steps; 0 = four times a run
-    "patience": ((int,), 0),                  # stop after N validations without a new best; 0 = never
-    "packing": ((bool,), True),               # pack examples into rows (no attention across examples)
-    "gradient_checkpointing": ((bool,), False),
-    "checkpoint_every": ((int,), 0),          # resumable checkpoint every N steps; 0 = at each validation
-    "keep_checkpoints": ((int,), 2),          # newest step checkpoints kept (each carries the best adapter)
-    "resume": ((bool,), True),                # continue from the newest checkpoint of the same recipe and data
-    "optimizer": ((str,), "auto"),            # adamw | paged_adamw (CUDA); auto = paged on CUDA
-    "lint_examples": ((int,), 3),             # examples `lint:<adapter>` renders with trained tokens marked
-    "max_truncated": ((float,), 0.05),        # lint fails when a larger share of examples is truncated
+    "backend": Key(str, "auto", choices=("auto", "torch", "mlx")),
+    "quantization": Key(str, "none", choices=("none", "nf4")),
+    "lr": Key(float, 2e-4, above=0, max=1, expect="greater than 0 and at most 1 (e.g. 2e-4)"),
+    "epochs": Key(int, 1, min=1),
+    "max_steps": Key(int, 0, min=0, expect="0 (train for `epochs`) or more"),
+    "batch_size": Key(int, 8, min=1),
+    "grad_accum": Key(int, 1, min=1),
+    "max_length": Key(int, 512, min=1),
+    "warmup_ratio": Key(float, 0.05, min=0, max=1, expect="a share between 0 and 1"),
+    "seed": Key(int, 0, min=0),
+    "dtype": Key(str, "auto", choices=("auto", "bf16", "fp32")),
+    "preset": Key(str, "", choices=("", "quick", "overnight", "full")),  # steps, eval and checkpoint cadence
+    "eval_every": Key(int, 0, min=0),          # validation every N optimizer steps; 0 = four times a run
+    "patience": Key(int, 0, min=0),            # stop after N validations without a new best; 0 = never
+    "packing": Key(bool, True),                # pack examples into rows (no attention across examples)
+    "gradient_checkpointing": Key(bool, False),
+    "checkpoint_every": Key(int, 0, min=0),    # resumable checkpoint every N steps; 0 = at each validation
+    "keep_checkpoints": Key(int, 2, min=1),    # newest step checkpoints kept (each carries the best adapter)
+    "resume": Key(bool, True),                 # continue from the newest checkpoint of the same recipe and data
+    "optimizer": Key(str, "auto", choices=("auto", "adamw", "paged_adamw")),  # auto = paged on CUDA
+    "lint_examples": Key(int, 3, min=0),       # examples `lint:<adapter>` renders with trained tokens marked
+    "max_truncated": Key(float, 0.05, min=0, max=1, expect="a share between 0 and 1"),  # lint fails above it
 }
 # what a preset sets; keys written in the recipe win
 TRAIN_PRESETS = {
@@ -113,57 +84,55 @@ TRAIN_PRESETS = {
     "full": {"epochs": 10, "max_steps": 0, "eval_every": 500, "checkpoint_every": 500, "patience": 4},
 }
 DATA_SCHEMA = {
-    "tasks": ((list,), list, str),
-    "max_examples": ((int,), 0),
-    "sources": ((list,), list, str),           # more sources to draw from, besides those listing this adapter
-    "keywords": ((list,), list, str),          # keep only records that mention one of these (words/phrases)
-    "exclude_keywords": ((list,), list, str),  # drop records that mention any of these
-    "frozen_test": ((str,), ""),               # a JSONL (e.g. an earlier test.jsonl) or id list: the fixed test set
+    "tasks": Key(list, list, items=str, unique=True, nonblank=True),
+    "max_examples": Key(int, 0, min=0, expect="0 (all) or more"),
+    "sources": Key(list, list, items=str, unique=True),  # more sources to draw from, besides those listing this adapter
+    "keywords": Key(list, list, items=str, nonblank=True),          # keep only records that mention one of these
+    "exclude_keywords": Key(list, list, items=str, nonblank=True),  # drop records that mention any of these
+    "frozen_test": Key(str, ""),  # a JSONL (e.g. an earlier test.jsonl) or id list: the fixed test set
 }
 EVAL_SCHEMA = {
-    "max_examples": ((int,), 200),   # per test split, for perplexity and log-likelihood metrics
-    "max_generate": ((int,), 12),    # per generation-scored task and split (greedy decoding is the slow part)
-    "safety": ((bool,), True),       # run the safety suite (stages/safety.py) on base and adapter
+    "max_examples": Key(int, 200, min=0, expect="0 (all) or more"),  # per test split, for perplexity and log-likelihood
+    "max_generate": Key(int, 12, min=0),  # per generation-scored task and split (greedy decoding is the slow part)
+    "safety": Key(bool, True),            # run the safety suite (stages/safety.py) on base and adapter
 }
 EXPORT_SCHEMA = {
-    "merged": ((list,), lambda: ["q8_0"], str),
-    "verify_examples": ((int,), 8),  # held-out test conversations compared HF+peft vs GGUF, every position
-    "max_kl": ((dict,), dict),       # per quant type (or "lora"): upper bound on mean KL(HF || GGUF)
-    "min_top1": ((dict,), dict),     # per quant type (or "lora"): lower bound on top-1 agreement
+    "merged": Key(list, lambda: ["q8_0"], items=str, choices=QUANT_TYPES, unique=True),
+    "verify_examples": Key(int, 8, min=1),  # held-out test conversations compared HF+peft vs GGUF, every position
+    "max_kl": Key(dict, dict),              # per quant type (or "lora"): upper bound on mean KL(HF || GGUF)
+    "min_top1": Key(dict, dict),            # per quant type (or "lora"): lower bound on top-1 agreement
 }
+EXPORT_BOUNDS = {"max_kl": Key(float, REQUIRED, min=0), "min_top1": Key(float, REQUIRED, min=0, max=1)}
 DEDUP_SCHEMA = {
-    "threshold": ((float,), 0.8),        # Jaccard similarity at which two examples are near-duplicates
-    "num_perm": ((int,), 128),
-    "shingle_words": ((int,), 5),
-    "source_priority": ((list,), list, str),  # keeper of a cluster: earliest source listed here first
-    "backend": ((str,), "memory"),       # where the LSH index lives: "memory" or "redis" (shared by workers)
-    "redis_url": ((str,), "redis://127.0.0.1:6379/0"),
+    "threshold": Key(float, 0.8, above=0, below=1, expect="between 0 and 1 (both excluded)"),  # Jaccard similarity
+    "num_perm": Key(int, 128, min=16),
+    "shingle_words": Key(int, 5, min=1),
+    "source_priority": Key(list, list, items=str, unique=True),  # keeper of a cluster: earliest source listed first
+    "backend": Key(str, "memory", choices=("memory", "redis")),   # where the LSH index lives
+    "redis_url": Key(str, "redis://127.0.0.1:6379/0", pattern=r"(redis|rediss|unix)://.*",
+                     expect="like redis://host:port/db"),
 }
 CLEAN_SCHEMA = {
-    "min_tokens": ((int,), 4),            # whole example, in base-tokenizer tokens (or the word estimate)
-    "max_tokens": ((int,), 8192),
-    "strip_markup": ((bool,), True),
-    "boilerplate": ((list,), list, str),  # extra regular expressions: a line matching one is removed
-    "scrub_contacts": ((list,), lambda: ["stackexchange"], str),  # source kinds whose e-mails/phones are masked
+    "min_tokens": Key(int, 4, min=0),            # whole example, in base-tokenizer tokens (or the word estimate)
+    "max_tokens": Key(int, 8192, min=1),
+    "strip_markup": Key(bool, True),
+    "boilerplate": Key(list, list, items=str),   # extra regular expressions: a line matching one is removed
+    "scrub_contacts": Key(list, lambda: ["stackexchange"], items=str, unique=True),  # source kinds whose e-mails/phones are masked
 }
 ADAPTER_SCHEMA = {
-    "base_model": ((str,), DEFAULT_BASE_MODEL),
-    "description": ((str,), ""),
-    "lora": ((dict,), dict),
-    "train": ((dict,), dict),
-    "data": ((dict,), dict),
-    "eval": ((dict,), dict),
-    "export": ((dict,), dict),
+    "base_model": Key(str, DEFAULT_BASE_MODEL, nonblank=True),
+    "description": Key(str, ""),
+    "lora": Key(dict, dict),
+    "train": Key(dict, dict),
+    "data": Key(dict, dict),
+    "eval": Key(dict, dict),
+    "export": Key(dict, dict),
 }
-CHOICES = {
-    ("train", "backend"): ("auto", "torch", "mlx"),
-    ("train", "quantization"): ("none", "nf4"),
-    ("train", "dtype"): ("auto", "bf16", "fp32"),
-    ("train", "preset"): ("", "quick", "overnight", "full"),
-    ("train", "optimizer"): ("auto", "adamw", "paged_adamw"),
-}
-DEDUP_BACKENDS = ("memory", "redis")
-QUANT_TYPES = ("f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0")
+SECTIONS = {"lora": LORA_SCHEMA, "train": TRAIN_SCHEMA, "data": DATA_SCHEMA, "eval": EVAL_SCHEMA,
+            "export": EXPORT_SCHEMA}
+DEDUP_BACKENDS = DEDUP_SCHEMA["backend"].choices
+
+
 
 
 @dataclass(frozen=True)
@@ -223,149 +192,232 @@ class Config:
         return sorted({a.base_model for a in self.adapters.values()})
 
 
-def _read_toml(path: Path, problems: list[str]) -> dict | None:
+def _read_toml(path: Path, where: str, problems: list[str]) -> dict | None:
+    """The TOML document at `path` (`where` is how the user knows it), or None and one line saying why not."""
     try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
+        data = path.read_bytes()
     except FileNotFoundError:
-        problems.append(f"{path}: file not found; create it (see README.md, 'Configuration')")
+        problems.append(f"{where}: file not found; create it (see README.md, 'Configuration')")
+        return None
+    except IsADirectoryError:
+        problems.append(f"{where}: is a folder, not a file; remove the folder and create the file")
+        return None
+    except OSError as exc:
+        problems.append(f"{where}: cannot be read ({exc.strerror or exc}); check its permissions")
+        return None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        problems.append(f"{where}: line {line}: not UTF-8 text (byte {data[exc.start]:#04x}); save the file as UTF-8")
+        return None
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        problems.append(f"{path}: not valid TOML ({exc}); fix the syntax")
+        problems.append(_toml_problem(where, text, str(exc)))
     return None
 
 
-def load_sources(root: Path, problems: list[str], known_kinds: set[str]) -> tuple[dict[str, SourceConfig], dict]:
-    path = root / SOURCES_FILE
-    doc = _read_toml(path, problems)
+def _toml_problem(where: str, text: str, message: str) -> str:
+    """tomllib's error as one line that names the line, and the table or key a duplicate is about."""
+    at = re.search(r"\(at line (\d+), column \d+\)", message)
+    line = int(at.group(1)) if at else 0
+    lines = text.splitlines()
+    shown = lines[line - 1].strip() if 0 < line <= len(lines) else ""
+    twice = re.match(r"Cannot declare \((.*)\) twice", message)
+    if twice:
+        table = ".".join(part.strip().strip("'\"") for part in twice.group(1).split(",") if part.strip())
+        return f"{where}: line {line}: key '{table}' is declared twice ([{table}]); merge the two blocks or rename one"
+    if message.startswith("Cannot overwrite a value") and "=" in shown:
+        header = next((m.group(1) for m in (re.match(r"\s*\[+\s*([^\]]+?)\s*\]+", lines[i])
+                                             for i in range(line - 2, -1, -1)) if m), "")
+        key = shown.split("=", 1)[0].strip().strip("'\"")
+        return (f"{where}: line {line}: key '{header + '.' if header else ''}{key}' is set twice; "
+                f"keep one of the two lines")
+    return f"{where}: not valid TOML at line {line} ({re.sub(r' [(]at line .*', '', message)}: `{shown}`); fix the syntax" \
+        if line else f"{where}: not valid TOML ({message}); fix the syntax"
+
+
+def _kind_problem(where: str, key: str, kind: str, kinds) -> str:
+    close = difflib.get_close_matches(kind, list(kinds), n=1)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    return (f"{where}: key '{key}.kind' is '{kind}', not a known source kind ({', '.join(sorted(kinds))}); "
+            f"{hint}fix it or add stages/sources/{kind}.py")
+
+
+def load_sources(root: Path, problems: list[str], known_kinds) -> tuple[dict[str, SourceConfig], dict]:
+    from stages import sources as source_kinds
+
+    where = SOURCES_FILE
+    doc = _read_toml(root / SOURCES_FILE, where, problems)
     if doc is None:
         return {}, {}
-    where = SOURCES_FILE
-    extra = set(doc) - {"sources", "dedup", "clean"}
-    for key in sorted(extra):
-        problems.append(f"{where}: unknown top-level key '{key}'; sources go under [sources.<name>], dedup settings "
-                        f"under [dedup], cleaning under [clean]")
-    dedup = _check(where, doc.get("dedup", {}) if isinstance(doc.get("dedup"), dict) else {}, DEDUP_SCHEMA,
-                   problems, prefix="dedup.")
-    if not 0.0 < dedup.get("threshold", 0.8) < 1.0:
-        problems.append(f"{where}: key 'dedup.threshold' must be between 0 and 1 (got {dedup['threshold']}); fix it")
-    if dedup.get("backend", "memory") not in DEDUP_BACKENDS:
-        problems.append(f"{where}: key 'dedup.backend' must be one of {', '.join(DEDUP_BACKENDS)} "
-                        f"(got {dedup['backend']!r}); fix it")
-    if not str(dedup.get("redis_url", "redis://")).startswith(("redis://", "rediss://", "unix://")):
-        problems.append(f"{where}: key 'dedup.redis_url' must look like redis://host:port/db "
-                        f"(got {dedup['redis_url']!r}); fix it")
-    if dedup.get("num_perm", 128) < 16:
-        problems.append(f"{where}: key 'dedup.num_perm' must be at least 16 (got {dedup['num_perm']}); fix it")
-    if dedup.get("shingle_words", 5) < 1:
-        problems.append(f"{where}: key 'dedup.shingle_words' must be at least 1 (got {dedup['shingle_words']}); fix it")
-    dedup["clean"] = load_clean(where, doc.get("clean", {}), problems)
-    for kind in dedup["clean"].get("scrub_contacts", []):
-        if kind not in known_kinds:
-            problems.append(f"{where}: key 'clean.scrub_contacts' names '{kind}', not a source kind "
-                            f"({', '.join(sorted(known_kinds))}); fix it")
-    table = doc.get("sources", {})
-    if not isinstance(table, dict) or not table:
-        problems.append(f"{where}: no [sources.<name>] blocks; declare at least one source")
+    top = check(where, doc, {**SOURCES_TOP_SCHEMA, "sources": Key(dict, dict)}, problems)
+    dedup = check(where, top["dedup"], DEDUP_SCHEMA, problems, prefix="dedup.")
+    dedup["clean"] = load_clean(where, top["clean"], problems, known_kinds)
+    table = top["sources"]
+    if not table:
+        if "sources" not in doc or isinstance(doc.get("sources"), dict):
+            problems.append(f"{where}: no [sources.<name>] blocks; declare at least one source")
         return {}, dedup
     sources = {}
     for name, block in table.items():
         key = f"sources.{name}"
         if not NAME_RE.match(name):
-            problems.append(f"{where}: source name '{name}' must be lowercase letters, digits, '_' or '-'; rename [{key}]")
+            problems.append(f"{where}: key '{key}': source name '{name}' must be lowercase letters, digits, '_' or '-'; "
+                            f"rename [{key}]")
             continue
         if not isinstance(block, dict):
-            problems.append(f"{where}: '{key}' must be a table ([{key}]); fix it")
+            problems.append(f"{where}: key '{key}' must be a table ([{key}]) (got {block!r}); fix it")
             continue
-        values = _check(where, block, SOURCE_SCHEMA, problems, prefix=f"{key}.")
-        if "kind" in values and values["kind"] not in known_kinds:
-            problems.append(f"{where}: key '{key}.kind' is '{values['kind']}', not a known source kind "
-                            f"({', '.join(sorted(known_kinds))}); fix it or add stages/sources/{values['kind']}.py")
-        if not REFRESH_RE.match(values.get("refresh", "never")):
-            problems.append(f"{where}: key '{key}.refresh' must be \"never\" or \"<N>d\" (got {values['refresh']!r}); fix it")
-        if values.get("mode", "live") not in ("live", "mirror"):
-            problems.append(f"{where}: key '{key}.mode' must be \"live\" or \"mirror\" (got {values['mode']!r}); fix it")
-        if "kind" in values:
-            sources[name] = SourceConfig(name=name, raw_block=block, **{k: values.get(k) for k in SOURCE_SCHEMA})
+        values = check(where, block, SOURCE_SCHEMA, problems, prefix=f"{key}.")
+        kind = values.get("kind")
+        if kind is None:
+            continue
+        if kind not in known_kinds:
+            problems.append(_kind_problem(where, key, kind, known_kinds))
+        else:
+            live = values["enabled"] and values["mode"] == "live"
+            try:
+                cls = source_kinds.load(kind)
+            except Exception as exc:  # a source file that cannot be imported (a missing dependency)
+                problems.append(f"{where}: key '{key}.kind' is '{kind}', but stages/sources/{kind}.py cannot be "
+                                f"imported ({type(exc).__name__}: {exc}); install what it needs or set enabled = false")
+            else:
+                found = len(problems)
+                check(where, values["params"], cls.schema(), problems, prefix=f"{key}.params.", required=live)
+                if live and len(problems) == found:  # well-formed: what it names on disk must exist
+                    for param, message in cls(name, values["params"]).check(root):
+                        problems.append(f"{where}: key '{key}.params.{param}' {message}")
+        sources[name] = SourceConfig(name=name, raw_block=block, **{k: values[k] for k in SOURCE_SCHEMA})
+    for name in dedup["source_priority"]:
+        if name not in table:
+            problems.append(f"{where}: key 'dedup.source_priority' names '{name}', which is not a [sources.<name>] "
+                            f"block; fix the name or remove it")
     return sources, dedup
 
 
-def load_clean(where: str, table: Any, problems: list[str]) -> dict[str, Any]:
+def load_clean(where: str, table: Any, problems: list[str], known_kinds=None) -> dict[str, Any]:
     """The [clean] table of sources.toml: length bounds, markup, boilerplate, contact scrubbing."""
     if not isinstance(table, dict):
-        problems.append(f"{where}: 'clean' must be a table ([clean]); fix it")
+        problems.append(f"{where}: key 'clean' must be a table ([clean]) (got {table!r}); fix it")
         table = {}
-    clean = _check(where, table, CLEAN_SCHEMA, problems, prefix="clean.")
-    if clean.get("min_tokens", 0) < 0:
-        problems.append(f"{where}: key 'clean.min_tokens' must be 0 or more (got {clean['min_tokens']}); fix it")
-    if "max_tokens" in clean and clean["max_tokens"] < max(clean.get("min_tokens", 0), 1):
+    clean = check(where, table, CLEAN_SCHEMA, problems, prefix="clean.")
+    if clean["max_tokens"] < clean["min_tokens"]:
         problems.append(f"{where}: key 'clean.max_tokens' must be at least 1 and at least clean.min_tokens "
-                        f"(got {clean['max_tokens']}); fix it")
-    for pattern in clean.get("boilerplate", []):
+                        f"(got {clean['max_tokens']} < {clean['min_tokens']}); fix it")
+    for pattern in clean["boilerplate"]:
         try:
             re.compile(pattern)
         except re.error as exc:
             problems.append(f"{where}: key 'clean.boilerplate' holds {pattern!r}, not a valid regular expression "
                             f"({exc}); fix it")
+    for kind in clean["scrub_contacts"] if known_kinds is not None else []:
+        if kind not in known_kinds:
+            problems.append(f"{where}: key 'clean.scrub_contacts' names '{kind}', not a source kind "
+                            f"({', '.join(sorted(known_kinds))}); fix it")
     return clean
 
 
+HUB_ID_RE = re.compile(r"[A-Za-z0-9][\w.\-]*/[\w.\-]+|[A-Za-z0-9][\w.\-]*")
+
+
+def _base_model_problem(root: Path, where: str, spec: str) -> str | None:
+    """What is wrong with `base_model`, found without the network: an unknown embedded name, a local
+    folder that is missing or holds no weights, something that is none of the three forms."""
+    from stages import layout
+
+    if spec.startswith("embedded:"):
+        from stages.base_model import EMBEDDED
+        if spec.split(":", 1)[1] not in EMBEDDED:
+            return (f"{where}: key 'base_model' is {spec!r}, not an embedded model "
+                    f"({', '.join('embedded:' + n for n in EMBEDDED)}); fix the name")
+    elif layout.is_local_model(spec):
+        folder = root / Path(spec).expanduser()
+        if not folder.is_dir():
+            return (f"{where}: key 'base_model' names the folder {spec}, which does not exist; "
+                    f"point it at a Hugging Face model folder, or use {DEFAULT_BASE_MODEL}")
+        if not (folder / "model.safetensors").is_file():
+            return (f"{where}: key 'base_model' names the folder {spec}, which has no model.safetensors; "
+                    f"save the model there with save_pretrained(safe_serialization=True)")
+    elif not HUB_ID_RE.fullmatch(spec):
+        return (f"{where}: key 'base_model' is {spec!r}: not embedded:<name>, a local folder (/..., ./..., ../..., "
+                f"~/...) or a hub id (org/name); fix it")
+    return None
+
+
+def _linear_names(root: Path, spec: str) -> set[str] | None:
+    """The names of the base model's 2-D weights' modules (what lora.targets can name), read from the
+    safetensors header when the weights are on disk; the embedded model's known names; else None."""
+    import json
+    import struct
+
+    from stages import layout
+
+    weights = root / layout.base_weights(spec)
+    try:
+        with open(weights, "rb") as fh:
+            header = json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0]))
+        return {name.rsplit(".", 2)[-2] for name, t in header.items()
+                if name.endswith(".weight") and name.count(".") >= 1 and len(t.get("shape", ())) == 2}
+    except (OSError, ValueError, struct.error, AttributeError):
+        pass
+    if spec.startswith("embedded:"):  # Llama-style (SmolLM2)
+        return set(ALL_TARGETS) | {"lm_head", "embed_tokens"}
+    return None
+
+
 def load_adapter(root: Path, path: Path, problems: list[str]) -> AdapterConfig | None:
-    doc = _read_toml(path, problems)
+    where = f"{ADAPTERS_DIR}/{path.parent.name}/adapter.toml"
+    doc = _read_toml(path, where, problems)
     if doc is None:
         return None
-    where = f"{ADAPTERS_DIR}/{path.parent.name}/adapter.toml"
     name = path.parent.name
     if not NAME_RE.match(name):
         problems.append(f"{where}: adapter folder name '{name}' must be lowercase letters, digits, '_' or '-'; rename it")
-    top = _check(where, doc, ADAPTER_SCHEMA, problems)
-    sections = {}
-    for section, schema in (("lora", LORA_SCHEMA), ("train", TRAIN_SCHEMA), ("data", DATA_SCHEMA),
-                            ("eval", EVAL_SCHEMA), ("export", EXPORT_SCHEMA)):
-        sections[section] = _check(where, top.get(section, {}) or {}, schema, problems, prefix=f"{section}.")
-    for (section, key), choices in CHOICES.items():
-        value = sections[section].get(key)
-        if value is not None and value not in choices:
-            problems.append(f"{where}: key '{section}.{key}' must be one of {', '.join(choices)} (got {value!r}); fix it")
-    preset = TRAIN_PRESETS.get(sections["train"].get("preset", ""), {})
-    written = top.get("train") if isinstance(top.get("train"), dict) else {}
-    sections["train"].update({k: v for k, v in preset.items() if k not in written})
-    for key in ("eval_every", "patience", "checkpoint_every", "max_steps"):
-        value = sections["train"].get(key)
-        if isinstance(value, int) and value < 0:
-            problems.append(f"{where}: key 'train.{key}' must be 0 or more (got {value}); fix it")
-    if not 0.0 <= sections["train"].get("max_truncated", 0.0) <= 1.0:
-        problems.append(f"{where}: key 'train.max_truncated' must be a share between 0 and 1 "
-                        f"(got {sections['train']['max_truncated']}); fix it")
-    if sections["train"].get("keep_checkpoints", 1) < 1:
-        problems.append(f"{where}: key 'train.keep_checkpoints' must be at least 1 "
-                        f"(got {sections['train']['keep_checkpoints']}); fix it")
-    for quant in sections["export"].get("merged", []):
-        if quant not in QUANT_TYPES:
-            problems.append(f"{where}: key 'export.merged' lists '{quant}', not one of {', '.join(QUANT_TYPES)}; fix it")
-    for key in ("max_kl", "min_top1"):
-        for quant, value in sections["export"].get(key, {}).items():
+    top = check(where, doc, ADAPTER_SCHEMA, problems)
+    sections = {section: check(where, top[section], schema, problems, prefix=f"{section}.")
+                for section, schema in SECTIONS.items()}
+    preset = TRAIN_PRESETS.get(sections["train"]["preset"], {})
+    sections["train"].update({k: v for k, v in preset.items() if k not in top["train"]})
+    lora, data, export = sections["lora"], sections["data"], sections["export"]
+    if "targets" in top["lora"] and not lora["targets"] and isinstance(top["lora"]["targets"], list):
+        problems.append(f"{where}: key 'lora.targets' is empty; list the modules to adapt, or remove the key "
+                        f"for the default ({', '.join(ALL_TARGETS)})")
+    for key, bound in EXPORT_BOUNDS.items():
+        for quant, value in export[key].items():
             if quant not in QUANT_TYPES + ("lora",):
                 problems.append(f"{where}: key 'export.{key}.{quant}' names no quant type "
                                 f"({', '.join(QUANT_TYPES + ('lora',))}); fix it")
-            elif isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                problems.append(f"{where}: key 'export.{key}.{quant}' must be a number >= 0 (got {value!r}); fix it")
-    for section, key in (("train", "batch_size"), ("train", "grad_accum"), ("train", "max_length"),
-                         ("train", "epochs"), ("lora", "r"), ("export", "verify_examples")):
-        value = sections[section].get(key)
-        if isinstance(value, int) and value < 1:
-            problems.append(f"{where}: key '{section}.{key}' must be at least 1 (got {value}); fix it")
-    data = sections["data"]
-    if isinstance(data.get("max_examples"), int) and data["max_examples"] < 0:
-        problems.append(f"{where}: key 'data.max_examples' must be 0 (all) or more (got {data['max_examples']}); fix it")
-    for key in ("keywords", "exclude_keywords"):
-        for word in data.get(key, []):
-            if not word.strip():
-                problems.append(f"{where}: key 'data.{key}' holds an empty string; remove it")
-    return AdapterConfig(name=name, path=path.parent, base_model=top.get("base_model", DEFAULT_BASE_MODEL),
-                         description=top.get("description", ""), **sections)
+                continue
+            value, problem = check_value(where, f"export.{key}.{quant}", value, bound)
+            if problem:
+                problems.append(problem.replace(" must be a number", " must be a number >= 0", 1))
+    # what the recipe names on disk must be there before anything runs
+    base = top["base_model"]
+    problem = _base_model_problem(root, where, base)
+    if problem:
+        problems.append(problem)
+    else:
+        names = _linear_names(root, base)
+        for target in lora["targets"] if names else []:
+            if target not in names:
+                close = difflib.get_close_matches(target, sorted(names), n=1)
+                problems.append(f"{where}: key 'lora.targets' lists '{target}', which the base model {base} has no "
+                                f"layer named ({'did you mean ' + repr(close[0]) + '? ' if close else ''}it has: "
+                                f"{', '.join(sorted(names))}); fix that item")
+    frozen = data["frozen_test"]
+    if frozen:
+        frozen_path = root / Path(frozen).expanduser()
+        if not frozen_path.is_file():
+            problems.append(f"{where}: key 'data.frozen_test' names {frozen}, which "
+                            f"{'is a folder' if frozen_path.is_dir() else 'does not exist'}; copy a test.jsonl (or a "
+                            f"list of ids) there, or remove the key")
+    return AdapterConfig(name=name, path=path.parent, base_model=base, description=top["description"], **sections)
 
 
 def load(root: str | Path = ".") -> Config:
-    from stages.sources import KINDS  # cheap: a dict of names, modules are imported lazily
+    from stages.sources import KINDS  # cheap: a dict of names; load_sources imports the kinds it is given
 
     root = Path(root).resolve()
     problems: list[str] = []
@@ -379,14 +431,22 @@ def load(root: str | Path = ".") -> Config:
         problems.append(f"{ADAPTERS_DIR}/: no adapters found; create {ADAPTERS_DIR}/<name>/adapter.toml")
     for source in sources.values():
         for adapter in source.adapters:
+            if adapter not in adapters and (root / ADAPTERS_DIR / adapter / "adapter.toml").exists():
+                continue  # it exists but is broken: its own lines say why
             if adapter not in adapters:
                 problems.append(f"{SOURCES_FILE}: key 'sources.{source.name}.adapters' names '{adapter}', but "
                                 f"{ADAPTERS_DIR}/{adapter}/adapter.toml does not exist; create it or remove the name")
     for adapter in adapters.values():
-        for name in adapter.data.get("sources", []):
+        where = f"{ADAPTERS_DIR}/{adapter.name}/adapter.toml"
+        for name in adapter.data["sources"]:
             if name not in sources:
-                problems.append(f"{ADAPTERS_DIR}/{adapter.name}/adapter.toml: key 'data.sources' names '{name}', "
-                                f"which is not a [sources.<name>] block in {SOURCES_FILE}; fix the name")
+                close = difflib.get_close_matches(name, list(sources), n=1)
+                problems.append(f"{where}: key 'data.sources' names '{name}', which is not a [sources.<name>] block in "
+                                f"{SOURCES_FILE}; {'did you mean ' + repr(close[0]) + '? ' if close else ''}fix the name")
+        fed = [s for s in sources.values() if s.enabled and (adapter.name in s.adapters or s.name in adapter.data["sources"])]
+        if sources and not fed:
+            problems.append(f"{where}: key 'data.sources': no enabled source feeds adapter '{adapter.name}'; list it in "
+                            f"`adapters` of an enabled [sources.<name>] block in {SOURCES_FILE}, or name one here")
     if problems:
         raise ConfigError(problems)
     clean = dedup.pop("clean", {})

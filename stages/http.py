@@ -39,6 +39,7 @@ from typing import Any, Callable
 import orjson
 
 from stages import io
+from stages.schema import Key
 from stages.sources import SourceError
 
 VERSION = "0.1.0"
@@ -352,6 +353,20 @@ def _xml_complete(content: bytes) -> str | None:
     except xml.parsers.expat.ExpatError as exc:
         return f"incomplete or malformed XML ({xml.parsers.expat.ErrorString(exc.code)})"
     return None
+
+
+# what a source's [params] may set for the client (stages.schema.Key; checked by config.load with the source's own)
+PARAMS = {
+    "base_url": Key(str, "", pattern=r"https?://\S+", expect="an http:// or https:// URL"),  # "" = the API's
+    "rate": Key(float, 0.0, min=0, expect="0 (the API's documented limit) or more, in requests/s"),
+    "retries": Key(int, 6, min=0),
+    "backoff": Key(float, 1.0, min=0),
+    "backoff_cap": Key(float, 60.0, min=0),
+    "max_wait": Key(float, 600.0, min=0),
+    "timeout": Key(float, 60.0, above=0),
+    "daily_limit": Key(int, 0, min=0, expect="0 (the API's documented cap) or more"),
+    "lock_dir": Key(str, ""),  # "" = data/.ratelimit
+}
 
 
 class Client:

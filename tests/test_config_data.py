@@ -32,6 +32,8 @@ def test_valid_keys_load(tmp_path):
     sources = ('[dedup]\nbackend = "redis"\nredis_url = "redis://10.0.0.2:6380/1"\n'
                '[clean]\nmin_tokens = 0\nmax_tokens = 512\nboilerplate = ["^Sponsored"]\nscrub_contacts = []\n'
                + SOURCES + '[sources.codes]\nkind = "icd10cm"\n')
+    (tmp_path / "frozen").mkdir()
+    (tmp_path / "frozen" / "test.jsonl").write_text('{"id": "a"}\n')  # a frozen_test must exist (checked at load)
     cfg = config.load(project(tmp_path, sources, '[data]\nsources = ["codes"]\nkeywords = ["sepsis", "septic shock"]\n'
                                                  'frozen_test = "frozen/test.jsonl"\n'))
     assert cfg.dedup["backend"] == "redis" and cfg.clean["max_tokens"] == 512
@@ -60,7 +62,7 @@ def test_sources_toml_errors(tmp_path, sources, expected):
     ('[data]\nsources = ["nope"]\n', "adapters/decide/adapter.toml: key 'data.sources' names 'nope', which is not"),
     ('[data]\nkeywords = "sepsis"\n', "key 'data.keywords' must be a list"),
     ('[data]\nkeywords = ["sepsis", " "]\n', "key 'data.keywords' holds an empty string"),
-    ('[data]\nexclude_keywords = [3]\n', "key 'data.exclude_keywords' must be a list of a string"),
+    ('[data]\nexclude_keywords = [3]\n', "key 'data.exclude_keywords' must be a list of strings (got 3 in it)"),
     ('[data]\nfrozen_test = true\n', "key 'data.frozen_test' must be a string"),
     ('[data]\nmax_examples = -5\n', "key 'data.max_examples' must be 0 (all) or more"),
     ('[data]\nkeyword = ["x"]\n', "unknown key 'data.keyword'"),

@@ -34,7 +34,7 @@ def test_the_recipe_overrides_its_preset(tmp_path):
 
 
 @pytest.mark.parametrize("train, expected", [
-    ('preset = "weekend"', r"'train.preset' must be one of , quick, overnight, full"),
+    ('preset = "weekend"', "'train.preset' must be one of \"\", quick, overnight, full"),
     ('optimizer = "sgd"', r"'train.optimizer' must be one of auto, adamw, paged_adamw"),
     ("eval_every = -1", r"'train.eval_every' must be 0 or more"),
     ("patience = -2", r"'train.patience' must be 0 or more"),

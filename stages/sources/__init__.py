@@ -11,6 +11,14 @@ The protocol, in data-flow order:
 - `examples(record)`: one record -> instruction examples `{"task", "messages"}`.
 - `inputs()`: the files on the user's disk that `fetch` reads (doit's file_dep of the scrape:
   editing, adding or removing one re-runs that source alone).
+
+Its settings are data: `PARAMS` maps each key of `[sources.<name>.params]` to a
+`stages.schema.Key` (type, default, range, choices); a source that talks to an API through
+the shared client (it names its `api`) takes the client's keys too (stages.http.PARAMS).
+`config.load()` checks every source's params against them before anything runs (unknown
+keys, wrong types, out of range), then, for an enabled live source, `check(root)`: what the
+schema cannot say, found without the network (a file it names that does not exist).
+`param(key)` reads a declared key, its default filled in.
 """
 from __future__ import annotations
 
@@ -26,6 +34,7 @@ KINDS = {p.stem: f"stages.sources.{p.stem}" for p in sorted(_HERE.glob("*.py")) 
 
 
 from stages.errors import StageError
+from stages.schema import Key, check_value
 
 
 class SourceError(StageError):
@@ -37,14 +46,39 @@ class Source:
     licence: ClassVar[str]          # licence of the data, e.g. "MIT", "public domain (US government)"
     origin: ClassVar[str]           # where the data comes from: a URL or "pypi:<package>"
     network: ClassVar[bool] = False  # needs the internet in live mode
+    PARAMS: ClassVar[dict[str, Key]] = {}  # [sources.<name>.params]: key -> Key (stages.schema)
 
     def __init__(self, name: str, params: dict[str, Any]):
         self.name = name
         self.params = params
 
-    def param(self, key: str, default: Any, kind: type | tuple[type, ...] | None = None,
+    @classmethod
+    def schema(cls) -> dict[str, Key]:
+        """Every key its params may hold: its own, plus the HTTP client's when it uses one."""
+        if getattr(cls, "api", None):
+            from stages.http import PARAMS as HTTP_PARAMS
+            return {**HTTP_PARAMS, **cls.PARAMS}
+        return dict(cls.PARAMS)
+
+    def check(self, root: Path) -> list[tuple[str, str]]:
+        """(param, what is wrong and the fix) for what the schema cannot say; run at load, for an enabled
+        live source whose params are well-formed, without the network (`root`: the project folder)."""
+        return []
+
+    def param(self, key: str, default: Any = None, kind: type | tuple[type, ...] | None = None,
               between: tuple[float, float] | None = None) -> Any:
-        """A parameter from `[sources.<name>.params]`, type- and range-checked with a one-line error."""
+        """A parameter from `[sources.<name>.params]`: a declared key is read by its Key (the rest of the
+        arguments are ignored); an undeclared one type- and range-checked as asked. A one-line error either way."""
+        declared = self.schema().get(key)
+        if declared is not None:
+            if key not in self.params:
+                if declared.required:
+                    raise SourceError(f"sources.toml: missing key 'sources.{self.name}.params.{key}'; add it")
+                return declared.make_default()
+            value, problem = check_value("sources.toml", f"sources.{self.name}.params.{key}", self.params[key], declared)
+            if problem:
+                raise SourceError(problem)
+            return value
         value = self.params.get(key, default)
         kind = kind or type(default)
         where = f"sources.toml: key 'sources.{self.name}.params.{key}'"

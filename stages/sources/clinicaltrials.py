@@ -16,7 +16,7 @@ from typing import Any, Iterator
 
 import orjson
 
-from stages.sources import Source, SourceError, _text
+from stages.sources import Key, Source, SourceError, _text
 
 # the headings registries write: "Inclusion Criteria:", "Key Inclusion Criteria:", "INCLUSION CRITERIA",
 # "Eligibility criteria:", "Exclusion criteria for parents:" ...
@@ -47,17 +47,26 @@ class ClinicalTrials(Source):
     origin = "https://clinicaltrials.gov/"
     network = True
     api = "clinicaltrials"
+    PARAMS = {
+        "cond": Key(str, ""),          # query.cond
+        "term": Key(str, ""),          # query.term
+        "intr": Key(str, ""),          # query.intr
+        "status": Key(str, ""),        # filter.overallStatus, e.g. "COMPLETED"
+        "fields": Key(str, ""),        # comma list; "" = all
+        "page_size": Key(int, 100, min=1, max=1000),
+        "max_records": Key(int, 1000, min=0, expect="0 (all) or more"),
+    }
 
     def fetch(self, store) -> None:
         from stages import http
 
-        size = self.param("page_size", 100, int, between=(1, 1000))
-        max_records = self.param("max_records", 1000, int)
+        size = self.param("page_size")
+        max_records = self.param("max_records")
         query = {"format": "json", "pageSize": size, "countTotal": "true",
-                 "query.cond": self.param("cond", "", str) or None, "query.term": self.param("term", "", str) or None,
-                 "query.intr": self.param("intr", "", str) or None,
-                 "filter.overallStatus": self.param("status", "", str) or None,
-                 "fields": self.param("fields", "", str) or None}
+                 "query.cond": self.param("cond") or None, "query.term": self.param("term") or None,
+                 "query.intr": self.param("intr") or None,
+                 "filter.overallStatus": self.param("status") or None,
+                 "fields": self.param("fields") or None}
         state = store.checkpoint or {"page": 0, "token": None, "fetched": 0, "done": False, "total": None}
         # "all" is the first page's totalCount (or max_records); a repeated nextPageToken stops the scrape
         listing = http.Listing(self.name, state, wanted=max_records, got=state["fetched"])

@@ -14,7 +14,7 @@ from typing import Any, Iterator
 
 import orjson
 
-from stages.sources import Source, SourceError, _text, _xml
+from stages.sources import Key, Source, SourceError, _text, _xml
 
 # LOINC section codes -> (key, question template)
 SECTIONS = {
@@ -82,13 +82,19 @@ class DailyMed(Source):
     origin = "https://dailymed.nlm.nih.gov/"
     network = True
     api = "dailymed"
+    PARAMS = {
+        "drug_name": Key(str, ""),     # listing filter
+        "labeler": Key(str, ""),
+        "page_size": Key(int, 100, min=1, max=100),
+        "max_labels": Key(int, 200, min=0, expect="0 (all) or more"),
+    }
 
     def fetch(self, store) -> None:
         from stages import http
 
-        size = self.param("page_size", 100, int)
-        max_labels = self.param("max_labels", 200, int)
-        filters = {"drug_name": self.param("drug_name", "", str) or None, "labeler": self.param("labeler", "", str) or None}
+        size = self.param("page_size")
+        max_labels = self.param("max_labels")
+        filters = {"drug_name": self.param("drug_name") or None, "labeler": self.param("labeler") or None}
         state = store.checkpoint or {"page": 1, "pending": [], "listed": 0, "listing_done": False}
         # "all" is the listing's metadata.total_elements (or max_labels); a repeated next_page stops the scrape
         listing = http.Listing(self.name, state, wanted=max_labels, got=state["listed"])

@@ -14,7 +14,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any, Iterator
 
-from stages.sources import Source, SourceError, _text, _xml
+from stages.sources import Key, Source, SourceError, _text, _xml
 
 NS = "http://www.drugbank.ca"
 FIELDS = ("description", "indication", "pharmacodynamics", "mechanism-of-action", "toxicity", "metabolism",
@@ -43,9 +43,24 @@ class DrugBank(Source):
     kind = "drugbank"
     licence = "DrugBank licence of the user's download (academic: CC BY-NC 4.0); derived adapters inherit its terms"
     origin = "https://go.drugbank.com/releases/latest"
+    PARAMS = {
+        "path": Key(str, ""),          # the user's full_database.xml
+        "chunk": Key(int, 500, min=1),
+        "max_drugs": Key(int, 0, min=0, expect="0 (all) or more"),
+    }
+
+    def check(self, root: Path) -> list[tuple[str, str]]:
+        raw = self.param("path")
+        if not raw:
+            return [("path", "is missing; download full_database.xml from go.drugbank.com (licence required) and "
+                             "set path to it, or set enabled = false")]
+        if not (root / Path(raw).expanduser()).is_file():
+            return [("path", f"names {raw}, which does not exist; download full_database.xml from go.drugbank.com "
+                             f"and point path at it, or set enabled = false")]
+        return []
 
     def _path(self) -> Path:
-        raw = self.param("path", "", str)
+        raw = self.param("path")
         if not raw:
             raise SourceError(f"sources.toml: key 'sources.{self.name}.params.path' is missing; download "
                               f"full_database.xml from go.drugbank.com (licence required) and set path to it")
@@ -61,8 +76,8 @@ class DrugBank(Source):
         return [path] if path and path.is_file() else []
 
     def fetch(self, store) -> None:
-        chunk = max(1, self.param("chunk", 500, int))
-        max_drugs = self.param("max_drugs", 0, int)
+        chunk = max(1, self.param("chunk"))
+        max_drugs = self.param("max_drugs")
         batch: list[bytes] = []
         count = page = 0
 

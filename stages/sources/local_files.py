@@ -24,7 +24,7 @@ from typing import Any, Iterator
 import orjson
 
 from stages import io
-from stages.sources import Source, SourceError
+from stages.sources import Key, Source, SourceError
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "system": "system", "bing": "assistant", "chatgpt": "assistant"}
@@ -54,6 +54,18 @@ class LocalFiles(Source):
     kind = "local_files"
     licence = "as given in params.licence (the user's own files)"
     origin = "local"
+    PARAMS = {
+        "paths": Key(list, list, items=str, nonblank=True),  # files or globs, relative to the project
+        "format": Key(str, "auto", choices=("auto", "alpaca", "sharegpt", "messages")),
+        "task": Key(str, "local", nonblank=True),
+        "chunk_chars": Key(int, 1500, min=1),
+        "licence": Key(str, ""),       # what the files are licensed under, for provenance
+    }
+
+    def check(self, root: Path) -> list[tuple[str, str]]:
+        if not self.param("paths"):
+            return [("paths", "is empty; list files or globs, e.g. [\"data/local/*.jsonl\"], or set enabled = false")]
+        return []
 
     def __init__(self, name: str, params: dict[str, Any]):
         super().__init__(name, params)
@@ -71,7 +83,7 @@ class LocalFiles(Source):
             if isinstance(patterns, list) else []
 
     def _files(self) -> list[Path]:
-        patterns = self.param("paths", [], list)
+        patterns = self.param("paths")
         if not patterns:
             raise SourceError(f"sources.toml: key 'sources.{self.name}.params.paths' is empty; list files or globs, "
                               f"e.g. [\"data/local/*.jsonl\"]")
@@ -108,7 +120,7 @@ class LocalFiles(Source):
             from stages.sources.fda_guidance import pdf_text
 
             text = re.sub(r"[ \t]+", " ", "\n".join(pdf_text(page))).strip()
-            size = self.param("chunk_chars", 1500, int)
+            size = self.param("chunk_chars")
             paragraphs, buf, n = re.split(r"\n\s*\n|\n(?=[A-Z0-9])", text), "", 0
             for para in paragraphs + [None]:
                 if para is not None and len(buf) + len(para) < size:
@@ -119,7 +131,7 @@ class LocalFiles(Source):
                     n += 1
                 buf = (para or "").strip()
             return
-        form = self.param("format", "auto", str)
+        form = self.param("format")
         if form not in ("auto", "alpaca", "sharegpt", "messages"):
             raise SourceError(f"sources.toml: key 'sources.{self.name}.params.format' must be auto, alpaca, sharegpt "
                               f"or messages (got {form!r}); fix it")
@@ -131,7 +143,7 @@ class LocalFiles(Source):
                 yield {"id": str(row.get("id") or f"{page.name}:{i}"), "messages": messages, "task": row.get("task")}
 
     def examples(self, record: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        task = self.param("task", "local", str)
+        task = self.param("task")
         if "passage" in record:
             text = record["passage"]
             cut = text.find(". ", len(text) // 3)

@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterator
 
-from stages.sources import Source, SourceError, _text, _xml
+from stages.sources import Key, Source, SourceError, _text, _xml
 
 _FILE = re.compile(r"mplus_topics_(\d{4}-\d{2}-\d{2})\.xml")
 
@@ -28,13 +28,17 @@ class MedlinePlus(Source):
     origin = "https://medlineplus.gov/xml.html"
     network = True
     api = "medlineplus"
+    PARAMS = {
+        "language": Key(str, "English", choices=("English", "Spanish")),
+        "file": Key(str, "", pattern=r"mplus_topics_\d{4}-\d{2}-\d{2}\.xml", expect="like mplus_topics_YYYY-MM-DD.xml"),
+    }
 
     def fetch(self, store) -> None:
         from stages import http
 
         state = store.checkpoint or {}
         with http.Client(self.name, self.api, self.params) as client:
-            name = state.get("file") or self.param("file", "", str)
+            name = state.get("file") or self.param("file")
             if not name:
                 listing = client.get("xml.html", expect="bytes").content.decode("utf-8", "replace")
                 found = sorted(set(_FILE.findall(listing)))
@@ -51,7 +55,7 @@ class MedlinePlus(Source):
             store.save_checkpoint({"file": name, "done": True})
 
     def parse(self, page: Path) -> Iterator[dict[str, Any]]:
-        language = self.param("language", "English", str)
+        language = self.param("language")
         with open(page, "rb") as fh:
             if b"<health-topics" not in fh.read(4096):
                 raise SourceError(f"{page}: not a MedlinePlus health topics file (expected mplus_topics_*.xml with a "

@@ -17,7 +17,7 @@ from typing import Any, Iterator
 
 import orjson
 
-from stages.sources import Source, SourceError, _text
+from stages.sources import Key, Source, SourceError, _text
 
 ENDPOINTS = ("drug/label", "drug/event")
 SKIP_MAX = 25_000
@@ -67,17 +67,24 @@ class OpenFda(Source):
     origin = "https://api.fda.gov/"
     network = True
     api = "openfda"
+    PARAMS = {
+        "endpoint": Key(str, "drug/label", choices=ENDPOINTS),
+        "search": Key(str, ""),        # openFDA query syntax; "" = all
+        "sort": Key(str, ""),
+        "limit": Key(int, 100, min=1, max=1000),
+        "max_records": Key(int, 1000, min=0, expect="0 (all) or more"),
+    }
 
     def fetch(self, store) -> None:
         from stages import http
 
-        endpoint = self.param("endpoint", "drug/label", str)
+        endpoint = self.param("endpoint")
         if endpoint not in ENDPOINTS:
             raise SourceError(f"sources.toml: key 'sources.{self.name}.params.endpoint' must be one of "
                               f"{', '.join(ENDPOINTS)} (got {endpoint!r}); fix it")
-        limit = self.param("limit", 100, int, between=(1, 1000))
-        max_records = self.param("max_records", 1000, int)
-        query = {"search": self.param("search", "", str) or None, "sort": self.param("sort", "", str) or None,
+        limit = self.param("limit")
+        max_records = self.param("max_records")
+        query = {"search": self.param("search") or None, "sort": self.param("sort") or None,
                  "limit": limit}
         state = store.checkpoint or {"page": 0, "cursor": None, "skip": 0, "fetched": 0, "done": False}
         prefix = endpoint.replace("/", "-")

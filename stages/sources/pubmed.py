@@ -15,7 +15,7 @@ import datetime as dt
 from pathlib import Path
 from typing import Any, Iterator
 
-from stages.sources import Source, SourceError, _text, _xml
+from stages.sources import Key, Source, SourceError, _text, _xml
 
 
 def _date(text: str, key: str, source: str) -> dt.date:
@@ -69,21 +69,41 @@ class PubMed(Source):
     origin = "https://pubmed.ncbi.nlm.nih.gov/"
     network = True
     api = "ncbi"
+    PARAMS = {
+        "term": Key(str, ""),          # the PubMed query (an enabled live source needs one: check())
+        "mindate": Key(str, "2024/01/01", pattern=r"\d{4}/\d{2}/\d{2}", expect='a date "YYYY/MM/DD"'),
+        "maxdate": Key(str, "2024/12/31", pattern=r"\d{4}/\d{2}/\d{2}", expect='a date "YYYY/MM/DD"'),
+        "datetype": Key(str, "pdat", choices=("pdat", "edat", "mdat")),
+        "batch": Key(int, 200, min=1, max=10_000),
+        "max_records": Key(int, 0, min=0, expect="0 (all) or more"),
+        "query_cap": Key(int, 10_000, min=1, max=10_000),  # esearch hands out at most 10,000 ids per query
+    }
+
+    def check(self, root: Path) -> list[tuple[str, str]]:
+        if not self.param("term").strip():
+            return [("term", "is empty; give a PubMed query, e.g. \"hypertension[majr] AND english[la]\"")]
+        try:
+            lo, hi = (dt.datetime.strptime(self.param(k), "%Y/%m/%d").date() for k in ("mindate", "maxdate"))
+        except ValueError as exc:
+            return [("mindate", f"or maxdate is not a calendar date ({exc}); fix it")]
+        if lo > hi:
+            return [("maxdate", f"({self.param('maxdate')}) is before mindate ({self.param('mindate')}); swap them")]
+        return []
 
     # --- fetch
     def fetch(self, store) -> None:
         from stages import http
 
-        term = self.param("term", "", str)
+        term = self.param("term")
         if not term.strip():
             raise SourceError(f"sources.toml: key 'sources.{self.name}.params.term' is empty; give a PubMed query, "
                               f"e.g. \"hypertension[majr] AND english[la]\"")
-        lo = _date(self.param("mindate", "2024/01/01", str), "mindate", self.name)
-        hi = _date(self.param("maxdate", "2024/12/31", str), "maxdate", self.name)
-        datetype = self.param("datetype", "pdat", str)
-        batch = min(self.param("batch", 200, int), 10_000)
-        cap = self.param("query_cap", 10_000, int)
-        max_records = self.param("max_records", 0, int)
+        lo = _date(self.param("mindate"), "mindate", self.name)
+        hi = _date(self.param("maxdate"), "maxdate", self.name)
+        datetype = self.param("datetype")
+        batch = min(self.param("batch"), 10_000)
+        cap = self.param("query_cap")
+        max_records = self.param("max_records")
         state = store.checkpoint or {"ranges": [[_fmt(lo), _fmt(hi)]], "current": None, "fetched": 0}
         base = {"db": "pubmed", "term": term, "datetype": datetype}
 

@@ -16,7 +16,7 @@ from typing import Any, Iterator
 
 import orjson
 
-from stages.sources import Source, SourceError
+from stages.sources import Key, Source, SourceError
 
 TTY_LABEL = {"IN": "ingredients", "PIN": "precise ingredients", "MIN": "multiple ingredients", "BN": "brand names",
              "DF": "dose forms", "SCD": "clinical drugs", "SBD": "branded drugs", "SCDF": "clinical dose forms",
@@ -45,14 +45,18 @@ class RxNorm(Source):
     origin = "https://rxnav.nlm.nih.gov/"
     network = True
     api = "rxnav"
+    PARAMS = {
+        "names": Key(list, lambda: ["lisinopril", "metformin", "atorvastatin"], items=str, nonblank=True, unique=True),
+        "related_per_name": Key(int, 3, min=0),  # clinical drugs (SCD) per name
+    }
 
     def fetch(self, store) -> None:
         from stages import http
 
-        names = self.param("names", ["lisinopril", "metformin", "atorvastatin"], list)
+        names = self.param("names")
         if not all(isinstance(n, str) and n.strip() for n in names):
             raise SourceError(f"sources.toml: key 'sources.{self.name}.params.names' must be a list of drug names; fix it")
-        per_name = self.param("related_per_name", 3, int)
+        per_name = self.param("related_per_name")
         state = store.checkpoint or {"names": list(names), "rxcuis": []}
         with http.Client(self.name, self.api, self.params) as client:
             while state["names"] or state["rxcuis"]:

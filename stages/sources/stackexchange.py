@@ -16,7 +16,7 @@ from typing import Any, Iterator
 
 import orjson
 
-from stages.sources import Source, SourceError, _text
+from stages.sources import Key, Source, SourceError, _text
 
 
 
@@ -30,15 +30,24 @@ class StackExchange(Source):
     origin = "https://medicalsciences.stackexchange.com/"
     network = True
     api = "stackexchange"
+    PARAMS = {
+        "site": Key(str, "medicalsciences", nonblank=True),
+        "tagged": Key(str, ""),        # ";"-separated tags
+        "sort": Key(str, "votes", choices=("activity", "votes", "creation", "hot", "week", "month")),
+        "filter": Key(str, "withbody", nonblank=True),
+        "page_size": Key(int, 100, min=1, max=100),
+        "max_pages": Key(int, 10, min=0, expect="0 (all) or more"),
+        "min_score": Key(int, 1),
+    }
 
     def fetch(self, store) -> None:
         from stages import http
 
-        site = self.param("site", "medicalsciences", str)
-        size = min(self.param("page_size", 100, int), 100)
-        max_pages = self.param("max_pages", 10, int)
-        query = {"site": site, "filter": self.param("filter", "withbody", str), "pagesize": size,
-                 "order": "desc", "sort": self.param("sort", "votes", str), "tagged": self.param("tagged", "", str) or None}
+        site = self.param("site")
+        size = min(self.param("page_size"), 100)
+        max_pages = self.param("max_pages")
+        query = {"site": site, "filter": self.param("filter"), "pagesize": size,
+                 "order": "desc", "sort": self.param("sort"), "tagged": self.param("tagged") or None}
         state = store.checkpoint or {"page": 1, "answers_for": None, "done": False}
         # no total without filter=total: "all" is has_more; an empty page that says has_more is retried
         listing = http.Listing(self.name, state)
@@ -80,7 +89,7 @@ class StackExchange(Source):
         answers: dict[int, list[dict]] = {}
         for a in (self._load(answers_page).get("items") or []) if answers_page.exists() else []:
             answers.setdefault(a.get("question_id"), []).append(a)
-        min_score = self.param("min_score", 1, int)
+        min_score = self.param("min_score")
         for q in doc.get("items") or []:
             qid = q.get("question_id")
             candidates = answers.get(qid, []) + list(q.get("answers") or [])
