@@ -1,7 +1,8 @@
 """A doit reporter that also writes every task event as a JSON line to data/events.jsonl.
 
 doit writes its dep DB only at the end of a run, so live state (running, done,
-failed, up to date) comes from this stream; the dashboard follows it.
+failed, up to date) comes from this stream; the dashboard follows it. Only `doit run`
+makes a reporter, so it is also where a run takes the project's run lock (stages/lock.py).
 """
 from __future__ import annotations
 
@@ -10,19 +11,13 @@ import time
 
 from doit.reporter import ConsoleReporter
 
-from stages import io, layout
+from stages import io, layout, lock
 from stages.errors import failure_line
 
 
-# set by the dashboard's runner on the runs it starts, so it can tell its run's events from others
-RUN_ID = os.environ.get("MEDFORGE_RUN_ID")
-
-
 def emit(event: str, **fields) -> None:
-    row = {"t": round(time.time(), 3), "pid": os.getpid(), "event": event, **fields}
-    if RUN_ID:
-        row["run"] = RUN_ID
-    io.append_jsonl(layout.events_file(), row)
+    """One event; `pid` (doit's, the run lock's holder) tells one run's events from another's."""
+    io.append_jsonl(layout.events_file(), {"t": round(time.time(), 3), "pid": os.getpid(), "event": event, **fields})
 
 
 def end_log(task: str, reason: str) -> None:
@@ -47,6 +42,10 @@ def end_log(task: str, reason: str) -> None:
 
 class EventReporter(ConsoleReporter):
     desc = "console output plus JSON-lines task events in data/events.jsonl"
+
+    def __init__(self, outstream, options):
+        self.lock = lock.hold()  # one run at a time: a second one exits here, with one line, before any task
+        super().__init__(outstream, options)
 
     def initialize(self, tasks, selected_tasks):
         emit("run_start", selected=list(selected_tasks or []))

@@ -222,9 +222,9 @@ def doit_db() -> Path:
     return DATA / ".doit.sqlite"
 
 
-def run_record() -> Path:
-    """The one detached doit run (pid, tasks, start); the dashboard reattaches through it."""
-    return DATA / "run.json"
+def run_lock() -> Path:
+    """The project's run lock (stages/lock.py): who runs doit now, or ran it last."""
+    return DATA / "run.lock"
 
 
 def run_log() -> Path:

@@ -58,9 +58,9 @@ async def test_pipeline_run_all_shows_states_reasons_and_logs(project):
         await pilot.press("a")  # a second start says what is running
         await wait_for(pilot, lambda: any("already going" in str(n.message) for n in app._notifications),
                        what="the busy notice")
-        await wait_for(pilot, lambda: state_of(app, "train:tiny") == "done" and not app.running, 60, "the run to end")
-        # the dep DB was re-read after the run: everything up to date, live 'done' still shown
-        await wait_for(pilot, lambda: app.pipeline.static["train:tiny"]["status"] == "up-to-date", what="static refresh")
+        await wait_for(pilot, lambda: not app.running, 60, "the run to end")
+        # the dep DB was re-read after the run: it is the truth now, everything up to date
+        await wait_for(pilot, lambda: state_of(app, "train:tiny") == "up to date", what="static refresh")
         # select train:tiny and read its log; markup-like text stays literal
         await pilot.press("down", "down")
         await wait_for(pilot, lambda: "step 12/12" in "\n".join(app.screen.query_one("#log").lines), what="log tail")
@@ -417,8 +417,8 @@ def failing(times: int, real, exc=OSError("disk hiccup")):
 async def test_run_and_log_polls_keep_polling_after_errors(project, monkeypatch):
     from tui.screens import pipeline
 
-    read_record = failing(3, runner.read_record)
-    monkeypatch.setattr(runner, "read_record", read_record)
+    current_run = failing(3, runner.current_run)
+    monkeypatch.setattr(runner, "current_run", current_run)
     monkeypatch.setattr(pipeline, "tail_lines", failing(2, pipeline.tail_lines, ValueError("bad [bold]log[/]")))
     log = project / layout.log_file("scrape:alpha")
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -430,7 +430,7 @@ async def test_run_and_log_polls_keep_polling_after_errors(project, monkeypatch)
         # the log poll failed twice, then showed the log
         await wait_for(pilot, lambda: "fetched page 2" in app.screen.query_one("#log").lines, 20, "the log")
         # the run poll failed three times, then went on polling (and keeps going)
-        await wait_for(pilot, lambda: read_record.calls["n"] > 5, 20, "more run polls")
+        await wait_for(pilot, lambda: current_run.calls["n"] > 5, 20, "more run polls")
         assert any(type(m).__name__ == "_Polled" for m in polled)
         # each failing poll said so once, as plain text
         assert notices(app, "run monitor") == ["run monitor: OSError: disk hiccup (still polling)"]

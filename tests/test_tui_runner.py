@@ -23,8 +23,7 @@ def project(tmp_path, monkeypatch):
     project_env()
     monkeypatch.setenv("TINY_TRAIN_S", "2")
     yield root
-    record = runner.read_record(root)
-    if record is not None and runner.is_alive(record):
+    if runner.current_run(root) is not None:
         runner.stop(root, grace_s=2)
 
 
@@ -63,8 +62,8 @@ def test_static_status_says_why_each_task_runs(project):
     assert rows["dedup"]["reason"] == "never run; waits for scrape:alpha"
     assert rows["train:tiny"]["task_dep"] == ["dedup"]
 
-    record = runner.start(project, [])
-    wait_sync(lambda: not runner.is_alive(record), 60, "the run to finish")
+    runner.start(project, [])
+    wait_sync(lambda: runner.current_run(project) is None, 60, "the run to finish")
     rows = {t["name"]: t for t in runner.static_status(project)["tasks"]}
     assert all(t["status"] == "up-to-date" for t in rows.values()), rows
 
@@ -88,8 +87,8 @@ def test_one_run_at_a_time_and_stop(project, monkeypatch, sigint):
         record = runner.start(project, ["train:tiny"])  # the run inherits this process's SIGINT disposition
     finally:
         signal.signal(signal.SIGINT, previous)
-    assert runner.current_run(project).pid == record.pid
-    with pytest.raises(runner.RunBusy, match=f"pid {record.pid}"):
+    assert runner.current_run(project) == record
+    with pytest.raises(runner.RunBusy, match=f"pid {record.pid}, started from dashboard"):
         runner.start(project, [])
     with pytest.raises(runner.RunBusy):
         runner.forget(project, ["dedup"])
@@ -98,7 +97,7 @@ def test_one_run_at_a_time_and_stop(project, monkeypatch, sigint):
     message = runner.stop(project, grace_s=10)
     assert "stopped" in message
     assert runner.current_run(project) is None
-    evs = [e for e in events(project) if e.get("run") == record.run_id]
+    evs = [e for e in events(project) if e.get("pid") == record.pid]
     assert [e["event"] for e in evs][0] == "run_start"
     assert evs[-1]["event"] == "run_end"  # SIGINT lets doit finish cleanly (and save its dep DB)
     state = PipelineState()
@@ -114,7 +113,7 @@ def test_a_run_outlives_the_process_that_started_it(project, monkeypatch):
     done = subprocess.run([sys.executable, "-c", starter, str(project)], capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(REPO)}, check=True)
     pid = int(done.stdout.strip())
-    record = runner.current_run(project)  # found again from run.json by another process
+    record = runner.current_run(project)  # found again through the run lock by another process
     assert record is not None and record.pid == pid
     assert os.getpgid(pid) == pid  # its own process group and session: a terminal hangup does not reach it
     assert os.getsid(pid) == pid

@@ -257,16 +257,16 @@ def scene_app(root: Path, view: str):
 
 async def _scene_run(app, pilot) -> None:
     """The app's own poll result for a run in progress (SCENE_EVENTS), with a fixed pid and start time."""
+    from stages.lock import Holder
     from tui.app import _Polled
-    from tui.runner import RunRecord
 
-    class SceneRun(RunRecord):
+    class SceneRun(Holder):
         def describe(self) -> str:
-            return "doit run --continue (pid 4242, started 09:30:00)"
+            return "doit --continue (pid 4242, started from shell at 09:30:00)"
 
     await wait_for(pilot, lambda: app._poll_timer is not None, what="the first poll")  # its result is in
-    record = SceneRun(pid=4242, run_id="scene", tasks=[], started=0.0, create_time=0.0, events_offset=0)
-    app.post_message(_Polled(record, True, SCENE_EVENTS, new_run=True))
+    run = SceneRun(pid=4242, started_by="shell", started=0.0, command="doit --continue")
+    app.post_message(_Polled(run, True, SCENE_EVENTS, new_run=True))
     await wait_for(pilot, lambda: app.running, what="the scene's run")
     table = app.screen.query_one("#tasks")
     table.move_cursor(row=app.pipeline.names().index("train:tiny"), animate=False)

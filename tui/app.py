@@ -28,7 +28,7 @@ from tui.state import PipelineState
 from tui.tail import Follower
 
 if TYPE_CHECKING:
-    from tui import runner  # imported by the workers that use it: not on the way to the first frame
+    from stages.lock import Holder
 
 VIEWS = ("pipeline", "training", "data", "eval", "chat")
 
@@ -42,7 +42,7 @@ def _make_screen(view: str):
 
 @dataclass
 class _Polled(Message):
-    record: runner.RunRecord | None
+    run: Holder | None  # the run going now, else the last one (the run lock's record)
     alive: bool
     events: list[dict]
     new_run: bool
@@ -88,10 +88,10 @@ class MedforgeApp(App):
         self.pipeline = PipelineState()
         self.cfg = cfg  # run_dashboard has loaded it already; otherwise a worker loads it
         self.config_error = ""
-        self.record: runner.RunRecord | None = None
+        self.doit_run: Holder | None = None  # the run going now or the last one, whoever started it
         self.running = False
         self._follower: Follower | None = None
-        self._follow_id: str | None = None
+        self._follow_key: tuple[int, float] | None = None
         self._poll_timer = None
         self._poll_lock = threading.Lock()  # two overlapping polls must not read the same events twice
         self._polls_failing: set[str] = set()  # polls whose last round raised (each said so once)
@@ -160,27 +160,28 @@ class MedforgeApp(App):
                 self.call_from_thread(self.schedule_poll, self.poll_s)  # _polled re-arms it when a poll succeeds
 
     def _poll_once(self) -> None:
+        from stages import lock
         from tui import runner
 
-        record = runner.read_record(self.root)
-        alive = record is not None and runner.is_alive(record)
-        new_run = record is not None and record.run_id != self._follow_id
+        # the run lock says who runs now (a shell, CI, a dashboard), else who ran last and where its events begin
+        going = runner.current_run(self.root)
+        run = going or lock.last(self.root)
+        new_run = run is not None and (run.pid, run.started) != self._follow_key
+        events_path = self.path(layout.events_file())
         if new_run:
-            self._follower = Follower(self.path(layout.events_file()), record.events_offset)
-            self._follow_id = record.run_id
-        elif self._follower is None:  # no dashboard run yet: follow runs started by hand from now on
-            events_path = self.path(layout.events_file())
+            self._follower = Follower(events_path, run.events_offset)
+            self._follow_key = (run.pid, run.started)
+        elif self._follower is None:  # no run ever took the lock here: follow from now on
             self._follower = Follower(events_path, events_path.stat().st_size if events_path.exists() else 0)
-        events = self._follower.read_json() if self._follower else []
-        if events:
-            run_id = record.run_id if record else None
-            events = [e for e in events if e.get("run") in (None, run_id)]
-        self.post_message(_Polled(record, alive, events, new_run))
+        events = self._follower.read_json()
+        if run is not None:
+            events = [e for e in events if e.get("pid") == run.pid]
+        self.post_message(_Polled(run, going is not None, events, new_run))
 
     @on(_Polled)
     def _polled(self, msg: _Polled) -> None:
         was_running = self.running
-        self.record, self.running = msg.record, msg.alive
+        self.doit_run, self.running = msg.run, msg.alive
         self.pipeline.run_active = msg.alive
         changed = self.pipeline.apply_events(msg.events) or msg.new_run
         if not msg.alive and (was_running or msg.new_run):
@@ -214,10 +215,12 @@ class MedforgeApp(App):
         self._poll_timer = self.set_timer(max(delay, 0.01), self.poll_run)  # textual timers need a delay > 0
 
     def run_summary(self) -> str:
-        if self.record is None:
+        if self.doit_run is None:
             return "no run yet"
         if self.running:
-            return f"running: {self.record.describe()}"
+            tasks = self.pipeline.running_tasks()
+            doing = "running " + (", ".join(tasks) if tasks else "(loading the task graph)")
+            return f"{doing} · {self.doit_run.describe()}"
         return self.pipeline.run_summary or "last run finished"
 
     def broadcast(self, message: Message) -> None:
@@ -234,9 +237,9 @@ class MedforgeApp(App):
         from tui import runner
 
         try:
-            record = runner.start(self.root, tasks)
-            self.post_message(Notice(f"started {record.describe()}"))
-        except runner.RunBusy as exc:
+            holder = runner.start(self.root, tasks)
+            self.post_message(Notice(f"started {holder.describe()}"))
+        except runner.StageError as exc:
             self.post_message(Notice(str(exc), error=True))
         self.call_from_thread(self.poll_now)
 

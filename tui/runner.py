@@ -2,8 +2,9 @@
 
 A run is `python -m doit run ...` in its own session (start_new_session): closing the
 dashboard or losing the SSH connection (SIGHUP to the terminal's session) never reaches
-it. data/run.json records it, so a reopened dashboard reattaches to its events and logs.
-One run at a time: a lock file makes check-then-start atomic across dashboards.
+it. One run at a time is the project's run lock (stages/lock.py), which every `doit run`
+takes, whoever starts it: the dashboard finds, follows and stops a run started from a shell
+or CI just as its own.
 No Textual here; the app calls these from worker threads.
 """
 from __future__ import annotations
@@ -15,14 +16,13 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import orjson
 
-from stages import io, layout
+from stages import layout, lock
 from stages.errors import StageError
+from stages.lock import Holder
 
 # Popen handles of runs this process started: polled so finished ones are reaped, not zombies.
 _CHILDREN: dict[int, subprocess.Popen] = {}
@@ -32,59 +32,18 @@ class RunBusy(StageError):
     """A second start while a run is going; the message says what is running."""
 
 
-@dataclass
-class RunRecord:
-    pid: int
-    run_id: str
-    tasks: list[str]
-    started: float
-    create_time: float          # the process's start time: a reused pid is not our run
-    events_offset: int          # where this run's events begin in data/events.jsonl
-    argv: list[str] = field(default_factory=list)
-
-    def describe(self) -> str:
-        what = " ".join(self.tasks) or "everything"
-        return f"doit run {what} (pid {self.pid}, started {time.strftime('%H:%M:%S', time.localtime(self.started))})"
-
-
-def read_record(root: Path) -> RunRecord | None:
-    try:
-        data = io.read_json(root / layout.run_record())
-        return RunRecord(**data)
-    except (FileNotFoundError, orjson.JSONDecodeError, TypeError):
-        return None
-
-
-def _process_start(pid: int) -> float | None:
-    import psutil
-
-    try:
-        proc = psutil.Process(pid)
-        if proc.status() == psutil.STATUS_ZOMBIE:
-            return None
-        return proc.create_time()
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return None
-
-
-def is_alive(record: RunRecord) -> bool:
-    child = _CHILDREN.get(record.pid)
-    if child is not None and child.poll() is not None:
-        _CHILDREN.pop(record.pid, None)
-        return False
-    started = _process_start(record.pid)
-    return started is not None and abs(started - record.create_time) < 1.0
-
-
-def current_run(root: Path) -> RunRecord | None:
-    """The run that is going now, if any."""
-    record = read_record(root)
-    return record if record is not None and is_alive(record) else None
+def current_run(root: Path) -> Holder | None:
+    """The run going now, whoever started it: the run lock's holder."""
+    for pid, child in list(_CHILDREN.items()):
+        if child.poll() is not None:
+            _CHILDREN.pop(pid, None)
+    return lock.current(root)
 
 
 @contextlib.contextmanager
-def _start_lock(root: Path):
-    path = root / layout.DATA / ".run.lock"
+def _one_start(root: Path):
+    """Two dashboards pressing `a` at once: one starts, the other then sees its run (not a refused doit)."""
+    path = root / layout.DATA / ".start.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
@@ -94,59 +53,70 @@ def _start_lock(root: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def start(root: Path, tasks: list[str] | tuple[str, ...] = (), python: str = sys.executable) -> RunRecord:
-    """Start `doit run <tasks>` (all default tasks when empty), detached; raise RunBusy if one is going."""
+def start(root: Path, tasks: list[str] | tuple[str, ...] = (), python: str = sys.executable,
+          wait_s: float = 120.0) -> Holder:
+    """Start `doit run <tasks>` (all default tasks when empty), detached; raise RunBusy if one is going.
+
+    Returns once the run holds the lock (doit takes it after loading dodo.py), so what the caller
+    shows is the lock's own record; a run that exits first (refused, or a broken dodo.py) says why."""
     root = Path(root)
-    with _start_lock(root):
+    with _one_start(root):
         running = current_run(root)
         if running is not None:
             raise RunBusy(f"a run is already going: {running.describe()}; stop it (x) or wait for it to finish")
-        events = root / layout.events_file()
-        events_offset = events.stat().st_size if events.exists() else 0
         log_path = root / layout.run_log()
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        run_id = uuid.uuid4().hex[:12]
         argv = [python, "-m", "tui.doit_run", "run", *tasks]  # doit, with SIGINT handled even if inherited ignored
-        env = {**os.environ, "MEDFORGE_RUN_ID": run_id, "PYTHONUNBUFFERED": "1", "PYTHONPATH": _pythonpath()}
+        env = {**os.environ, lock.STARTED_BY_ENV: "dashboard", "PYTHONUNBUFFERED": "1", "PYTHONPATH": _pythonpath()}
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(argv, cwd=root, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                     start_new_session=True, env=env, close_fds=True)
         _CHILDREN[proc.pid] = proc
-        import psutil
-
-        try:
-            create_time = psutil.Process(proc.pid).create_time()
-        except psutil.NoSuchProcess:  # finished already; the record still tells what ran
-            create_time = time.time()
-        record = RunRecord(pid=proc.pid, run_id=run_id, tasks=list(tasks), started=time.time(),
-                           create_time=create_time, events_offset=events_offset, argv=argv)
-        io.write_json(root / layout.run_record(), asdict(record))
-        return record
-
-
-def _wait_gone(record: RunRecord, seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if not is_alive(record):
-            return True
-        time.sleep(0.1)
-    return not is_alive(record)
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            holder = lock.current(root)
+            if holder is not None and holder.pid == proc.pid:
+                return holder
+            if proc.poll() is not None:
+                _CHILDREN.pop(proc.pid, None)
+                last = lock.last(root)
+                if proc.returncode == 0 and last is not None and last.pid == proc.pid:
+                    return last  # a run with nothing to do: over before we looked
+                said = log_path.read_text(errors="replace").strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
+                raise RunBusy(said[0].removeprefix("medforge: "))
+            time.sleep(0.05)
+        raise StageError(f"doit (pid {proc.pid}) did not start its run within {wait_s:.0f} s; see {log_path}")
 
 
 def stop(root: Path, grace_s: float = 15.0) -> str:
-    """Stop the running job: SIGINT to its whole process group first, so doit saves the state of
-    tasks that finished; SIGTERM, then SIGKILL, if it does not end in time."""
-    record = current_run(Path(root))
-    if record is None:
+    """Stop the running job, whoever started it: SIGINT first, so doit saves the state of tasks that
+    finished; SIGTERM, then SIGKILL, if it does not end in time. A run that leads its own process group
+    (the dashboard's; a shell's job) gets the signal in the whole group, its tasks' processes too."""
+    root = Path(root)
+    holder = current_run(root)
+    if holder is None:
         return "nothing is running"
+
+    def gone() -> bool:
+        now = current_run(root)
+        return now is None or (now.pid, now.started) != (holder.pid, holder.started)
+
     for sig, wait in ((signal.SIGINT, grace_s), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
         try:
-            os.killpg(record.pid, sig)  # the run leads its own session, so its pgid is its pid
+            if os.getpgid(holder.pid) == holder.pid:
+                os.killpg(holder.pid, sig)
+            else:
+                os.kill(holder.pid, sig)
         except ProcessLookupError:
-            return f"stopped {record.describe()}"
-        if _wait_gone(record, wait):
-            return f"stopped {record.describe()} ({signal.Signals(sig).name})"
-    return f"could not stop {record.describe()}; kill process group {record.pid} by hand"
+            return f"stopped {holder.describe()}"
+        except PermissionError:
+            return f"cannot stop {holder.describe()}: not this user's process"
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline and not gone():
+            time.sleep(0.1)
+        if gone():
+            return f"stopped {holder.describe()} ({signal.Signals(sig).name})"
+    return f"could not stop {holder.describe()}; kill process group {holder.pid} by hand"
 
 
 def _doit(root: Path, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:

@@ -44,13 +44,18 @@ class PipelineState:
     def __init__(self) -> None:
         self.static: dict[str, dict] = {}   # name -> {"status", "reason", "task_dep", ...} from doit
         self.live: dict[str, tuple[str, str]] = {}  # name -> (state, detail) from this run's events
+        self.began: dict[str, float] = {}  # name -> when its task_start event came (the event's time)
         self.run_active = False
         self.run_summary = ""
         self.static_error = ""
 
     def apply_static(self, status: dict) -> None:
+        """doit's DB after a run is the truth for what is up to date; of that run's events only
+        the failures stay (the DB does not keep why a task failed)."""
         self.static = {t["name"]: t for t in status.get("tasks", [])}
         self.static_error = ""
+        if not self.run_active:
+            self.live = {name: live for name, live in self.live.items() if live[0] == FAILED}
 
     def apply_events(self, events: list[dict]) -> bool:
         """Fold event rows in; True when something visible changed."""
@@ -58,10 +63,11 @@ class PipelineState:
         for ev in events:
             kind, task = ev.get("event"), ev.get("task")
             if kind == "run_start":
-                self.live = {}
+                self.live, self.began = {}, {}
                 self.run_summary = "running " + (" ".join(ev.get("selected") or []) or "all tasks")
             elif kind == "task_start":
                 self.live[task] = (RUNNING, "")
+                self.began[task] = float(ev.get("t") or 0.0)
             elif kind == "task_done":
                 self.live[task] = (DONE, "")
             elif kind == "task_failed":
@@ -88,9 +94,12 @@ class PipelineState:
         if self.run_summary.startswith("running"):
             self.run_summary = "last run was killed before it finished"
 
+    def running_tasks(self) -> list[str]:
+        return [name for name, (state, _) in self.live.items() if state == RUNNING]
+
     def task(self, name: str) -> TaskView:
         static = self.static.get(name, {})
-        if name in self.live:
+        if name in self.live and not (self.live[name][0] == FAILED and static.get("status") == "up-to-date"):
             state, reason = self.live[name]
         elif static:
             state = UP_TO_DATE if static.get("status") == "up-to-date" else WILL_RUN

@@ -190,4 +190,4 @@ class PipelineScreen(Screen):
         def answered(yes: bool | None) -> None:
             if yes:
                 self.app.stop_run()
-        self.app.push_screen(ConfirmScreen(f"Stop {self.app.record.describe()}?"), answered)
+        self.app.push_screen(ConfirmScreen(f"Stop {self.app.doit_run.describe()}?"), answered)
