@@ -5,6 +5,7 @@ Each subcommand lives with the stage it belongs to; this file only routes.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -18,6 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--adapter", default=None, help="adapter name (adapters/<name>/); omit for the base model")
     chat.add_argument("--max-tokens", type=int, default=256)
     chat.add_argument("--temperature", type=float, default=0.0)
+    chat.add_argument("--url", default=None, help="ask a running `medforge serve` (http://host:port) instead of "
+                      "loading the model here; MEDFORGE_API_KEY is sent as its key (default: $MEDFORGE_SERVER_URL)")
 
     parse = sub.add_parser("parse", help="print the records a source extracts from one raw response file")
     parse.add_argument("source", help="a source name from sources.toml (or a source kind)")
@@ -34,9 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Jaccard similarity of word 5-shingles at which two records are near-duplicates (0.8)")
 
     sub.add_parser("serve", add_help=False,
-                   help="OpenAI-compatible server on a GGUF with the safe llama.cpp settings: --adapter NAME for its "
-                   "verified export, or llama_cpp.server's own arguments (--model, --lora_path, --host, --port, ...)")
-    sub.add_parser("dashboard", help="open the terminal dashboard (the default)")
+                   help="one OpenAI-compatible server for the base and every exported adapter, the base loaded once: "
+                   "[--host 127.0.0.1] [--port 8000] [--adapters a,b] (`medforge serve --help`)")
+    dashboard = sub.add_parser("dashboard", help="open the terminal dashboard (the default)")
+    for p in (parser, dashboard):
+        p.add_argument("--url", default=None, help="the dashboard's chat asks a running `medforge serve` "
+                       "(http://host:port) instead of loading models itself")
     return parser
 
 
@@ -46,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     from stages.errors import StageError
 
     try:
-        if argv[:1] == ["serve"]:  # every other argument is llama_cpp.server's: it parses them itself
+        if argv[:1] == ["serve"]:  # stages.serve parses its own arguments (and llama_cpp.server's, for one model)
             from stages.serve import main as serve
             return serve(argv[1:])
         args = build_parser().parse_args(argv)
@@ -59,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "dedup":
             from stages.dedup import dedup_command
             return dedup_command(args)
+        if args.url:  # the chat process (tui.chat_worker) inherits it
+            from stages.chat import URL_ENV
+            os.environ[URL_ENV] = args.url
         from tui.app import run_dashboard
         return run_dashboard()
     except (ConfigError, StageError) as exc:

@@ -1,20 +1,394 @@
-"""`medforge serve`: llama-cpp-python's OpenAI-compatible server, with medforge's safe llama.cpp settings.
+"""`medforge serve`: every exported adapter behind one OpenAI-compatible endpoint, on one base in memory.
 
-`python -m llama_cpp.server` cannot take the setting that keeps quantized GGUFs from crashing on
-some CPUs (stages.gguf: llama.cpp's extra buffer types), so this runs the same server in a process
-where every model loads through those settings. Arguments are llama_cpp.server's own
-(`--model`, `--lora_path`, `--chat_format`, `--host`, `--port`, ...); `--adapter NAME` stands for
-the adapter's verified export, as `doit export:NAME` wrote it into verify.json.
+    medforge serve [--host 127.0.0.1] [--port 8000] [--adapters a,b] [--n-ctx 2048]
+
+One HTTP server (llama-cpp-python's own OpenAI routes: /v1/chat/completions with streaming,
+/v1/completions, /v1/models) where the request's `model` picks what answers:
+
+  base                the base GGUF (data/gguf/<base>/base-f16.gguf)
+  <adapter>           the adapter's LoRA GGUF applied on that same base: the base is loaded once and
+                      every LoRA GGUF is loaded beside it (llama_adapter_lora_init, a few MB each)
+  <adapter>:<quant>   the adapter's merged GGUF (merged-q8_0.gguf, ...): a full model, loaded on first
+                      use, at most MAX_MERGED at a time
+  base:<slug>         the base of adapters trained on another base than the project's default one
+
+Each adapter answers with its own chat template (the tokenizer saved beside its LoRA, else the
+GGUF's) and its own stop tokens (its Modelfile's `PARAMETER stop`). Every GGUF opens through the
+one loader, stages.gguf, with its safe llama.cpp settings.
+
+Concurrency: one llama.cpp context per base, and requests take turns on it (llama-cpp-python's
+server holds its model lock for a whole request, streaming included). Before each request the
+context's LoRA set is made the request's (llama_set_adapters_lora; nothing reloads) and its
+KV cache is cleared, so a request never sees another adapter's weights or keys and values, and
+gives the tokens that model gives loaded alone. Two CPU cores gain nothing from decoding two
+requests at once, and one context costs one KV cache instead of one per adapter.
+
+Binds 127.0.0.1 by default. Any other address needs MEDFORGE_API_KEY (clients send it as the
+bearer token, as the `openai` client's api_key); without it the server refuses to start.
+
+The old single-model form stays: `medforge serve --adapter NAME` (the adapter's verified export)
+or llama_cpp.server's own arguments (`--model`, `--lora_path`, `--chat_format`, ...), run with the
+same safe settings.
 """
 from __future__ import annotations
 
+import argparse
+import ctypes
+import ipaddress
+import json
+import os
+import re
 import sys
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from stages.errors import StageError
+
+API_KEY_ENV = "MEDFORGE_API_KEY"
+BASE_ID = "base"
+MAX_MERGED = 1
+N_CTX = 2048
+LEGACY_ARGS = ("--model", "--config_file", "--lora_path")
 
 
+# --- what is served
+@dataclass
+class Entry:
+    """One `model` id: kind "base", "lora" (path: the LoRA GGUF on `base`) or "merged" (path: a full GGUF)."""
+    id: str
+    kind: str
+    base: Path  # the base GGUF (for "merged", the base it was trained on)
+    path: Path | None = None
+    adapter: str | None = None
+    template: str | None = None  # chat template; None: the GGUF's own
+    eos: str | None = None
+    bos: str | None = None
+    stops: list[str] = field(default_factory=list)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(host: str, api_key: str | None) -> None:
+    """Refuse a non-loopback address without an API key (one line)."""
+    if not is_loopback(host) and not api_key:
+        raise StageError(f"refusing to serve on {host}: it is not a loopback address and {API_KEY_ENV} is not set; "
+                         f"set {API_KEY_ENV} (clients send it as their bearer API key) or bind 127.0.0.1")
+
+
+def _token_text(value) -> str | None:
+    if isinstance(value, dict):
+        return value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def adapter_template(adapter: str) -> tuple[str | None, str | None, str | None]:
+    """(chat template, eos, bos) of the tokenizer training saved beside the LoRA; Nones where it has none."""
+    from stages import layout
+
+    folder = layout.lora_dir(adapter)
+    config: dict = {}
+    try:
+        config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        pass
+    template = config.get("chat_template")
+    jinja = folder / "chat_template.jinja"
+    if jinja.exists():
+        template = jinja.read_text(encoding="utf-8")
+    if not isinstance(template, str):
+        template = None
+    return template, _token_text(config.get("eos_token")), _token_text(config.get("bos_token"))
+
+
+def modelfile_stops(adapter: str) -> list[str]:
+    """The stop tokens the export wrote into the adapter's Ollama Modelfile."""
+    from stages import layout
+
+    try:
+        text = layout.modelfile(adapter).read_text(encoding="utf-8")
+    except OSError:
+        return []
+    return [m.group(1) for m in re.finditer(r'^PARAMETER stop "(.*)"$', text, re.M)]
+
+
+def catalog(cfg, adapters: list[str] | None = None) -> list[Entry]:
+    """Every model id `medforge serve` answers for: the base(s), each adapter's LoRA GGUF and merged GGUFs.
+
+    adapters None: every adapter with an export (the others are skipped); named adapters must have one.
+    """
+    from stages import chat, layout
+    from stages.config import QUANT_TYPES
+
+    named = adapters is not None
+    names = list(adapters) if named else sorted(cfg.adapters)
+    default_base = chat.base_spec(cfg, None)
+    entries: list[Entry] = []
+    bases: dict[str, Entry] = {}
+
+    def base_entry(spec: str) -> Entry:
+        if spec not in bases:
+            path = layout.base_gguf(spec)
+            if not path.exists():
+                raise StageError(f"{path}: base GGUF not found; build it with `doit base_gguf:{layout.slug(spec)}`")
+            ident = BASE_ID if spec == default_base else f"{BASE_ID}:{layout.slug(spec)}"
+            bases[spec] = Entry(ident, "base", path, path)
+            entries.append(bases[spec])
+        return bases[spec]
+
+    if not named or any(cfg.adapter(n).base_model == default_base for n in names):
+        if layout.base_gguf(default_base).exists() or named:
+            base_entry(default_base)
+    for name in names:
+        spec = cfg.adapter(name).base_model
+        lora = layout.lora_gguf(name)
+        merged = [(q, layout.merged_gguf(name, q)) for q in QUANT_TYPES if layout.merged_gguf(name, q).exists()]
+        if not lora.exists() and not merged:
+            if named:
+                raise StageError(f"{lora}: adapter '{name}' has no export yet; build it with `doit export:{name}`")
+            continue
+        template, eos, bos = adapter_template(name)
+        stops = modelfile_stops(name)
+        if lora.exists():
+            entries.append(Entry(name, "lora", base_entry(spec).base, lora, name, template, eos, bos, stops))
+        for quant, path in merged:
+            entries.append(Entry(f"{name}:{quant}", "merged", layout.base_gguf(spec), path, name, None, None, None,
+                                 stops))
+    if not entries:
+        raise StageError(f"{layout.base_gguf(default_base)}: nothing to serve: no base GGUF and no exported adapter; "
+                         f"build them with `doit`")
+    return entries
+
+
+# --- the models behind the ids
+class Models:
+    """llama-cpp-python's server calls this (under its model lock) for each request's `model`.
+
+    It returns the Llama that answers, set up for that id: the base's one context with exactly the
+    id's LoRA applied and an empty KV cache, and the id's chat handler.
+    """
+
+    def __init__(self, entries: list[Entry], n_ctx: int = N_CTX):
+        import llama_cpp.llama_cpp as lib
+
+        from stages import gguf
+
+        self.lib = lib
+        self.n_ctx = n_ctx
+        self.entries: dict[str, Entry] = {e.id: e for e in entries}
+        self.bases: dict[Path, object] = {}
+        self.loras: dict[str, object] = {}  # id -> llama_adapter_lora pointer
+        self.active: dict[Path, str | None] = {}  # base GGUF -> the id whose LoRA its context has
+        self.merged: OrderedDict[str, object] = OrderedDict()
+        self.handlers: dict[str, object] = {}
+        self.lock = threading.Lock()  # the server serializes already; direct callers (tests, bench) too
+        for entry in entries:
+            if entry.kind == "merged":
+                continue
+            if entry.base not in self.bases:
+                self.bases[entry.base] = gguf.load(entry.base, n_ctx=n_ctx)
+                self.active[entry.base] = None
+            if entry.kind == "lora":
+                llm = self.bases[entry.base]
+                handle = lib.llama_adapter_lora_init(llm._model.model, str(entry.path).encode("utf-8"))
+                if not handle:
+                    raise StageError(f"{entry.path}: llama.cpp cannot load this LoRA GGUF on {entry.base}; "
+                                     f"rebuild it with `doit export:{entry.adapter}`")
+                self.loras[entry.id] = handle
+
+    def __iter__(self):
+        return iter(self.entries)
+
+    def _entry(self, model: str | None) -> Entry:
+        from fastapi import HTTPException
+
+        if not model:
+            model = BASE_ID if BASE_ID in self.entries else next(iter(self.entries))
+        entry = self.entries.get(model)
+        if entry is None:
+            raise HTTPException(status_code=404, detail=f"model '{model}' is not served here; served: "
+                                f"{', '.join(self.entries)}")
+        return entry
+
+    def _handler(self, entry: Entry, llm):
+        """The chat handler of `entry`: its template (else the GGUF's), its end-of-turn and its stop tokens."""
+        handler = self.handlers.get(entry.id)
+        if handler is not None:
+            return handler
+        from llama_cpp import llama_chat_format as fmt
+
+        template = entry.template or llm.metadata.get("tokenizer.chat_template")
+        if template is None:
+            self.handlers[entry.id] = None
+            return None
+
+        def token(i: int) -> str:
+            return llm._model.token_get_text(i) if i >= 0 else ""
+
+        eos = entry.eos or token(llm.token_eos())
+        bos = entry.bos or token(llm.token_bos())
+        stops = list(dict.fromkeys([*entry.stops, eos]))
+        stop_ids = []
+        for stop in stops:
+            ids = llm.tokenize(stop.encode("utf-8"), add_bos=False, special=True)
+            if len(ids) == 1:
+                stop_ids.append(ids[0])
+        base_formatter = fmt.Jinja2ChatFormatter(template, eos_token=eos, bos_token=bos,
+                                                 stop_token_ids=stop_ids or None)
+
+        def formatter(**kwargs):
+            response = base_formatter(**kwargs)
+            response.stop = stops
+            return response
+
+        handler = self.handlers[entry.id] = fmt.chat_formatter_to_chat_completion_handler(formatter)
+        return handler
+
+    def _merged(self, entry: Entry):
+        from stages import gguf
+
+        llm = self.merged.get(entry.id)
+        if llm is None:
+            while len(self.merged) >= MAX_MERGED:
+                self.merged.popitem(last=False)[1].close()
+            llm = self.merged[entry.id] = gguf.load(entry.path, n_ctx=self.n_ctx)
+        self.merged.move_to_end(entry.id)
+        return llm
+
+    def _activate(self, entry: Entry):
+        """The base's context with exactly this entry's LoRA (none for the base) and an empty KV cache."""
+        lib = self.lib
+        llm = self.bases[entry.base]
+        want = entry.id if entry.kind == "lora" else None
+        if self.active[entry.base] != want:
+            if want is None:
+                rc = lib.llama_set_adapters_lora(llm._ctx.ctx, None, 0, None)
+            else:
+                adapters = (lib.llama_adapter_lora_p_ctypes * 1)(self.loras[want])
+                scales = (ctypes.c_float * 1)(1.0)
+                rc = lib.llama_set_adapters_lora(llm._ctx.ctx, adapters, 1, scales)
+            if rc:
+                raise RuntimeError(f"llama.cpp could not set the LoRA of '{entry.id}' (code {rc})")
+            self.active[entry.base] = want
+        return llm
+
+    def __call__(self, model: str | None = None):
+        with self.lock:
+            entry = self._entry(model)
+            llm = self._merged(entry) if entry.kind == "merged" else self._activate(entry)
+            handler = self._handler(entry, llm)
+            llm.chat_handler = handler  # None: llama-cpp-python's chat_format for the GGUF
+            # every request starts from an empty KV cache: no other adapter's keys and values, and the
+            # same tokens as the model loaded alone (no prompt-prefix reuse across requests)
+            llm.reset()
+            return llm
+
+    def close(self) -> None:
+        for llm in self.merged.values():
+            llm.close()
+        for base, llm in self.bases.items():
+            self.lib.llama_set_adapters_lora(llm._ctx.ctx, None, 0, None)
+            for ident, handle in list(self.loras.items()):
+                if self.entries[ident].base == base:
+                    self.lib.llama_adapter_lora_free(handle)
+                    del self.loras[ident]
+            llm.close()
+
+
+class NoRepeatPenaltyByDefault:
+    """ASGI middleware: a completion request that names no `repeat_penalty` gets 1.0 (none).
+
+    OpenAI's API has no repeat penalty, and llama-cpp-python's server applies 1.1 unless told, so an
+    `openai` client asking for temperature 0 would not get the model's greedy tokens.
+    """
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST" or not scope["path"].endswith("completions"):
+            return await self.app(scope, receive, send)
+        chunks, more = [], True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return await self.app(scope, receive, send)
+            chunks.append(message.get("body", b""))
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        try:
+            data = json.loads(body)
+        except ValueError:
+            data = None
+        if isinstance(data, dict) and "repeat_penalty" not in data:
+            data["repeat_penalty"] = 1.0
+            body = json.dumps(data).encode("utf-8")
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # after the body: the disconnect, when it comes
+
+        headers = [(k, v) for k, v in scope["headers"] if k != b"content-length"]
+        headers.append((b"content-length", str(len(body)).encode()))
+        await self.app({**scope, "headers": headers}, replay, send)
+
+
+def build_app(models: Models, api_key: str | None, host: str = "127.0.0.1", port: int = 8000):
+    """A FastAPI app with llama-cpp-python's OpenAI routes over `models`."""
+    import llama_cpp.server.app as routes
+    from fastapi import FastAPI
+    from fastapi.middleware import Middleware
+    from llama_cpp.server.settings import ServerSettings
+    from starlette_context.middleware import RawContextMiddleware
+    from starlette_context.plugins import RequestIdPlugin
+
+    # interrupt_requests off: a waiting request must not cut the stream being served (it waits its turn)
+    routes.set_server_settings(ServerSettings(host=host, port=port, api_key=api_key, interrupt_requests=False))
+    routes._llama_proxy = models
+    app = FastAPI(title="medforge serve", middleware=[Middleware(RawContextMiddleware, plugins=(RequestIdPlugin(),))])
+    app.include_router(routes.router)
+    app.add_middleware(NoRepeatPenaltyByDefault)
+    return app
+
+
+def serve(cfg, host: str = "127.0.0.1", port: int = 8000, adapters: list[str] | None = None,
+          n_ctx: int = N_CTX) -> int:
+    import uvicorn
+
+    from stages import gguf
+
+    api_key = os.environ.get(API_KEY_ENV) or None
+    check_bind(host, api_key)
+    gguf.install()
+    entries = catalog(cfg, adapters)
+    models = Models(entries, n_ctx=n_ctx)
+    app = build_app(models, api_key, host, port)
+    shown = f"[{host}]" if ":" in host else host
+    print(f"medforge serve: http://{shown}:{port}/v1 models: {', '.join(e.id for e in entries)}"
+          f"{' (API key required)' if api_key else ''}", flush=True)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning")
+    finally:
+        models.close()
+    return 0
+
+
+# --- the command
 def adapter_args(adapter: str) -> list[str]:
     """llama_cpp.server arguments that serve `adapter`'s verified export (see export.serve_command)."""
     from stages import config, export, layout
-    from stages.errors import StageError
 
     cfg = config.load()
     cfg.adapter(adapter)
@@ -24,14 +398,44 @@ def adapter_args(adapter: str) -> list[str]:
     return export.serve_args(cfg, adapter)
 
 
-def main(argv: list[str]) -> int:
+def legacy(argv: list[str]) -> int:
+    """One model through llama_cpp.server itself (its own arguments), with the safe llama.cpp settings."""
     from stages import gguf
 
     if argv[:1] == ["--adapter"] and len(argv) >= 2:
         argv = adapter_args(argv[1]) + argv[2:]
+    host = argv[argv.index("--host") + 1] if "--host" in argv[:-1] else "localhost"
+    api_key = argv[argv.index("--api_key") + 1] if "--api_key" in argv[:-1] else None
+    check_bind(host, api_key or os.environ.get(API_KEY_ENV))
+    if api_key is None and os.environ.get(API_KEY_ENV):
+        argv = [*argv, "--api_key", os.environ[API_KEY_ENV]]
     gguf.install()  # before the server builds its Llama()
     import llama_cpp.server.__main__ as server
 
     sys.argv = ["medforge serve", *argv]
     server.main()
     return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medforge serve", description=(
+        "One OpenAI-compatible server for the base model and every exported adapter (model: base, <adapter>, "
+        "<adapter>:<quant>), the base loaded once. The old single-model form: --adapter NAME, or "
+        "llama_cpp.server's own arguments (--model ...)."))
+    parser.add_argument("--host", default="127.0.0.1",
+                        help=f"address to bind (127.0.0.1); any non-loopback address needs {API_KEY_ENV}")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--adapters", default=None,
+                        help="comma-separated adapter names (default: every adapter with an export)")
+    parser.add_argument("--n-ctx", type=int, default=N_CTX, help=f"context length per request ({N_CTX})")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["--adapter"] or any(a.split("=")[0] in LEGACY_ARGS for a in argv):
+        return legacy(argv)
+    from stages import config
+
+    args = build_parser().parse_args(argv)
+    adapters = [a.strip() for a in args.adapters.split(",") if a.strip()] if args.adapters else None
+    return serve(config.load(), args.host, args.port, adapters, args.n_ctx)

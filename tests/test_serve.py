@@ -1,0 +1,196 @@
+"""`medforge serve`: one OpenAI-compatible server, the base loaded once, every adapter's LoRA GGUF beside it.
+
+A real server process on 127.0.0.1 with two tiny adapters (a, b) and a's merged f16 GGUF, driven
+by the `openai` client: interleaved and concurrent requests for base, a, b and a:f16 each give
+the same greedy tokens as that model loaded alone through the one loader (in a child process,
+as native llama.cpp work runs in the tests).
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from stages import gguf
+from stages.errors import StageError
+from tests.models import make_tiny_model, session_tempdir
+
+openai = pytest.importorskip("openai")
+
+ADAPTERS = ["a", "b"]
+MODELS = ["base", "a", "b", "a:f16"]
+N_CTX = 512
+MAX_TOKENS = 12
+KEY = "test-key-123"
+CHATS = [[{"role": "user", "content": "Score NEWS2 for RR 24, SpO2 93, HR 115."}],
+         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What does J18.9 describe?"}]]
+PROMPT = "The patient presents with"
+
+
+@pytest.fixture(scope="module")
+def project() -> Path:
+    from tests.serve_project import build
+
+    root = session_tempdir("medforge-serve-")
+    base = make_tiny_model(root / "base")
+    return build(root, base, ADAPTERS, merged=("a",))
+
+
+def paths(root: Path, model: str) -> tuple[Path, Path | None]:
+    """(model GGUF, LoRA GGUF) that `model` stands for, loaded alone."""
+    base = next((root / "data" / "gguf").glob("*/base-f16.gguf"))
+    if model == "base":
+        return base, None
+    if ":" in model:
+        name, quant = model.split(":")
+        return root / "adapters" / name / "out" / "gguf" / f"merged-{quant}.gguf", None
+    return base, root / "adapters" / model / "out" / "gguf" / "lora-f16.gguf"
+
+
+def alone(model_path: str, lora_path: str | None) -> dict:
+    """Runs in a child: the model loaded alone through the one loader; greedy chat and completion text."""
+    llm = gguf.load(model_path, lora_path, n_ctx=N_CTX)
+    try:
+        llm.chat_format = "chat_template.default"
+        chats = [llm.create_chat_completion(messages=m, max_tokens=MAX_TOKENS, temperature=0.0)
+                 ["choices"][0]["message"]["content"] for m in CHATS]
+        llm.reset()
+        completion = llm.create_completion(PROMPT, max_tokens=MAX_TOKENS, temperature=0.0)["choices"][0]["text"]
+        return {"chats": chats, "completion": completion}
+    finally:
+        llm.close()
+
+
+@pytest.fixture(scope="module")
+def expected(project) -> dict[str, dict]:
+    out = {}
+    for model in MODELS:
+        model_path, lora = paths(project, model)
+        out[model] = gguf.in_child(alone, str(model_path), str(lora) if lora else None, doing=f"decoding {model}")
+    # the test means something only if the adapters change the greedy tokens
+    assert len({str(v) for v in out.values()} - {str(out["a"])}) >= 2, out
+    assert out["a"] != out["b"] and out["a"] != out["base"] and out["b"] != out["base"]
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(project):
+    port = free_port()
+    env = {**os.environ, "MEDFORGE_API_KEY": KEY, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-m", "stages.cli", "serve", "--port", str(port), "--n-ctx", str(N_CTX)],
+                            cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}/v1"
+    client = openai.OpenAI(base_url=url, api_key=KEY, max_retries=0, timeout=120)
+    deadline = time.monotonic() + 120
+    try:
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                client.models.list()
+                break
+            except openai.APIConnectionError:
+                assert time.monotonic() < deadline, "medforge serve did not start"
+                time.sleep(0.3)
+        yield client, url, proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+
+
+def chat(client, model: str, i: int, stream: bool) -> str:
+    if not stream:
+        reply = client.chat.completions.create(model=model, messages=CHATS[i], max_tokens=MAX_TOKENS, temperature=0)
+        return reply.choices[0].message.content
+    pieces = client.chat.completions.create(model=model, messages=CHATS[i], max_tokens=MAX_TOKENS, temperature=0,
+                                            stream=True)
+    return "".join(c.choices[0].delta.content or "" for c in pieces if c.choices)
+
+
+def complete(client, model: str, stream: bool = False) -> str:
+    if not stream:
+        return client.completions.create(model=model, prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0) \
+            .choices[0].text
+    return "".join(c.choices[0].text for c in
+                   client.completions.create(model=model, prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0,
+                                             stream=True))
+
+
+def test_models_lists_the_base_every_adapter_and_the_merged_quant(server):
+    client, _, _ = server
+    assert sorted(m.id for m in client.models.list().data) == sorted(MODELS)
+
+
+def test_interleaved_requests_give_each_models_own_greedy_tokens(server, expected):
+    client, _, _ = server
+    for round_ in range(2):
+        for model in (["base", "a", "b", "a:f16", "a", "base", "b"] if round_ == 0 else ["b", "a", "a:f16", "base"]):
+            for i in range(len(CHATS)):
+                assert chat(client, model, i, stream=bool((i + round_) % 2)) == expected[model]["chats"][i], model
+            assert complete(client, model, stream=bool(round_)) == expected[model]["completion"], model
+
+
+def test_concurrent_requests_for_different_adapters_do_not_mix(server, expected):
+    client, _, _ = server
+    jobs = [(model, i, stream) for stream in (True, False) for model in MODELS for i in range(len(CHATS))] * 2
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        futures = [(job, pool.submit(chat, client, *job)) for job in jobs]
+        completions = [(model, pool.submit(complete, client, model, True)) for model in MODELS * 2]
+        for (model, i, _), future in futures:
+            assert future.result() == expected[model]["chats"][i], model
+        for model, future in completions:
+            assert future.result() == expected[model]["completion"], model
+
+
+def test_the_api_key_is_required_and_an_unknown_model_is_a_404(server):
+    _, url, _ = server
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=url, api_key="wrong", max_retries=0).models.list()
+    client = openai.OpenAI(base_url=url, api_key=KEY, max_retries=0)
+    with pytest.raises(openai.NotFoundError) as info:
+        client.chat.completions.create(model="nope", messages=CHATS[0], max_tokens=2)
+    assert "'nope' is not served here; served: base, a, a:f16, b" in info.value.response.text
+
+
+def test_a_non_loopback_address_needs_an_api_key(project, monkeypatch):
+    from stages.serve import check_bind
+
+    check_bind("127.0.0.1", None)
+    check_bind("::1", None)
+    check_bind("0.0.0.0", "k")
+    with pytest.raises(StageError, match="refusing to serve on 0.0.0.0: .* MEDFORGE_API_KEY is not set"):
+        check_bind("0.0.0.0", None)
+    env = {k: v for k, v in os.environ.items() if k != "MEDFORGE_API_KEY"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    out = subprocess.run([sys.executable, "-m", "stages.cli", "serve", "--host", "0.0.0.0", "--port", "1"],
+                         cwd=project, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.strip().count("\n") == 0 and "refusing to serve on 0.0.0.0" in out.stderr
+
+
+def test_remote_chat_streams_from_the_server(server, expected, project, monkeypatch):
+    from stages import chat as chat_stage, config
+
+    _, url, _ = server
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("MEDFORGE_API_KEY", KEY)
+    cfg = config.load(project)
+    for adapter, model in ((None, "base"), ("b", "b")):
+        text = "".join(chat_stage.stream_chat(cfg, adapter, CHATS[0], max_tokens=MAX_TOKENS, url=url))
+        assert text == expected[model]["chats"][0]
