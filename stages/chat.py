@@ -20,9 +20,13 @@ API:
   - Loaded models are cached per process (ChatModel.get); at most MAX_LOADED stay loaded.
     Calls on one model are serialized by its lock, so stream from one thread per model.
   - Raises StageError when nothing to answer with exists (message names the file and doit task).
+  - url: a running `medforge serve` (http://host:port, with or without /v1) answers instead of a model
+    loaded here (`model` = the adapter's name, or "base"); MEDFORGE_API_KEY, when set, is sent as its
+    bearer key. `medforge chat --url` and `medforge --url` (the dashboard) set it; MEDFORGE_SERVER_URL too.
 """
 from __future__ import annotations
 
+import os
 import sys
 import threading
 from collections import OrderedDict
@@ -36,6 +40,7 @@ from stages.errors import StageError
 
 MAX_LOADED = 2
 N_CTX = 2048
+URL_ENV = "MEDFORGE_SERVER_URL"  # a running `medforge serve` for `medforge chat` and the dashboard
 
 
 @dataclass(frozen=True)
@@ -205,9 +210,59 @@ class ChatModel:
             llm.close()
 
 
+def api_base(url: str) -> str:
+    """http://host:port[/v1][/] -> http://host:port/v1 (what the OpenAI routes hang under)."""
+    url = url.rstrip("/")
+    return url if url.endswith("/v1") else url + "/v1"
+
+
+def stream_remote(url: str, adapter: str | None, messages: list[dict], max_tokens: int = 256,
+                  temperature: float = 0.0, stop: threading.Event | None = None) -> Iterator[str]:
+    """Stream the reply of `adapter` (or the base) from a running `medforge serve` at `url` (SSE)."""
+    import httpx
+    import orjson
+
+    from stages.serve import API_KEY_ENV, BASE_ID
+
+    base = api_base(url)
+    key = os.environ.get(API_KEY_ENV)
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    body = {"model": adapter or BASE_ID, "messages": messages, "max_tokens": max_tokens,
+            "temperature": temperature, "stream": True}
+    try:
+        with httpx.stream("POST", f"{base}/chat/completions", json=body, headers=headers,
+                          timeout=httpx.Timeout(600.0, connect=10.0)) as reply:
+            if reply.status_code != 200:
+                reply.read()
+                try:
+                    detail = reply.json()
+                    detail = detail.get("detail") or detail.get("error", {}).get("message") or reply.text
+                except ValueError:
+                    detail = reply.text
+                raise StageError(f"{base}: HTTP {reply.status_code}: {' '.join(str(detail).split())[:300]}")
+            for line in reply.iter_lines():
+                if stop is not None and stop.is_set():
+                    break
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                chunk = orjson.loads(data)
+                piece = chunk["choices"][0]["delta"].get("content") if chunk.get("choices") else None
+                if piece:
+                    yield piece
+    except httpx.HTTPError as exc:
+        raise StageError(f"{base}: no answer from the server ({type(exc).__name__}: {exc}); "
+                         f"is `medforge serve` running there?") from None
+
+
 def stream_chat(cfg, adapter: str | None, messages: list[dict], max_tokens: int = 256, temperature: float = 0.0,
-                stop: threading.Event | None = None) -> Iterator[str]:
+                stop: threading.Event | None = None, url: str | None = None) -> Iterator[str]:
     """Stream the reply of `adapter` (or the base model) to `messages`; see the module docstring."""
+    if url:
+        yield from stream_remote(url, adapter, messages, max_tokens, temperature, stop)
+        return
     choice = choose_model(cfg, adapter, allow_hf=True)
     yield from ChatModel.get(choice).stream(messages, max_tokens=max_tokens, temperature=temperature, stop=stop)
 
@@ -220,10 +275,14 @@ def chat_command(args) -> int:
         raise StageError("medforge chat: empty prompt; pass it as an argument or on stdin")
     if args.max_tokens < 1:
         raise StageError(f"--max-tokens must be at least 1 (got {args.max_tokens})")
-    cfg = config.load()
-    choice = choose_model(cfg, args.adapter, allow_hf=False)
     messages = [{"role": "user", "content": prompt.strip()}]
-    for piece in ChatModel.get(choice).stream(messages, max_tokens=args.max_tokens, temperature=args.temperature):
+    url = args.url or os.environ.get(URL_ENV)
+    if url:
+        pieces = stream_remote(url, args.adapter, messages, max_tokens=args.max_tokens, temperature=args.temperature)
+    else:
+        choice = choose_model(config.load(), args.adapter, allow_hf=False)
+        pieces = ChatModel.get(choice).stream(messages, max_tokens=args.max_tokens, temperature=args.temperature)
+    for piece in pieces:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")

@@ -10,6 +10,8 @@ and replies on stdout
   {"id", "done": true, "tokens", "decode_s", "stopped"}
   {"id", "error"}                                 one line naming the file or doit task to fix it
 It exits when stdin closes (the dashboard quit). Models stay loaded between requests.
+With MEDFORGE_SERVER_URL set (`medforge --url http://host:port`), a running `medforge serve`
+answers instead and nothing loads here.
 """
 from __future__ import annotations
 
@@ -25,10 +27,13 @@ FLUSH_S = 0.2
 
 
 def main() -> int:
+    import os
+
     from stages import config
-    from stages.chat import stream_chat
+    from stages.chat import URL_ENV, stream_chat
 
     cfg = config.load(".")
+    url = os.environ.get(URL_ENV) or None
     out = sys.stdout.buffer
     out_lock = threading.Lock()
     stops: dict[str, threading.Event] = {}
@@ -43,7 +48,7 @@ def main() -> int:
         tokens, first, last_post, pending = 0, None, 0.0, []
         try:
             for piece in stream_chat(cfg, req.get("model"), req["messages"], max_tokens=req.get("max_tokens", 256),
-                                     temperature=req.get("temperature", 0.0), stop=stop):
+                                     temperature=req.get("temperature", 0.0), stop=stop, url=url):
                 now = time.perf_counter()
                 first = first or now
                 tokens += 1

@@ -225,6 +225,9 @@ class ChatScreen(Screen):
         right.display = self.side_by_side
         bar = Text("model ", style="dim")
         bar.append(left.label if not self.side_by_side else f"{left.label} | {right.label}", style="bold")
+        from stages.chat import URL_ENV
+        if os.environ.get(URL_ENV):
+            bar.append(f" via {os.environ[URL_ENV]}", style="dim")
         bar.append("   ctrl+n next model · ctrl+b side by side · esc stop / leave input", style="dim")
         self.query_one("#chat-bar", Static).update(bar)
 
