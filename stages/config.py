@@ -271,8 +271,11 @@ def load_sources(root: Path, problems: list[str], known_kinds) -> tuple[dict[str
             problems.append(f"{where}: key '{key}' must be a table ([{key}]) (got {block!r}); fix it")
             continue
         values = check(where, block, SOURCE_SCHEMA, problems, prefix=f"{key}.")
+        if any(f"'{key}.{k}'" in line for line in problems for k in ("enabled", "adapters")):
+            dedup["routing_unsure"] = True  # which adapters it feeds is unknown: no 'nothing feeds' lines from it
         kind = values.get("kind")
-        if kind is None:
+        if kind is None:  # its own line says why; what it feeds is unknown
+            dedup["routing_unsure"] = True
             continue
         if kind not in known_kinds:
             problems.append(_kind_problem(where, key, kind, known_kinds))
@@ -444,10 +447,11 @@ def load(root: str | Path = ".") -> Config:
                 problems.append(f"{where}: key 'data.sources' names '{name}', which is not a [sources.<name>] block in "
                                 f"{SOURCES_FILE}; {'did you mean ' + repr(close[0]) + '? ' if close else ''}fix the name")
         fed = [s for s in sources.values() if s.enabled and (adapter.name in s.adapters or s.name in adapter.data["sources"])]
-        if sources and not fed:
+        if sources and not fed and not dedup.get("routing_unsure"):
             problems.append(f"{where}: key 'data.sources': no enabled source feeds adapter '{adapter.name}'; list it in "
                             f"`adapters` of an enabled [sources.<name>] block in {SOURCES_FILE}, or name one here")
     if problems:
         raise ConfigError(problems)
     clean = dedup.pop("clean", {})
+    dedup.pop("routing_unsure", None)
     return Config(root=root, sources=sources, adapters=adapters, dedup=dedup, clean=clean)

@@ -103,7 +103,8 @@ def check_value(where: str, dotted: str, value: Any, key: Key) -> tuple[Any, str
     """(the value, converted, or None) and the one-line problem with it, if any."""
     value, ok = _coerce(value, key)
     if not ok:
-        return None, f"{where}: key '{dotted}' must be {type_name(key.type)} (got {value!r}); {_default_hint(key)}"
+        shown = str(value).lower() if isinstance(value, bool) else repr(value)  # as TOML writes it
+        return None, f"{where}: key '{dotted}' must be {type_name(key.type)} (got {shown}); {_default_hint(key)}"
     if isinstance(value, list) and key.items is not None:
         for item in value:
             if not isinstance(item, key.items) or (isinstance(item, bool) and key.items is not bool):
