@@ -219,8 +219,10 @@ def test_no_examples_is_a_clear_error(tmp_path, monkeypatch):
 def test_adapter_without_sources_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.chdir(make_project(tmp_path, sources=SOURCES.replace('adapters = ["decide"]', "adapters = []")))
     io.write_jsonl(layout.dedup_file(), kept(range(20)))
-    with pytest.raises(StageError, match=r"sources.toml.*'decide'"):
-        split.run(config.load(), "decide")
+    # refused at load, before scrape, normalize and dedup run (issue 14)
+    with pytest.raises(config.ConfigError, match=r"adapters/decide/adapter.toml: key 'data.sources': no enabled source "
+                                                 r"feeds adapter 'decide'.*sources.toml"):
+        config.load()
 
 
 def test_dedup_then_split_leaves_no_near_duplicate_across_splits(project):
@@ -312,8 +314,14 @@ def test_frozen_test_set_stays_fixed_as_data_grows(tmp_path, monkeypatch):
     split.run(config.load(), "decide")
     assert {r["cluster"] for r in read_splits("decide")["test"]} == {"vitals:r1"}
     (tmp_path / "adapters" / "decide" / "adapter.toml").write_text('[data]\nfrozen_test = "gone.jsonl"\n')
+    with pytest.raises(config.ConfigError, match=r"adapters/decide/adapter.toml: key 'data.frozen_test' names gone.jsonl, "
+                                                 r"which does not exist"):  # refused at load, before any stage runs
+        config.load()
+    (tmp_path / "gone.jsonl").write_text("")  # there at load, gone by the time the split reads it: the split says so
+    cfg = config.load()
+    (tmp_path / "gone.jsonl").unlink()
     with pytest.raises(StageError, match=r"data.frozen_test.*adapters/decide/adapter.toml.*gone.jsonl"):
-        split.run(config.load(), "decide")
+        split.run(cfg, "decide")
 
 
 # --- stratification
