@@ -20,7 +20,7 @@ def closed_port() -> int:
 
 @pytest.mark.parametrize("args, marker", [((), "cannot reach"), (("offline=1",), "this run is offline")])
 def test_offline_network_source_fails_in_one_line_and_the_rest_still_builds(tmp_path, args, marker):
-    project = Project(tmp_path, base_model=str(tmp_path / "unused-model"))
+    project = Project(tmp_path, base_model="embedded:smollm2-135m-instruct")
     (tmp_path / "sources.toml").write_text(sources_toml(news2_count=20, icd_codes=20) + f"""
 [sources.pubmed]
 kind = "pubmed"

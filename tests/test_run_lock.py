@@ -22,7 +22,7 @@ SCRAPE = "scrape:labels"
 def project(tmp_path):
     """A project whose one openFDA source takes a few seconds to scrape (3 pages at 2 requests/s)."""
     with FakeApi(records=12, scale=20) as fake:
-        project = Project(tmp_path, base_model=str(tmp_path / "unused-model"))
+        project = Project(tmp_path, base_model="embedded:smollm2-135m-instruct")
         (tmp_path / "sources.toml").write_text(sources_toml(news2_count=20, icd_codes=20) + f"""
 [sources.labels]
 kind = "openfda"

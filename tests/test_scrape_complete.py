@@ -141,7 +141,7 @@ def test_corrupt_gzip_and_redirect_loop(fake, tmp_path, fault):
 # --- the whole pipeline: a bad answer fails the task in one line, no traceback, and is never "up to date"
 def test_doit_never_finishes_a_short_scrape(tmp_path):
     with FakeApi(records=12, scale=20) as fake:
-        project = Project(tmp_path, base_model=str(tmp_path / "unused-model"))
+        project = Project(tmp_path, base_model="embedded:smollm2-135m-instruct")
         (tmp_path / "sources.toml").write_text(sources_toml(news2_count=20, icd_codes=20) + f"""
 [sources.trials]
 kind = "clinicaltrials"

@@ -18,7 +18,7 @@ TASKS = ("scrape:labels", "normalize:labels")
 def scraped(tmp_path):
     """A project with one openFDA source, scraped once online: (project, fake API)."""
     with FakeApi(records=12, scale=20) as fake:
-        project = Project(tmp_path, base_model=str(tmp_path / "unused-model"))
+        project = Project(tmp_path, base_model="embedded:smollm2-135m-instruct")
         (tmp_path / "sources.toml").write_text(sources_toml(news2_count=20, icd_codes=20) + f"""
 [sources.labels]
 kind = "openfda"

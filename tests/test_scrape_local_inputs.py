@@ -23,7 +23,7 @@ def answers(project: Project) -> list[str]:
 
 
 def test_editing_adding_and_removing_a_local_file_reruns_that_source_alone(tmp_path):
-    project = Project(tmp_path, base_model=str(tmp_path / "unused-model"))
+    project = Project(tmp_path, base_model="embedded:smollm2-135m-instruct")
     (tmp_path / "sources.toml").write_text(sources_toml(news2_count=20, icd_codes=20) + """
 [sources.mine]
 kind = "local_files"
