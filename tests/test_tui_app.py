@@ -11,8 +11,10 @@ from stages import io, layout
 from tui import runner
 from tui.app import MedforgeApp
 from tui.messages import MemoryReading
+from tui.screens.confirm import ConfirmScreen
 
-from tui_support import make_project, project_env, table_text, wait_for, wait_sync, write_reports
+from tui_support import (confirm, dialog_text, make_project, project_env, table_text, wait_for, wait_sync,
+                         write_reports)
 
 pytestmark = pytest.mark.anyio  # anyio's pytest plugin runs the async Pilot tests (no extra dependency)
 
@@ -51,13 +53,14 @@ async def test_pipeline_run_all_shows_states_reasons_and_logs(project):
         await wait_for(pilot, lambda: len(app.pipeline.static) == 3, what="doit's static status")
         text = table_text(app, "#tasks")
         assert "will run" in text and "waits for scrape:alpha" in text
-        await pilot.press("a")
+        await confirm(pilot, "a", "Run all tasks?", "doit will run 3 task(s): scrape:alpha, dedup, train:tiny")
         await wait_for(pilot, lambda: state_of(app, "train:tiny") == "running", what="train:tiny running")
         assert state_of(app, "scrape:alpha") == "done"
         assert any(type(m).__name__ == "RunStateChanged" and m.running for m in messages)
-        await pilot.press("a")  # a second start says what is running
-        await wait_for(pilot, lambda: any("already going" in str(n.message) for n in app._notifications),
+        await pilot.press("a")  # during a run: no question, it says what is running and starts nothing
+        await wait_for(pilot, lambda: any("a run is in progress" in str(n.message) for n in app._notifications),
                        what="the busy notice")
+        assert not isinstance(app.screen, ConfirmScreen)
         await wait_for(pilot, lambda: not app.running, 60, "the run to end")
         # the dep DB was re-read after the run: it is the truth now, everything up to date
         await wait_for(pilot, lambda: state_of(app, "train:tiny") == "up to date", what="static refresh")
@@ -66,7 +69,7 @@ async def test_pipeline_run_all_shows_states_reasons_and_logs(project):
         await wait_for(pilot, lambda: "step 12/12" in "\n".join(app.screen.query_one("#log").lines), what="log tail")
         assert "[bold]not markup[/bold] stays literal" in app.screen.query_one("#log").lines
         # forget it: doit will run it again, and says so
-        await pilot.press("f")
+        await confirm(pilot, "f", "Forget train:tiny?", "the next run runs it again (it took ")
         await wait_for(pilot, lambda: app.pipeline.static["train:tiny"]["status"] == "run", what="forget")
 
 
@@ -93,13 +96,15 @@ async def test_stop_asks_then_interrupts_the_run(project, monkeypatch):
     app = make_app(project)
     async with app.run_test(size=(80, 24)) as pilot:
         await wait_for(pilot, lambda: len(app.pipeline.static) == 3, what="static status")
-        await pilot.press("a")
+        await confirm(pilot, "a")
         await wait_for(pilot, lambda: state_of(app, "train:tiny") == "running", 30, "training")
         await pilot.press("x")
-        await pilot.press("n")  # changed my mind: still running
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen), what="the question")
+        assert "running now: train:tiny (running for" in dialog_text(app)
+        await pilot.press("n", "y", "enter")  # letters never answer; enter presses Cancel, which has the focus
         await pilot.pause(0.5)
         assert app.running
-        await pilot.press("x", "y")
+        await confirm(pilot, "x", "Stop doit run (pid", "tasks already done are kept")
         await wait_for(pilot, lambda: not app.running, 30, "the stop")
         await wait_for(pilot, lambda: state_of(app, "train:tiny") == "failed", what="interrupted task")
 
@@ -109,7 +114,7 @@ async def test_quit_leaves_the_run_going_and_reopening_reattaches(project, monke
     app = make_app(project)
     async with app.run_test(size=(80, 24)) as pilot:
         await wait_for(pilot, lambda: len(app.pipeline.static) == 3, what="static status")
-        await pilot.press("a")
+        await confirm(pilot, "a")
         await wait_for(pilot, lambda: state_of(app, "train:tiny") == "running", 30, "training")
         await pilot.press("q")
     record = runner.current_run(project)
@@ -436,7 +441,7 @@ async def test_run_and_log_polls_keep_polling_after_errors(project, monkeypatch)
         assert notices(app, "run monitor") == ["run monitor: OSError: disk hiccup (still polling)"]
         assert notices(app, "task log") == ["task log: ValueError: bad [bold]log[/] (still polling)"]
         # a run started now is still seen by the poll
-        await pilot.press("a")
+        await confirm(pilot, "a")
         await wait_for(pilot, lambda: app.running or app.pipeline.task("scrape:alpha").state == "done", 30, "the run")
 
 

@@ -24,7 +24,7 @@ from tui import runner
 from tui.app import MedforgeApp
 from tui.messages import MemoryReading
 
-from tui_support import wait_for, wait_sync
+from tui_support import confirm, wait_for, wait_sync
 
 pytestmark = pytest.mark.slow
 
@@ -87,6 +87,8 @@ def test_dashboard_in_tmux_runs_the_real_pipeline(project):
         assert f"• {len(before)} will run" in text, text  # every task is on screen
 
         tmux("send-keys", "-t", session, "a")
+        wait_sync(lambda: "Run all tasks?" in screen(), 10, "the question")
+        tmux("send-keys", "-t", session, "Tab", "Enter")
         seen: dict[str, set[str]] = {}
 
         def finished() -> bool:
@@ -136,7 +138,7 @@ async def test_quitting_leaves_real_training_going_and_reopening_finds_it(projec
         names = [r.name for r in app.pipeline.rows()]
         table.move_cursor(row=names.index("train:clinical_coding"), animate=False)
         await wait_for(pilot, lambda: app.screen.selected == "train:clinical_coding", what="selection")
-        await pilot.press("r")
+        await confirm(pilot, "r")
         await wait_for(pilot, lambda: app.pipeline.task("train:clinical_coding").state == "running", BUILD_S,
                        "training to start")
         await pilot.press("q")

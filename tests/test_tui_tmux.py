@@ -28,6 +28,8 @@ def test_dashboard_in_tmux_runs_the_pipeline(tmp_path):
         screen = lambda: tmux("capture-pane", "-p", "-t", session)
         wait_sync(lambda: "never run; waits for scrape:alpha" in screen(), 30, "the pipeline view")
         tmux("send-keys", "-t", session, "a")
+        wait_sync(lambda: "Run all tasks?" in screen(), 10, "the question")
+        tmux("send-keys", "-t", session, "Tab", "Enter")
         wait_sync(lambda: screen().count("✔ done") == 3, 60, "all tasks done on screen")
         # doit exits (writing its dep DB) a moment after its last task: the header says so once it has
         wait_sync(lambda: "last run finished" in screen(), 30, "the run reported finished")

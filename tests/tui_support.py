@@ -120,6 +120,23 @@ async def wait_for(pilot, condition, timeout: float = 30.0, what: str = "conditi
         await pilot.pause(0.1)
 
 
+def dialog_text(app) -> str:
+    return "\n".join(str(w.content) for w in app.screen.query("#confirm Static"))
+
+
+async def confirm(pilot, key: str, *expected: str) -> None:
+    """Press `key`, check the question names what it should, and go ahead (tab to the action's button, enter)."""
+    from tui.screens.confirm import ConfirmScreen
+
+    await pilot.press(key)
+    await wait_for(pilot, lambda: isinstance(pilot.app.screen, ConfirmScreen), 10, f"the question after {key}")
+    text = dialog_text(pilot.app)
+    for part in expected:
+        assert part in text, f"{part!r} not in the question:\n{text}"
+    await pilot.press("tab", "enter")
+    await wait_for(pilot, lambda: not isinstance(pilot.app.screen, ConfirmScreen), 10, "the question to close")
+
+
 def wait_sync(condition, timeout: float = 30.0, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while not condition():

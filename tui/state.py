@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-STAGE_ORDER = ("base_model", "base_gguf", "scrape", "normalize", "dedup", "split", "train", "eval", "export")
+STAGE_ORDER = ("base_model", "base_gguf", "scrape", "normalize", "dedup", "split", "lint", "train", "eval", "export",
+               "report", "report_matrix")  # dodo.py's graph, upstream first
 
 UP_TO_DATE, WILL_RUN, RUNNING, DONE, FAILED = "up to date", "will run", "running", "done", "failed"
 # state -> (symbol, style) for the table; styles are applied to plain Text, never parsed as markup
@@ -45,6 +46,7 @@ class PipelineState:
         self.static: dict[str, dict] = {}   # name -> {"status", "reason", "task_dep", ...} from doit
         self.live: dict[str, tuple[str, str]] = {}  # name -> (state, detail) from this run's events
         self.began: dict[str, float] = {}  # name -> when its task_start event came (the event's time)
+        self.took: dict[str, float] = {}   # name -> seconds its last run took (of the runs seen)
         self.run_active = False
         self.run_summary = ""
         self.static_error = ""
@@ -70,6 +72,8 @@ class PipelineState:
                 self.began[task] = float(ev.get("t") or 0.0)
             elif kind == "task_done":
                 self.live[task] = (DONE, "")
+                if task in self.began and ev.get("t"):
+                    self.took[task] = float(ev["t"]) - self.began[task]
             elif kind == "task_failed":
                 self.live[task] = (FAILED, " ".join(ev.get("error") or []))
             elif kind == "task_uptodate":
@@ -109,6 +113,29 @@ class PipelineState:
         stage, item = split_name(name)
         return TaskView(name=name, stage=stage, item=item, state=state, reason=reason,
                         deps=list(static.get("task_dep", [])))
+
+    def upstream(self, name: str) -> list[str]:
+        """What `doit run <name>` runs before it: its dependencies that are not up to date, in graph order."""
+        seen: set[str] = set()
+        todo = list(self.task(name).deps)
+        while todo:
+            dep = todo.pop()
+            if dep not in seen:
+                seen.add(dep)
+                todo.extend(self.task(dep).deps)
+        return [n for n in self.names() if n in seen and self.task(n).state != UP_TO_DATE]
+
+    def downstream(self, name: str) -> list[str]:
+        """Every task that depends on `name`, directly or not, in graph order."""
+        found: set[str] = set()
+        grew = True
+        while grew:
+            grew = False
+            for other in self.names():
+                if other not in found and (name in self.task(other).deps or found & set(self.task(other).deps)):
+                    found.add(other)
+                    grew = True
+        return [n for n in self.names() if n in found]
 
     def names(self) -> list[str]:
         # once doit's view is known it names the tasks; live-only names are tasks of a stale graph

@@ -1,6 +1,7 @@
 """Pipeline view: every task grouped by stage, its state and doit's reason, and the selected task's log."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from rich.text import Text
@@ -13,7 +14,7 @@ from textual.widgets import DataTable, Footer, Log, Static
 
 from stages import layout
 from tui.messages import LogLines, PipelineChanged, RunStateChanged
-from tui.state import LOOK
+from tui.state import LOOK, duration
 from tui.tail import Follower, tail_lines
 from tui.widgets.topbar import TopBar
 
@@ -168,26 +169,66 @@ class PipelineScreen(Screen):
                               style="bold"))
         log.write_lines(msg.lines)  # Log shows plain strings: nothing in a log line is read as markup
 
-    # --- actions
-    def action_run_all(self) -> None:
-        self.app.start_run([])
+    # --- actions: each asks first, naming what will run or be lost; none starts while a run is going
+    def _busy(self, what: str) -> bool:
+        if self.app.running:
+            run = self.app.doit_run
+            self.app.notify(f"a run is in progress: {run.describe() if run else 'doit'}; {what}", markup=False,
+                            severity="warning")
+            return True
+        return False
 
-    def action_run_selected(self) -> None:
-        if self.selected:
-            self.app.start_run([self.selected])
-
-    def action_forget_selected(self) -> None:
-        if self.selected:
-            self.app.forget_tasks([self.selected])
-
-    def action_stop_run(self) -> None:
+    def _confirm(self, question: str, details: list[str], action: str, then) -> None:
         from tui.screens.confirm import ConfirmScreen
 
+        self.app.push_screen(ConfirmScreen(question, details, action), lambda yes: then() if yes else None)
+
+    def action_run_all(self) -> None:
+        if self._busy("nothing started"):
+            return
+        state = self.app.pipeline
+        todo = [row.name for row in state.rows() if row.state != "up to date"]
+        details = [f"doit will run {len(todo)} task(s): {_some(todo)}" if todo
+                   else "every task is up to date: doit will check them and run nothing",
+                   "It runs detached: quitting the dashboard does not stop it."]
+        self._confirm("Run all tasks?", details, "Run all", lambda: self.app.start_run([]))
+
+    def action_run_selected(self) -> None:
+        task = self.selected
+        if not task or self._busy("nothing started"):
+            return
+        state = self.app.pipeline
+        first = state.upstream(task)
+        details = [f"first what it needs: {_some(first)}" if first else "its inputs are up to date",
+                   "It runs detached: quitting the dashboard does not stop it."]
+        self._confirm(f"Run {task}?", details, f"Run {task}", lambda: self.app.start_run([task]))
+
+    def action_forget_selected(self) -> None:
+        task = self.selected
+        if not task or self._busy("forget it once the run has finished"):
+            return
+        state = self.app.pipeline
+        took = state.took.get(task)
+        after = state.downstream(task)
+        details = [f"doit throws away its record: the next run runs it again"
+                   + (f" (it took {duration(took)} last time)" if took else ""),
+                   f"and then what depends on it: {_some(after)}" if after else "nothing depends on it"]
+        self._confirm(f"Forget {task}?", details, f"Forget {task}", lambda: self.app.forget_tasks([task]))
+
+    def action_stop_run(self) -> None:
         if not self.app.running:
             self.app.notify("nothing is running", markup=False)
             return
+        state = self.app.pipeline
+        run = self.app.doit_run
+        now = time.time()
+        going = [f"{name} (running for {duration(now - state.began[name])})" if name in state.began else name
+                 for name in state.running_tasks()]
+        details = [f"running now: {', '.join(going)}; its work so far is lost" if going else "",
+                   "tasks already done are kept"]
+        self._confirm(f"Stop {run.describe()}?", [d for d in details if d], "Stop the run", self.app.stop_run)
 
-        def answered(yes: bool | None) -> None:
-            if yes:
-                self.app.stop_run()
-        self.app.push_screen(ConfirmScreen(f"Stop {self.app.doit_run.describe()}?"), answered)
+
+def _some(names: list[str], shown: int = 6) -> str:
+    more = f" (+{len(names) - shown} more)" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
