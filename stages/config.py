@@ -350,8 +350,9 @@ def _base_model_problem(root: Path, where: str, spec: str) -> str | None:
 
 
 def _linear_names(root: Path, spec: str) -> set[str] | None:
-    """The names of the base model's 2-D weights' modules (what lora.targets can name), read from the
-    safetensors header when the weights are on disk; the embedded model's known names; else None."""
+    """The module paths of the base model's 2-D weights (what lora.targets can name: peft matches a target
+    against a path's end), read from the safetensors header when the weights are on disk; the embedded
+    model's known names; else None (not known before `doit base_model`)."""
     import json
     import struct
 
@@ -361,8 +362,8 @@ def _linear_names(root: Path, spec: str) -> set[str] | None:
     try:
         with open(weights, "rb") as fh:
             header = json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0]))
-        return {name.rsplit(".", 2)[-2] for name, t in header.items()
-                if name.endswith(".weight") and name.count(".") >= 1 and len(t.get("shape", ())) == 2}
+        return {name[:-len(".weight")] for name, t in header.items()
+                if name.endswith(".weight") and isinstance(t, dict) and len(t.get("shape", ())) == 2}
     except (OSError, ValueError, struct.error, AttributeError):
         pass
     if spec.startswith("embedded:"):  # Llama-style (SmolLM2)
@@ -402,9 +403,10 @@ def load_adapter(root: Path, path: Path, problems: list[str]) -> AdapterConfig |
     if problem:
         problems.append(problem)
     else:
-        names = _linear_names(root, base)
-        for target in lora["targets"] if names else []:
-            if target not in names:
+        paths = _linear_names(root, base)
+        names = {p.rsplit(".", 1)[-1] for p in paths or ()}
+        for target in lora["targets"] if paths else []:
+            if not any(p == target or p.endswith("." + target) for p in paths):
                 close = difflib.get_close_matches(target, sorted(names), n=1)
                 problems.append(f"{where}: key 'lora.targets' lists '{target}', which the base model {base} has no "
                                 f"layer named ({'did you mean ' + repr(close[0]) + '? ' if close else ''}it has: "

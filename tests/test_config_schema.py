@@ -128,6 +128,22 @@ def mkdir(path: str):
     return edit
 
 
+def fake_base(path: str, modules=("q_proj", "k_proj", "v_proj", "o_proj")):
+    """A local base folder whose model.safetensors holds only a header: the layers lora.targets is checked against."""
+    def edit(root: Path) -> None:
+        import json
+        import struct
+
+        folder = root / path
+        folder.mkdir(parents=True)
+        header = {f"model.layers.0.self_attn.{m}.weight": {"dtype": "F32", "shape": [4, 4], "data_offsets": [0, 64]}
+                  for m in modules}
+        header["model.norm.weight"] = {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}
+        blob = json.dumps(header).encode()
+        (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(blob)) + blob + bytes(64))
+    return edit
+
+
 S, A = SOURCES, ADAPTER
 # (id, edit, file the line must start with, dotted key it must name (None: a file-level problem), text it must hold)
 CASES = [
@@ -226,6 +242,9 @@ CASES = [
     ("base model folder without weights", both(mkdir("models/empty"), sub(A, "embedded:smollm2-135m-instruct",
                                                                            "./models/empty")), A, "base_model",
      "no model.safetensors"),
+    ("LoRA target the local base lacks", both(fake_base("models/tiny", ("q_proj", "k_proj", "o_proj")),
+                                              sub(A, "embedded:smollm2-135m-instruct", "./models/tiny")), A,
+     "lora.targets", "lists 'v_proj', which the base model ./models/tiny has no layer named"),
     ("missing frozen_test file", after(A, "[data]", 'frozen_test = "frozen/test.jsonl"'), A, "data.frozen_test",
      "does not exist"),
     ("frozen_test is a folder", both(mkdir("frozen"), after(A, "[data]", 'frozen_test = "frozen"')), A, "data.frozen_test",
@@ -349,6 +368,13 @@ def test_param_reads_the_declared_default_and_refuses_a_bad_value():
     assert source.param("batch") == 50 and source.param("query_cap") == 10_000 and source.param("rate") == 0.0
     with pytest.raises(SourceError, match=r"^sources.toml: key 'sources.bad.params.batch' must be between 1 and 10000"):
         make("bad", "pubmed", {"batch": 0}).param("batch")
+
+
+def test_lora_targets_may_name_a_path_end_of_the_local_base(tmp_path):
+    root = project(tmp_path, adapter=BASE_ADAPTER.replace("embedded:smollm2-135m-instruct", "./models/tiny")
+                   .replace('"v_proj"]', '"self_attn.v_proj"]'))
+    fake_base("models/tiny")(root)
+    assert config.load(root).adapters["decide"].lora["targets"] == ["q_proj", "self_attn.v_proj"]
 
 
 def test_the_shipped_configuration_is_valid():
