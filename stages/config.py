@@ -266,9 +266,11 @@ def load_sources(root: Path, problems: list[str], known_kinds) -> tuple[dict[str
         if not NAME_RE.match(name):
             problems.append(f"{where}: key '{key}': source name '{name}' must be lowercase letters, digits, '_' or '-'; "
                             f"rename [{key}]")
+            dedup["routing_unsure"] = True
             continue
         if not isinstance(block, dict):
             problems.append(f"{where}: key '{key}' must be a table ([{key}]) (got {block!r}); fix it")
+            dedup["routing_unsure"] = True
             continue
         values = check(where, block, SOURCE_SCHEMA, problems, prefix=f"{key}.")
         if any(f"'{key}.{k}'" in line for line in problems for k in ("enabled", "adapters")):

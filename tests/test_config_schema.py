@@ -269,6 +269,10 @@ CASES = [
     ("sources.toml not UTF-8", raw_bytes(S, BASE_SOURCES.encode().replace(b"sepsis", b"s\xe9psis")), S, None, "not UTF-8"),
     ("adapter.toml not UTF-8", raw_bytes(A, b"description = \"caf\xe9\"\n"), A, None, "not UTF-8"),
     ("sources.toml is a folder", folder_instead(S), S, None, "is a folder"),
+    ("adapter.toml is a folder", folder_instead(A), A, None, "is a folder"),
+    ("a source block given a value", sub(S, '[sources.news2]\nkind = "news2"\nadapters = ["decide"]\n[sources.news2.params]\n'
+                                            'count = 50\nseed = 7\n', "[sources]\nnews2 = 3\n"), S, "sources.news2",
+     "must be a table"),
     ("adapter.toml syntax", sub(A, "[train]", "[train"), A, None, "not valid TOML at line"),
 ]
 IDS = [case[0] for case in CASES]
