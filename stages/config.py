@@ -35,7 +35,7 @@ ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 QUANT_TYPES = ("f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0")
 
 SOURCES_TOP_SCHEMA = {
-    "sources": Key(dict, REQUIRED),
+    "sources": Key(dict, dict),  # at least one [sources.<name>] (load_sources says so when there is none)
     "dedup": Key(dict, dict),
     "clean": Key(dict, dict),
 }
@@ -252,7 +252,7 @@ def load_sources(root: Path, problems: list[str], known_kinds) -> tuple[dict[str
     doc = _read_toml(root / SOURCES_FILE, where, problems)
     if doc is None:
         return {}, {}
-    top = check(where, doc, {**SOURCES_TOP_SCHEMA, "sources": Key(dict, dict)}, problems)
+    top = check(where, doc, SOURCES_TOP_SCHEMA, problems)
     dedup = check(where, top["dedup"], DEDUP_SCHEMA, problems, prefix="dedup.")
     dedup["clean"] = load_clean(where, top["clean"], problems, known_kinds)
     table = top["sources"]

@@ -127,9 +127,6 @@ class Icd10cmSource(Source):
     def fetch(self, store) -> None:
         max_codes = self.param("max_codes")
         seed = self.param("seed")
-        if max_codes < 0:
-            raise SourceError(f"sources.toml: key 'sources.{self.name}.params.max_codes' must be 0 (all) or more "
-                              f"(got {max_codes}); fix its value")
         origin = f"pypi:{PACKAGE}=={package_version()}"
         records = build_records(load_codes(database_path()), max_codes, seed, origin)
         store.put(PAGE, io.jsonl_bytes(records))

@@ -132,9 +132,6 @@ class LocalFiles(Source):
                 buf = (para or "").strip()
             return
         form = self.param("format")
-        if form not in ("auto", "alpaca", "sharegpt", "messages"):
-            raise SourceError(f"sources.toml: key 'sources.{self.name}.params.format' must be auto, alpaca, sharegpt "
-                              f"or messages (got {form!r}); fix it")
         for i, row in enumerate(self._rows(page)):
             if not isinstance(row, dict):
                 continue

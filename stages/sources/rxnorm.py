@@ -54,8 +54,6 @@ class RxNorm(Source):
         from stages import http
 
         names = self.param("names")
-        if not all(isinstance(n, str) and n.strip() for n in names):
-            raise SourceError(f"sources.toml: key 'sources.{self.name}.params.names' must be a list of drug names; fix it")
         per_name = self.param("related_per_name")
         state = store.checkpoint or {"names": list(names), "rxcuis": []}
         with http.Client(self.name, self.api, self.params) as client:
