@@ -20,10 +20,10 @@ def emit(event: str, **fields) -> None:
     io.append_jsonl(layout.events_file(), {"t": round(time.time(), 3), "pid": os.getpid(), "event": event, **fields})
 
 
-def end_log(task: str, reason: str) -> None:
-    """Make a failed task's log end with its outcome. `python -m stages` writes that line itself, unless
-    its process died first (a signal, an OOM kill, a native crash): then doit's reason goes there, e.g.
-    "Command failed: ... returned -11" (its exit code, -11 = SIGSEGV)."""
+def end_log(task: str, reason: str) -> str:
+    """Make a failed task's log end with its outcome, and return that outcome. `python -m stages` writes
+    that line itself (the reason a user can act on), unless its process died first (a signal, an OOM kill,
+    a native crash): then doit's reason goes there, e.g. "Command failed: ... returned -11" (-11 = SIGSEGV)."""
     path = layout.log_file(task)
     try:
         with open(path, "rb") as fh:
@@ -33,11 +33,13 @@ def end_log(task: str, reason: str) -> None:
     except OSError:
         raw = b""
     tail = raw.decode("utf-8", "replace").rstrip().splitlines()
-    if tail and tail[-1].startswith(failure_line(task, "")):
-        return
+    said = failure_line(task, "")
+    if tail and tail[-1].startswith(said):
+        return tail[-1][len(said):].strip() or reason
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as log:
         log.write(("\n" if raw and not raw.endswith(b"\n") else "") + failure_line(task, reason) + "\n")
+    return reason
 
 
 class EventReporter(ConsoleReporter):
@@ -63,9 +65,9 @@ class EventReporter(ConsoleReporter):
 
     def add_failure(self, task, fail_info):
         error = str(fail_info.get_msg()).strip().splitlines()[-1:]
+        if task.actions:  # the log's own last line says why better than doit's "Command failed: ... returned 1"
+            error = [end_log(task.name, error[0] if error else "failed")]
         emit("task_failed", task=task.name, error=error)
-        if task.actions:
-            end_log(task.name, error[0] if error else "failed")
         super().add_failure(task, fail_info)
 
     def skip_uptodate(self, task):

@@ -120,6 +120,17 @@ async def wait_for(pilot, condition, timeout: float = 30.0, what: str = "conditi
         await pilot.pause(0.1)
 
 
+def screen_text(app) -> str:
+    """What the terminal shows now, as plain lines (from the app's own SVG export)."""
+    import html
+    import re
+
+    rows: dict[float, list[tuple[float, str]]] = {}
+    for m in re.finditer(r'<text[^>]*x="([\d.]+)" y="([\d.]+)"[^>]*>(.*?)</text>', app.export_screenshot()):
+        rows.setdefault(float(m.group(2)), []).append((float(m.group(1)), html.unescape(m.group(3))))
+    return "\n".join("".join(t for _, t in sorted(v)).replace("\xa0", " ") for _, v in sorted(rows.items()))
+
+
 def dialog_text(app) -> str:
     return "\n".join(str(w.content) for w in app.screen.query("#confirm Static"))
 

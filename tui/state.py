@@ -69,7 +69,8 @@ class PipelineState:
                 self.run_summary = "running " + (" ".join(ev.get("selected") or []) or "all tasks")
             elif kind == "task_start":
                 self.live[task] = (RUNNING, "")
-                self.began[task] = float(ev.get("t") or 0.0)
+                if ev.get("t"):
+                    self.began[task] = float(ev["t"])
             elif kind == "task_done":
                 self.live[task] = (DONE, "")
                 if task in self.began and ev.get("t"):

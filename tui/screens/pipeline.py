@@ -40,18 +40,15 @@ class PipelineScreen(Screen):
     def compose(self) -> ComposeResult:
         yield TopBar("pipeline")
         yield Static(id="pipeline-summary")
-        table = DataTable(id="tasks", cursor_type="row", zebra_stripes=False)
-        table.add_column("stage", key="stage", width=10)
-        table.add_column("task", key="task", width=18)
-        table.add_column("state", key="state", width=12)
-        table.add_column("why", key="why")
-        yield table
+        yield DataTable(id="tasks", cursor_type="row", zebra_stripes=False)
         yield Static(id="log-title")
         yield Log(id="log", max_lines=LOG_LINES, highlight=False)
         yield Footer()
 
     def on_mount(self) -> None:
+        self._widths: tuple[int, ...] = ()
         self.render_tasks()
+        self.set_interval(1.0, self._tick)  # a running task's elapsed time
         self.query_one("#tasks").focus()
         self.schedule_log(0)
 
@@ -62,6 +59,23 @@ class PipelineScreen(Screen):
     @on(PipelineChanged)
     def _pipeline_changed(self) -> None:
         self.render_tasks()
+
+    def on_resize(self) -> None:
+        self.render_tasks()
+
+    def _tick(self) -> None:
+        if self.app.pipeline.running_tasks():
+            self.render_tasks()
+
+    def _fit_columns(self, table: DataTable, rows) -> None:
+        """Column widths from the terminal's width and the names shown: the why column (doit's reason, a
+        failure's one line) gets what the others leave. Rebuilt only when they change."""
+        widths = column_widths(self.size.width, rows)
+        if widths != self._widths:
+            self._widths = widths
+            table.clear(columns=True)
+            for key, width in zip(COLUMNS, widths):
+                table.add_column(key, key=key, width=width)
 
     @on(RunStateChanged)
     def _run_state(self, msg: RunStateChanged) -> None:
@@ -84,15 +98,21 @@ class PipelineScreen(Screen):
                     summary.append(f"{symbol} {counts[name]} {name}   ", style=style)
         self.query_one("#pipeline-summary", Static).update(summary)
 
+        self._fit_columns(table, rows)
         cells = {}
         last_stage = None
+        now = time.time()
         for row in rows:
             symbol, style = LOOK.get(row.state, LOOK["unknown"])
+            why = row.reason
+            if row.state == "running" and row.name in state.began:
+                why = f"for {duration(now - state.began[row.name])}" + (f" · {why}" if why else "")
             cells[row.name] = {
-                "stage": Text(row.stage if row.stage != last_stage else "", style="bold"),
-                "task": Text(row.item or row.stage),
+                "stage": Text(row.stage if row.stage != last_stage else "", style="bold", overflow="ellipsis"),
+                "task": Text(row.item or row.stage, overflow="ellipsis"),
                 "state": Text(f"{symbol} {row.state}", style=style),
-                "why": Text(row.reason, style="dim" if row.state == "up to date" else ""),
+                "why": Text(why, style="dim" if row.state == "up to date" else ("red" if row.state == "failed" else ""),
+                            overflow="ellipsis"),
             }
             last_stage = row.stage
         names = list(cells)
@@ -227,6 +247,19 @@ class PipelineScreen(Screen):
         details = [f"running now: {', '.join(going)}; its work so far is lost" if going else "",
                    "tasks already done are kept"]
         self._confirm(f"Stop {run.describe()}?", [d for d in details if d], "Stop the run", self.app.stop_run)
+
+
+COLUMNS = ("stage", "task", "state", "why")
+
+
+def column_widths(width: int, rows) -> tuple[int, ...]:
+    """stage, task, state and why for a table `width` cells wide (each column pads 1 a side; 2 for a
+    scrollbar): names as long as the longest, the task's at most a quarter, why the rest."""
+    room = max(width - 2 * len(COLUMNS) - 2, 40)
+    stage = min(max((len(r.stage) for r in rows), default=5), 13)
+    state = max((len(r.state) + 2 for r in rows), default=10)
+    task = min(max((len(r.item or r.stage) for r in rows), default=4), max(room // 4, 10))
+    return stage, task, state, max(room - stage - task - state, 10)
 
 
 def _some(names: list[str], shown: int = 6) -> str:

@@ -22,11 +22,18 @@ class TopBar(Static):
         self.running, self.run_text = running, summary
         self.update(self._render_bar())
 
+    def on_resize(self) -> None:
+        self.update(self._render_bar())
+
     def _render_bar(self) -> Text:
+        # below 100 columns the other views show their key only, so the run's state keeps the room it needs
+        compact = 0 < self.size.width < 100
         bar = Text("medforge ", style="bold")
         for key, label, view in TABS:
-            style = "reverse bold" if view == self.view else "dim"
-            bar.append(f" {key} {label} ", style=style)
+            if view == self.view:
+                bar.append(f" {key} {label} ", style="reverse bold")
+            else:
+                bar.append(f" {key} " if compact else f" {key} {label} ", style="dim")
         bar.append("  ")
         bar.append("● " if self.running else "○ ", style="bold cyan" if self.running else "dim")
         bar.append(self.run_text, style="cyan" if self.running else "")
