@@ -381,6 +381,14 @@ def test_lora_targets_may_name_a_path_end_of_the_local_base(tmp_path):
     assert config.load(root).adapters["decide"].lora["targets"] == ["q_proj", "self_attn.v_proj"]
 
 
+def test_params_stay_as_written_so_nothing_reruns_after_an_upgrade(tmp_path):
+    """doit's config_changed hashes a source's params: validation fills no defaults into them."""
+    cfg = config.load(project(tmp_path))
+    assert cfg.sources["news2"].params == {"count": 50, "seed": 7}
+    assert cfg.sources["papers"].params == {"term": "sepsis", "mindate": "2023/01/01", "maxdate": "2023/12/31",
+                                            "max_records": 10}
+
+
 def test_the_shipped_configuration_is_valid():
     cfg = config.load(REPO)
     assert {"clinical_coding", "clinical_decision"} <= set(cfg.adapters)
