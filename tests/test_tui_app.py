@@ -159,7 +159,7 @@ async def test_training_data_and_eval_views_read_what_stages_wrote(project):
         assert "no answer tokens" in table_text(app, "#data-drops")  # train dropped 2
         await pilot.press("4")
         await wait_for(pilot, lambda: "tiny" in table_text(app, "#eval-matrix"), what="eval view")
-        assert "4.250" in table_text(app, "#eval-matrix") and "-55.3%" in table_text(app, "#eval-matrix")
+        assert "4.25" in table_text(app, "#eval-matrix") and "-55.3%" in table_text(app, "#eval-matrix")
         assert "80%" in table_text(app, "#eval-safety")
 
 

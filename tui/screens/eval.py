@@ -1,5 +1,14 @@
-"""Eval view: per adapter, answer perplexity base vs adapter overall and per task; safety pass rates when present."""
+"""Eval view: what eval:<adapter> wrote (adapters/<a>/out/eval.json), each figure labelled for what it is.
+
+- the matrix: every adapter on every adapter's test split (its own and the others'), answer perplexity
+  base → adapter;
+- task metrics per split, base → adapter, with their n and, for rates, a 95% interval;
+- safety pass rates per model (base, adapter);
+- cross-domain regressions: off its own domain, where the adapter does worse than the base.
+"""
 from __future__ import annotations
+
+import math
 
 from rich.text import Text
 from textual import on, work
@@ -12,32 +21,75 @@ from tui.reports import eval_report
 from tui.screens.report_screen import ReportScreen
 from tui.widgets.topbar import TopBar
 
+# rates: higher is better, shown as percentages with an interval (stages.evaluate.HIGHER_IS_BETTER, read
+# once the view loads a report: the module is cheap, but nothing of a stage loads before the first frame)
+RATES: set[str] = set()
 
-def _f(value, digits: int = 3) -> Text:
+
+def _f(value, digits: int = 2) -> Text:
     return Text("–" if value is None else f"{value:.{digits}f}", justify="right")
 
 
-def _gain(base, adapter) -> Text:
+def _change(base, adapter) -> Text:
     if not base or adapter is None:
         return Text("–", justify="right")
     change = (adapter - base) / base * 100
     return Text(f"{change:+.1f}%", style="green" if change < 0 else "red", justify="right")
 
 
-def safety_rates(report: dict) -> list[tuple[str, float]]:
-    """Safety pass rates, whichever shape the eval writes: {name: rate} or {name: {"pass_rate": rate}}."""
+def wilson(rate: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95% Wilson score interval of a rate measured on n cases (sound at n = 12 and at 0 % or 100 %)."""
+    if n <= 0:
+        return 0.0, 1.0
+    centre = (rate + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _metric(metric: str, value, n: int, interval=None, style: str = "") -> Text:
+    if value is None:
+        return Text("–", justify="right")
+    if metric in RATES:
+        lo, hi = interval or wilson(float(value), n)
+        return Text(f"{value:.0%} ({lo * 100:.0f}–{hi * 100:.0f})", style=style, justify="right")
+    text = f"{value:.2f}" + (f" ({interval[0]:.2f}–{interval[1]:.2f})" if interval else "")
+    return Text(text, style=style, justify="right")
+
+
+def _better(metric: str, base, adapter) -> str:
+    if base is None or adapter is None or base == adapter:
+        return ""
+    return "green" if (adapter > base) == (metric in RATES) else "red"
+
+
+def _interval(m: dict, side: str, metric: str):
+    """An interval eval.json gives itself, if any: {"ci": {"base": {metric: [lo, hi]}, ...}}."""
+    found = ((m.get("ci") or {}).get(side) or {}).get(metric)
+    return tuple(found) if isinstance(found, (list, tuple)) and len(found) == 2 else None
+
+
+def safety_rows(report: dict) -> tuple[str, list[tuple[str, dict]]]:
+    """Safety results as ("model" or "check", [(label, {"pass_rate", "passed", "n"})]): eval.json has them
+    per model ({"base": {...}, "adapter": {...}}); older files had {check: rate or {"pass_rate": rate}}."""
     safety = report.get("safety")
-    if isinstance(safety, (int, float)):
-        return [("safety", float(safety))]
+    if isinstance(safety, (int, float)) and not isinstance(safety, bool):
+        return "check", [("safety", {"pass_rate": float(safety)})]
     if not isinstance(safety, dict):
-        return []
-    out = []
+        return "model", []
+    kind = "model" if set(safety) <= {"base", "adapter"} else "check"
+    rows = []
     for name, value in safety.items():
-        if isinstance(value, dict):
-            value = value.get("pass_rate")
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            out.append((name, float(value)))
-    return out
+        value = value if isinstance(value, dict) else {"pass_rate": value}
+        if isinstance(value.get("pass_rate"), (int, float)) and not isinstance(value["pass_rate"], bool):
+            rows.append((name, value))
+    return kind, rows
+
+
+def matrix_cells(name: str, report: dict) -> list[tuple[str, dict]]:
+    """(split, cell) for every split this adapter was measured on, its own first; a report without a
+    matrix has its own split only."""
+    matrix = report.get("matrix") or {name: report}
+    return sorted(matrix.items(), key=lambda item: (item[0] != name, item[0]))
 
 
 class EvalScreen(ReportScreen):
@@ -45,19 +97,34 @@ class EvalScreen(ReportScreen):
     def compose(self) -> ComposeResult:
         yield TopBar("eval")
         with VerticalScroll(id="eval-body"):
-            yield Static(Text("answer perplexity: base → adapter (lower is better)", style="bold"), classes="section")
+            yield Static(Text("eval matrix · answer perplexity, base → adapter (lower is better)", style="bold"),
+                         classes="section")
             yield DataTable(id="eval-matrix", cursor_type="none", show_cursor=False)
-            yield Static(Text("safety pass rates", style="bold"), classes="section")
+            yield Static(Text("task metrics · base → adapter on n cases; rates with a 95% interval", style="bold"),
+                         classes="section")
+            yield DataTable(id="eval-metrics", cursor_type="none", show_cursor=False)
+            yield Static(Text("safety suite · pass rate per model", style="bold"), classes="section")
             yield DataTable(id="eval-safety", cursor_type="none", show_cursor=False)
+            yield Static(Text("cross-domain regressions · adapter worse than base off its domain", style="bold"),
+                         classes="section")
+            yield DataTable(id="eval-regressions", cursor_type="none", show_cursor=False)
         yield Footer()
 
     def on_mount(self) -> None:
-        self.query_one("#eval-matrix", DataTable).add_columns("adapter", "task", "n", "base ppl", "adapter ppl", "change")
-        self.query_one("#eval-safety", DataTable).add_columns("adapter", "check", "pass rate")
+        self.query_one("#eval-matrix", DataTable).add_columns("adapter", "test split", "", "n", "base", "adapter",
+                                                              "change")
+        self.query_one("#eval-metrics", DataTable).add_columns("adapter · split · task · metric", "n", "base",
+                                                               "adapter")
+        self.query_one("#eval-safety", DataTable).add_columns("adapter", "model", "passed", "pass rate (95%)")
+        self.query_one("#eval-regressions", DataTable).add_columns("adapter · split · task · metric", "base",
+                                                                   "adapter")
         self.action_reload()
 
     @work(thread=True, exclusive=True, group="eval", exit_on_error=False)
     def load(self) -> None:
+        from stages.evaluate import HIGHER_IS_BETTER
+
+        RATES.update(HIGHER_IS_BETTER)
         cfg = self.app.cfg
         if cfg is not None:
             self.post_message(ReportLoaded("eval", eval_report(self.app.root, sorted(cfg.adapters))))
@@ -66,24 +133,77 @@ class EvalScreen(ReportScreen):
     def _loaded(self, msg: ReportLoaded) -> None:
         if msg.kind != "eval":
             return
-        matrix = self.query_one("#eval-matrix", DataTable)
-        safety = self.query_one("#eval-safety", DataTable)
-        matrix.clear()
-        safety.clear()
+        tables = {key: self.query_one(f"#eval-{key}", DataTable)
+                  for key in ("matrix", "metrics", "safety", "regressions")}
+        for table in tables.values():
+            table.clear()
         reports = msg.data["adapters"]
-        for name, rep in reports.items():
-            matrix.add_row(Text(name, style="bold"), Text("all"), Text(f"{rep.get('n_examples', 0):,}", justify="right"),
-                           _f(rep.get("base_ppl")), _f(rep.get("adapter_ppl")),
-                           _gain(rep.get("base_ppl"), rep.get("adapter_ppl")))
-            for task, t in (rep.get("tasks") or {}).items():
-                matrix.add_row(Text(""), Text(task), Text(f"{t.get('n_examples', 0):,}", justify="right"),
-                               _f(t.get("base_ppl")), _f(t.get("adapter_ppl")),
-                               _gain(t.get("base_ppl"), t.get("adapter_ppl")))
-            for check, rate in safety_rates(rep):
-                safety.add_row(Text(name), Text(check), Text(f"{rate:.0%}", justify="right",
-                                                             style="green" if rate >= 0.95 else "red"))
-        if not reports:
-            matrix.add_row(Text("–", style="dim"), Text("no eval yet: run eval:<adapter>", style="dim"),
-                           Text(""), Text(""), Text(""), Text(""))
-        if not safety.row_count:
-            safety.add_row(Text("–", style="dim"), Text("no safety results in eval.json", style="dim"), Text(""))
+        for name, report in reports.items():
+            self._matrix(tables["matrix"], name, report)
+            self._metrics(tables["metrics"], name, report)
+            self._safety(tables["safety"], name, report)
+            self._regressions(tables["regressions"], name, report)
+        empty = {"matrix": "no eval yet: run eval:<adapter>", "metrics": "no task metrics in eval.json",
+                 "safety": "no safety results in eval.json",
+                 "regressions": "none: off its own domain no adapter does worse than the base"
+                 if reports else "no eval yet"}
+        for key, table in tables.items():
+            if not table.row_count:
+                table.add_row(Text(empty[key], style="dim"), *[Text("")] * (len(table.columns) - 1))
+
+    @staticmethod
+    def _matrix(table: DataTable, name: str, report: dict) -> None:
+        for i, (split, cell) in enumerate(matrix_cells(name, report)):
+            table.add_row(Text(name if i == 0 else "", style="bold"), Text(split),
+                          Text("own" if split == name else "cross", style="dim"),
+                          Text(f"{cell.get('n_examples', 0):,}", justify="right"),
+                          _f(cell.get("base_ppl")), _f(cell.get("adapter_ppl")),
+                          _change(cell.get("base_ppl"), cell.get("adapter_ppl")))
+
+    @staticmethod
+    def _metrics(table: DataTable, name: str, report: dict) -> None:
+        first = True
+        for split, cell in matrix_cells(name, report):
+            metrics = cell.get("metrics") or {}
+            if not metrics:
+                continue
+            if first:
+                table.add_row(Text(f"{name} adapter", style="bold"), Text(""), Text(""), Text(""))
+                first = False
+            own = " (own)" if split == name else ""
+            table.add_row(Text(f"  on {split}{own}", style="italic"), Text(""), Text(""), Text(""))
+            for task, m in sorted(metrics.items()):
+                n = int(m.get("n") or 0)
+                base, adapter = m.get("base") or {}, m.get("adapter") or {}
+                for metric in sorted(set(base) | set(adapter)):
+                    b, a = base.get(metric), adapter.get(metric)
+                    table.add_row(Text(f"    {task} · {metric}"), Text(str(n), justify="right"),
+                                  _metric(metric, b, n, _interval(m, "base", metric)),
+                                  _metric(metric, a, n, _interval(m, "adapter", metric), _better(metric, b, a)))
+
+    @staticmethod
+    def _safety(table: DataTable, name: str, report: dict) -> None:
+        kind, rows = safety_rows(report)
+        for i, (label, result) in enumerate(rows):
+            rate, n = float(result["pass_rate"]), result.get("n")
+            passed = f"{result['passed']}/{n}" if n and result.get("passed") is not None else "–"
+            shown = f"{rate:.0%}" + (" ({:.0f}–{:.0f})".format(*(x * 100 for x in wilson(rate, int(n)))) if n else "")
+            label = label if kind == "model" else f"check: {label}"
+            table.add_row(Text(name if i == 0 else "", style="bold"), Text(label), Text(passed, justify="right"),
+                          Text(shown, justify="right", style="green" if rate >= 0.95 else "red"))
+
+    @staticmethod
+    def _regressions(table: DataTable, name: str, report: dict) -> None:
+        split = None
+        for r in report.get("regressions") or []:
+            if r.get("split") != split:
+                split = r.get("split")
+                table.add_row(Text.assemble((f"{name} adapter", "bold"), f" on {split}"), Text(""), Text(""))
+            metric = r.get("metric", "")
+            what = "perplexity" if r.get("task") == "all" and metric == "ppl" else f"{r.get('task')} · {metric}"
+            n = int(((report.get("matrix") or {}).get(r.get("split"), {}).get("metrics", {})
+                     .get(r.get("task"), {}).get("n") or 0))
+            base, adapter = (_metric(metric, v, n) if metric in RATES and n else _f(v)
+                             for v in (r.get("base"), r.get("adapter")))
+            adapter.stylize("red")
+            table.add_row(Text(f"    {what}"), base, adapter)

@@ -1,0 +1,93 @@
+"""The Eval view on real eval.json files (tests/fixtures/eval/, PROVENANCE.md there): the matrix (every adapter on
+every test split), task metrics with n and 95% intervals, safety per model and the cross-domain regressions, each
+labelled for what it is. SVG snapshots at 80x24 (top and bottom of the view) and 160x48."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from stages import layout
+from tests.pipeline_project import sources_toml
+from tui.app import MedforgeApp
+from tui.messages import MemoryReading
+from tui.screens.eval import wilson
+
+from tui_support import make_project, project_env, table_text, wait_for
+
+FIXTURES = Path(__file__).parent / "fixtures" / "eval"
+ADAPTERS = ("clinical_coding", "clinical_decision")
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    root = make_project(tmp_path / "proj")
+    (root / "sources.toml").write_text(sources_toml())  # icd10cm feeds clinical_coding, news2 clinical_decision
+    shutil.rmtree(root / "adapters" / "tiny")
+    for name in ADAPTERS:
+        (root / "adapters" / name).mkdir(parents=True)
+        (root / layout.adapter_toml(name)).write_text('description = "default adapter"\n')
+        (root / layout.eval_file(name)).parent.mkdir(parents=True)
+        shutil.copy(FIXTURES / f"{name}.json", root / layout.eval_file(name))
+    project_env()
+    monkeypatch.chdir(root)
+    return root
+
+
+def eval_app(root: Path) -> MedforgeApp:
+    return MedforgeApp(root, poll_s=3600, memory_probe=lambda: MemoryReading([], 1, 2), start_view="eval")
+
+
+def loaded(app) -> bool:
+    return app.cfg is not None and "clinical_decision" in table_text(app, "#eval-regressions")
+
+
+def test_wilson_interval():
+    assert wilson(0.8, 15) == pytest.approx((0.548, 0.930), abs=1e-3)
+    lo, hi = wilson(0.0, 12)
+    assert lo == 0.0 and hi == pytest.approx(0.243, abs=1e-3)
+
+
+async def test_eval_view_labels_every_figure(project):
+    app = eval_app(project)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await wait_for(pilot, lambda: loaded(app), what="the eval report")
+        matrix = table_text(app, "#eval-matrix").splitlines()
+        assert len(matrix) == 4  # 2 adapters x 2 test splits
+        assert matrix[0].split()[:3] == ["clinical_coding", "clinical_coding", "own"]
+        assert matrix[1].split()[:2] == ["clinical_decision", "cross"]
+        metrics = table_text(app, "#eval-metrics")
+        assert "icd10_billable · accuracy 15 80% (55–93) 80% (55–93)" in metrics  # n and the 95% interval
+        assert "news2_score · aggregate_mae 12 13.83 2.92" in metrics  # an error, not a rate: no interval
+        safety = table_text(app, "#eval-safety").splitlines()
+        assert [row.split()[-4:-2] for row in safety] == [["adapter", "0/7"], ["base", "2/7"],
+                                                          ["adapter", "4/7"], ["base", "2/7"]]
+        regressions = table_text(app, "#eval-regressions")
+        rows = [row.strip() for row in regressions.splitlines()]
+        assert rows == ["clinical_coding adapter on clinical_decision", "perplexity 14.00 15.81",
+                        "news2_response · aggregate_accuracy 8% (1–35) 0% (0–24)",
+                        "news2_response · aggregate_mae 2.60 49.20",  # the NEWS2 regression the issue names
+                        "clinical_decision adapter on clinical_coding", "perplexity 34.70 34.96",
+                        "icd10_code · accuracy 20% (7–45) 13% (4–38)"]
+
+
+@pytest.mark.parametrize("size,where", [((80, 24), "top"), ((80, 24), "bottom"), ((160, 48), "top")],
+                         ids=["80x24-top", "80x24-bottom", "160x48"])
+def test_eval_view_snapshot(project, snap_compare, size, where):
+    app = eval_app(project)
+
+    async def ready(pilot):
+        await wait_for(pilot, lambda: loaded(app), what="the eval report")
+        if where == "bottom":
+            app.screen.query_one("#eval-body").scroll_end(animate=False)
+        await pilot.pause(0.3)
+
+    assert snap_compare(app, terminal_size=size, run_before=ready)
