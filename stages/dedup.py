@@ -43,6 +43,7 @@ MAX_HASH = np.uint32((1 << 32) - 1)
 SHINGLES_PER_BATCH = 8_192  # x num_perm x 4 bytes: a batch's permuted matrix stays in cache
 CHARS_PER_BATCH = 1 << 20    # text hashed per numpy batch (its word and shingle arrays: a few MB)
 WORD_RE = re.compile(r"\w+")
+_SPACES = re.compile(r"\s+")  # what str.split() splits on
 REPORT_CLUSTERS = 10
 LSH_RECALL = 0.98    # chance that a pair exactly at the threshold shares a band (more above it)
 VERIFY_CHUNK = 200_000  # candidate pairs screened at once (x num_perm x 8 bytes)
@@ -51,8 +52,23 @@ VERIFY_CHUNK = 200_000  # candidate pairs screened at once (x num_perm x 8 bytes
 # --- normalization and fingerprints
 def normalize_text(text: str) -> str:
     if text.isascii():  # O(1) in CPython; NFKC leaves ASCII as is and casefold is lower
-        return " ".join(text.lower().split())
-    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+        text = text.lower()
+    else:
+        text = unicodedata.normalize("NFKC", text).casefold()
+    if len(text) <= CHARS_PER_BATCH:
+        return " ".join(text.split())
+    # a piece at a time: split() holds a str object per word, gigabytes for a huge record
+    return " ".join(p for p in (" ".join(piece.split()) for piece in _pieces(text, CHARS_PER_BATCH)) if p)
+
+
+def _pieces(text: str, size: int) -> Iterator[str]:
+    """`text` in consecutive pieces of about `size` characters, each cut before whitespace (no word is split)."""
+    start = 0
+    while start < len(text):
+        cut = _SPACES.search(text, start + size) if start + size < len(text) else None
+        end = cut.start() if cut else len(text)
+        yield text[start:end]
+        start = end
 
 
 # ASCII characters that are neither \w nor whitespace, mapped to spaces: on ASCII text,
@@ -196,17 +212,25 @@ def shingle_hashes(word_hashes: np.ndarray, lengths: np.ndarray, n: int) -> tupl
     return mixed[keep], counts
 
 
-def _minhash(hv: np.ndarray, counts: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Per document, the minimum over its shingles of each permuted hash (no shingle: MAX_HASH)."""
-    sigs = np.full((len(counts), len(a)), MAX_HASH, dtype=np.uint32)
-    nonempty = counts > 0
-    if hv.size:
-        # (num_perm, shingles): each permutation's row is contiguous, so the per-document
-        # minimum is one reduceat along it
-        permuted = np.multiply(a[:, None], hv.astype(np.uint32)[None, :])
+def _minhash(hv: np.ndarray, counts: np.ndarray, a: np.ndarray, b: np.ndarray, sigs: np.ndarray | None = None
+             ) -> np.ndarray:
+    """Per document, the minimum over its shingles of each permuted hash (no shingle: MAX_HASH); with
+    `sigs`, folded into it. The permuted matrix (num_perm x shingles) is built SHINGLES_PER_BATCH shingles
+    at a time, cutting through documents where it must (a running minimum): it stays in cache, and one
+    huge document costs no more memory than many small ones."""
+    if sigs is None:
+        sigs = np.full((len(counts), len(a)), MAX_HASH, dtype=np.uint32)
+    ends = np.cumsum(counts)
+    starts = ends - counts
+    for lo in range(0, len(hv), SHINGLES_PER_BATCH):
+        hi = min(lo + SHINGLES_PER_BATCH, len(hv))
+        docs = np.arange(np.searchsorted(ends, lo, side="right"), np.searchsorted(starts, hi, side="left"))
+        docs = docs[counts[docs] > 0]  # the documents with shingles in [lo, hi), in order
+        # each permutation's row is contiguous, so the per-document minimum is one reduceat along it
+        permuted = np.multiply(a[:, None], hv[lo:hi].astype(np.uint32)[None, :])
         permuted += b[:, None]
-        offsets = np.concatenate([[0], np.cumsum(counts[nonempty])[:-1]])
-        sigs[nonempty] = np.minimum.reduceat(permuted, offsets, axis=1).T
+        part = np.minimum.reduceat(permuted, np.maximum(starts[docs], lo) - lo, axis=1).T
+        sigs[docs] = np.minimum(sigs[docs], part)
     return sigs
 
 
@@ -225,47 +249,85 @@ def _tokens(norm: str) -> str:
     """A normalized text's words, space-separated (punctuation becomes spaces)."""
     if norm.isascii():
         return norm.translate(_ASCII_SEPARATORS)
-    return " ".join(WORD_RE.findall(norm))
+    return " ".join(" ".join(WORD_RE.findall(piece)) for piece in _pieces(norm, CHARS_PER_BATCH))
 
 
 def _batch_fingerprint(tokens: list[str], num_perm: int, shingle_words: int
                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(signatures, quality, shingle values, shingles per document) of one batch of token strings."""
+    if len(tokens) == 1 and len(tokens[0]) > CHARS_PER_BATCH:
+        return _long_fingerprint(tokens[0], num_perm, shingle_words)
     a, b = permutations(num_perm)
     hashes, lengths, distinct = word_hashes("\n".join(tokens).encode("utf-8"), len(tokens))
     hv, counts = shingle_hashes(hashes, lengths, shingle_words)
-    # the permuted matrix (num_perm x shingles) is built a few thousand shingles at a time, to stay in cache
-    bounds = np.concatenate([[0], np.cumsum(counts)])
-    cuts = np.unique(np.searchsorted(bounds, np.arange(0, bounds[-1], SHINGLES_PER_BATCH), side="right") - 1)
-    cuts = np.concatenate([cuts[cuts > 0], [len(counts)]]) if len(counts) else np.zeros(0, np.int64)
-    signatures, lo = [], 0
-    for hi in cuts.tolist():
-        signatures.append(_minhash(hv[bounds[lo]:bounds[hi]], counts[lo:hi], a, b))
-        lo = hi
     values, per_doc = _shingle_sets(hv, counts)
-    return np.concatenate(signatures), distinct, values, per_doc
+    return _minhash(hv, counts, a, b), distinct, values, per_doc
+
+
+def _long_fingerprint(tokens: str, num_perm: int, shingle_words: int
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """_batch_fingerprint of one document longer than a batch, a window of words at a time: each window's
+    shingles start with the last `shingle_words - 1` words of the one before, so every shingle is hashed
+    once, and the signature, distinct words and shingle set are exactly those of the whole document, in
+    memory bounded by the window, not the document."""
+    a, b = permutations(num_perm)
+    sigs = np.full((1, num_perm), MAX_HASH, dtype=np.uint32)
+    carry = np.zeros(0, np.uint64)
+    words, sets = [], []
+
+    def shingles(hashes: np.ndarray) -> None:
+        hv, counts = shingle_hashes(hashes, np.array([len(hashes)]), shingle_words)
+        _minhash(hv, counts, a, b, sigs)
+        sets.append(np.unique(hv.astype(np.uint32)))
+
+    for window in _pieces(tokens, CHARS_PER_BATCH):
+        hashes, _, _ = word_hashes(window.encode("utf-8"), 1)
+        words.append(np.unique(hashes >> np.uint64(24)))  # word_hashes' distinct-word key
+        hashes = np.concatenate([carry, hashes])
+        if len(hashes) < shingle_words:  # not one whole shingle yet: wait for the next window
+            carry = hashes
+            continue
+        shingles(hashes)
+        carry = hashes[len(hashes) - shingle_words + 1:]
+    if not sets and len(carry):  # fewer words than a shingle in all: one shingle of them, as for short texts
+        shingles(carry)
+    distinct = len(np.unique(np.concatenate(words))) if words else 0
+    values = np.unique(np.concatenate(sets)) if sets else np.zeros(0, np.uint32)
+    return sigs, np.array([distinct]), values, np.array([len(values)])
 
 
 def fingerprint(texts: Iterable[str], num_perm: int, shingle_words: int) -> Fingerprints:
     """Fingerprints of `texts`, in order. Texts are normalized here (Python) while earlier batches are
-    hashed on a thread pool (numpy, which releases the GIL): every core works, the result is the same."""
+    hashed on a thread pool (numpy, which releases the GIL): every core works, the result is the same.
+    Memory stays bounded whatever the input: a few batches wait at most, and a document longer than a
+    batch goes alone, through _long_fingerprint."""
     import xxhash
 
+    workers = max(1, min(4, os.cpu_count() or 1))
     digests: list[bytes] = []
     batches: list[Future] = []
     batch: list[str] = []
     batch_chars = 0
-    with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        def submit(tokens: list[str]) -> None:
+            batches.append(pool.submit(_batch_fingerprint, tokens, num_perm, shingle_words))
+            if len(batches) > 2 * workers:  # the reader is ahead: wait, so pending text stays bounded
+                batches[-2 * workers - 1].result()
+
         for text in texts:
             norm = normalize_text(text)
             digests.append(xxhash.xxh3_128_digest(norm.encode("utf-8")))
+            if len(norm) > CHARS_PER_BATCH and batch:
+                submit(batch)
+                batch, batch_chars = [], 0
             batch.append(_tokens(norm))
             batch_chars += len(norm)
+            del norm
             if batch_chars >= CHARS_PER_BATCH:
-                batches.append(pool.submit(_batch_fingerprint, batch, num_perm, shingle_words))
+                submit(batch)
                 batch, batch_chars = [], 0
         if batch:
-            batches.append(pool.submit(_batch_fingerprint, batch, num_perm, shingle_words))
+            submit(batch)
         parts = [future.result() for future in batches]
     if not digests:
         return Fingerprints.empty(num_perm)
@@ -764,25 +826,43 @@ def dedup_command(args) -> int:
     path = Path(args.input)
     if not path.exists():
         raise StageError(f"{path}: file not found; give a JSONL file with 'text' or 'messages' per line")
-    lines, texts = [], []
-    with open(path, "rb") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                texts.append(example_text(orjson.loads(line)))
-            except orjson.JSONDecodeError as exc:
-                raise StageError(f"{path}:{lineno}: not valid JSON ({exc}); fix or delete the line") from None
-            except (ValueError, AttributeError) as exc:
-                raise StageError(f"{path}:{lineno}: the record {exc}; every line needs 'text' or 'messages'") from None
-            lines.append(line if line.endswith(b"\n") else line + b"\n")
+    records = 0  # non-blank lines, each one record
+
+    def texts() -> Iterator[str]:  # streamed: only the fingerprints stay in memory, never the file
+        nonlocal records
+        with open(path, "rb") as fh:
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = orjson.loads(line)
+                except orjson.JSONDecodeError as exc:
+                    raise StageError(f"{path}:{lineno}: not valid JSON ({exc}); fix or delete the line") from None
+                del line
+                try:
+                    text = example_text(record)
+                except (ValueError, AttributeError, TypeError) as exc:
+                    raise StageError(f"{path}:{lineno}: the record {exc}; every line needs 'text' or "
+                                     f"'messages'") from None
+                del record
+                records += 1
+                yield text
+
     from stages.config import DEDUP_SCHEMA
 
-    fp = fingerprint(texts, DEDUP_SCHEMA["num_perm"][1], DEDUP_SCHEMA["shingle_words"][1])
+    fp = fingerprint(texts(), DEDUP_SCHEMA["num_perm"][1], DEDUP_SCHEMA["shingle_words"][1])
     # the keeper: the richest text, then the earliest line
     decision = decide(fp, args.threshold, [(-int(q), i) for i, q in enumerate(fp.quality)])
-    io.write_bytes(args.out, b"".join(line for line, keep in zip(lines, decision.keep) if keep))
-    sizes = np.bincount(decision.roots, minlength=len(lines)) if lines else np.zeros(0, np.int64)
+
+    def kept_lines() -> Iterator[bytes]:
+        with open(path, "rb") as fh:
+            kept = iter(decision.keep)
+            for line in fh:
+                if line.strip() and next(kept):
+                    yield line if line.endswith(b"\n") else line + b"\n"
+
+    io.write_chunks(args.out, kept_lines())
+    sizes = np.bincount(decision.roots, minlength=records) if records else np.zeros(0, np.int64)
     result = {"kept": int(decision.keep.sum()), "removed": int((~decision.keep).sum()),
               "clusters": int((sizes > 1).sum()), "seconds": round(time.time() - started, 3)}
     sys.stdout.write(io.dumps(result).decode() + "\n")

@@ -6,6 +6,7 @@ killed mid-write never leaves a file (or folder) that looks finished.
 from __future__ import annotations
 
 import contextlib
+import filecmp
 import hashlib
 import os
 import shutil
@@ -39,7 +40,8 @@ def atomic_path(target: str | Path, durable: bool = True) -> Iterator[Path]:
     """Yield a temporary file path; on success it replaces `target` in one rename.
 
     durable=False skips the fsyncs: still all-or-nothing, but a power cut may lose the write
-    (for small state rewritten on every request, such as the daily request count).
+    (for small state rewritten on every request, such as the daily request count). A caller that
+    deletes the temporary file leaves `target` as it was.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -48,6 +50,8 @@ def atomic_path(target: str | Path, durable: bool = True) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        if not tmp_path.exists():
+            return
         if durable:
             with open(tmp_path, "rb+") as fh:
                 os.fsync(fh.fileno())
@@ -90,11 +94,19 @@ def write_bytes(target: str | Path, data: bytes, durable: bool = True) -> bool:
 
     Leaving identical content untouched keeps doit's checksums, and so dependents, quiet.
     """
+    return write_chunks(target, [data], durable)
+
+
+def write_chunks(target: str | Path, chunks: Iterable[bytes], durable: bool = True) -> bool:
+    """write_bytes of the chunks joined, streamed: memory holds one chunk, not the file."""
     target = Path(target)
-    if target.exists() and target.stat().st_size == len(data) and target.read_bytes() == data:
-        return False
     with atomic_path(target, durable) as tmp:
-        tmp.write_bytes(data)
+        with open(tmp, "wb") as fh:
+            for chunk in chunks:
+                fh.write(chunk)
+        if target.is_file() and filecmp.cmp(tmp, target, shallow=False):
+            tmp.unlink()
+            return False
     return True
 
 
@@ -122,7 +134,7 @@ def jsonl_bytes(rows: Iterable[Any]) -> bytes:
 
 
 def write_jsonl(target: str | Path, rows: Iterable[Any]) -> bool:
-    return write_bytes(target, jsonl_bytes(rows))
+    return write_chunks(target, (dumps(row) + b"\n" for row in rows))
 
 
 def read_jsonl(path: str | Path) -> Iterator[Any]:

@@ -89,6 +89,22 @@ def test_batches_hashed_in_parallel_come_back_in_order(monkeypatch):
     assert np.array_equal(many.shingles, one_batch.shingles) and np.array_equal(many.offsets, one_batch.offsets)
 
 
+@pytest.mark.parametrize("shingle_words", [1, 3, 5])
+def test_documents_longer_than_a_batch_fingerprint_as_in_one_batch(monkeypatch, shingle_words):
+    """A document longer than a batch is hashed a window of words at a time (bounded memory); its
+    signature, distinct words and shingle set are exactly those of hashing it whole."""
+    rng = random.Random(5)
+    docs = [sentence(rng, 9000) + ", the end.", "short one", sentence(rng, 2),
+            "Ünïcode wörds, " + sentence(rng, 3000) + " — ﬁn", "", sentence(rng, 700)]
+    whole = dedup.fingerprint(docs, 64, shingle_words)
+    monkeypatch.setattr(dedup, "CHARS_PER_BATCH", 997)  # every long document in dozens of windows
+    windows = dedup.fingerprint(docs, 64, shingle_words)
+    assert windows.digests == whole.digests
+    assert np.array_equal(windows.signatures, whole.signatures)
+    assert np.array_equal(windows.quality, whole.quality)
+    assert np.array_equal(windows.shingles, whole.shingles) and np.array_equal(windows.offsets, whole.offsets)
+
+
 def test_bulk_filled_index_equals_datasketch_own_inserts():
     """The in-memory index built in bulk holds exactly what MinHashLSH.insert would, so its query works."""
     from datasketch import MinHashLSH
@@ -286,3 +302,23 @@ def test_pairs_at_known_jaccard_found_by_true_similarity():
     assert sum(roots[a] == roots[b] for a, b in above) >= 0.95 * len(above)
     assert not any(roots[a] == roots[b] for a, b in below)
     assert len(set(roots.tolist())) >= 300  # no chance merges between unrelated documents
+
+
+def test_cli_memory_is_bounded_on_a_huge_record(tmp_path):
+    """`medforge dedup` on a 40 MB single-record file (it once peaked at 4.2 GB on 52 MB): the child's peak
+    resident memory stays under 25x the file, and the records come back."""
+    rng = random.Random(9)
+    vocab = ["".join(rng.choice("abcdefghij") for _ in range(rng.randint(2, 9))) for _ in range(20000)]
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    words = " ".join(rng.choices(vocab, k=6_500_000))[:40_000_000]
+    src.write_bytes(json.dumps({"text": words}).encode() + b"\n" + b'{"text": "a small one"}\n')
+    del words
+    probe = ("import resource, sys, runpy; sys.argv = ['medforge', 'dedup', sys.argv[1], '--out', sys.argv[2]]\n"
+             "try:\n    runpy.run_module('stages.cli', run_name='__main__')\n"
+             "finally:\n    print('maxrss_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)")
+    result = subprocess.run([sys.executable, "-c", probe, str(src), str(out)], capture_output=True, text=True,
+                            cwd=tmp_path, env=cli_env(), timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["kept"] == 2 and out.read_bytes() == src.read_bytes()
+    peak = int(result.stderr.split("maxrss_kb")[-1]) * 1024
+    assert peak < 25 * src.stat().st_size, f"peak {peak / 2 ** 20:.0f} MiB for a {src.stat().st_size >> 20} MiB file"
