@@ -144,7 +144,7 @@ def catalog(cfg, adapters: list[str] | None = None) -> list[Entry]:
             entries.append(bases[spec])
         return bases[spec]
 
-    if not named or any(cfg.adapter(n).base_model == default_base for n in names):
+    if not names or not named or any(cfg.adapter(n).base_model == default_base for n in names):
         if layout.base_gguf(default_base).exists() or named:
             base_entry(default_base)
     for name in names:
@@ -426,7 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"address to bind (127.0.0.1); any non-loopback address needs {API_KEY_ENV}")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--adapters", default=None,
-                        help="comma-separated adapter names (default: every adapter with an export)")
+                        help="comma-separated adapter names (default: every adapter with an export; '' the base alone)")
     parser.add_argument("--n-ctx", type=int, default=N_CTX, help=f"context length per request ({N_CTX})")
     return parser
 
@@ -437,5 +437,5 @@ def main(argv: list[str]) -> int:
     from stages import config
 
     args = build_parser().parse_args(argv)
-    adapters = [a.strip() for a in args.adapters.split(",") if a.strip()] if args.adapters else None
+    adapters = [a.strip() for a in args.adapters.split(",") if a.strip()] if args.adapters is not None else None
     return serve(config.load(), args.host, args.port, adapters, args.n_ctx)

@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -89,14 +90,17 @@ def free_port() -> int:
 def server(project):
     port = free_port()
     env = {**os.environ, "MEDFORGE_API_KEY": KEY, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    log = tempfile.TemporaryFile()  # not a pipe nobody reads while it runs
     proc = subprocess.Popen([sys.executable, "-m", "stages.cli", "serve", "--port", str(port), "--n-ctx", str(N_CTX)],
-                            cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            cwd=project, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/v1"
     client = openai.OpenAI(base_url=url, api_key=KEY, max_retries=0, timeout=120)
     deadline = time.monotonic() + 120
     try:
         while True:
-            assert proc.poll() is None, proc.stdout.read()
+            if proc.poll() is not None:
+                log.seek(0)
+                pytest.fail(f"medforge serve exited: {log.read().decode(errors='replace')}")
             try:
                 client.models.list()
                 break
@@ -111,7 +115,7 @@ def server(project):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        proc.stdout.close()
+        log.close()
 
 
 def chat(client, model: str, i: int, stream: bool) -> str:

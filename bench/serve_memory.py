@@ -1,0 +1,145 @@
+"""What `medforge serve` costs in memory per adapter, against one process per adapter: one JSON line.
+
+On the embedded SmolLM2-135M-Instruct (its f16 base GGUF) with --adapters random LoRA GGUFs at the
+default recipe's shape (r=16 on every projection: ~9.4 MiB each), each measured in a fresh server
+process, after one chat request to every model it serves (weights touched, compute buffers made):
+
+  base        `medforge serve --adapters ''`: the base alone
+  one         `medforge serve --adapters a1`: the base + one LoRA
+  all         `medforge serve` with all --adapters
+  baseline    one `medforge serve --model base-f16.gguf --lora_path <lora>` process per adapter (what
+              serving each export alone took before): the sum of their resident memory
+
+Resident memory is the server process's RSS (psutil). The bound asserted, from the issue:
+  rss(N adapters) <= rss(base) + N x (LoRA GGUF size x 1.1) + OVERHEAD_MIB
+for N = 1 and N = all; the exit status is 1 where it does not hold (the JSON line says which).
+
+The project (base HF folder, GGUFs, LoRAs) is built once into ~/.cache/medforge/bench-serve/.
+
+    python bench/serve_memory.py [--adapters 4] [--keep]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+SPEC = "embedded:smollm2-135m-instruct"
+OVERHEAD_MIB = 32.0  # fixed: a LoRA graph's larger compute buffer, allocator slack, the set's bookkeeping
+R = 16
+MIB = 2 ** 20
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_server(root: Path, args: list[str], models: list[str]) -> float:
+    """Start a server process with `args`, ask every model one short chat, return its RSS in MiB."""
+    import httpx
+    import psutil
+
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("MEDFORGE_API_KEY", None)
+    log = tempfile.TemporaryFile()  # not a pipe: llama.cpp's chatter would fill it and stall the server
+    proc = subprocess.Popen([sys.executable, "-m", "stages.cli", "serve", *args, "--port", str(port)], cwd=root,
+                            env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if proc.poll() is not None:
+                log.seek(0)
+                raise SystemExit(f"server {args} exited: {log.read()[-2000:].decode(errors='replace')}")
+            try:
+                if httpx.get(f"{url}/models", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit(f"server {args} did not start")
+            time.sleep(0.5)
+        for model in models:
+            reply = httpx.post(f"{url}/chat/completions", timeout=300, json={
+                "model": model, "max_tokens": 8, "temperature": 0,
+                "messages": [{"role": "user", "content": "RR 24, SpO2 93%, HR 112, alert, 38.4 C. NEWS2?"}]})
+            reply.raise_for_status()
+        time.sleep(0.5)
+        return psutil.Process(proc.pid).memory_info().rss / MIB
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def project(n: int) -> tuple[Path, list[str]]:
+    from stages import base_model, layout
+    from tests.serve_project import build
+
+    cache = Path.home() / ".cache" / "medforge" / "bench-serve"
+    hf = cache / "smollm2-hf"
+    if not (hf / "config.json").exists():
+        base_model.materialize(SPEC, hf)
+    names = [f"a{i}" for i in range(1, n + 1)]
+    build(cache, hf, names, r=R, scale=0.02)
+    return cache, names
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--adapters", type=int, default=4)
+    args = parser.parse_args()
+    from stages import gguf, layout
+
+    root, names = project(args.adapters)
+    old = os.getcwd()
+    os.chdir(root)
+    try:
+        base = next(Path("data/gguf").glob("*/base-f16.gguf")).resolve()
+        loras = [layout.lora_gguf(n).resolve() for n in names]
+    finally:
+        os.chdir(old)
+    lora_mib = [p.stat().st_size / MIB for p in loras]
+    rss_base = run_server(root, ["--adapters", ""], ["base"])
+    rss_one = run_server(root, ["--adapters", names[0]], ["base", names[0]])
+    rss_all = run_server(root, ["--adapters", ",".join(names)], ["base", *names])
+    separate = [run_server(root, ["--model", str(base), "--lora_path", str(lora), "--chat_format",
+                                  "chat_template.default", "--host", "127.0.0.1"], [None])
+                for lora in loras]
+    bound_one = rss_base + 1.1 * lora_mib[0] + OVERHEAD_MIB
+    bound_all = rss_base + 1.1 * sum(lora_mib) + OVERHEAD_MIB
+    record = {
+        "bench": "serve_memory", "cpu": gguf.cpu_summary(), "base_gguf_mib": round(base.stat().st_size / MIB, 1),
+        "adapters": len(names), "lora_gguf_mib": round(lora_mib[0], 2),
+        "rss_base_mib": round(rss_base, 1), "rss_one_mib": round(rss_one, 1), "rss_all_mib": round(rss_all, 1),
+        "per_adapter_mib": round((rss_all - rss_base) / len(names), 2),
+        # the marginal cost of one more adapter, against its file: above 1.1 the bound holds only while N x the
+        # excess stays under OVERHEAD_MIB
+        "slope_mib": round((rss_all - rss_one) / max(1, len(names) - 1), 2),
+        "slope_over_lora": round((rss_all - rss_one) / max(1, len(names) - 1) / lora_mib[0], 2),
+        "bound_one_mib": round(bound_one, 1), "bound_all_mib": round(bound_all, 1), "overhead_mib": OVERHEAD_MIB,
+        "baseline_separate_mib": round(sum(separate), 1), "baseline_per_process_mib": [round(x, 1) for x in separate],
+        "baseline_over_all": round(sum(separate) / rss_all, 2),
+        "met": rss_one <= bound_one and rss_all <= bound_all,
+    }
+    print(json.dumps(record), flush=True)
+    return 0 if record["met"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
