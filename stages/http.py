@@ -146,6 +146,14 @@ class Redactor:
                 text = text.replace(quoted, "***")
         return re.sub(r"([?&](?:%s)=)[^&#\s]*" % "|".join(sorted(SECRET_PARAMS)), r"\1***", text)
 
+    def body(self, content: bytes) -> bytes:
+        """A response body with every secret the request carried (as sent or URL-encoded) replaced by ***:
+        an API that echoes the request (its URL in an error, a `meta` block) never gets a key stored."""
+        for value in self.values:
+            for form in {value, urllib.parse.quote(value, safe=""), urllib.parse.quote_plus(value)}:
+                content = content.replace(form.encode("utf-8"), b"***")
+        return content
+
 
 def strip_secret_params(params: dict[str, Any]) -> dict[str, Any]:
     """Query params safe to store (a checkpoint cursor): secrets dropped, the client adds them back."""
@@ -481,7 +489,7 @@ class Client:
             self.limiter.wait()
             try:
                 response = self._client.request(method, url, params=params, data=data)
-                content = response.content
+                content = self.redact.body(response.content)  # before anything reads, parses or stores it
                 return self._judge(response, content, expect, accept, shown, check, api_errors)
             except _Retry as retry:
                 last = retry.reason

@@ -18,7 +18,8 @@ points at `server.url("ncbi")` and the real client code talks to it.
   body with status 200), "empty-end" (the page emptied and its next cursor dropped, the
   announced total kept), "gzip-corrupt" (a gzip Content-Encoding over garbage),
   "redirect-loop" (a 302 back to the same URL), "array200"/"null200" (JSON of the wrong
-  shape), "ok" (answer normally: to aim a later fault at page 2). `stick(api, fault)`
+  shape), "echo" (the normal answer plus the request's URL and form, secrets included: a JSON
+  object's "request" key, an XML comment), "ok" (answer normally: to aim a later fault at page 2). `stick(api, fault)`
   applies a fault to every request once the queue is empty, until `unstick(api)`;
   `repeat_cursor` (a set of APIs) makes the next-page cursor repeat the one just sent.
 - Quotas: StackExchange wrappers report `quota_remaining` counting down from `se_quota`;
@@ -218,6 +219,8 @@ class FakeApi:
             status, headers, body = self._route(api, rest, query)
         if fault in ("empty-end", "array200", "null200") and status == 200 and "json" in headers.get("Content-Type", ""):
             headers, body = self._reshape(fault, headers, body)
+        if fault == "echo" and status == 200:  # an API that echoes the request, secrets included, in its answer
+            body = self._echo(headers, body, f"{parts.path}?{urllib.parse.urlencode(query)}")
         if fault == "se-backoff" and status == 200:
             doc = json.loads(body)
             doc["backoff"] = 1
@@ -234,6 +237,15 @@ class FakeApi:
         h.end_headers()
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # a client that timed out has gone
             h.wfile.write(body)
+
+    @staticmethod
+    def _echo(headers: dict, body: bytes, request: str) -> bytes:
+        if "json" in headers.get("Content-Type", ""):
+            doc = json.loads(body)
+            if isinstance(doc, dict):
+                return json.dumps({**doc, "request": request}).encode()
+            return body
+        return body + f"<!-- request: {request} -->\n".encode()  # XML: a comment after the root element
 
     @staticmethod
     def _reshape(fault: str, headers: dict, body: bytes):
@@ -284,7 +296,7 @@ class FakeApi:
             return 200, {**js, "Content-Encoding": "gzip"}, b"\x1f\x8b\x08\x00" + b"not really gzip" * 8
         if fault == "redirect-loop":
             return 302, {"Location": h.path, "Content-Type": "text/plain"}, b"moved"
-        if fault in ("ok", "empty-end", "array200", "null200"):
+        if fault in ("ok", "empty-end", "array200", "null200", "echo"):
             return None, None, None
         if fault == "ncbi-error200":
             return 200, js, (FIXTURES / "pubmed" / "ratelimit_error.json").read_bytes()

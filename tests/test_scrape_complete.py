@@ -111,6 +111,31 @@ def test_pubmed_error_inside_a_200_is_retried_not_stored(tmp_path):
     assert not any(b"<ERROR>" in p.read_bytes() for p in store.pages())
 
 
+# --- 7. secrets echoed by an API never reach the raw store
+ECHOING = [  # (kind, api, params, env): an API key (and NCBI's contact email) that the answers echo back
+    ("openfda", "openfda", {"limit": 7, "max_records": 0}, {"OPENFDA_API_KEY": "KEY-s3cr3t-0penfda"}),
+    ("pubmed", "ncbi", {"term": "x", "mindate": "2020/01/01", "maxdate": "2020/12/31", "batch": 5},
+     {"NCBI_API_KEY": "ncbi-s3cr3t-k3y", "MEDFORGE_EMAIL": "me+medforge@example.org"}),
+]
+
+
+@pytest.mark.parametrize("kind, api, params, env", ECHOING)
+def test_secrets_an_api_echoes_are_scrubbed_before_a_page_is_stored(fake, tmp_path, monkeypatch, kind, api, params,
+                                                                     env):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    fake.stick(api, "echo")
+    store, recs = fetch(fake, tmp_path, kind, api, **params)
+    assert len({r["id"] for r in recs}) == len(recs) == 30
+    sent = fake.requests(api)
+    assert all(r["fault"] == "echo" for r in sent) and any(r["query"].get("api_key") for r in sent)  # it was sent
+    stored = b"".join(p.read_bytes() for p in tmp_path.rglob("*") if p.is_file())
+    assert b"request" in stored and (b"api_key=%2A%2A%2A" in stored or b"api_key=***" in stored)  # echoed, scrubbed
+    for value in env.values():
+        for form in {value, value.replace("@", "%40"), value.replace("+", "%2B").replace("@", "%40")}:
+            assert form.encode() not in stored, f"{form} stored under data/raw"
+
+
 # --- 5. endless paging
 @pytest.mark.parametrize("kind, api, params", PAGED)
 def test_a_repeated_cursor_stops_the_scrape_with_one_line(fake, tmp_path, kind, api, params):
