@@ -73,6 +73,11 @@ def examples_file(source: str) -> Path:
     return DATA / "examples" / f"{source}.jsonl"
 
 
+def normalize_report(source: str) -> Path:
+    """What normalize:<source> made and what it passed over: {"examples", "skipped": {reason: {"count", "first"}}}."""
+    return DATA / "examples" / f"{source}.report.json"
+
+
 # --- dedup and splits
 def dedup_dir() -> Path:
     return DATA / "dedup"

@@ -3,6 +3,8 @@
 Output: data/examples/<source>.jsonl, one example per line:
   {"id", "source", "task", "messages": [{"role", "content"}, ...],
    "provenance": {"source", "kind", "source_id", "origin", "licence", "retrieved_at"}}
+and data/examples/<source>.report.json: how many examples, and the malformed rows the parser
+passed over, counted by reason with where the first few were (also printed in the task log).
 """
 from __future__ import annotations
 
@@ -43,9 +45,21 @@ def run(cfg: Config, source_name: str) -> int:
     source = make(source_cfg.name, source_cfg.kind, source_cfg.params)
     rows = list(examples_from_pages(source, source_cfg.kind, io.read_json(manifest_path), layout.raw_dir(source_name)))
     changed = io.write_jsonl(layout.examples_file(source_name), rows)
+    io.write_json(layout.normalize_report(source_name), {"source": source_name, "examples": len(rows),
+                                                         "skipped": source.skipped})
     print(f"normalize:{source_name}: {len(rows)} example(s) -> {layout.examples_file(source_name)}"
           f"{'' if changed else ' (unchanged)'}")
+    if source.skipped:
+        print(f"normalize:{source_name}: {skipped_line(source.skipped)} (counts in {layout.normalize_report(source_name)})")
     return len(rows)
+
+
+def skipped_line(skipped: dict[str, dict[str, Any]]) -> str:
+    """'skipped 3 malformed row(s): not valid JSON 2 (notes/a.jsonl:4, ...), ...', most frequent reason first."""
+    total = sum(e["count"] for e in skipped.values())
+    parts = [f"{reason} {e['count']} ({', '.join(e['first'][:3])}{', ...' if e['count'] > 3 else ''})"
+             for reason, e in sorted(skipped.items(), key=lambda kv: (-kv[1]["count"], kv[0]))]
+    return f"skipped {total} malformed row(s): " + "; ".join(parts)
 
 
 def parse_command(args) -> int:

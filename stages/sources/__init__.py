@@ -12,6 +12,13 @@ The protocol, in data-flow order:
 - `inputs()`: the files on the user's disk that `fetch` reads (doit's file_dep of the scrape:
   editing, adding or removing one re-runs that source alone).
 
+A page `parse` cannot read at all (wrong kind of file, not JSON, wrong encoding) is a
+`SourceError`: one line naming the file, where in it, and what to do. A single malformed row
+of an otherwise good page (a broken JSONL line, a CSV row with the wrong column count, a record
+missing a required field) is passed over with `self.skip(reason, where)`, counted by reason:
+normalize prints the counts in the task log and writes them to its report
+(data/examples/<source>.report.json), so nothing vanishes unseen.
+
 Its settings are data: `PARAMS` maps each key of `[sources.<name>.params]` to a
 `stages.schema.Key` (type, default, range, choices); a source that talks to an API through
 the shared client (it names its `api`) takes the client's keys too (stages.http.PARAMS).
@@ -37,6 +44,9 @@ from stages.errors import StageError
 from stages.schema import Key, check_value
 
 
+SKIP_EXAMPLES = 5  # where the first few skipped rows of each reason were, for the report
+
+
 class SourceError(StageError):
     """A source cannot do its job; the message names the source and what to do."""
 
@@ -51,6 +61,14 @@ class Source:
     def __init__(self, name: str, params: dict[str, Any]):
         self.name = name
         self.params = params
+        self.skipped: dict[str, dict[str, Any]] = {}  # reason -> {"count", "first": [where, ...]}
+
+    def skip(self, reason: str, where: str) -> None:
+        """Pass over one malformed row, counted by `reason`; `where` (file and line) is kept for the first few."""
+        entry = self.skipped.setdefault(reason, {"count": 0, "first": []})
+        entry["count"] += 1
+        if len(entry["first"]) < SKIP_EXAMPLES:
+            entry["first"].append(where)
 
     @classmethod
     def schema(cls) -> dict[str, Key]:

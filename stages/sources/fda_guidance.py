@@ -38,8 +38,8 @@ def index_rows(doc: Any) -> list[dict[str, Any]]:
     return rows
 
 
-def pdf_text(path: Path) -> list[str]:
-    """Text of each page of a PDF."""
+def pdf_text(path: Path, shown: str | None = None, fix: str = "delete it and rerun the scrape") -> list[str]:
+    """Text of each page of a PDF; an unreadable one is one line naming `shown` (the file as the user knows it)."""
     try:
         import pypdf
     except ImportError:
@@ -48,7 +48,7 @@ def pdf_text(path: Path) -> list[str]:
         reader = pypdf.PdfReader(str(path))
         return [(p.extract_text() or "") for p in reader.pages]
     except Exception as exc:  # pypdf raises many types on damaged files
-        raise SourceError(f"{path}: cannot read this PDF ({type(exc).__name__}: {exc}); delete it and rerun the scrape") from None
+        raise SourceError(f"{shown or path}: cannot read this PDF ({type(exc).__name__}: {exc}); {fix}") from None
 
 
 class FdaGuidance(Source):

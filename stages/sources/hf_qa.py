@@ -14,6 +14,8 @@ import hashlib
 from pathlib import Path
 from typing import Any, Iterator
 
+import orjson
+
 from stages import io
 from stages.sources import Key, Source, SourceError
 
@@ -73,7 +75,14 @@ class HfQa(Source):
             fmt = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(local.suffix)
             if fmt is None:
                 raise SourceError(f"sources.{self.name}.params.path: {local} must be .jsonl, .json, .parquet, .csv or a folder")
-            return datasets.load_dataset(fmt, data_files=str(local), split="train")
+            self._check_text(local)
+            try:
+                return datasets.load_dataset(fmt, data_files=str(local), split="train")
+            except Exception as exc:  # the datasets library raises many types for a file it cannot read
+                reason = (str(exc).strip().splitlines() or [""])[0][:200]
+                raise SourceError(f"{local}: the datasets library cannot read it as {local.suffix[1:]} "
+                                  f"({type(exc).__name__}: {reason}); fix the file, or point "
+                                  f"sources.{self.name}.params.path at a save_to_disk folder") from None
         try:
             return datasets.load_dataset(self.param("hub_id") or hub_id, self.param("config") or config or None,
                                          split=split)
@@ -81,6 +90,22 @@ class HfQa(Source):
             raise SourceError(f"source '{self.name}' could not load {hub_id} from the Hugging Face hub or its cache "
                               f"({type(exc).__name__}); set params.path to a local copy, or mode = \"mirror\" with "
                               f"data/raw/{self.name}/ copied from a connected machine, or enabled = false") from None
+
+    def _check_text(self, local: Path) -> None:
+        """A local JSON/JSONL/CSV copy must be UTF-8, and each JSONL line JSON: else one line naming the file,
+        the line and the fix (the datasets library would refuse the whole file with a traceback)."""
+        if local.suffix not in (".jsonl", ".json", ".csv"):
+            return
+        from stages.sources.local_files import decode
+
+        text = decode(local.read_bytes(), "utf-8", str(local), None)  # the datasets library reads UTF-8 only
+        if local.suffix == ".jsonl":
+            for lineno, line in enumerate(text.split("\n"), 1):
+                if line.strip():
+                    try:
+                        orjson.loads(line)
+                    except orjson.JSONDecodeError as exc:
+                        raise SourceError(f"{local}:{lineno}: not valid JSON ({exc}); fix or delete that line") from None
 
     def inputs(self) -> list[Path]:
         """A local copy: the file, or every file of a save_to_disk folder (the hub and its cache are not the user's)."""
@@ -100,48 +125,95 @@ class HfQa(Source):
             store.put(f"rows-{page:05d}.jsonl", io.jsonl_bytes(rows))
 
     def parse(self, page: Path) -> Iterator[dict[str, Any]]:
+        """Rows -> records; a malformed row (not JSON, not an object, no question, no answer key) is skipped and
+        counted by reason; a page none of whose rows is usable is an error naming the first."""
         name = self._which()
-        for row in io.read_jsonl(page):
-            record = getattr(self, f"_{name}")(row)
-            if record:
+        good, first = 0, None
+        with open(page, "rb") as fh:
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = orjson.loads(line)
+                except orjson.JSONDecodeError:
+                    record, problem = None, "not valid JSON"
+                else:
+                    record, problem = getattr(self, f"_{name}")(row) if isinstance(row, dict) else (None, "not a JSON object")
+                if record is None:
+                    self.skip(problem, f"{page}:{lineno}")
+                    first = first or f"{page}:{lineno}: {problem}"
+                    continue
+                good += 1
                 yield record
+        if first and not good:
+            raise SourceError(f"{page}: none of its rows is a usable {name} row (first: {first}); check "
+                              f"sources.{self.name}.params.dataset and split (a test split may have no answer key)")
 
     @staticmethod
     def _key(*parts: str) -> str:
         return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:16]
 
-    def _medmcqa(self, row: dict) -> dict | None:
-        options = [row.get(k) for k in ("opa", "opb", "opc", "opd")]
-        cop = row.get("cop")
-        if not row.get("question") or not all(options) or not isinstance(cop, int) or not 0 <= cop < 4:
-            return None  # the test split has no answer key (cop = -1)
-        return {"id": str(row.get("id") or self._key(row["question"], *options)), "dataset": "medmcqa",
-                "question": row["question"].strip(), "options": [o.strip() for o in options], "answer": cop,
-                "explanation": (row.get("exp") or "").strip(), "subject": row.get("subject_name") or ""}
+    @staticmethod
+    def _text(value: Any) -> str | None:
+        return value.strip() if isinstance(value, str) else None
 
-    def _medqa(self, row: dict) -> dict | None:
+    def _medmcqa(self, row: dict) -> tuple[dict | None, str]:
+        question = self._text(row.get("question"))
+        options = [self._text(row.get(k)) for k in ("opa", "opb", "opc", "opd")]
+        cop = row.get("cop")
+        if not question:
+            return None, "no question"
+        if not all(options):
+            return None, "an option (opa..opd) missing or not text"
+        if not isinstance(cop, int) or isinstance(cop, bool) or not 0 <= cop < 4:
+            return None, "no answer key (cop 0-3)"  # the test split has none (cop = -1)
+        return {"id": str(row.get("id") or self._key(question, *options)), "dataset": "medmcqa",
+                "question": question, "options": options, "answer": cop,
+                "explanation": self._text(row.get("exp")) or "", "subject": str(row.get("subject_name") or "")}, ""
+
+    def _medqa(self, row: dict) -> tuple[dict | None, str]:
         opts = row.get("options") or {}
         if isinstance(opts, list):  # some exports store [{"key": "A", "value": ...}]
-            opts = {o["key"]: o["value"] for o in opts}
-        letters = sorted(opts)
+            if not all(isinstance(o, dict) and isinstance(o.get("key"), str) for o in opts):
+                return None, "options not {key, value} objects"
+            opts = {o["key"]: o.get("value") for o in opts}
+        if not isinstance(opts, dict) or not opts:
+            return None, "no options"
+        texts = {k: self._text(v) for k, v in opts.items()}
+        if not all(texts.values()):
+            return None, "an option missing or not text"
+        question = self._text(row.get("question"))
+        letters = sorted(texts)
         idx = row.get("answer_idx")
-        if not row.get("question") or idx not in letters:
-            return None
-        return {"id": self._key(row["question"], *(opts[k] for k in letters)), "dataset": "medqa",
-                "question": row["question"].strip(), "options": [opts[k].strip() for k in letters],
-                "answer": letters.index(idx), "explanation": "", "subject": row.get("meta_info") or ""}
+        if not question:
+            return None, "no question"
+        if idx not in letters:
+            return None, "no answer key (answer_idx among the options)"
+        return {"id": self._key(question, *(texts[k] for k in letters)), "dataset": "medqa",
+                "question": question, "options": [texts[k] for k in letters],
+                "answer": letters.index(idx), "explanation": "", "subject": str(row.get("meta_info") or "")}, ""
 
-    def _pubmedqa(self, row: dict) -> dict | None:
+    def _pubmedqa(self, row: dict) -> tuple[dict | None, str]:
         ctx = row.get("context") or {}
-        if not row.get("question") or row.get("final_decision") not in ("yes", "no", "maybe"):
-            return None
+        question = self._text(row.get("question"))
+        if not question:
+            return None, "no question"
+        if row.get("final_decision") not in ("yes", "no", "maybe"):
+            return None, "no answer key (final_decision yes, no or maybe)"
+        if not isinstance(ctx, dict):
+            return None, "context not an object"
         labels = ctx.get("labels") or []
         passages = ctx.get("contexts") or []
+        if not isinstance(labels, list) or not isinstance(passages, list) or \
+                not all(isinstance(x, str) for x in [*labels, *passages]):
+            return None, "context labels or contexts not lists of text"
         context = "\n".join(f"{labels[i]}: {p}" if i < len(labels) and labels[i] else p for i, p in enumerate(passages))
-        return {"id": str(row.get("pubid") or self._key(row["question"])), "dataset": "pubmedqa",
-                "origin": f"https://pubmed.ncbi.nlm.nih.gov/{row['pubid']}/" if row.get("pubid") else self.origin,
-                "question": row["question"].strip(), "context": context, "decision": row["final_decision"],
-                "long_answer": (row.get("long_answer") or "").strip()}
+        pubid = row.get("pubid")
+        pubid = str(pubid) if isinstance(pubid, (str, int)) and not isinstance(pubid, bool) and str(pubid) else ""
+        return {"id": pubid or self._key(question), "dataset": "pubmedqa",
+                "origin": f"https://pubmed.ncbi.nlm.nih.gov/{pubid}/" if pubid else self.origin,
+                "question": question, "context": context, "decision": row["final_decision"],
+                "long_answer": self._text(row.get("long_answer")) or ""}, ""
 
     def examples(self, record: dict[str, Any]) -> Iterator[dict[str, Any]]:
         ds = record["dataset"]

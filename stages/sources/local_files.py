@@ -9,10 +9,18 @@ hash manifest cover them); `parse` reads one file. A row's form is detected per 
 A PDF becomes passages of about `chunk_chars` characters, each a text-continuation example.
 
 params: paths (list of files or globs, relative to the project), format ("auto"), task
-("local"), chunk_chars (1500), licence (what the files are licensed under, for provenance).
+("local"), chunk_chars (1500), licence (what the files are licensed under, for provenance),
+encoding ("utf-8": of the JSONL/JSON/CSV files; a file starting with a UTF-8 BOM is UTF-8).
+
+A file that cannot be read as a whole (wrong encoding, a .json that is not JSON, a CSV the csv
+module refuses) is one line naming the file as `paths` names it, the line and the fix. A row that
+is malformed (a broken JSONL line, a CSV row with the wrong number of columns, no usable messages,
+fields that are not text) is skipped and counted by reason (Source.skip); a file none of whose
+rows is usable fails.
 """
 from __future__ import annotations
 
+import codecs
 import csv
 import glob
 import hashlib
@@ -23,7 +31,6 @@ from typing import Any, Iterator
 
 import orjson
 
-from stages import io
 from stages.sources import Key, Source, SourceError
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -31,23 +38,66 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
 SUFFIXES = (".jsonl", ".json", ".csv", ".pdf")
 
 
+def _text_field(value: Any) -> str | None:
+    """A message's text: a string, or a number written as one; anything else (a list, an object, null) is not text."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    return None
+
+
+def row_messages(row: dict[str, Any], form: str = "auto") -> tuple[list[dict[str, str]] | None, str]:
+    """One row in any supported form -> (chat messages, "") or (None, why the row has none)."""
+    if form in ("auto", "messages") and isinstance(row.get("messages"), list):
+        msgs = []
+        for m in row["messages"]:
+            if isinstance(m, dict) and m.get("role") in ("system", "user", "assistant"):
+                content = _text_field(m.get("content", ""))
+                if content is None:
+                    return None, "a message whose content is not text"
+                msgs.append({"role": m["role"], "content": content})
+        return (msgs, "") if msgs else (None, "no messages with a role of system, user or assistant")
+    if form in ("auto", "sharegpt") and isinstance(row.get("conversations"), list):
+        msgs = []
+        for m in row["conversations"]:
+            role = SHAREGPT_ROLES.get(str(m.get("from", "")).lower(), "") if isinstance(m, dict) else ""
+            if role:
+                content = _text_field(m.get("value", ""))
+                if content is None:
+                    return None, "a conversation turn whose value is not text"
+                msgs.append({"role": role, "content": content})
+        return (msgs, "") if msgs else (None, "no conversation turns from human, gpt or system")
+    if form in ("auto", "alpaca") and row.get("instruction") and row.get("output") is not None:
+        instruction, extra, output = (_text_field(row.get(k)) for k in ("instruction", "input", "output"))
+        if instruction is None or output is None or (row.get("input") is not None and extra is None):
+            return None, "an instruction, input or output that is not text"
+        prompt = instruction.strip()
+        if (extra or "").strip():
+            prompt += "\n\n" + extra.strip()
+        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": output.strip()}], ""
+    wanted = {"auto": "instruction and output, conversations or messages", "alpaca": "instruction and output",
+              "sharegpt": "conversations", "messages": "messages"}[form]
+    return None, f"no {wanted}"
+
+
 def to_messages(row: dict[str, Any], form: str = "auto") -> list[dict[str, str]] | None:
     """One row in any supported form -> chat messages, or None when the row has none."""
-    if form in ("auto", "messages") and isinstance(row.get("messages"), list):
-        msgs = [{"role": str(m.get("role")), "content": str(m.get("content", ""))} for m in row["messages"]
-                if isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")]
-        return msgs or None
-    if form in ("auto", "sharegpt") and isinstance(row.get("conversations"), list):
-        msgs = [{"role": SHAREGPT_ROLES.get(str(m.get("from", "")).lower(), ""), "content": str(m.get("value", ""))}
-                for m in row["conversations"] if isinstance(m, dict)]
-        msgs = [m for m in msgs if m["role"]]
-        return msgs or None
-    if form in ("auto", "alpaca") and row.get("instruction") and row.get("output") is not None:
-        prompt = str(row["instruction"]).strip()
-        if str(row.get("input") or "").strip():
-            prompt += "\n\n" + str(row["input"]).strip()
-        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": str(row["output"]).strip()}]
-    return None
+    return row_messages(row, form)[0]
+
+
+def decode(data: bytes, encoding: str, shown: str, source: str | None) -> str:
+    """A text file's bytes -> str, or one line naming the file, the line of the first bad byte and the fix
+    (`source`: the source whose `encoding` param may be set; None when it has none)."""
+    utf8 = codecs.lookup(encoding).name == "utf-8" or data.startswith(codecs.BOM_UTF8)  # a BOM says UTF-8
+    try:
+        return data.decode("utf-8-sig" if utf8 else encoding)
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        fix = "save the file as UTF-8" + (f", or set sources.{source}.params.encoding to the encoding it is in "
+                                          f"(e.g. \"cp1252\" or \"latin-1\")" if source else "")
+        raise SourceError(f"{shown}: line {line} is not {'UTF-8' if utf8 else encoding} text (byte "
+                          f"0x{data[exc.start]:02x}); {fix}") from None
 
 
 class LocalFiles(Source):
@@ -60,15 +110,22 @@ class LocalFiles(Source):
         "task": Key(str, "local", nonblank=True),
         "chunk_chars": Key(int, 1500, min=1),
         "licence": Key(str, ""),       # what the files are licensed under, for provenance
+        "encoding": Key(str, "utf-8", nonblank=True),  # of the JSONL/JSON/CSV files (a Python codec name)
     }
 
     def check(self, root: Path) -> list[tuple[str, str]]:
         if not self.param("paths"):
             return [("paths", "is empty; list files or globs, e.g. [\"data/local/*.jsonl\"], or set enabled = false")]
+        try:
+            codecs.lookup(self.param("encoding"))
+        except LookupError:
+            return [("encoding", f"names no text encoding Python knows ({self.param('encoding')!r}); use e.g. "
+                                 f"\"utf-8\", \"cp1252\" or \"latin-1\"")]
         return []
 
     def __init__(self, name: str, params: dict[str, Any]):
         super().__init__(name, params)
+        self._origins: dict[str, str] | None = None  # raw page name -> the user's file
         if params.get("licence"):  # provenance carries what the user says their files are licensed under
             self.licence = str(params["licence"])
 
@@ -96,30 +153,103 @@ class LocalFiles(Source):
             files += matched
         return files
 
-    def fetch(self, store) -> None:
-        for path in self._files():
-            digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:8]
-            stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", path.stem)[:80]
-            store.put(f"{stem}-{digest}{path.suffix.lower()}", path.read_bytes())
+    @staticmethod
+    def page_name(path: Path) -> str:
+        """The name of a user's file's copy under data/raw/<source>/pages/."""
+        digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:8]
+        stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", path.stem)[:80]
+        return f"{stem}-{digest}{path.suffix.lower()}"
 
-    def _rows(self, page: Path) -> Iterator[dict[str, Any]]:
+    def _encoding(self) -> str:
+        encoding = self.param("encoding")
+        try:
+            codecs.lookup(encoding)
+        except LookupError:
+            raise SourceError(f"sources.toml: key 'sources.{self.name}.params.encoding' names no text encoding Python "
+                              f"knows ({encoding!r}); use e.g. \"utf-8\", \"cp1252\" or \"latin-1\"") from None
+        return encoding
+
+    def fetch(self, store) -> None:
+        """Copy each file; text files are read in `encoding` and stored as UTF-8, so a file in another encoding,
+        or a .json file that is not JSON, is refused here, naming the user's file, not the copy."""
+        encoding = self._encoding()
+        for path in self._files():
+            data = path.read_bytes()
+            if path.suffix.lower() != ".pdf":
+                text = decode(data, encoding, str(path), self.name)
+                if path.suffix.lower() == ".json":
+                    self._json_doc(text.encode("utf-8"), str(path))
+                if codecs.lookup(encoding).name != "utf-8" or data.startswith(codecs.BOM_UTF8):
+                    data = text.encode("utf-8")
+            store.put(self.page_name(path), data)
+
+    def _shown(self, page: Path) -> str:
+        """The user's file a raw copy was made from, as their paths name it (the copy itself when none matches)."""
+        if self._origins is None:
+            self._origins = {self.page_name(p): str(p) for p in self.inputs()}
+        return self._origins.get(page.name, str(page))
+
+    @staticmethod
+    def _json_doc(data: bytes, shown: str) -> list:
+        """A .json file's rows: a list, or an object holding them under "data" (or one row itself)."""
+        try:
+            doc = orjson.loads(data)
+        except orjson.JSONDecodeError as exc:
+            raise SourceError(f"{shown}: not valid JSON ({exc}); fix the file, or save one row per line as .jsonl "
+                              f"so a broken row is skipped instead") from None
+        if isinstance(doc, dict) and isinstance(doc.get("data"), list):
+            return doc["data"]
+        if isinstance(doc, dict) and ({"instruction", "conversations", "messages"} & doc.keys()):
+            return [doc]
+        if not isinstance(doc, list):
+            raise SourceError(f"{shown}: a JSON {type(doc).__name__}, not a list of rows (or an object with a "
+                              f"\"data\" list); write the rows as a JSON list, or one per line as .jsonl")
+        return doc
+
+    def _rows(self, page: Path, shown: str) -> Iterator[tuple[str, Any, str]]:
+        """(where, row, "") for each row of a text file; (where, None, why) for one that cannot be read at all."""
         suffix = page.suffix.lower()
+        data = page.read_bytes()
+        try:  # fetch stored it as UTF-8; `medforge parse` may be given the user's file itself
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError:
+            text = decode(data, self._encoding(), shown, self.name)
         if suffix == ".jsonl":
-            yield from io.read_jsonl(page)
+            for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines: U+2028 may sit inside a string
+                if not line.strip():
+                    continue
+                try:
+                    row = orjson.loads(line)
+                except orjson.JSONDecodeError:
+                    yield f"{shown}:{lineno}", None, "not valid JSON"
+                    continue
+                yield f"{shown}:{lineno}", row, ""
         elif suffix == ".json":
-            try:
-                doc = orjson.loads(page.read_bytes())
-            except orjson.JSONDecodeError as exc:
-                raise SourceError(f"{page}: not valid JSON ({exc}); fix the file") from None
-            yield from (doc if isinstance(doc, list) else doc.get("data", []) if isinstance(doc, dict) else [])
+            for i, row in enumerate(self._json_doc(text.encode("utf-8"), shown), 1):
+                yield f"{shown} row {i}", row, ""
         elif suffix == ".csv":
-            yield from csv.DictReader(_io.StringIO(page.read_text(encoding="utf-8-sig")))
+            reader = csv.reader(_io.StringIO(text, newline=""))
+            try:
+                header = next(reader, None)
+                if header is None:
+                    return
+                for values in reader:
+                    if not values:  # a blank line is no row
+                        continue
+                    where = f"{shown}:{reader.line_num}"
+                    if len(values) != len(header):
+                        yield where, None, "wrong number of columns"
+                        continue
+                    yield where, dict(zip(header, values)), ""
+            except csv.Error as exc:
+                raise SourceError(f"{shown}:{reader.line_num}: not readable as CSV ({exc}); fix that line") from None
 
     def parse(self, page: Path) -> Iterator[dict[str, Any]]:
         if page.suffix.lower() == ".pdf":
             from stages.sources.fda_guidance import pdf_text
 
-            text = re.sub(r"[ \t]+", " ", "\n".join(pdf_text(page))).strip()
+            text = re.sub(r"[ \t]+", " ", "\n".join(pdf_text(page, shown=self._shown(page), fix="replace it with a "
+                                                           "readable PDF or remove it from paths"))).strip()
             size = self.param("chunk_chars")
             paragraphs, buf, n = re.split(r"\n\s*\n|\n(?=[A-Z0-9])", text), "", 0
             for para in paragraphs + [None]:
@@ -132,12 +262,28 @@ class LocalFiles(Source):
                 buf = (para or "").strip()
             return
         form = self.param("format")
-        for i, row in enumerate(self._rows(page)):
-            if not isinstance(row, dict):
+        shown = self._shown(page)
+        good, bad = 0, []
+        for i, (where, row, problem) in enumerate(self._rows(page, shown)):
+            if problem:
+                pass
+            elif not isinstance(row, dict):
+                problem = "not a JSON object"
+            else:
+                messages, problem = row_messages(row, form)
+                if messages and not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+                    problem = "no assistant answer"
+            if problem:
+                self.skip(problem, where)
+                bad.append((where, problem))
                 continue
-            messages = to_messages(row, form)
-            if messages and any(m["role"] == "assistant" and m["content"].strip() for m in messages):
-                yield {"id": str(row.get("id") or f"{page.name}:{i}"), "messages": messages, "task": row.get("task")}
+            good += 1
+            yield {"id": str(row.get("id") or f"{page.name}:{i}"), "messages": messages, "task": row.get("task")}
+        if bad and not good:
+            where, problem = bad[0]
+            raise SourceError(f"{shown}: none of its {len(bad)} row(s) is usable (first: {where}: {problem}); "
+                              f"write rows as alpaca {{instruction, output}}, sharegpt {{conversations}} or "
+                              f"{{messages}} (sources.{self.name}.params.format says which)")
 
     def examples(self, record: dict[str, Any]) -> Iterator[dict[str, Any]]:
         task = self.param("task")
