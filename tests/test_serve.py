@@ -198,3 +198,44 @@ def test_remote_chat_streams_from_the_server(server, expected, project, monkeypa
     for adapter, model in ((None, "base"), ("b", "b")):
         text = "".join(chat_stage.stream_chat(cfg, adapter, CHATS[0], max_tokens=MAX_TOKENS, url=url))
         assert text == expected[model]["chats"][0]
+
+
+def test_medforge_chat_url_asks_the_server(server, expected, project, monkeypatch, capsys):
+    from stages.cli import main
+
+    _, url, _ = server
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("MEDFORGE_API_KEY", KEY)
+    root_url = url.removesuffix("/v1")  # with or without /v1
+    assert main(["chat", "--url", root_url, "--adapter", "a", "--max-tokens", str(MAX_TOKENS),
+                 CHATS[0][0]["content"]]) == 0
+    assert capsys.readouterr().out == expected["a"]["chats"][0] + "\n"
+    monkeypatch.delenv("MEDFORGE_API_KEY")
+    assert main(["chat", "--url", url, "hello"]) == 2
+    assert "HTTP 401" in capsys.readouterr().err
+
+
+def test_the_dashboards_chat_process_streams_from_the_server(server, expected, project):
+    import orjson
+
+    _, url, _ = server
+    env = {**os.environ, "MEDFORGE_SERVER_URL": url, "MEDFORGE_API_KEY": KEY,
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    request = {"op": "chat", "id": "left:1", "model": "b", "messages": CHATS[1], "max_tokens": MAX_TOKENS,
+               "temperature": 0.0}
+    proc = subprocess.Popen([sys.executable, "-m", "tui.chat_worker"], cwd=project, env=env, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE)
+    try:
+        proc.stdin.write(orjson.dumps(request) + b"\n")
+        proc.stdin.flush()  # kept open until the answer is done: closing it is the dashboard quitting
+        rows = []
+        for line in proc.stdout:
+            rows.append(orjson.loads(line))
+            if "done" in rows[-1] or "error" in rows[-1]:
+                break
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=30)
+        proc.stdout.close()
+    assert rows and rows[-1].get("done") and not rows[-1]["stopped"], rows
+    assert "".join(r.get("text", "") for r in rows) == expected["b"]["chats"][1]
