@@ -14,7 +14,6 @@ from stages import config, layout, scrape
 from stages.config import ConfigError
 from stages.events import EventReporter
 
-layout.DATA.mkdir(exist_ok=True)
 if get_var("offline"):  # `doit offline=1`: network sources build from data/raw/ alone; every action inherits it
     os.environ["MEDFORGE_OFFLINE"] = get_var("offline")
 DOIT_CONFIG = {"backend": "sqlite3", "dep_file": str(layout.doit_db()), "verbosity": 2,
@@ -22,7 +21,8 @@ DOIT_CONFIG = {"backend": "sqlite3", "dep_file": str(layout.doit_db()), "verbosi
 try:
     CFG = config.load()
 except ConfigError as exc:
-    sys.exit("\n".join(f"config error: {line}" for line in exc.problems))
+    sys.exit("\n".join(f"config error: {line}" for line in exc.problems))  # before data/ exists: nothing made
+layout.DATA.mkdir(exist_ok=True)
 BASES = {layout.slug(spec): spec for spec in CFG.base_models()}
 
 

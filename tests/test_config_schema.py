@@ -8,6 +8,7 @@ stop before any task runs: no traceback, `data/` exactly as it was.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -347,6 +348,18 @@ def test_doit_list_a_stage_and_medforge_refuse_with_the_same_line(tmp_path):
     chat = subprocess.run([sys.executable, "-m", "stages.cli", "chat", "--adapter", "decide", "hi"], cwd=root,
                           capture_output=True, text=True, timeout=120, env=env)
     assert chat.returncode == 2 and chat.stderr.strip() == f"medforge: {expected}"
+
+
+def test_a_fresh_clone_with_a_bad_config_gets_no_data_folder(tmp_path):
+    root = project(tmp_path)
+    shutil.rmtree(root / "data")  # a fresh clone: no data/ yet
+    after(S, "[sources.news2.params]", "cuont = 3")(root)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    for command in (["list"], []):
+        run = subprocess.run([sys.executable, "-m", "doit", "-f", str(REPO / "dodo.py"), "-d", str(root), *command],
+                             capture_output=True, text=True, timeout=120, env=env)
+        assert run.returncode != 0 and run.stderr.strip().startswith("config error: sources.toml: unknown key")
+    assert not (root / "data").exists()
 
 
 # --- every source declares its params as data, and reads them through it
