@@ -16,6 +16,12 @@ for N = 1 and N = all; the exit status is 1 where it does not hold (the JSON lin
 
 The project (base HF folder, GGUFs, LoRAs) is built once into ~/.cache/medforge/bench-serve/.
 
+Measured 2026-12-05 on the 2-core Intel Xeon with AMX (KVM; llama.cpp extra buffer types off), f16
+base 258 MiB, LoRA 9.34 MiB: base alone 398 MiB; 1 adapter 410; 4 adapters 442 (bound 471); 8
+adapters 487 (bound 513); one process per adapter 446 MiB each (1,785 for 4, 3,567 for 8: 4.0x and
+7.3x). Each more adapter costs 10.6-10.9 MiB, 1.13-1.17x its file: the bound's 1.1x plus the fixed
+overhead holds to some 40 adapters, not forever. Before serve fixed glibc's mmap threshold: 13.4 MiB.
+
     python bench/serve_memory.py [--adapters 4] [--keep]
 """
 from __future__ import annotations
