@@ -72,6 +72,9 @@ async def test_eval_view_labels_every_figure(project):
                                                           ["adapter", "4/7"], ["base", "2/7"]]
         regressions = table_text(app, "#eval-regressions")
         rows = [row.strip() for row in regressions.splitlines()]
+        await pilot.press("ctrl+r")  # says it reloaded, and the figures stay
+        await wait_for(pilot, lambda: any("reloaded" in str(n.message) for n in app._notifications), 5, "feedback")
+        await wait_for(pilot, lambda: loaded(app), what="the eval report again")
         assert rows == ["clinical_coding adapter on clinical_decision", "perplexity 14.00 15.81",
                         "news2_response · aggregate_accuracy 8% (1–35) 0% (0–24)",
                         "news2_response · aggregate_mae 2.60 49.20",  # the NEWS2 regression the issue names

@@ -34,6 +34,12 @@ class LogLines(Message):
 
 
 @dataclass
+class TaskProgress(Message):
+    """Step, total steps and ETA (seconds, or None) of running tasks that report them (training's metrics)."""
+    progress: dict[str, tuple[int, int, float | None]]
+
+
+@dataclass
 class MetricsRows(Message):
     """New training-metric rows for one adapter; `reset` when they replace earlier ones."""
     adapter: str

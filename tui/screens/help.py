@@ -11,7 +11,8 @@ from textual.widgets import Static
 
 
 def _key_label(keys: str) -> str:
-    names = {"question_mark": "?", "escape": "esc", "ctrl+p": "ctrl+p", "shift+tab": "shift+tab"}
+    names = {"question_mark": "?", "escape": "esc", "ctrl+p": "ctrl+p", "shift+tab": "shift+tab",
+             "left_square_bracket": "[", "right_square_bracket": "]"}
     return " / ".join(names.get(k.strip(), k.strip()) for k in keys.split(","))
 
 

@@ -13,7 +13,7 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Log, Static
 
 from stages import layout
-from tui.messages import LogLines, PipelineChanged, RunStateChanged
+from tui.messages import LogLines, PipelineChanged, RunStateChanged, TaskProgress
 from tui.state import LOOK, duration
 from tui.tail import Follower, tail_lines
 from tui.widgets.topbar import TopBar
@@ -33,6 +33,8 @@ class PipelineScreen(Screen):
     def __init__(self) -> None:
         super().__init__()
         self.selected: str | None = None
+        self.progress: dict[str, tuple[int, int, float | None]] = {}  # running task -> step, total, ETA
+        self._running_tasks: list[str] = []
         self._log_task: str | None = None
         self._log_follower: Follower | None = None
         self._log_timer = None
@@ -99,14 +101,19 @@ class PipelineScreen(Screen):
         self.query_one("#pipeline-summary", Static).update(summary)
 
         self._fit_columns(table, rows)
+        self._running_tasks = [row.name for row in rows if row.state == "running"]
         cells = {}
         last_stage = None
         now = time.time()
         for row in rows:
             symbol, style = LOOK.get(row.state, LOOK["unknown"])
             why = row.reason
-            if row.state == "running" and row.name in state.began:
-                why = f"for {duration(now - state.began[row.name])}" + (f" · {why}" if why else "")
+            if row.state == "running":
+                step = self.progress.get(row.name)
+                parts = [f"for {duration(now - state.began[row.name])}" if row.name in state.began else "",
+                         f"step {step[0]}/{step[1]}" if step else "",
+                         f"eta {duration(step[2])}" if step and step[2] is not None else "", why]
+                why = " · ".join(p for p in parts if p)
             cells[row.name] = {
                 "stage": Text(row.stage if row.stage != last_stage else "", style="bold", overflow="ellipsis"),
                 "task": Text(row.item or row.stage, overflow="ellipsis"),
@@ -154,12 +161,39 @@ class PipelineScreen(Screen):
     def poll_log(self) -> None:
         try:
             self._read_log()
+            self._read_progress()
             self.app.poll_ok("task log")
         except Exception as exc:  # said once; the next round tries again (a failed first look starts over)
             self.app.poll_failed("task log", exc)
         finally:
             if not get_current_worker().is_cancelled:
                 self.app.call_from_thread(self.schedule_log, 0.5)
+
+    def _read_progress(self) -> None:
+        """A running training's step/total and ETA, from the last row of its metrics stream."""
+        import orjson
+
+        progress = {}
+        for name in self._running_tasks:  # set on the UI thread: the pipeline state is not read from here
+            stage, _, adapter = name.partition(":")
+            if stage != "train":
+                continue
+            lines, _ = tail_lines(self.app.root / layout.metrics_file(adapter), 20)
+            for line in reversed(lines):
+                try:
+                    row = orjson.loads(line)
+                except orjson.JSONDecodeError:
+                    continue
+                if row.get("kind") == "train" and row.get("step") and row.get("total_steps"):
+                    progress[name] = (int(row["step"]), int(row["total_steps"]), row.get("eta_s"))
+                    break
+        if progress != self.progress:
+            self.post_message(TaskProgress(progress))
+
+    @on(TaskProgress)
+    def _progress(self, msg: TaskProgress) -> None:
+        self.progress = msg.progress
+        self.render_tasks()
 
     def _read_log(self) -> None:
         task = self.selected
@@ -185,6 +219,7 @@ class PipelineScreen(Screen):
         path = layout.log_file(msg.task)
         if msg.reset:
             log.clear()
+            log.scroll_to(x=0, animate=False)  # the previous task's horizontal scroll does not carry over
             title.update(Text(f"log · {msg.task} · {path}" if msg.lines else f"log · {msg.task} · no log yet ({path})",
                               style="bold"))
         log.write_lines(msg.lines)  # Log shows plain strings: nothing in a log line is read as markup

@@ -11,7 +11,7 @@ from tui.widgets.topbar import TopBar
 
 
 class ReportScreen(Screen):
-    BINDINGS = [Binding("ctrl+r", "reload", "Reload")]
+    BINDINGS = [Binding("ctrl+r", "reload_now", "Reload")]
 
     def load(self) -> None:  # a thread worker in each view: reads files, posts ReportLoaded
         raise NotImplementedError
@@ -30,3 +30,8 @@ class ReportScreen(Screen):
 
     def action_reload(self) -> None:
         self.load()
+
+    def action_reload_now(self) -> None:
+        """ctrl+r: read the reports again, and say so (they change only when a stage writes them)."""
+        self.load()
+        self.app.notify("reloaded from the stages' reports", timeout=2, markup=False)
