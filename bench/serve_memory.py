@@ -22,7 +22,7 @@ adapters 487 (bound 513); one process per adapter 446 MiB each (1,785 for 4, 3,5
 7.3x). Each more adapter costs 10.6-10.9 MiB, 1.13-1.17x its file: the bound's 1.1x plus the fixed
 overhead holds to some 40 adapters, not forever. Before serve fixed glibc's mmap threshold: 13.4 MiB.
 
-    python bench/serve_memory.py [--adapters 4] [--keep]
+    python bench/serve_memory.py [--adapters 4]
 """
 from __future__ import annotations
 
@@ -94,7 +94,7 @@ def run_server(root: Path, args: list[str], models: list[str]) -> float:
 
 
 def project(n: int) -> tuple[Path, list[str]]:
-    from stages import base_model, layout
+    from stages import base_model
     from tests.serve_project import build
 
     cache = Path.home() / ".cache" / "medforge" / "bench-serve"
