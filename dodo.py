@@ -10,7 +10,7 @@ from pathlib import Path
 from doit import get_var
 from doit.tools import config_changed
 
-from stages import config, layout, scrape
+from stages import config, layout, lock, scrape
 from stages.config import ConfigError
 from stages.events import EventReporter
 
@@ -23,6 +23,7 @@ try:
 except ConfigError as exc:
     sys.exit("\n".join(f"config error: {line}" for line in exc.problems))  # before data/ exists: nothing made
 layout.DATA.mkdir(exist_ok=True)
+lock.refuse_db_writes(sys.argv)  # `doit forget` & co. wait for a run to end; `doit run` takes the lock in its reporter
 BASES = {layout.slug(spec): spec for spec in CFG.base_models()}
 
 

@@ -6,7 +6,8 @@ It is an flock, which the kernel drops with the process that held it: a run kill
 OOM, a lost machine) leaves no stale lock, and the next run takes it over. The file also says who
 holds it (pid, how it was started, since when, the command, where its events begin in
 data/events.jsonl), so the dashboard can follow any run. Only `run` takes it: `doit list`,
-`doit info` and the dashboard's status read never wait for it.
+`doit info` and the dashboard's status read never wait for it; `forget`, `ignore`, `clean` and
+`reset-dep` are refused while a run holds it.
 """
 from __future__ import annotations
 
@@ -115,6 +116,17 @@ def hold() -> Holder:
         return acquire()
     except Busy as busy:
         raise SystemExit(f"medforge: {busy}") from None
+
+
+DB_WRITERS = ("forget", "ignore", "clean", "reset-dep")  # doit commands that change its DB (clean: targets too)
+
+
+def refuse_db_writes(argv: list[str]) -> None:
+    """dodo.py's guard: `doit forget|ignore|clean|reset-dep` beside a run would be undone by it (doit writes
+    its DB when a run ends) or pull its files away: refuse them, one line, while a run holds the lock."""
+    if len(argv) > 1 and argv[1] in DB_WRITERS and (holder := current()) is not None:
+        raise SystemExit(f"medforge: not now: {holder.describe()} is going; doit {argv[1]} once it has "
+                         f"finished (or stop it: kill -INT {holder.pid}, or x in the dashboard)")
 
 
 def current(root: Path | str = ".") -> Holder | None:

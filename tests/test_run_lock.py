@@ -70,7 +70,12 @@ def test_shell_and_shell_the_second_refuses_and_nothing_is_downloaded_twice(proj
 
     second = project.doit(SCRAPE, check=False)
     refused(second, first.pid, "shell")
-    # read-only commands never wait for the lock
+    # commands that change doit's DB are refused beside a run (it would undo them); read-only ones never wait
+    for command in ("forget", "clean"):
+        busy = project.doit(command, SCRAPE, check=False)
+        assert busy.returncode != 0 and (busy.stdout + busy.stderr).strip().splitlines() == [
+            f"medforge: not now: {holder.describe()} is going; doit {command} once it has finished "
+            f"(or stop it: kill -INT {first.pid}, or x in the dashboard)"]
     assert project.doit("list", "--status").returncode == 0
     assert "status     : run" in project.doit("info", SCRAPE, check=False).stdout  # (exit 1: not up to date)
 
