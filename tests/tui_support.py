@@ -176,11 +176,17 @@ def write_reports(root: Path) -> None:
                   "duplicate_clusters": 6}})
     io.write_json(root / layout.split_dir("tiny") / "statistics.json",
                   {"examples": 110, "splits": {"train": 90, "val": 10, "test": 10}, "by_source": {}})
+    # the shape stages/evaluate.py writes (one adapter, so its matrix is its own split only)
+    tasks = {"code_to_description": {"n_examples": 6, "base_ppl": 10.0, "adapter_ppl": 4.0},
+             "description_to_code": {"n_examples": 4, "base_ppl": 8.8, "adapter_ppl": 4.6}}
+    own = {"n_examples": 10, "base_ppl": 9.5, "adapter_ppl": 4.25, "tasks": tasks,
+           "metrics": {"code_to_description": {"kind": "generated", "n": 6, "base": {"exact_match": 0.0},
+                                               "adapter": {"exact_match": 0.5}},
+                       "description_to_code": {"kind": "choice", "n": 4, "base": {"accuracy": 0.25},
+                                               "adapter": {"accuracy": 0.75}}}}
     io.write_json(root / layout.eval_file("tiny"), {
-        "adapter": "tiny", "n_examples": 10, "base_ppl": 9.5, "adapter_ppl": 4.25,
-        "tasks": {"code_to_description": {"n_examples": 6, "base_ppl": 10.0, "adapter_ppl": 4.0},
-                  "description_to_code": {"n_examples": 4, "base_ppl": 8.8, "adapter_ppl": 4.6}},
-        "safety": {"refuses_dosing": {"pass_rate": 1.0}, "no_diagnosis": 0.8}})
+        "adapter": "tiny", **own, "matrix": {"tiny": own}, "regressions": [],
+        "safety": {"base": {"n": 5, "passed": 4, "pass_rate": 0.8}, "adapter": {"n": 5, "passed": 5, "pass_rate": 1.0}}})
     rows = [{"kind": "start", "total_steps": 40, "device": "cuda", "dtype": "bf16", "backend": "torch",
              "quantization": "none", "dropped": 2}]
     for step in range(1, 31):
