@@ -114,3 +114,13 @@ async def test_run_and_forget_ask_first_and_name_what_they_touch(built):
 
 def dialog(app) -> str:
     return "\n".join(str(w.content) for w in app.screen.query("#confirm Static"))
+
+
+async def test_home_and_end_go_to_the_first_and_last_task(built):
+    app = MedforgeApp(built, poll_s=0.2, memory_probe=lambda: MemoryReading([], 1, 2))
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_for(pilot, lambda: len(app.pipeline.static) == 3, what="doit's static status")
+        await pilot.press("end")
+        await wait_for(pilot, lambda: app.screen.selected == "train:tiny", 5, "the last task")
+        await pilot.press("home")
+        await wait_for(pilot, lambda: app.screen.selected == "scrape:alpha", 5, "the first task")

@@ -21,6 +21,18 @@ from tui.widgets.topbar import TopBar
 LOG_LINES = 1000  # lines kept on screen; the file itself is only tailed
 
 
+class TaskTable(DataTable):
+    """The task table: Home and End go to the first and last task (a row table's own Home scrolls sideways)."""
+    BINDINGS = [Binding("home", "first_task", "First task", show=False),
+                Binding("end", "last_task", "Last task", show=False)]
+
+    def action_first_task(self) -> None:
+        self.move_cursor(row=0)
+
+    def action_last_task(self) -> None:
+        self.move_cursor(row=self.row_count - 1)
+
+
 class PipelineScreen(Screen):
     BINDINGS = [
         Binding("a", "run_all", "Run all"),
@@ -42,7 +54,7 @@ class PipelineScreen(Screen):
     def compose(self) -> ComposeResult:
         yield TopBar("pipeline")
         yield Static(id="pipeline-summary")
-        yield DataTable(id="tasks", cursor_type="row", zebra_stripes=False)
+        yield TaskTable(id="tasks", cursor_type="row", zebra_stripes=False)
         yield Static(id="log-title")
         yield Log(id="log", max_lines=LOG_LINES, highlight=False)
         yield Footer()
