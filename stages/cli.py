@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         from tui.app import run_dashboard
         return run_dashboard()
     except (ConfigError, StageError) as exc:
-        print(f"medforge: {exc}", file=sys.stderr)
+        for line in exc.problems if isinstance(exc, ConfigError) else [str(exc)]:
+            print(f"medforge: {line}", file=sys.stderr)
         return 2
 
 

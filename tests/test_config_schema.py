@@ -350,6 +350,17 @@ def test_doit_list_a_stage_and_medforge_refuse_with_the_same_line(tmp_path):
     assert chat.returncode == 2 and chat.stderr.strip() == f"medforge: {expected}"
 
 
+def test_medforge_prefixes_every_problem_line(tmp_path):
+    root = project(tmp_path)
+    after(S, "[sources.news2.params]", "cuont = 3\nsede = 1")(root)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    chat = subprocess.run([sys.executable, "-m", "stages.cli", "chat", "--adapter", "decide", "hi"], cwd=root,
+                          capture_output=True, text=True, timeout=120, env=env)
+    lines = chat.stderr.strip().splitlines()
+    assert chat.returncode == 2 and len(lines) == 2, chat.stderr
+    assert all(line.startswith("medforge: sources.toml: unknown key 'sources.news2.params.") for line in lines)
+
+
 def test_a_fresh_clone_with_a_bad_config_gets_no_data_folder(tmp_path):
     root = project(tmp_path)
     shutil.rmtree(root / "data")  # a fresh clone: no data/ yet
