@@ -488,3 +488,22 @@ async def test_notices_with_markup_like_text_show_it_literally(project):
         shown = "\n".join(toast.render().plain for toast in app.screen.query("Toast"))
         assert doit_err in shown and f"config: {config_err}" in shown
         assert app.is_running  # no markup error took the app down
+
+
+async def test_training_view_before_metrics_says_what_the_run_is_doing(project):
+    """No metrics yet: a running train task is loading, not something to start with r."""
+    from stages.lock import Holder
+    from tui.app import _Polled
+
+    app = MedforgeApp(project, poll_s=3600, memory_probe=lambda: FIXED_MEMORY, start_view="training")  # no polls
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_for(pilot, lambda: app.cfg is not None and app._poll_timer is not None, what="the first poll")
+        stats = lambda: str(app.screen.query_one("#train-stats").content)
+        await wait_for(pilot, lambda: "from the pipeline view (1, then r)" in stats(), what="the hint")
+        app.post_message(_Polled(Holder(4242, "shell", 0.0, "doit"), True,
+                                 [{"event": "run_start", "selected": []}, {"event": "task_start", "task": "dedup"}],
+                                 new_run=True))
+        await wait_for(pilot, lambda: "a run is going; train:tiny is will run in it" in stats(), what="waiting")
+        app.post_message(_Polled(Holder(4242, "shell", 0.0, "doit"), True,
+                                 [{"event": "task_start", "task": "train:tiny"}], new_run=False))
+        await wait_for(pilot, lambda: "train:tiny is running: loading the model and data" in stats(), what="loading")

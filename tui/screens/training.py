@@ -85,6 +85,7 @@ class TrainingScreen(Screen):
     @on(RunStateChanged)
     def _run_state(self, msg: RunStateChanged) -> None:
         self.query_one(TopBar).show_run(msg.running, msg.summary)
+        self.render_stats()  # what it says before any metrics depends on the run
 
     def action_cycle(self, step: int) -> None:
         names = adapter_names(self.app)
@@ -198,7 +199,14 @@ class TrainingScreen(Screen):
         if not c.steps and not c.start:
             out.append("no metrics yet\n", style="dim")
             if self.adapter:
-                out.append(f"run train:{self.adapter} from the pipeline view (1, then r)\n", style="dim")
+                task = f"train:{self.adapter}"
+                state = self.app.pipeline.task(task).state
+                if state == "running":  # its metrics stream opens once the model and data are loaded
+                    out.append(f"{task} is running: loading the model and data\n", style="cyan")
+                elif self.app.running:
+                    out.append(f"a run is going; {task} is {state} in it\n", style="dim")
+                else:
+                    out.append(f"run {task} from the pipeline view (1, then r)\n", style="dim")
         else:
             total = c.total_steps
             step = c.steps[-1] if c.steps else 0
