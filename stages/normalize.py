@@ -44,6 +44,9 @@ def run(cfg: Config, source_name: str) -> int:
         raise SourceError(f"normalize:{source_name}: {manifest_path} is missing; run `doit scrape:{source_name}` first")
     source = make(source_cfg.name, source_cfg.kind, source_cfg.params)
     rows = list(examples_from_pages(source, source_cfg.kind, io.read_json(manifest_path), layout.raw_dir(source_name)))
+    if not rows and source.skipped:  # every row malformed: a wrong file or setting, not an empty source
+        raise SourceError(f"normalize:{source_name}: no usable record, every row was malformed: "
+                          f"{skipped_line(source.skipped)}; check [sources.{source_name}] in sources.toml")
     changed = io.write_jsonl(layout.examples_file(source_name), rows)
     io.write_json(layout.normalize_report(source_name), {"source": source_name, "examples": len(rows),
                                                          "skipped": source.skipped})

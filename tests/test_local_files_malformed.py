@@ -164,13 +164,31 @@ def test_hf_qa_local_copy_faults_are_one_line(tmp_path):
         assert str(err.value).startswith(expected) and "\n" not in str(err.value)
 
 
-def test_hf_qa_rows_without_an_answer_key_are_counted_and_a_page_of_only_those_fails(tmp_path):
+def test_hf_qa_rows_without_an_answer_key_are_counted(tmp_path):
     source = make("qa", "hf_qa", {"dataset": "medmcqa"})
     row = {"question": "Q?", "opa": "a", "opb": "b", "opc": "c", "opd": "d"}
     page = tmp_path / "rows-00000.jsonl"
     page.write_text("".join(json.dumps({**row, "cop": cop}) + "\n" for cop in (1, -1, -1)) + "nope\n")
     assert len(list(source.parse(page))) == 1
     assert {k: v["count"] for k, v in source.skipped.items()} == {"no answer key (cop 0-3)": 2, "not valid JSON": 1}
-    page.write_text(json.dumps({**row, "cop": -1}) + "\n")
-    with pytest.raises(SourceError, match="none of its rows is a usable medmcqa row .*a test split may have no answer key"):
-        list(source.parse(page))
+
+
+def test_a_source_none_of_whose_rows_is_usable_fails_in_normalize(tmp_path):
+    """A test split has no answer key: every row skipped is a wrong setting, not an empty source."""
+    project = Project(tmp_path, base_model="embedded:smollm2-135m-instruct")
+    rows = tmp_path / "medmcqa_test.jsonl"
+    rows.write_text("".join(json.dumps({"question": f"Q{i}?", "opa": "a", "opb": "b", "opc": "c", "opd": "d",
+                                        "cop": -1}) + "\n" for i in range(3)))
+    (tmp_path / "sources.toml").write_text(sources_toml(news2_count=20, icd_codes=20) + f"""
+[sources.mcq]
+kind = "hf_qa"
+adapters = ["clinical_decision"]
+[sources.mcq.params]
+dataset = "medmcqa"
+path = "{rows.name}"
+""")
+    line = failure(project, "normalize:mcq")
+    assert line.startswith("normalize:mcq: no usable record, every row was malformed: skipped 3 malformed row(s): "
+                           "no answer key (cop 0-3) 3 (medmcqa_test.jsonl row 1, medmcqa_test.jsonl row 2, "
+                           "medmcqa_test.jsonl row 3)")
+    assert "check [sources.mcq] in sources.toml" in line

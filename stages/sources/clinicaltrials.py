@@ -16,7 +16,7 @@ from typing import Any, Iterator
 
 import orjson
 
-from stages.sources import Key, Source, SourceError, _text
+from stages.sources import Key, Source, SourceError, _shape, _text
 
 # the headings registries write: "Inclusion Criteria:", "Key Inclusion Criteria:", "INCLUSION CRITERIA",
 # "Eligibility criteria:", "Exclusion criteria for parents:" ...
@@ -100,32 +100,38 @@ class ClinicalTrials(Source):
             raise SourceError(f"{page}: not a ClinicalTrials.gov v2 answer (expected /studies' {{\"studies\": [...]}} "
                               f"or one study's {{\"protocolSection\": ...}}); delete it and rerun the scrape")
         studies = doc.get("studies") if "studies" in doc else [doc]  # a /studies page or one /studies/{nctId}
+        if not isinstance(studies, (list, type(None))):
+            raise SourceError(f"{page}: ClinicalTrials.gov \"studies\" is {type(studies).__name__}, expected a list; "
+                              f"delete it and rerun the scrape")
         plain = _text.unescape_markdown
-        for study in studies or []:
-            proto = (study or {}).get("protocolSection") or {}
-            ident = proto.get("identificationModule") or {}
-            nct = ident.get("nctId")
+        for n, study in enumerate(studies or [], 1):
+            proto = _shape.obj(_shape.obj(study).get("protocolSection"))
+            ident = _shape.obj(proto.get("identificationModule"))
+            nct = _shape.text(ident.get("nctId"))
             if not nct:
+                self.skip("a study without protocolSection.identificationModule.nctId", f"{page} study {n}")
                 continue
-            elig = proto.get("eligibilityModule") or {}
-            design = proto.get("designModule") or {}
-            arms = proto.get("armsInterventionsModule") or {}
-            outcomes = proto.get("outcomesModule") or {}
+            elig = _shape.obj(proto.get("eligibilityModule"))
+            design = _shape.obj(proto.get("designModule"))
+            arms = _shape.obj(proto.get("armsInterventionsModule"))
+            outcomes = _shape.obj(proto.get("outcomesModule"))
+            enrollment = _shape.obj(design.get("enrollmentInfo")).get("count")
             yield {
                 "id": nct, "nct_id": nct, "origin": f"https://clinicaltrials.gov/study/{nct}",
-                "title": plain(ident.get("briefTitle") or ident.get("officialTitle") or ""),
+                "title": plain(_shape.text(ident.get("briefTitle"), strip=False) or _shape.text(ident.get("officialTitle"), strip=False)),
                 # v2 text fields are Markdown: rendered, so no escape or emphasis mark reaches the examples
-                "summary": _text.markdown_to_text((proto.get("descriptionModule") or {}).get("briefSummary", "")),
-                "conditions": [plain(c) for c in (proto.get("conditionsModule") or {}).get("conditions") or []],
-                "status": (proto.get("statusModule") or {}).get("overallStatus", ""),
-                "study_type": design.get("studyType", ""), "phases": design.get("phases") or [],
-                "enrollment": (design.get("enrollmentInfo") or {}).get("count"),
-                "interventions": [plain(i.get("name", "")) for i in arms.get("interventions") or [] if i.get("name")],
-                "primary_outcomes": [plain(o.get("measure", "")) for o in outcomes.get("primaryOutcomes") or [] if o.get("measure")],
-                "sponsor": ((proto.get("sponsorCollaboratorsModule") or {}).get("leadSponsor") or {}).get("name", ""),
-                "sex": elig.get("sex", ""), "minimum_age": elig.get("minimumAge", ""),
-                "maximum_age": elig.get("maximumAge", ""),
-                "criteria": split_eligibility(elig.get("eligibilityCriteria", "")),
+                "summary": _text.markdown_to_text(_shape.text(_shape.obj(proto.get("descriptionModule")).get("briefSummary"), strip=False)),
+                "conditions": [plain(c) for c in _shape.texts(_shape.obj(proto.get("conditionsModule")).get("conditions"))],
+                "status": _shape.text(_shape.obj(proto.get("statusModule")).get("overallStatus")),
+                "study_type": _shape.text(design.get("studyType")), "phases": _shape.texts(design.get("phases")),
+                "enrollment": enrollment if _shape.number(enrollment, None) is not None else None,
+                "interventions": [plain(t) for t in (_shape.text(i.get("name")) for i in _shape.objs(arms.get("interventions"))) if t],
+                "primary_outcomes": [plain(t) for t in (_shape.text(o.get("measure"))
+                                                        for o in _shape.objs(outcomes.get("primaryOutcomes"))) if t],
+                "sponsor": _shape.text(_shape.obj(_shape.obj(proto.get("sponsorCollaboratorsModule")).get("leadSponsor")).get("name")),
+                "sex": _shape.text(elig.get("sex")), "minimum_age": _shape.text(elig.get("minimumAge")),
+                "maximum_age": _shape.text(elig.get("maximumAge")),
+                "criteria": split_eligibility(_shape.text(elig.get("eligibilityCriteria"), strip=False)),
             }
 
     def examples(self, record: dict[str, Any]) -> Iterator[dict[str, Any]]:

@@ -15,27 +15,37 @@ from typing import Any, Iterator
 
 import orjson
 
-from stages.sources import Key, Source, SourceError, _text
+from stages.sources import Key, Source, SourceError, _shape, _text
 
 INDEX = "index.json"
 _MEDIA = re.compile(r'href="/media/(\d+)/download"')
 
 
-def strip_html(text: str) -> str:
-    return _text.one_line(_text.html_to_text(text))
+class BadIndex(SourceError, ValueError):
+    """An index of another shape: a ValueError, so the HTTP client's check retries it, then one line."""
+
+
+def strip_html(text: Any) -> str:
+    return _text.one_line(_text.html_to_text(_shape.text(text, strip=False)))
 
 
 def index_rows(doc: Any) -> list[dict[str, Any]]:
-    """The guidance rows of the index, with the PDF media id when the row links one."""
-    rows = []
-    for row in doc if isinstance(doc, list) else (doc or {}).get("data", []):
-        media = _MEDIA.search(row.get("field_associated_media_2", "") or "")
-        rows.append({"media": media.group(1) if media else None, "title": strip_html(row.get("title", "")),
-                     "issued": row.get("field_issue_datetime", ""), "office": strip_html(row.get("field_issuing_office_taxonomy", "")),
-                     "center": strip_html(row.get("field_center", "")), "status": strip_html(row.get("field_final_guidance_1", "")),
-                     "type": strip_html(row.get("field_communication_type", "")), "docket": strip_html(row.get("field_docket_number", "")),
-                     "topics": strip_html(row.get("topics-product", ""))})
-    return rows
+    """The guidance rows of the index, with the PDF media id when the row links one. An index of another shape
+    (not a list of rows, nor an object with a "data" list) raises SourceError (fetch retries it, parse reports
+    it); a row that is not an object, or a field that is not text, counts as absent."""
+    rows = doc if isinstance(doc, list) else _shape.obj(doc).get("data")
+    if not isinstance(rows, list):
+        raise BadIndex(f"the guidance index is a JSON {type(doc).__name__} without a list of rows "
+                          f"(expected [...] or {{\"data\": [...]}})")
+    out = []
+    for row in _shape.objs(rows):
+        media = _MEDIA.search(_shape.text(row.get("field_associated_media_2")))
+        out.append({"media": media.group(1) if media else None, "title": strip_html(row.get("title")),
+                    "issued": _shape.text(row.get("field_issue_datetime")), "office": strip_html(row.get("field_issuing_office_taxonomy")),
+                    "center": strip_html(row.get("field_center")), "status": strip_html(row.get("field_final_guidance_1")),
+                    "type": strip_html(row.get("field_communication_type")), "docket": strip_html(row.get("field_docket_number")),
+                    "topics": strip_html(row.get("topics-product"))})
+    return out
 
 
 def pdf_text(path: Path, shown: str | None = None, fix: str = "delete it and rerun the scrape") -> list[str]:
@@ -96,7 +106,13 @@ class FdaGuidance(Source):
         meta: dict[str, Any] = {}
         index = page.with_name(INDEX)
         if index.exists():
-            meta = next((r for r in index_rows(orjson.loads(index.read_bytes())) if r["media"] == media), {})
+            try:
+                rows = index_rows(orjson.loads(index.read_bytes()))
+            except orjson.JSONDecodeError as exc:
+                raise SourceError(f"{index}: not valid JSON ({exc}); delete it and rerun the scrape") from None
+            except SourceError as exc:
+                raise SourceError(f"{index}: {exc}; delete it and rerun the scrape") from None
+            meta = next((r for r in rows if r["media"] == media), {})
         pages = pdf_text(page)
         text = "\n".join(pages).strip()
         if not text:

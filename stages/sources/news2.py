@@ -16,7 +16,7 @@ from typing import Any, Iterator
 
 from stages import io
 from stages.news2 import Vitals, score
-from stages.sources import Key, Source, SourceError
+from stages.sources import Key, Source, SourceError, _shape
 
 PAGE = "patients.jsonl"
 # Target bands in rotation: some of each, most in the bands where escalation decisions are made.
@@ -112,9 +112,12 @@ def _observations(v: Vitals) -> list[tuple[str, str]]:
     ]
 
 
+CONSCIOUSNESS = {"A": "Alert", "C": "new confusion", "V": "responds to voice", "P": "responds to pain",
+                 "U": "unresponsive"}
+
+
 def _consciousness_text(code: str) -> str:
-    return {"A": "Alert", "C": "new confusion", "V": "responds to voice", "P": "responds to pain",
-            "U": "unresponsive"}[code]
+    return CONSCIOUSNESS[code]
 
 
 def _points(n: int) -> str:
@@ -184,13 +187,29 @@ class News2Source(Source):
         store.put(PAGE, io.jsonl_bytes(generate_patient(seed, i) for i in range(count)))
 
     def parse(self, page: Path) -> Iterator[dict[str, Any]]:
-        for row in io.read_jsonl(page):
+        """The generator's own page: any row it could not have written (a damaged or edited copy) is an error."""
+        fix = f"regenerate with `doit scrape:{self.name}`"
+        for lineno, row in enumerate(_shape.jsonl_rows(page, fix), 1):
+            where = f"{page}:{lineno}"
+            if not isinstance(row, dict):
+                raise SourceError(f"{where}: a patient is a JSON {type(row).__name__}, not an object; {fix}")
+            if not isinstance(row.get("vitals"), dict):
+                raise SourceError(f"{where}: a patient has no 'vitals' object; {fix}")
             try:
-                Vitals.from_dict(row["vitals"])
-            except (KeyError, TypeError) as exc:
-                raise SourceError(f"{page}: a patient's vitals lack {exc}; regenerate with `doit scrape:{self.name}`")
-            if "id" not in row:
-                raise SourceError(f"{page}: a patient has no 'id'; regenerate with `doit scrape:{self.name}`")
+                vitals = Vitals.from_dict(row["vitals"])
+            except KeyError as exc:
+                raise SourceError(f"{where}: a patient's vitals lack {exc}; {fix}") from None
+            try:
+                score(vitals)  # every value of the right type and in the chart's domain
+            except (ValueError, TypeError, OverflowError) as exc:
+                raise SourceError(f"{where}: a patient's vitals cannot be scored ({exc}); {fix}") from None
+            if not isinstance(vitals.temperature, (int, float)) or isinstance(vitals.temperature, bool) \
+                    or vitals.consciousness not in CONSCIOUSNESS or vitals.spo2_scale not in (1, 2):
+                raise SourceError(f"{where}: a patient's temperature, consciousness or spo2_scale is not a NEWS2 "
+                                  f"value; {fix}")
+            if not isinstance(row.get("id"), str) or not row["id"] or row.get("sex") not in ("F", "M") \
+                    or not isinstance(row.get("age"), int) or isinstance(row.get("age"), bool):
+                raise SourceError(f"{where}: a patient lacks a string 'id', 'sex' F or M, or a whole 'age'; {fix}")
             yield row
 
     def examples(self, record: dict[str, Any]) -> Iterator[dict[str, Any]]:

@@ -11,13 +11,14 @@ sort, limit (100, at most 1000), max_records (1000; 0 = all), plus the HTTP ones
 """
 from __future__ import annotations
 
+import math
 import urllib.parse
 from pathlib import Path
 from typing import Any, Iterator
 
 import orjson
 
-from stages.sources import Key, Source, SourceError, _text
+from stages.sources import Key, Source, SourceError, _shape, _text
 
 ENDPOINTS = ("drug/label", "drug/event")
 SKIP_MAX = 25_000
@@ -43,22 +44,22 @@ ROLE = {"1": "suspect", "2": "concomitant", "3": "interacting"}
 
 
 def _first(value: Any) -> str:
-    if isinstance(value, list):
-        return str(value[0]).strip() if value else ""
-    return str(value or "").strip()
+    """The first text of a field openFDA gives as a list (or, in some answers, as one string)."""
+    found = _shape.texts(value)
+    return found[0] if found else ""
 
 
 def _joined(value: Any) -> str:
-    if isinstance(value, list):
-        return "\n".join(str(v).strip() for v in value if str(v).strip())
-    return str(value or "").strip()
+    return "\n".join(_shape.texts(value))
 
 
 def _number(value: Any) -> float | None:
+    """A number from openFDA's strings ("45", "UNK", "45-50"): finite, or None."""
     try:
-        return float(str(value).strip())
+        number = float(value.strip() if isinstance(value, str) else _shape.text(value))
     except ValueError:
         return None
+    return number if math.isfinite(number) else None
 
 
 class OpenFda(Source):
@@ -147,44 +148,50 @@ class OpenFda(Source):
         if not isinstance(results, list):
             raise SourceError(f"{page}: openFDA \"results\" is {type(results).__name__}, expected a list; delete it "
                               f"and rerun the scrape")
-        for result in results:
+        for n, result in enumerate(results, 1):
             if not isinstance(result, dict):
-                continue
-            if "safetyreportid" in result:
-                yield self._event(result)
+                self.skip("a result that is not an object", f"{page} result {n}")
+            elif "safetyreportid" in result:
+                if _shape.text(result["safetyreportid"]):
+                    yield self._event(result)
+                else:
+                    self.skip("an event without a safetyreportid", f"{page} result {n}")
             elif "set_id" in result or ("id" in result and "openfda" in result):
-                yield self._label(result)
+                if _shape.text(result.get("set_id")) or _shape.text(result.get("id")):
+                    yield self._label(result)
+                else:
+                    self.skip("a label without a set_id or id", f"{page} result {n}")
             # count queries ({"term", "count"}) carry no records
 
     @staticmethod
     def _label(r: dict) -> dict[str, Any]:
-        fda = r.get("openfda") or {}
+        fda = _shape.obj(r.get("openfda"))
         # each field opens with its heading, numbered on PLR labels ("1 INDICATIONS AND USAGE"): the number goes
-        sections = {field: _text.strip_section_number(_joined(r[field])) for field in LABEL_QUESTIONS if _joined(r.get(field))}
-        set_id = str(r.get("set_id") or r.get("id"))
-        return {"id": set_id, "type": "label", "set_id": set_id, "version": str(r.get("version", "")),
-                "effective_time": str(r.get("effective_time", "")),
+        sections = {field: _text.strip_section_number(_joined(r.get(field))) for field in LABEL_QUESTIONS
+                    if _joined(r.get(field))}
+        set_id = _shape.text(r.get("set_id")) or _shape.text(r.get("id"))
+        return {"id": set_id, "type": "label", "set_id": set_id, "version": _shape.text(r.get("version")),
+                "effective_time": _shape.text(r.get("effective_time")),
                 "origin": f"https://dailymed.nlm.nih.gov/dailymed/lookup.cfm?setid={set_id}",
                 "brand_name": _first(fda.get("brand_name")), "generic_name": _first(fda.get("generic_name")),
-                "manufacturer": _first(fda.get("manufacturer_name")), "route": fda.get("route") or [],
-                "product_type": _first(fda.get("product_type")), "pharm_class": fda.get("pharm_class_epc") or [],
+                "manufacturer": _first(fda.get("manufacturer_name")), "route": _shape.texts(fda.get("route") or []),
+                "product_type": _first(fda.get("product_type")), "pharm_class": _shape.texts(fda.get("pharm_class_epc") or []),
                 "sections": sections}
 
     @staticmethod
     def _event(r: dict) -> dict[str, Any]:
-        patient = r.get("patient") or {}
-        drugs = [{"name": str(d.get("medicinalproduct", "")).strip(), "role": ROLE.get(str(d.get("drugcharacterization")), ""),
-                  "indication": str(d.get("drugindication", "")).strip()} for d in patient.get("drug") or []]
+        patient = _shape.obj(r.get("patient"))
+        drugs = [{"name": _shape.text(d.get("medicinalproduct")), "role": ROLE.get(_shape.text(d.get("drugcharacterization")), ""),
+                  "indication": _shape.text(d.get("drugindication"))} for d in _shape.objs(patient.get("drug"))]
         age = _number(patient.get("patientonsetage"))  # free text in some reports ("UNK", "45-50"): then no age
-        unit = AGE_UNITS.get(str(patient.get("patientonsetageunit", "")), "")
-        return {"id": str(r["safetyreportid"]), "type": "event", "receivedate": str(r.get("receivedate", "")),
+        unit = AGE_UNITS.get(_shape.text(patient.get("patientonsetageunit")), "")
+        return {"id": _shape.text(r["safetyreportid"]), "type": "event", "receivedate": _shape.text(r.get("receivedate")),
                 "origin": "https://open.fda.gov/apis/drug/event/",
-                "serious": str(r.get("serious", "")) == "1",
-                "criteria": [label for key, label in SERIOUS.items() if str(r.get(key, "")) == "1"],
+                "serious": _shape.text(r.get("serious")) == "1",
+                "criteria": [label for key, label in SERIOUS.items() if _shape.text(r.get(key)) == "1"],
                 "age": f"{age:g} {unit}{'s' if age != 1 else ''}" if age is not None and unit else "",
-                "sex": SEX.get(str(patient.get("patientsex", "")), ""),
-                "reactions": [str(x.get("reactionmeddrapt", "")).strip() for x in patient.get("reaction") or []
-                              if x.get("reactionmeddrapt")],
+                "sex": SEX.get(_shape.text(patient.get("patientsex")), ""),
+                "reactions": _shape.texts([x.get("reactionmeddrapt") for x in _shape.objs(patient.get("reaction"))]),
                 "drugs": [d for d in drugs if d["name"]]}
 
     def examples(self, record: dict[str, Any]) -> Iterator[dict[str, Any]]:

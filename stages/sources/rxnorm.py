@@ -16,7 +16,7 @@ from typing import Any, Iterator
 
 import orjson
 
-from stages.sources import Key, Source, SourceError
+from stages.sources import Key, Source, SourceError, _shape
 
 TTY_LABEL = {"IN": "ingredients", "PIN": "precise ingredients", "MIN": "multiple ingredients", "BN": "brand names",
              "DF": "dose forms", "SCD": "clinical drugs", "SBD": "branded drugs", "SCDF": "clinical dose forms",
@@ -30,12 +30,13 @@ def _slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "x"
 
 
-def _groups(block: dict) -> dict[str, list[dict]]:
+def _groups(block: Any) -> dict[str, list[dict]]:
+    """tty -> the concept properties (objects) of a drugGroup / allRelatedGroup; wrong-typed parts count as absent."""
     out: dict[str, list[dict]] = {}
-    for group in block.get("conceptGroup") or []:
-        props = group.get("conceptProperties") or []
+    for group in _shape.objs(_shape.obj(block).get("conceptGroup")):
+        props = _shape.objs(group.get("conceptProperties"))
         if props:
-            out.setdefault(group.get("tty", ""), []).extend(props)
+            out.setdefault(_shape.text(group.get("tty")), []).extend(props)
     return out
 
 
@@ -84,10 +85,11 @@ class RxNorm(Source):
         # current answers may leave out what was asked (drugGroup.name null, rxcui ""): the page name has it
         asked = _PAGE.fullmatch(page.name)
         if "drugGroup" in doc:
-            group = doc["drugGroup"] or {}
-            query = group.get("name") or (asked.group(2).replace("-", " ") if asked and asked.group(1) == "drugs" else "")
-            products = [{"rxcui": str(c["rxcui"]), "name": c.get("name", ""), "synonym": c.get("synonym", ""), "tty": tty}
-                        for tty, props in _groups(group).items() for c in props if c.get("rxcui")]
+            group = _shape.obj(doc["drugGroup"])
+            query = _shape.text(group.get("name")) or (asked.group(2).replace("-", " ") if asked and asked.group(1) == "drugs" else "")
+            products = [{"rxcui": _shape.text(c.get("rxcui")), "name": _shape.text(c.get("name")),
+                         "synonym": _shape.text(c.get("synonym")), "tty": tty}
+                        for tty, props in _groups(group).items() for c in props if _shape.text(c.get("rxcui"))]
             if products and not query:
                 raise SourceError(f"{page}: drugs.json answer without drugGroup.name, and the file is not named "
                                   f"drugs-<name>.json; rename it after the drug name it was fetched for")
@@ -95,13 +97,15 @@ class RxNorm(Source):
                 yield {"id": f"drugs:{query.lower()}", "type": "drugs", "query": query, "products": products,
                        "origin": f"https://mor.nlm.nih.gov/RxNav/search?searchBy=String&searchTerm={query}"}
         else:
-            group = doc["allRelatedGroup"] or {}
-            related = {tty: sorted({c.get("name", "") for c in props if c.get("name")}) for tty, props in _groups(group).items()}
-            rxcui = str(group.get("rxcui") or (asked.group(2) if asked and asked.group(1) == "allrelated" else ""))
+            group = _shape.obj(doc["allRelatedGroup"])
+            related = {tty: names for tty, props in _groups(group).items()
+                       if (names := sorted(set(_shape.texts([c.get("name") for c in props]))))}
+            rxcui = _shape.text(group.get("rxcui")) or (asked.group(2) if asked and asked.group(1) == "allrelated" else "")
             if related and not rxcui.isdigit():
                 raise SourceError(f"{page}: allrelated.json answer without allRelatedGroup.rxcui, and the file is not "
                                   f"named allrelated-<rxcui>.json; rename it after the RxCUI it was fetched for")
-            this = next((c.get("name") for props in _groups(group).values() for c in props if str(c.get("rxcui")) == rxcui), "")
+            this = next((_shape.text(c.get("name")) for props in _groups(group).values() for c in props
+                         if _shape.text(c.get("rxcui")) == rxcui), "")
             if related:
                 yield {"id": f"allrelated:{rxcui}", "type": "allrelated", "rxcui": rxcui, "name": this, "related": related,
                        "origin": f"https://mor.nlm.nih.gov/RxNav/search?searchBy=RXCUI&searchTerm={rxcui}"}

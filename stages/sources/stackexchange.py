@@ -16,7 +16,7 @@ from typing import Any, Iterator
 
 import orjson
 
-from stages.sources import Key, Source, SourceError, _text
+from stages.sources import Key, Source, SourceError, _shape, _text
 
 
 
@@ -86,32 +86,41 @@ class StackExchange(Source):
             return  # answers pages are read with their questions page
         doc = self._load(page)
         answers_page = page.with_name(page.name.replace("questions", "answers", 1))
-        answers: dict[int, list[dict]] = {}
-        for a in (self._load(answers_page).get("items") or []) if answers_page.exists() else []:
-            answers.setdefault(a.get("question_id"), []).append(a)
+        answers: dict[Any, list[dict]] = {}
+        for a in _shape.objs(self._load(answers_page).get("items")) if answers_page.exists() else []:
+            if _shape.key(a.get("question_id")) is not None:
+                answers.setdefault(_shape.key(a.get("question_id")), []).append(a)
         min_score = self.param("min_score")
-        for q in doc.get("items") or []:
-            qid = q.get("question_id")
-            candidates = answers.get(qid, []) + list(q.get("answers") or [])
-            best = next((a for a in candidates if a.get("is_accepted")), None)
-            if best is None:
-                top = max(candidates, key=lambda a: a.get("score", 0), default=None)
-                best = top if top is not None and top.get("score", 0) >= min_score else None
-            if best is None or not q.get("title"):
+        for n, q in enumerate(_shape.objs(doc.get("items")), 1):
+            qid = _shape.key(q.get("question_id"))
+            title = _shape.text(q.get("title"))
+            if qid is None or not title:
+                self.skip("a question without question_id or title", f"{page} item {n}")
                 continue
-            yield {"id": str(qid), "origin": q.get("link", f"{self.origin}questions/{qid}"),
-                   "title": html.unescape(q["title"]), "question": html_to_text(q.get("body", "")),
-                   "answer": html_to_text(best.get("body", "")), "accepted": bool(best.get("is_accepted")),
-                   "score": best.get("score", 0), "tags": q.get("tags") or [],
-                   "licence": best.get("content_license") or q.get("content_license", ""),
-                   "author": (best.get("owner") or {}).get("display_name", "")}
+            candidates = answers.get(qid, []) + _shape.objs(q.get("answers"))
+            best = next((a for a in candidates if a.get("is_accepted") is True), None)
+            if best is None:
+                top = max(candidates, key=lambda a: _shape.number(a.get("score")), default=None)
+                best = top if top is not None and _shape.number(top.get("score")) >= min_score else None
+            if best is None:
+                continue  # no accepted or good-enough answer: not malformed, just not an example
+            yield {"id": str(qid), "origin": _shape.text(q.get("link")) or f"{self.origin}questions/{qid}",
+                   "title": html.unescape(title), "question": html_to_text(_shape.text(q.get("body"))),
+                   "answer": html_to_text(_shape.text(best.get("body"))), "accepted": best.get("is_accepted") is True,
+                   "score": _shape.number(best.get("score")), "tags": _shape.texts(q.get("tags") or []),
+                   "licence": _shape.text(best.get("content_license")) or _shape.text(q.get("content_license")),
+                   "author": _shape.text(_shape.obj(best.get("owner")).get("display_name"))}
 
     @staticmethod
     def _load(path: Path) -> dict:
         try:
-            return orjson.loads(path.read_bytes())
+            doc = orjson.loads(path.read_bytes())
         except orjson.JSONDecodeError as exc:
             raise SourceError(f"{path}: not valid JSON ({exc}); delete it and rerun the scrape") from None
+        if not isinstance(doc, dict):
+            raise SourceError(f"{path}: a JSON {type(doc).__name__}, not a Stack Exchange answer (an object with "
+                              f"\"items\"); delete it and rerun the scrape")
+        return doc
 
     def examples(self, record: dict[str, Any]) -> Iterator[dict[str, Any]]:
         if not record["answer"]:
