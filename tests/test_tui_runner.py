@@ -120,3 +120,27 @@ def test_a_run_outlives_the_process_that_started_it(project, monkeypatch):
     wait_sync(lambda: runner.current_run(project) is None, 60, "the run to finish")
     assert (project / "adapters/tiny/out/lora/adapter_model.safetensors").exists()
     assert events(project)[-1]["event"] == "run_end"
+
+
+def test_the_dashboard_stops_a_run_started_from_a_script(project):
+    """doit started by a script (its process group is the script's): stop reaches doit and its task's process."""
+    import psutil
+
+    env = {**os.environ, "TINY_TRAIN_S": "60"}
+    run = subprocess.Popen([sys.executable, "-m", "doit"], cwd=project, env=env, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    try:
+        wait_sync(lambda: any(e.get("task") == "train:tiny" and e["event"] == "task_start" for e in events(project)),
+                  30, "training to start")
+        holder = runner.current_run(project)
+        assert holder.pid == run.pid and holder.started_by == "shell" and os.getpgid(run.pid) != run.pid
+        step = psutil.Process(run.pid).children(recursive=True)
+        assert step
+        assert "stopped" in runner.stop(project, grace_s=10)
+        assert run.wait(10) is not None and runner.current_run(project) is None
+        wait_sync(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in step), 10,
+                  "the task's process to end too")
+        assert events(project)[-1]["event"] == "run_end"  # SIGINT first: doit ended cleanly
+    finally:
+        if run.poll() is None:
+            run.kill()

@@ -105,8 +105,8 @@ def stop(root: Path, grace_s: float = 15.0) -> str:
         try:
             if os.getpgid(holder.pid) == holder.pid:
                 os.killpg(holder.pid, sig)
-            else:
-                os.kill(holder.pid, sig)
+            else:  # e.g. doit in a CI script's process group: doit and the task processes it started
+                _signal_tree(holder.pid, sig)
         except ProcessLookupError:
             return f"stopped {holder.describe()}"
         except PermissionError:
@@ -117,6 +117,19 @@ def stop(root: Path, grace_s: float = 15.0) -> str:
         if gone():
             return f"stopped {holder.describe()} ({signal.Signals(sig).name})"
     return f"could not stop {holder.describe()}; kill process group {holder.pid} by hand"
+
+
+def _signal_tree(pid: int, sig: int) -> None:
+    import psutil
+
+    try:
+        children = psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        raise ProcessLookupError(pid) from None
+    os.kill(pid, sig)
+    for child in children:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child.pid, sig)
 
 
 def _doit(root: Path, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
