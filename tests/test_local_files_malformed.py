@@ -192,3 +192,26 @@ path = "{rows.name}"
                            "no answer key (cop 0-3) 3 (medmcqa_test.jsonl row 1, medmcqa_test.jsonl row 2, "
                            "medmcqa_test.jsonl row 3)")
     assert "check [sources.mcq] in sources.toml" in line
+
+
+def test_a_broken_drugbank_xml_is_one_line_naming_the_users_file(tmp_path):
+    xml = tmp_path / "full_database.xml"
+    xml.write_bytes('<drugbank xmlns="http://www.drugbank.ca"><drug><name>Fièvre</name></drug>'.encode("latin-1"))
+    source = make("db", "drugbank", {"path": str(xml)})
+    with pytest.raises(SourceError) as err:
+        source.fetch(RawStore(tmp_path / "raw"))
+    assert str(err.value).startswith(f"{xml}: not well-formed XML (not well-formed (invalid token): line 1, column ")
+    assert "\n" not in str(err.value) and str(tmp_path / "raw") not in str(err.value)
+    xml.write_bytes(b'<drugbank xmlns="http://www.drugbank.ca"><drug><name>A</name>')
+    with pytest.raises(SourceError, match=rf"^{xml}: truncated XML \(no element found: line 1, column \d+\); re-download it$"):
+        source.fetch(RawStore(tmp_path / "raw"))
+
+
+def test_drugs_without_an_id_are_counted(tmp_path):
+    page = tmp_path / "drugs-00000.xml"
+    page.write_text('<drugbank xmlns="http://www.drugbank.ca"><drug><name>No id</name></drug>'
+                    '<drug><drugbank-id primary="true">DB1</drugbank-id><name>Has id</name>'
+                    '<indication>For tests.</indication></drug></drugbank>')
+    source = make("db", "drugbank", {})
+    assert [r["id"] for r in source.parse(page)] == ["DB1"]
+    assert source.skipped == {"a <drug> without drugbank-id or name": {"count": 1, "first": [f"{page} drug 1"]}}

@@ -61,7 +61,7 @@ def junk(keys: list[str]) -> st.SearchStrategy:
 def _junk(keys: list[str]) -> st.SearchStrategy:
     key = st.one_of(st.sampled_from(list(keys)), st.text(max_size=4)) if keys else st.text(max_size=4)
     return st.recursive(scalar, lambda inner: st.one_of(st.lists(inner, max_size=3),
-                                                          st.dictionaries(key, inner, max_size=5)), max_leaves=10)
+                                                          st.dictionaries(key, inner, max_size=4)), max_leaves=8)
 
 
 def json_keys(value: Any, out: set[str] | None = None) -> set[str]:
@@ -391,7 +391,7 @@ def case_fda_guidance():
                          st.one_of(st.just(pdf), st.just(pdf), damaged(st.just(pdf))))
 
     def run(pages, data):
-        files = {data[1]: data[2], **({"index.json": data[0]} if data[0] is not None else {})}
+        files = {data[1]: data[2] if data[2] is not None else pdf, **({"index.json": data[0]} if data[0] is not None else {})}
         written = pages.write(files)
         source = make("fg", "fda_guidance", {})
         for path in written.values():
@@ -473,8 +473,37 @@ def case_news2():
 
 CASES: dict[str, Callable] = {name.removeprefix("case_"): fn for name, fn in globals().items() if name.startswith("case_")}
 
-# inputs that crashed a parser before its fix: each runs first, every time
-REGRESSIONS: dict[str, list] = {}
+_VITALS = {"consciousness": "A", "on_oxygen": False, "pulse": 55, "resp_rate": 13, "spo2": 100, "spo2_scale": 1,
+           "systolic_bp": 129, "temperature": 36.3}
+# inputs the fuzzer found (shrunk by hand) that crashed a parser before its fix, or made a junk example of a
+# wrong-typed field (a Python repr as content); each runs first, every time
+REGRESSIONS: dict[str, list] = {
+    "openfda": [b'{"results":[{"safetyreportid":"1","patient":{"drug":[null],"reaction":[{"reactionmeddrapt":"X"}]}}]}',
+                b'{"results":[{"set_id":"s","openfda":[],"indications_and_usage":{"a":1}}]}'],
+    "clinicaltrials": [b'{"protocolSection":{"identificationModule":{"nctId":"NCT1"},"descriptionModule":{"briefSummary":["x"]}}}',
+                       b'{"studies":{"a":1}}', b'{"studies":[null,"x"]}'],
+    "rxnorm": [("drugs-lisinopril.json", b'{"allRelatedGroup":[{"conceptGroup":[]}]}'),
+               ("allrelated-1.json", b'{"allRelatedGroup":{"rxcui":"1","conceptGroup":[{"tty":"IN","conceptProperties":[{"name":["a"]}]}]}}'),
+               ("drugs-x.json", b'{"drugGroup":{"conceptGroup":[null]}}')],
+    "stackexchange": [(b'{"items":[{"question_id":1,"title":"T","answers":[{"score":2,"body":"B"}]}]}', b"null", 0),
+                      (b"null", None, 0), (b'{"items":[{"question_id":[1],"title":["T"]}]}', None, 0),
+                      (b'{"items":[{"question_id":1,"title":"T","answers":[{"score":"high"},{"score":1}]}]}', None, 0)],
+    "fda_guidance": [(b"[1]", "doc-1.pdf", None), (b'{"data":{"a":1}}', "doc-1.pdf", None),
+                     (b'[{"field_associated_media_2":["x"],"title":null}]', "doc-1.pdf", None)],
+    "icd10cm": [b"null\n", b'{"id":"A00","code_dot":"A00","billable":true,"description":"x","parent":[]}\n'],
+    "news2": [b"{\n", orjson.dumps({"id": "p1", "sex": "M", "vitals": _VITALS}) + b"\n",
+              orjson.dumps({"id": "p1", "age": 40, "sex": "M", "vitals": {**_VITALS, "spo2": [100]}}) + b"\n",
+              orjson.dumps({"id": "p1", "age": 40, "sex": "M", "vitals": {**_VITALS, "consciousness": "Z"}}) + b"\n"],
+    "hf_qa": [("medqa", b'{"question":"Q","options":{"A":1,"B":"b"},"answer_idx":"A"}\n'),
+              ("medqa", b'{"question":"Q","options":[1],"answer_idx":"A"}\n'),
+              ("pubmedqa", b'{"question":"Q","final_decision":"yes","context":[]}\n'),
+              ("medmcqa", b'{"question":["Q"],"opa":"a","opb":"b","opc":"c","opd":"d","cop":1}\n'),
+              ("medmcqa", b"{\n")],
+    "local_files": [("mine.jsonl", b'{"instruction":"Q","output":"A"}\n{\n', "auto", "utf-8"),
+                    ("mine.csv", "instruction,output\nfi\u00e8vre,A\n".encode("latin-1"), "auto", "utf-8"),
+                    ("mine.jsonl", b'{"messages":[{"role":"user","content":{"a":1}},{"role":"assistant","content":"A"}]}\n',
+                     "auto", "utf-8")],
+}
 
 
 def fuzz(kind: str, n: int, shrink: bool = True) -> None:
