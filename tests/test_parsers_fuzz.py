@@ -490,6 +490,12 @@ REGRESSIONS: dict[str, list] = {
                       (b'{"items":[{"question_id":1,"title":"T","answers":[{"score":"high"},{"score":1}]}]}', None, 0)],
     "fda_guidance": [(b"[1]", "doc-1.pdf", None), (b'{"data":{"a":1}}', "doc-1.pdf", None),
                      (b'[{"field_associated_media_2":["x"],"title":null}]', "doc-1.pdf", None)],
+    "pubmed": [b"<PubmedArticleSet><PubmedArticle><MedlineCitation><PMID>1</PMID><Article><Abstract><AbstractText>"
+               + b"<i>" * 5000 + b"x" + b"</i>" * 5000 + b"</AbstractText></Abstract></Article></MedlineCitation>"
+               b"</PubmedArticle></PubmedArticleSet>"],
+    "dailymed": [("spl-x.xml", b'<document xmlns="urn:hl7-org:v3"><setId root="s"/><component><structuredBody>'
+                  + b"<component><section>" * 2000 + b"</section></component>" * 2000
+                  + b"</structuredBody></component></document>")],
     "icd10cm": [b"null\n", b'{"id":"A00","code_dot":"A00","billable":true,"description":"x","parent":[]}\n'],
     "news2": [b"{\n", orjson.dumps({"id": "p1", "sex": "M", "vitals": _VITALS}) + b"\n",
               orjson.dumps({"id": "p1", "age": 40, "sex": "M", "vitals": {**_VITALS, "spo2": [100]}}) + b"\n",

@@ -21,6 +21,10 @@ class UnsafeXml(SourceError):
     pass
 
 
+MAX_DEPTH = 500  # elements nested deeper than this are refused: real answers nest < 40, and the text
+                 # renderer walks a tree recursively (a hostile 5,000-deep page would overflow the stack)
+
+
 class _Stream:
     """expat -> ElementTree elements, building only the subtrees asked for."""
 
@@ -28,6 +32,7 @@ class _Stream:
         self.where, self.tags = where, tags  # tags None: build the whole document
         self.builder = ET.TreeBuilder()
         self.depth = 0
+        self.level = 0  # nesting of the document, built or not
         self.ready: list[ET.Element] = []
         self.root: ET.Element | None = None
         p = xml.parsers.expat.ParserCreate(namespace_separator="}")
@@ -46,6 +51,10 @@ class _Stream:
         return "{" + name if "}" in name else name
 
     def start(self, name, attrs):
+        self.level += 1
+        if self.level > MAX_DEPTH:
+            raise UnsafeXml(f"{self.where}: XML nested deeper than {MAX_DEPTH} elements (refused: no real answer "
+                            f"nests so deep); re-download it")
         tag = self._name(name)
         if self.depth or self.tags is None or local(tag) in self.tags:
             self.depth += 1
@@ -54,6 +63,7 @@ class _Stream:
                 self.root = elem
 
     def end(self, name):
+        self.level -= 1
         if self.depth:
             self.depth -= 1
             elem = self.builder.end(self._name(name))
