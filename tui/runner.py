@@ -80,8 +80,8 @@ def start(root: Path, tasks: list[str] | tuple[str, ...] = (), python: str = sys
             if proc.poll() is not None:
                 _CHILDREN.pop(proc.pid, None)
                 last = lock.last(root)
-                if proc.returncode == 0 and last is not None and last.pid == proc.pid:
-                    return last  # a run with nothing to do: over before we looked
+                if last is not None and last.pid == proc.pid:
+                    return last  # it ran, and ended before we looked (nothing to do, or a quick failure)
                 said = log_path.read_text(errors="replace").strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
                 raise RunBusy(said[0].removeprefix("medforge: "))
             time.sleep(0.05)
