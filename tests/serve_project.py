@@ -40,6 +40,9 @@ def build(root: Path, base: Path, adapters: list[str], r: int = 4, scale: float 
     root.mkdir(parents=True, exist_ok=True)
     (root / "sources.toml").write_text(
         f'[sources.news2]\nkind = "news2"\nadapters = {adapters!r}\n[sources.news2.params]\ncount = 10\n'.replace("'", '"'))
+    for stale in (root / "adapters").glob("*/adapter.toml"):  # a reused root (bench's cache) built for other names:
+        if stale.parent.name not in adapters:                  # those are not adapters now (their GGUFs stay cached)
+            stale.unlink()
     for name in adapters:
         folder = root / "adapters" / name
         folder.mkdir(parents=True, exist_ok=True)
