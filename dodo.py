@@ -64,7 +64,8 @@ def task_dedup():
     tokenizers = [str(layout.base_dir(spec) / "tokenizer.json") for spec in BASES.values()]  # length bounds in tokens
     return {"actions": stage("dedup"), "uptodate": [config_changed({"dedup": CFG.dedup, "clean": CFG.clean})],
             "file_dep": [str(layout.examples_file(s.name)) for s in CFG.enabled_sources()] + tokenizers
-            + layout.code("dedup.py", "clean.py"), "targets": [str(layout.dedup_file()), str(layout.dedup_report())]}
+            + [str(p) for p in sorted(Path(layout.CODE, "dedup").glob("*.py"))] + layout.code("clean.py"),
+            "targets": [str(layout.dedup_file()), str(layout.dedup_report())]}
 
 
 def task_split():

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 
 from stages import config, dedup, io, layout
+from stages.dedup import lsh, minhash
+from stages.errors import StageError
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCES = """
@@ -81,7 +83,7 @@ def test_batches_hashed_in_parallel_come_back_in_order(monkeypatch):
     rng = random.Random(3)
     docs = [sentence(rng, rng.randint(0, 80)) for _ in range(300)]
     one_batch = dedup.fingerprint(docs, 64, 5)
-    monkeypatch.setattr(dedup, "CHARS_PER_BATCH", 500)  # dozens of batches on the thread pool
+    monkeypatch.setattr(minhash, "CHARS_PER_BATCH", 500)  # dozens of batches on the thread pool
     many = dedup.fingerprint(docs, 64, 5)
     assert many.digests == one_batch.digests
     assert np.array_equal(many.signatures, one_batch.signatures)
@@ -97,7 +99,7 @@ def test_documents_longer_than_a_batch_fingerprint_as_in_one_batch(monkeypatch, 
     docs = [sentence(rng, 9000) + ", the end.", "short one", sentence(rng, 2),
             "Ünïcode wörds, " + sentence(rng, 3000) + " — ﬁn", "", sentence(rng, 700)]
     whole = dedup.fingerprint(docs, 64, shingle_words)
-    monkeypatch.setattr(dedup, "CHARS_PER_BATCH", 997)  # every long document in dozens of windows
+    monkeypatch.setattr(minhash, "CHARS_PER_BATCH", 997)  # every long document in dozens of windows
     windows = dedup.fingerprint(docs, 64, shingle_words)
     assert windows.digests == whole.digests
     assert np.array_equal(windows.signatures, whole.signatures)
@@ -105,8 +107,15 @@ def test_documents_longer_than_a_batch_fingerprint_as_in_one_batch(monkeypatch, 
     assert np.array_equal(windows.shingles, whole.shingles) and np.array_equal(windows.offsets, whole.offsets)
 
 
-def test_bulk_filled_index_equals_datasketch_own_inserts():
-    """The in-memory index built in bulk holds exactly what MinHashLSH.insert would, so its query works."""
+def datasketch_pairs(index, signatures: np.ndarray) -> list[tuple[int, int]]:
+    """Every pair that a datasketch MinHashLSH puts in one bucket, by its own query of each document."""
+    return sorted({(min(i, j), max(i, j)) for i in range(len(signatures))
+                   for j in (int.from_bytes(k, "big") for k in index.query(lsh.sketch(signatures[i]))) if j != i})
+
+
+def test_in_memory_buckets_are_datasketch_minhashlsh_buckets():
+    """The in-memory banding pairs exactly the documents that datasketch's MinHashLSH, filled by its own
+    insert, puts in one bucket; an index filled by insert_all answers its queries the same."""
     from datasketch import MinHashLSH
 
     rng = random.Random(4)
@@ -115,13 +124,28 @@ def test_bulk_filled_index_equals_datasketch_own_inserts():
     fp = dedup.fingerprint(docs, 64, 5)
     params = dedup.lsh_params(0.8, 64)
     bulk, own = (MinHashLSH(num_perm=64, params=params, prepickle=False) for _ in range(2))
-    dedup.insert_all(bulk, fp.signatures, np.arange(len(docs)))
+    lsh.insert_all(bulk, fp.signatures, np.arange(len(docs)))
     for i in range(len(docs)):
-        own.insert(i.to_bytes(4, "big"), dedup._Sketch(fp.signatures[i]))
-    for bulk_table, own_table in zip(bulk.hashtables, own.hashtables):
-        assert dict(bulk_table._dict) == dict(own_table._dict)
-    assert dict(bulk.keys._dict) == dict(own.keys._dict)
-    assert sorted(int.from_bytes(k, "big") for k in bulk.query(dedup._Sketch(fp.signatures[0]))) == [0, 40, 50]
+        own.insert(i.to_bytes(4, "big"), lsh.sketch(fp.signatures[i]))
+    expected = datasketch_pairs(own, fp.signatures)
+    assert datasketch_pairs(bulk, fp.signatures) == expected
+    assert sorted(int.from_bytes(k, "big") for k in bulk.query(lsh.sketch(fp.signatures[0]))) == [0, 40, 50]
+    pairs = lsh.candidate_pairs(fp, np.arange(len(docs)), params)
+    assert [tuple(p) for p in pairs.tolist()] == expected and len(expected) >= 5
+
+
+def test_buckets_stay_exact_when_band_mixes_collide(monkeypatch):
+    """Buckets are found by sorting a 64-bit mix of each band; should two different bands mix alike,
+    the rows themselves are sorted: the pairs (here from buckets of three and more) do not change."""
+    rng = random.Random(6)
+    base = [sentence(rng, 50) for _ in range(30)]
+    docs = base + [mutate(rng, d, 1) for d in base[:8]] + base[:3] * 3
+    fp = dedup.fingerprint(docs, 64, 5)
+    params = dedup.lsh_params(0.8, 64)
+    honest = lsh.candidate_pairs(fp, np.arange(len(docs)), params)
+    monkeypatch.setattr(lsh, "mix64", lambda x: np.zeros_like(x))  # every band the same mix
+    assert np.array_equal(lsh.candidate_pairs(fp, np.arange(len(docs)), params), honest)
+    assert {(0, 38), (0, 41), (0, 44), (38, 41), (41, 44)} <= set(map(tuple, honest.tolist()))
 
 
 def test_estimated_jaccard_tracks_true_jaccard():
@@ -217,7 +241,7 @@ def test_settings_change_invalidates_the_cache(project, tmp_path):
 
 def test_missing_examples_file_names_the_fix(project):
     layout.examples_file("news2").unlink()
-    with pytest.raises(dedup.StageError, match="normalize:news2"):
+    with pytest.raises(StageError, match="normalize:news2"):
         dedup.run(config.load())
 
 

@@ -13,6 +13,8 @@ import time
 import pytest
 
 from stages import config, dedup, io, layout
+from stages.dedup import lsh
+from stages.errors import StageError
 
 from test_dedup import SOURCES, example, make_project, mutate, sentence
 
@@ -90,10 +92,10 @@ def test_the_index_is_a_real_minhashlsh_on_redis(redis_url):
     url, client = redis_url
     texts = ["alpha beta gamma delta epsilon zeta eta theta"] * 2 + ["one two three four five six seven"]
     fp = dedup.fingerprint(texts, 64, 3)
-    storage = dedup.storage_config({"backend": "redis", "redis_url": url})
-    lsh = MinHashLSH(num_perm=64, params=dedup.lsh_params(0.8, 64), storage_config=storage, prepickle=False)
-    dedup.insert_all(lsh, fp.signatures, np.arange(3), buffer=True)
-    found = sorted(int.from_bytes(k, "big") for k in lsh.query(dedup._Sketch(fp.signatures[0])))
+    storage = lsh.storage_config({"backend": "redis", "redis_url": url})
+    index = MinHashLSH(num_perm=64, params=dedup.lsh_params(0.8, 64), storage_config=storage, prepickle=False)
+    lsh.insert_all(index, fp.signatures, np.arange(3))
+    found = sorted(int.from_bytes(k, "big") for k in index.query(lsh.sketch(fp.signatures[0])))
     assert found == [0, 1] and client.dbsize() > 0
 
 
@@ -103,5 +105,5 @@ def test_unreachable_redis_names_the_key(tmp_path, monkeypatch):
     pytest.importorskip("redis")
     for name, rows in corpus().items():
         io.write_jsonl(layout.examples_file(name), rows)
-    with pytest.raises(dedup.StageError, match=r"dedup.redis_url.*redis-server"):
+    with pytest.raises(StageError, match=r"dedup.redis_url.*redis-server"):
         dedup.run(config.load())
