@@ -58,7 +58,8 @@ def pdf_text(path: Path, shown: str | None = None, fix: str = "delete it and rer
         reader = pypdf.PdfReader(str(path))
         return [(p.extract_text() or "") for p in reader.pages]
     except Exception as exc:  # pypdf raises many types on damaged files
-        raise SourceError(f"{shown or path}: cannot read this PDF ({type(exc).__name__}: {exc}); {fix}") from None
+        raise SourceError(f"{shown or path}: cannot read this PDF ({type(exc).__name__}: {_text.one_line(str(exc))[:200]}); "
+                          f"{fix}") from None
 
 
 class FdaGuidance(Source):

@@ -59,7 +59,7 @@ def _json_kind(page: Path) -> str:
     if isinstance(doc, dict) and "esearchresult" in doc:
         return "an ESearch result: PMIDs only"
     if isinstance(doc, dict) and doc.get("error"):
-        return f"an NCBI error: {str(doc['error'])[:80]}"
+        return f"an NCBI error: {_text.one_line(str(doc['error']))[:80]}"  # the error line is the API's: one line
     return "not an E-utilities answer"
 
 
