@@ -6,8 +6,8 @@ Jaccard similarity to its original is a chosen value in [0.5, 1.0] (then measure
 is the "known" similarity the scores use). Pairs at J >= threshold must be found; pairs below it
 (many between 0.6 and 0.8) must not.
 
-medforge: `dedup.fingerprint` (vectorised MinHash) + `dedup.cluster` (datasketch MinHashLSH,
-bands x rows from `dedup.lsh_params`, candidates verified on true Jaccard, union-find).
+medforge: `dedup.fingerprint` (vectorised MinHash) + `dedup.cluster` (MinHashLSH's banding, bands x
+rows from `dedup.lsh_params`, its buckets found with numpy; candidates verified on true Jaccard, union-find).
 datasketch: word shingles in Python, `MinHash.bulk` with xxhash's 32-bit hash (its fastest
 permutation scheme, picked by timing affine32 and legacy here), `MinHashLSH` insert + query with
 the same bands x rows, candidates kept at estimated Jaccard >= threshold.
