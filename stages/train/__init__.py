@@ -6,8 +6,9 @@ and streams adapters/<adapter>/out/metrics.jsonl while it runs.
 
 Modules: format (chat template -> ids + loss mask), hardware (device/dtype), metrics
 (the JSONL stream, TensorBoard, progress), packing (batches), checkpoint (resume),
-distributed (multi-process), torch_backend (the loop), lint (the mask/template checks).
-Another backend plugs in at `BACKENDS` and the dispatch in `run`.
+loop (the one training loop), torch_backend and mlx_backend (what the loop calls: loop.Backend),
+distributed and fsdp (torch's multi-process), lint (the mask/template checks).
+Another backend implements loop.Backend and plugs in at `BACKENDS` and the dispatch in `run`.
 """
 from __future__ import annotations
 
@@ -45,6 +46,19 @@ def base_folder(spec: str, where: str) -> Path:
     return path
 
 
+def load_tokenizer(base_dir: Path):
+    """The base model's tokenizer, the one every backend formats with; it must have a chat template."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
+    if not tokenizer.chat_template:
+        raise StageError(f"{base_dir}: the tokenizer has no chat template; use a chat/instruct base model "
+                         "(adapter.toml key 'base_model')")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def iter_split(adapter: str, split: str) -> Iterator[dict[str, Any]]:
     """The split's rows, read as they are used (fails now, not on first use, when the file is missing)."""
     path = layout.split_file(adapter, split)
@@ -62,8 +76,9 @@ def run(cfg, adapter_name: str) -> dict[str, Any]:
     from stages.train import format as fmt
     from stages.train.distributed import launched_rank
     from stages.train.encoded import encode_split
+    from stages.train import loop
+    from stages.train.loop import VAL_MAX_EXAMPLES
     from stages.train.metrics import MetricsStream
-    from stages.train.torch_backend import VAL_MAX_EXAMPLES, load_tokenizer
 
     a = cfg.adapters[adapter_name]
     where = str(layout.adapter_toml(adapter_name))
@@ -87,23 +102,24 @@ def run(cfg, adapter_name: str) -> dict[str, Any]:
     say = print if launched_rank() == 0 else (lambda *_: None)  # one log, not one per process
     say(f"train:{adapter_name}: mask check (trained text in [[ ]]):\n{fmt.describe(tokenizer, train_examples[0])}")
 
+    train_cfg = {**a.train, "backend": backend}
     if backend == "mlx":
-        from stages.train import mlx_backend as engine
-        hw = engine.detect(a.train["dtype"])
+        from stages.train import mlx_backend
+        hw = mlx_backend.detect(a.train["dtype"])
+        engine = mlx_backend.MLXBackend(base_dir, tokenizer, a.lora, train_cfg, hw)
     else:
-        from stages.train import distributed, hardware
-        from stages.train import torch_backend as engine
+        from stages.train import distributed, hardware, torch_backend
         hw = hardware.detect(a.train["dtype"])
         if hw.device == "cuda" and distributed.launched_world_size() == 1:
             import torch
             if torch.cuda.device_count() > 1:
                 return relaunch(adapter_name, torch.cuda.device_count())
+        engine = torch_backend.TorchBackend(base_dir, tokenizer, a.lora, train_cfg, hw)
     metrics = MetricsStream(layout.metrics_file(adapter_name), hw.device, layout.tensorboard_dir(adapter_name))
-    summary = engine.train(
-        name=adapter_name, base_model=a.base_model, lora=a.lora, train_cfg={**a.train, "backend": backend},
-        base_dir=base_dir, tokenizer=tokenizer, train_examples=train_examples, val_examples=val_examples,
-        dropped=dropped, hw=hw, metrics=metrics, out_dir=layout.lora_dir(adapter_name),
-        checkpoint_dir=layout.checkpoints_dir(adapter_name))
+    summary = loop.train(
+        engine, name=adapter_name, base_model=a.base_model, lora=a.lora, train_cfg=train_cfg,
+        train_examples=train_examples, val_examples=val_examples, dropped=dropped, metrics=metrics,
+        out_dir=layout.lora_dir(adapter_name), checkpoint_dir=layout.checkpoints_dir(adapter_name))
     say(f"train:{adapter_name}: val loss {summary['start_val_loss']} -> {summary['end_val_loss']} "
         f"(best {summary['best_val_loss']} at step {summary['best_step']}, exported), "
         f"{summary['tok_s']} trained tok/s -> {layout.lora_dir(adapter_name)}")

@@ -98,7 +98,7 @@ def run(cfg, adapter_name: str) -> dict[str, Any]:
     from stages.train import base_folder, read_split
     from stages.train import format as fmt
     from stages.train.encoded import encode_split
-    from stages.train.torch_backend import load_tokenizer
+    from stages.train import load_tokenizer
 
     a = cfg.adapters[adapter_name]
     where = str(layout.adapter_toml(adapter_name))

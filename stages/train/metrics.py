@@ -28,20 +28,21 @@ def memory(device: str) -> dict[str, int]:
     import resource
 
     import psutil
-    import torch
 
     # ru_maxrss is KiB on Linux (bytes on macOS)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     out = {"rss": psutil.Process().memory_info().rss, "rss_peak": peak if sys.platform == "darwin" else peak * 1024}
     if device == "cuda":
+        import torch
         out["cuda_allocated"] = torch.cuda.memory_allocated()
         out["cuda_peak"] = torch.cuda.max_memory_allocated()
     elif device == "mps":
+        import torch
         out["mps_allocated"] = torch.mps.current_allocated_memory()
         out["mps_driver"] = torch.mps.driver_allocated_memory()
-    elif device.startswith("mlx"):  # the MLX backend's "mlx-cpu" / "mlx-gpu"
-        from stages.train.mlx_backend import memory as mlx_memory
-        out.update(mlx_memory())
+    elif device.startswith("mlx"):  # the MLX backend's "mlx-cpu" / "mlx-gpu": its allocator's own figures
+        import mlx.core as mx
+        out.update(mlx_active=int(mx.get_active_memory()), mlx_peak=int(mx.get_peak_memory()))
     return out
 
 

@@ -1,14 +1,13 @@
-"""The MLX LoRA trainer (mlx-lm): the torch recipe on Apple silicon, and on Linux CPU with mlx-cpu.
+"""The MLX side of the training loop (loop.py), with mlx-lm: Apple silicon, and Linux CPU with mlx-cpu.
 
-Same recipe as the torch backend: the same token ids and answer-only labels (format.py),
+The loop drives it as it drives the torch backend, so the recipe is the same: the same token ids and answer-only labels (format.py),
 the same batches in the same order (packing.BatchStream, bucketed by length: mlx-lm models
 take no per-example position ids, so rows are not packed), the same token-weighted loss
 across gradient accumulation, AdamW with bias correction and no weight decay, the same
 warmup + cosine schedule and gradient clipping, LoRA on the same modules with the same
-alpha / r scale. Validation every `eval_every` steps, the best adapter by validation loss,
-early stopping after `patience` validations without a new best, and checkpoints that hold
-everything a resumed run needs (adapter, optimizer moments, position in the data, best so
-far). Dropout draws from a key seeded by (seed, step), so a resumed run draws the same masks.
+alpha / r scale. Checkpoints hold everything a resumed run needs (adapter, optimizer moments,
+best so far; the loop adds the position in the data). Dropout draws from a key seeded by
+(seed, step), so a resumed run draws the same masks.
 
 The result is saved as a peft adapter (the format eval and export read), converted from
 mlx-lm's layout: lora_a (in, r) -> lora_A.weight (r, in), lora_b (r, out) -> lora_B.weight
@@ -17,7 +16,6 @@ mlx-lm's layout: lora_a (in, r) -> lora_A.weight (r, in), lora_b (r, out) -> lor
 from __future__ import annotations
 
 import importlib.util
-import math
 import platform
 import shutil
 import sys
@@ -29,7 +27,7 @@ from stages import io
 from stages.errors import StageError
 from stages.train.format import IGNORE, Encoded
 from stages.train.hardware import BF16_MIN_SPEEDUP, Hardware
-from stages.train.metrics import run_summary
+from stages.train.loop import MAX_GRAD_NORM
 
 EVAL_BATCH_SIZE = 8
 # architectures whose mlx-lm Model is `head(self.model(x))`: the head then runs only on trained
@@ -280,16 +278,6 @@ def accumulate(model, loss_and_grad, micro: list[list[Encoded]], pad_id: int):
 
 # --- checkpoints: <checkpoints_dir>/mlx/step-00000120/{adapter,best,optimizer}.safetensors + state.json
 # (checkpoint.py's layout, with MLX arrays; no RNG file: dropout keys are seeded by (seed, step))
-def latest_checkpoint(folder: Path, expected: str) -> Path | None:
-    """The newest complete checkpoint of this recipe and data, or None."""
-    from stages.train import checkpoint
-
-    for path in reversed(checkpoint.steps(folder)):
-        if io.read_json(path / "state.json").get("fingerprint") == expected:
-            return path
-    return None
-
-
 def save_checkpoint(folder: Path, step: int, model, optimizer, best: dict[str, Any] | None,
                     state: dict[str, Any], keep: int) -> Path:
     import mlx.core as mx
@@ -321,137 +309,72 @@ def load_checkpoint(path: Path, model, optimizer) -> tuple[dict[str, Any], dict[
     return io.read_json(path / "state.json"), best
 
 
-# --- the loop
-def train(*, name: str, base_model: str, lora: dict[str, Any], train_cfg: dict[str, Any], base_dir: Path, tokenizer,
-          train_examples: list[Encoded], val_examples: list[Encoded], dropped: int, hw: Hardware,
-          metrics, out_dir: Path, checkpoint_dir: Path | None = None, log=print) -> dict[str, Any]:
-    """Train a LoRA with MLX; write the best adapter atomically into `out_dir` (peft format, plus
-    mlx-lm's under `out_dir`/mlx); return the summary. Checkpoints live in `checkpoint_dir`/mlx
-    until the adapter is out."""
-    import mlx.core as mx
-    import mlx.optimizers as optim
+# --- the loop's MLX side (loop.Backend)
+class MLXBackend:
+    """mlx-lm LoRA layers on an MLX base, one process. Dropout draws from a key seeded by (seed, step), so a
+    resumed run draws the same masks without an RNG file."""
+    name = "mlx"
+    checkpoint_subdir = CHECKPOINT_SUBDIR
+    rank, world_size, parallelism, packing = 0, 1, "single", False  # mlx-lm models take no per-example positions
 
-    from stages.train import checkpoint
-    from stages.train.metrics import Progress
-    from stages.train.packing import BatchStream
-    # one recipe: the torch backend's schedule, cadence and clipping constants
-    from stages.train.torch_backend import MAX_GRAD_NORM, VAL_MAX_EXAMPLES, VAL_TIMES, cosine_lr, total_steps
+    def __init__(self, base_dir: Path, tokenizer, lora: dict[str, Any], train_cfg: dict[str, Any], hw: Hardware):
+        self.base_dir, self.tokenizer, self.lora, self.cfg, self.hw = base_dir, tokenizer, lora, train_cfg, hw
+        self.quantization, self.seed = train_cfg["quantization"], train_cfg["seed"]
+        self.recipe = {"backend": "mlx", "dtype": hw.dtype}
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
-    quantization = train_cfg["quantization"]
-    seed = train_cfg["seed"]
-    mx.random.seed(seed)  # LoRA initialisation
-    model, lora_keys = load_model(base_dir, lora, quantization, hw)
-    model.train()
-    n_trainable = sum(v.size for v in adapter_weights(model).values())
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    def load(self, examples: list[Encoded]) -> None:
+        import mlx.core as mx
+        import mlx.optimizers as optim
 
-    batch_size, accum = train_cfg["batch_size"], train_cfg["grad_accum"]
-    stream = BatchStream(train_examples, batch_size, seed)
-    steps = total_steps(stream.batches_per_epoch, accum, train_cfg["epochs"], train_cfg["max_steps"])
-    warmup = math.ceil(train_cfg["warmup_ratio"] * steps)
-    eval_every = train_cfg.get("eval_every") or max(1, steps // VAL_TIMES)
-    checkpoint_every = train_cfg.get("checkpoint_every") or eval_every
-    patience = train_cfg.get("patience", 0)
-    val_examples = val_examples[:VAL_MAX_EXAMPLES]
-    base_lr = train_cfg["lr"]
-    optimizer = optim.AdamW(learning_rate=cosine_lr(0, steps, warmup, base_lr), betas=[0.9, 0.999], eps=1e-8,
-                            weight_decay=0.0, bias_correction=True)  # as torch.optim.AdamW(weight_decay=0)
-    fingerprint = checkpoint.fingerprint({"backend": "mlx", "dtype": hw.dtype, "base_model": base_model,
-                                          "lora": lora, "train": train_cfg}, train_examples)
+        mx.random.seed(self.seed)  # LoRA initialisation
+        self.model, self.lora_keys = load_model(self.base_dir, self.lora, self.quantization, self.hw)
+        self.model.train()
+        self.trainable_params = sum(v.size for v in adapter_weights(self.model).values())
+        self.optimizer = optim.AdamW(learning_rate=self.cfg["lr"], betas=[0.9, 0.999], eps=1e-8, weight_decay=0.0,
+                                     bias_correction=True)  # as torch.optim.AdamW(weight_decay=0)
+        self.loss_and_grad = loss_and_grad_fn(self.model)
 
-    state: dict[str, Any] = {"step": 0, "epoch": 1, "best_val_loss": None, "best_step": None, "bad_evals": 0,
-                             "start_val_loss": None, "end_val_loss": None, "stopped_early": False,
-                             "tokens": 0, "input_tokens": 0, "train_seconds": 0.0}
-    best: dict[str, Any] | None = None
-    folder = Path(checkpoint_dir) / CHECKPOINT_SUBDIR if checkpoint_dir is not None else None
-    resumed_from = latest_checkpoint(folder, fingerprint) if folder and train_cfg.get("resume", True) else None
-    if resumed_from is not None:
-        saved, best = load_checkpoint(resumed_from, model, optimizer)
-        state.update(saved["loop"])
-        stream = BatchStream(train_examples, batch_size, seed, **saved["data"])
-        metrics.resume(state["step"], str(resumed_from))
-        log(f"train:{name}: resuming at step {state['step']}/{steps} from {resumed_from}")
-    else:
-        if folder is not None and folder.exists():
-            log(f"train:{name}: checkpoints in {folder} belong to another recipe or data; starting over")
-            shutil.rmtree(folder, ignore_errors=True)
-        metrics.start(total_steps=steps, n_train=len(train_examples), n_val=len(val_examples), dropped=dropped,
-                      device=hw.device, dtype=hw.dtype, dtype_reason=hw.reason, backend="mlx",
-                      quantization=quantization, trainable_params=n_trainable, packing=False, world_size=1,
-                      parallelism="single", eval_every=eval_every, patience=patience)
-    log(f"train:{name}: {len(train_examples)} examples ({dropped} dropped), {steps} steps, MLX "
-        f"{hw.device} {hw.dtype} ({hw.reason}), {quantization}, {n_trainable:,} trainable params, "
-        "length-bucketed batches")
+    @property
+    def description(self) -> str:
+        hw = self.hw
+        return (f"MLX {hw.device} {hw.dtype} ({hw.reason}), {self.quantization}, {self.trainable_params:,} "
+                "trainable params, length-bucketed batches")
 
-    def validate(step: int) -> None:
-        nonlocal best
-        if not val_examples:
-            return
-        loss = mean_loss(model, val_examples, pad_id)
-        state["end_val_loss"] = loss
-        if state["start_val_loss"] is None:
-            state["start_val_loss"] = loss
-        if state["best_val_loss"] is None or loss < state["best_val_loss"]:
-            state.update(best_val_loss=loss, best_step=step, bad_evals=0)
-            best = adapter_weights(model)  # MLX arrays are immutable: holding them is a snapshot
-        else:
-            state["bad_evals"] += 1
-        metrics.val(step, steps, loss, state["best_val_loss"], state["best_step"])
-        log(f"train:{name}: step {step}/{steps} val_loss {loss:.4f} (best {state['best_val_loss']:.4f} "
-            f"at step {state['best_step']})")
+    def step(self, micro: list[list[Encoded]], step_tokens: int, lr: float, step: int) -> tuple[float, float]:
+        import mlx.core as mx
+        import mlx.optimizers as optim
 
-    loss_and_grad = loss_and_grad_fn(model)
-    if resumed_from is None:
-        validate(0)
-    progress = Progress(name, steps, initial=state["step"])
-    timed_seconds, timed_steps = 0.0, 0  # this process's steps: a resumed run's ETA
-    while state["step"] < steps:
-        step = state["step"]
-        lr = cosine_lr(step, steps, warmup, base_lr)
-        optimizer.learning_rate = lr
-        mx.random.seed(seed * 1_000_003 + step)  # dropout masks depend on (seed, step) only: resumable
-        t0 = time.perf_counter()
-        micro = [stream.next()[:2] for _ in range(accum)]
-        epoch = micro[-1][0]
-        tokens = sum(e.n_trained for _, batch in micro for e in batch)
-        input_tokens = sum(len(e.input_ids) for _, batch in micro for e in batch)
-        loss_value, grads = accumulate(model, loss_and_grad, [batch for _, batch in micro], pad_id)
+        self.optimizer.learning_rate = lr
+        mx.random.seed(self.seed * 1_000_003 + step)  # dropout masks depend on (seed, step) only: resumable
+        loss, grads = accumulate(self.model, self.loss_and_grad, micro, self.pad_id)  # one process: its tokens
         grads, grad_norm = optim.clip_grad_norm(grads, MAX_GRAD_NORM)
-        optimizer.update(model, grads)
-        mx.eval(model.trainable_parameters(), optimizer.state, grad_norm)
-        step_seconds = time.perf_counter() - t0
-        timed_seconds, timed_steps = timed_seconds + step_seconds, timed_steps + 1
-        state.update(step=step + 1, epoch=epoch)
-        state["train_seconds"] += step_seconds
-        state["tokens"] += tokens
-        state["input_tokens"] += input_tokens
-        done = step + 1
-        row = metrics.step(done, steps, loss_value, lr, tokens, input_tokens, step_seconds, timed_seconds, epoch,
-                           grad_norm=grad_norm.item(), steps_timed=timed_steps)
-        progress.update(done, loss_value, row["tok_s"], row["eta_s"])
-        if done % eval_every == 0 or done == steps:
-            validate(done)
-            if patience and state["bad_evals"] >= patience and done < steps:
-                state["stopped_early"] = True
-                log(f"train:{name}: early stop at step {done}: {patience} validations without a new best")
-                break
-        if folder is not None and done % checkpoint_every == 0 and done < steps:
-            save_checkpoint(folder, done, model, optimizer, best, keep=train_cfg.get("keep_checkpoints", 2),
-                            state={"fingerprint": fingerprint, "loop": state, "data": stream.position()})
-    progress.close()
+        self.optimizer.update(self.model, grads)
+        mx.eval(self.model.trainable_parameters(), self.optimizer.state, grad_norm)
+        return loss, grad_norm.item()
 
-    final = best if best is not None else adapter_weights(model)  # the exported adapter is the best one
-    summary = run_summary(
-        state=state, hw=hw, adapter=name, base_model=base_model, backend="mlx", quantization=quantization,
-        steps=steps, n_train=len(train_examples), n_val=len(val_examples), dropped=dropped,
-        resumed_from=str(resumed_from) if resumed_from else None, packing=False, world_size=1,
-        parallelism="single", trainable_params=n_trainable, memory=memory(), lora=lora, train=train_cfg)
-    with io.atomic_dir(out_dir) as tmp:
-        save_peft(tmp, final, lora, base_dir, tokenizer)
-        save_mlx(tmp / "mlx", final, lora, len(model.layers), lora_keys)
-        io.write_json(tmp / "train_summary.json", summary)
-    metrics.end(state["step"], summary)
-    if folder is not None:
-        shutil.rmtree(folder, ignore_errors=True)  # finished: the adapter is out
-    return summary
+    def val_loss(self, examples: list[Encoded]) -> float:
+        return mean_loss(self.model, examples, self.pad_id)
 
+    def snapshot(self) -> dict[str, Any]:
+        return adapter_weights(self.model)  # MLX arrays are immutable: holding them is a snapshot
+
+    def save_checkpoint(self, folder: Path, step: int, best, state: dict[str, Any], keep: int) -> None:
+        save_checkpoint(folder, step, self.model, self.optimizer, best, state, keep)
+
+    def restore_checkpoint(self, path: Path):
+        return load_checkpoint(path, self.model, self.optimizer)[1]
+
+    def save_adapter(self, folder: Path | None, best) -> None:
+        weights = best if best is not None else adapter_weights(self.model)
+        save_peft(folder, weights, self.lora, self.base_dir, self.tokenizer)
+        save_mlx(folder / "mlx", weights, self.lora, len(self.model.layers), self.lora_keys)
+
+    def memory(self) -> dict[str, int]:
+        return memory()
+
+    def barrier(self) -> None:
+        pass
+
+    def agree(self, flag: bool) -> bool:
+        return flag

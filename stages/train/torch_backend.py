@@ -1,47 +1,27 @@
-"""The PyTorch LoRA/QLoRA trainer: small enough to read in one sitting.
+"""The PyTorch side of the training loop (loop.py): a LoRA/QLoRA on a transformers base.
 
 Examples are packed into rows with per-example position ids (no attention across examples,
-see packing.py) or bucketed by length; the loss of an optimizer step is the mean over its
-trained tokens (token-weighted across grad accumulation and across data-parallel ranks);
-AdamW (paged on CUDA) with a cosine schedule after a linear warmup. Validation at the start,
-every `eval_every` steps and at the end keeps the best adapter, which is the one saved;
-`patience` validations without a new best stop the run. Checkpoints (checkpoint.py) let a
-killed run resume mid-epoch on the same trajectory. Several processes train data-parallel
-(distributed.py); with a 4-bit base they shard it with FSDP (fsdp.py).
+see packing.py) or bucketed by length; each micro-batch's summed loss is divided by the trained
+tokens of the whole step (token-weighted across grad accumulation and across data-parallel ranks);
+AdamW (paged on CUDA). Checkpoints are checkpoint.py's. Several processes train data-parallel
+(distributed.py); with a 4-bit base they shard it with FSDP (fsdp.py). `TorchBackend` is what
+loop.train calls; the schedule, validation, early stopping and checkpoint cadence are the loop's.
 """
 from __future__ import annotations
 
 import functools
 import math
-import shutil
-import time
 from pathlib import Path
 from typing import Any
 
-from stages import io
 from stages.errors import StageError
-from stages.train import checkpoint, distributed, fsdp, fused_lora, head_loss
-from stages.train.metrics import run_summary
+from stages.train import checkpoint, distributed, fsdp, fused_lora, head_loss, load_tokenizer  # noqa: F401 (API)
 from stages.train.format import IGNORE, Encoded
 from stages.train.hardware import Hardware
+from stages.train.loop import MAX_GRAD_NORM, VAL_MAX_EXAMPLES, cosine_lr, total_steps  # noqa: F401 (API)
 from stages.train.packing import BatchStream, collate, collate_packed, length_batches  # noqa: F401 (API)
 
-VAL_TIMES = 4            # with eval_every = 0: validation this many times during training, plus at the start
-VAL_MAX_EXAMPLES = 200   # enough for a stable loss without dominating CPU runs
 EVAL_BATCH_SIZE = 8
-MAX_GRAD_NORM = 1.0
-
-
-def total_steps(n_batches: int, grad_accum: int, epochs: int, max_steps: int) -> int:
-    return max_steps if max_steps > 0 else max(1, math.ceil(epochs * n_batches / grad_accum))
-
-
-def cosine_lr(step: int, total: int, warmup: int, base_lr: float) -> float:
-    """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine decay to 0."""
-    if step < warmup:
-        return base_lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 # --- model
@@ -94,18 +74,6 @@ def keep_4bit_layout(model) -> None:
     for module in model.modules():
         if getattr(module, "support_avx512bf16_for_cpu", False):
             module.support_avx512bf16_for_cpu = False
-
-
-def load_tokenizer(base_dir: Path):
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
-    if not tokenizer.chat_template:
-        raise StageError(f"{base_dir}: the tokenizer has no chat template; use a chat/instruct base model "
-                         "(adapter.toml key 'base_model')")
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
 
 
 def add_lora(model, lora: dict[str, Any], quantization: str, gradient_checkpointing: bool = False):
@@ -259,158 +227,86 @@ def accumulate_gradients(model, micro: list[list[Encoded]], step_tokens: int, pa
     return loss_value
 
 
-# --- the loop
-def train(*, name: str, base_model: str, lora: dict[str, Any], train_cfg: dict[str, Any], base_dir: Path, tokenizer,
-          train_examples: list[Encoded], val_examples: list[Encoded], dropped: int, hw: Hardware,
-          metrics, out_dir: Path, checkpoint_dir: Path | None = None, log=print) -> dict[str, Any]:
-    """Train a LoRA on `train_examples`; write the best adapter atomically into `out_dir`; return the summary."""
-    import torch
+# --- the loop's torch side (loop.Backend)
+class TorchBackend:
+    """peft LoRA (or QLoRA) on a transformers base; several processes train data-parallel, or shard an nf4
+    base with FSDP (distributed.py, fsdp.py), all inside these calls."""
+    name = "torch"
+    checkpoint_subdir = ""  # the checkpoint folder itself (checkpoint.py's layout)
 
-    from stages.train.metrics import Progress
+    def __init__(self, base_dir: Path, tokenizer, lora: dict[str, Any], train_cfg: dict[str, Any], hw: Hardware):
+        self.base_dir, self.tokenizer, self.lora, self.cfg, self.hw = base_dir, tokenizer, lora, train_cfg, hw
+        self.quantization = train_cfg["quantization"]
+        self.world = distributed.init(hw.device, shard_base=self.quantization == "nf4")
+        self.rank, self.world_size, self.parallelism = self.world.rank, self.world.size, self.world.parallelism
+        self.packing = train_cfg.get("packing", True)
+        self.recipe = {"world": self.world.size}  # each rank's share of a batch depends on it
+        self.pad_id = tokenizer.pad_token_id
 
-    quantization = train_cfg["quantization"]
-    world = distributed.init(hw.device, shard_base=quantization == "nf4")
-    seed = train_cfg["seed"]
-    torch.manual_seed(seed)
-    model = add_lora(load_model(base_dir, quantization, hw, sharded=world.fsdp), lora, quantization,
-                     train_cfg.get("gradient_checkpointing", False))
-    if world.fsdp:
-        fsdp.shard(model, trained_nll)  # before the optimizer: it swaps the parameters for their shards
-    model.train()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    n_trainable = sum(p.numel() for p in trainable)
-    pad_id = tokenizer.pad_token_id
-    packing = train_cfg.get("packing", True)
+    def load(self, examples: list[Encoded]) -> None:
+        import torch
 
-    batch_size, accum = train_cfg["batch_size"], train_cfg["grad_accum"]
-    stream = BatchStream(train_examples, batch_size, seed, world.rank, world.size)
-    steps = total_steps(stream.batches_per_epoch, accum, train_cfg["epochs"], train_cfg["max_steps"])
-    warmup = math.ceil(train_cfg["warmup_ratio"] * steps)
-    eval_every = train_cfg.get("eval_every") or max(1, steps // VAL_TIMES)
-    checkpoint_every = train_cfg.get("checkpoint_every") or eval_every
-    patience = train_cfg.get("patience", 0)
-    val_examples = val_examples[:VAL_MAX_EXAMPLES]
-    base_lr = train_cfg["lr"]
-    optimizer = make_optimizer(trainable, cosine_lr(0, steps, warmup, base_lr), train_cfg.get("optimizer", "auto"),
-                               hw.device, sharded=world.fsdp)
-    filler = [min(train_examples, key=lambda e: len(e.input_ids))] if world.fsdp else None
-    fingerprint = checkpoint.fingerprint({"base_model": base_model, "lora": lora, "train": train_cfg,
-                                          "world": world.size}, train_examples)
+        torch.manual_seed(self.cfg["seed"])
+        self.model = add_lora(load_model(self.base_dir, self.quantization, self.hw, sharded=self.world.fsdp),
+                              self.lora, self.quantization, self.cfg.get("gradient_checkpointing", False))
+        if self.world.fsdp:
+            fsdp.shard(self.model, trained_nll)  # before the optimizer: it swaps the parameters for their shards
+        self.model.train()
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.trainable_params = sum(p.numel() for p in self.trainable)
+        self.optimizer = make_optimizer(self.trainable, self.cfg["lr"], self.cfg.get("optimizer", "auto"),
+                                        self.hw.device, sharded=self.world.fsdp)
+        # FSDP: a rank with no examples in a micro-batch still runs the collective forward, on this, weighted 0
+        self.filler = [min(examples, key=lambda e: len(e.input_ids))] if self.world.fsdp else None
 
-    state: dict[str, Any] = {"step": 0, "epoch": 1, "best_val_loss": None, "best_step": None, "bad_evals": 0,
-                             "start_val_loss": None, "end_val_loss": None, "stopped_early": False,
-                             "tokens": 0, "input_tokens": 0, "train_seconds": 0.0}
-    best: dict[str, Any] | None = None
-    resumed_from = None
-    latest = checkpoint.latest(checkpoint_dir) if checkpoint_dir and train_cfg.get("resume", True) else None
-    if latest is not None:
-        if io.read_json(latest / "state.json").get("fingerprint") == fingerprint:
-            saved, best = checkpoint.load(latest, model=model, optimizer=optimizer)
-            state.update(saved["loop"])
-            stream = BatchStream(train_examples, batch_size, seed, world.rank, world.size, **saved["data"])
-            resumed_from = latest
-        elif world.main:
-            log(f"train:{name}: checkpoints in {checkpoint_dir} belong to another recipe or data; starting over")
-    if world.main and checkpoint_dir is not None and resumed_from is None:
-        shutil.rmtree(checkpoint_dir, ignore_errors=True)
-    distributed.barrier(world)
+    @property
+    def description(self) -> str:
+        hw = self.hw
+        return (f"{hw.device} {hw.dtype} ({hw.reason}), {self.quantization}, {self.trainable_params:,} trainable "
+                f"params, {'packed' if self.packing else 'length-bucketed'} batches, {self.world.size} process(es)"
+                f"{' (FSDP: the base is sharded across them)' if self.world.fsdp else ''}")
 
-    if world.main:
-        if resumed_from is not None:
-            metrics.resume(state["step"], str(resumed_from))
-            log(f"train:{name}: resuming at step {state['step']}/{steps} from {resumed_from}")
-        else:
-            metrics.start(total_steps=steps, n_train=len(train_examples), n_val=len(val_examples), dropped=dropped,
-                          device=hw.device, dtype=hw.dtype, dtype_reason=hw.reason, backend="torch",
-                          quantization=quantization, trainable_params=n_trainable, packing=packing,
-                          world_size=world.size, parallelism=world.parallelism, eval_every=eval_every,
-                          patience=patience)
-        log(f"train:{name}: {len(train_examples)} examples ({dropped} dropped), {steps} steps, "
-            f"{hw.device} {hw.dtype} ({hw.reason}), {quantization}, {n_trainable:,} trainable params, "
-            f"{'packed' if packing else 'length-bucketed'} batches, {world.size} process(es)"
-            f"{' (FSDP: the base is sharded across them)' if world.fsdp else ''}")
+    def step(self, micro: list[list[Encoded]], step_tokens: int, lr: float, step: int) -> tuple[float, float]:
+        import torch
 
-    def validate(step: int) -> None:
-        nonlocal best
-        if not val_examples:
-            return
-        loss = mean_loss(model, val_examples, pad_id, hw, world)
-        state["end_val_loss"] = loss
-        if state["start_val_loss"] is None:
-            state["start_val_loss"] = loss
-        if state["best_val_loss"] is None or loss < state["best_val_loss"]:
-            state.update(best_val_loss=loss, best_step=step, bad_evals=0)
-            best = checkpoint.trainable_state(model)
-        else:
-            state["bad_evals"] += 1
-        if world.main:
-            metrics.val(step, steps, loss, state["best_val_loss"], state["best_step"])
-            log(f"train:{name}: step {step}/{steps} val_loss {loss:.4f} (best {state['best_val_loss']:.4f} "
-                f"at step {state['best_step']})")
-
-    if resumed_from is None:
-        validate(0)
-    progress = Progress(name, steps, initial=state["step"]) if world.main else None
-    while state["step"] < steps:
-        step = state["step"]
-        lr = cosine_lr(step, steps, warmup, base_lr)
-        for group in optimizer.param_groups:
+        for group in self.optimizer.param_groups:
             group["lr"] = lr
-        t0 = time.perf_counter()
-        micro = [stream.next() for _ in range(accum)]
-        epoch = micro[-1][0]
-        tokens = sum(e.n_trained for _, _, whole in micro for e in whole)  # all ranks': the loss denominator
-        input_tokens = sum(len(e.input_ids) for _, _, whole in micro for e in whole)
-        loss_value = accumulate_gradients(model, [mine for _, mine, _ in micro], tokens, pad_id, hw, packing,
-                                          filler)
-        distributed.sum_gradients(trainable, world)
-        loss_value = distributed.all_sum([loss_value], world)[0]
-        grad_norm = float(fsdp.full(torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM)))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step_seconds = time.perf_counter() - t0
-        state.update(step=step + 1, epoch=epoch)
-        state["train_seconds"] += step_seconds
-        state["tokens"] += tokens
-        state["input_tokens"] += input_tokens
-        done = step + 1
-        if world.main:
-            row = metrics.step(done, steps, loss_value, lr, tokens, input_tokens, step_seconds,
-                               state["train_seconds"], epoch, grad_norm=grad_norm)
-            progress.update(done, loss_value, row["tok_s"], row["eta_s"])
-        if done % eval_every == 0 or done == steps:
-            validate(done)
-            if patience and state["bad_evals"] >= patience and done < steps:
-                state["stopped_early"] = True
-        state["stopped_early"] = distributed.broadcast_flag(state["stopped_early"], world)
-        if state["stopped_early"]:
-            if world.main:
-                log(f"train:{name}: early stop at step {done}: {patience} validations without a new best")
-            break
-        if checkpoint_dir is not None and done % checkpoint_every == 0 and done < steps:
-            if world.main or world.fsdp:  # FSDP: every rank gathers its shards, rank 0 writes
-                checkpoint.save(checkpoint_dir, done, model=model, optimizer=optimizer, best=best,
-                                keep=train_cfg.get("keep_checkpoints", 2), write=world.main,
-                                state={"fingerprint": fingerprint, "loop": state, "data": stream.position()})
-            distributed.barrier(world)
-    if progress is not None:
-        progress.close()
+        loss = accumulate_gradients(self.model, micro, step_tokens, self.pad_id, self.hw, self.packing, self.filler)
+        distributed.sum_gradients(self.trainable, self.world)
+        loss = distributed.all_sum([loss], self.world)[0]
+        grad_norm = float(fsdp.full(torch.nn.utils.clip_grad_norm_(self.trainable, MAX_GRAD_NORM)))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss, grad_norm
 
-    if best is not None:  # the exported adapter is the best one by validation loss
-        checkpoint.load_trainable(model, best)
-    summary = run_summary(
-        state=state, hw=hw, adapter=name, base_model=base_model, backend="torch", quantization=quantization,
-        steps=steps, n_train=len(train_examples), n_val=len(val_examples), dropped=dropped,
-        resumed_from=str(resumed_from) if resumed_from else None, packing=packing, world_size=world.size,
-        parallelism=world.parallelism, trainable_params=n_trainable, lora=lora, train=train_cfg)
-    weights = checkpoint.trainable_state(model) if world.fsdp else None  # FSDP: gathered from every rank's shard
-    if world.main:
-        with io.atomic_dir(out_dir) as tmp:
-            model.save_pretrained(str(tmp), state_dict=weights)
-            tokenizer.save_pretrained(str(tmp))  # the chat template travels with the adapter
-            io.write_json(tmp / "train_summary.json", summary)
-        metrics.end(state["step"], summary)
-        if checkpoint_dir is not None:
-            shutil.rmtree(checkpoint_dir, ignore_errors=True)  # finished: the adapter is out
-    distributed.barrier(world)
-    return summary
+    def val_loss(self, examples: list[Encoded]) -> float:
+        return mean_loss(self.model, examples, self.pad_id, self.hw, self.world)
+
+    def snapshot(self) -> dict[str, Any]:
+        return checkpoint.trainable_state(self.model)
+
+    def save_checkpoint(self, folder: Path, step: int, best, state: dict[str, Any], keep: int) -> None:
+        if self.world.main or self.world.fsdp:  # FSDP: every rank gathers its shards, rank 0 writes
+            checkpoint.save(folder, step, model=self.model, optimizer=self.optimizer, best=best, keep=keep,
+                            write=self.world.main, state=state)
+
+    def restore_checkpoint(self, path: Path):
+        return checkpoint.load(path, model=self.model, optimizer=self.optimizer)[1]
+
+    def save_adapter(self, folder: Path | None, best) -> None:
+        if best is not None:
+            checkpoint.load_trainable(self.model, best)
+        weights = checkpoint.trainable_state(self.model) if self.world.fsdp else None  # gathered from every shard
+        if folder is not None:
+            self.model.save_pretrained(str(folder), state_dict=weights)
+            self.tokenizer.save_pretrained(str(folder))  # the chat template travels with the adapter
+
+    def memory(self) -> dict[str, int]:
+        from stages.train.metrics import memory
+        return memory(self.hw.device)
+
+    def barrier(self) -> None:
+        distributed.barrier(self.world)
+
+    def agree(self, flag: bool) -> bool:
+        return distributed.broadcast_flag(flag, self.world)
