@@ -168,5 +168,7 @@ async def test_quitting_leaves_real_training_going_and_reopening_finds_it(projec
         seen = app.screen.curves.steps[-1]
         await wait_for(pilot, lambda: app.screen.curves.steps[-1] > seen, 60, "the curves to keep moving")
         assert app.screen.curves.total_steps == 20000
-        await pilot.press("1", "x", "y")  # done watching: stop it rather than wait
+        await pilot.press("1")
+        await confirm(pilot, "x", "Stop doit run train:clinical_coding", "running now: train:clinical_coding")
+        # done watching: stopped rather than waited for
         await wait_for(pilot, lambda: not app.running, 60, "the stop")
