@@ -6,9 +6,13 @@ Inputs are seeded from the real recorded responses in ../shared/fixtures (and te
 capture exists): a recorded page with a few mutations (a value replaced by junk of any type: arrays or null where
 objects belong, odd Unicode, Markdown/HTML/XML fragments; a key deleted; a node wrapped in a list, emptied, an XML
 element dropped, duplicated or renamed), pages generated from the parser's own keys or tags, and bytes damaged after
-encoding (truncated, a fragment spliced in, re-encoded as Latin-1). 10^4 inputs per parser in the normal run, 10^5
-under `-m slow`; derandomized, so CI sees the same inputs every time. A crash the fuzzer found is fixed in the
-parser and kept here as an explicit example (REGRESSIONS).
+encoding (truncated, a fragment spliced in, re-encoded as Latin-1).
+
+The same generators run on two sources of choices (class R): a seeded Random that hypothesis hands over (fast:
+10^4 inputs per parser in the normal run, 10^5 under `-m slow`; a failure names its input) and hypothesis draws
+(structured: a failure shrinks to a small input; 500 per parser, 10^4 under `-m slow`). Derandomized, so CI sees
+the same inputs every time. A crash the fuzzer found is fixed in the parser and kept here as an explicit example
+(REGRESSIONS). Run one parser alone: `python -m pytest tests/test_parsers_fuzz.py -k "fuzz and pubmed"`.
 """
 from __future__ import annotations
 
@@ -533,7 +537,9 @@ REGRESSIONS: dict[str, list] = {
     "stackexchange": [(b'{"items":[{"question_id":1,"title":"T","answers":[{"score":2,"body":"B"}]}]}', b"null", 0),
                       (b"null", None, 0), (b'{"items":[{"question_id":[1],"title":["T"]}]}', None, 0),
                       (b'{"items":[{"question_id":1,"title":"T","answers":[{"score":"high"},{"score":1}]}]}', None, 0)],
-    "fda_guidance": [(b"[1]", "doc-1.pdf", None), (b'{"data":{"a":1}}', "doc-1.pdf", None),
+    "fda_guidance": [(b'[{"field_associated_media_2":"/media/1/download","field_center":"<![CDATA[<u>&lt;</u>"}]', "doc-1.pdf", None),
+                     (b'[{"field_associated_media_2":"/media/1/download","title":"a</sup>b <sup>c</u>d</sup>"}]', "doc-1.pdf", None),
+                     (b"[1]", "doc-1.pdf", None), (b'{"data":{"a":1}}', "doc-1.pdf", None),
                      (b'[{"field_associated_media_2":["x"],"title":null}]', "doc-1.pdf", None)],
     "pubmed": [b"<PubmedArticleSet><PubmedArticle><MedlineCitation><PMID>1</PMID><Article><Abstract><AbstractText>"
                + b"<i>" * 5000 + b"x" + b"</i>" * 5000 + b"</AbstractText></Abstract></Article></MedlineCitation>"

@@ -40,6 +40,7 @@ class Renderer:
         self.lists: list[dict[str, Any]] = []
         self.open_items = 0         # <li> nesting: the indentation of items and their continuation lines
         self.captures: list[list[str]] = []
+        self.capture_tags: list[str] = []  # the mark each capture belongs to (a stray end tag closes nothing)
         self.skipping = 0
         self.cells = 0
         self.in_cell = 0
@@ -70,6 +71,7 @@ class Renderer:
             return
         if tag in INLINE_MARKS:
             self.captures.append([])
+            self.capture_tags.append(tag)
         elif self.captures:
             return  # structure inside a sub/sup/u is read as its text
         elif self.in_cell and (tag in BLOCK or tag in ("br", "li", "ul", "ol")) and tag != "tr":
@@ -106,13 +108,11 @@ class Renderer:
             self.skipping -= tag in SKIP
             return
         if tag in INLINE_MARKS:
-            text = _SPACE.sub(" ", "".join(self.captures.pop())).strip()
-            before = self._last_char()
-            text = self._mark(tag, text, before)
-            if self.captures:
-                self.captures[-1].append(text)
-            elif text:
-                self._emit(text)
+            if tag not in self.capture_tags:
+                return  # an end tag whose start never came ("a</sup>b", or a start swallowed by "<![CDATA["): no mark
+            while self.capture_tags:  # marks left open inside this one close with it
+                if self._close_mark() == tag:
+                    break
         elif self.captures:
             return
         elif tag in ("td", "th"):
@@ -129,6 +129,16 @@ class Renderer:
             self._newline()
         elif tag in BLOCK:
             self._newline()
+
+    def _close_mark(self) -> str:
+        tag = self.capture_tags.pop()
+        text = _SPACE.sub(" ", "".join(self.captures.pop())).strip()
+        text = self._mark(tag, text, self._last_char())
+        if self.captures:
+            self.captures[-1].append(text)
+        elif text:
+            self._emit(text)
+        return tag
 
     @staticmethod
     def _mark(tag: str, text: str, before: str) -> str:
