@@ -208,3 +208,52 @@ async def test_a_native_crash_in_the_chat_process_is_named_in_the_pane(plain_pro
         text = " ".join(left.query_one("Transcript").text.split())
         assert "llama.cpp crashed (SIGSEGV, exit -11) in the chat process" in text
         assert "extra buffer types" in text
+
+
+async def answer(pilot, pane, prompt: str, reply: str) -> list[dict]:
+    """Put `prompt` to the pane's model and stream `reply` back through the screen's own messages."""
+    sent = pane.begin(prompt)
+    screen = pilot.app.screen
+    for i in range(0, len(reply), 5):
+        screen.post_message(ChatToken(pane.pane_id, reply[i:i + 5]))
+    screen.post_message(ChatDone(pane.pane_id, 7, 0.5))
+    await wait_for(pilot, lambda: "tokens" in pane.status, 10, "the answer")
+    return sent
+
+
+async def test_switching_the_model_keeps_each_models_conversation(plain_project):
+    """ctrl+n shows the next model's own conversation; coming back finds the first one as it was, and each
+    model is sent only its own turns. ctrl+l forgets only the conversation shown."""
+    app = make_app(plain_project, start_view="chat")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_for(pilot, lambda: app.cfg is not None, what="config")
+        screen = app.screen
+        left, right = screen.query_one("#pane-left"), screen.query_one("#pane-right")
+        transcript = left.query_one("Transcript")
+        await answer(pilot, left, "[b]q1[/b]", "the base says one")
+        base_text = transcript.text
+        assert base_text == "> [b]q1[/b]\n\nthe base says one"
+
+        await pilot.press("ctrl+n")
+        assert left.model == "tiny" and transcript.text == "" and left.status == ""
+        assert "tiny" in str(screen.query_one("#chat-bar").content)
+        sent = await answer(pilot, left, "q2", "the adapter says two")
+        assert sent == [{"role": "user", "content": "q2"}]  # the adapter does not see the base's turns
+        adapter_text = transcript.text
+
+        await pilot.press("ctrl+n")  # back to the base: its conversation as it was left
+        assert left.model is None and transcript.text == base_text and "7 tokens" in left.status
+        sent = await answer(pilot, left, "q3", "the base says three")
+        assert sent == [{"role": "user", "content": "[b]q1[/b]"}, {"role": "assistant", "content": "the base says one"},
+                        {"role": "user", "content": "q3"}]
+        assert transcript.text == base_text + "\n\n> q3\n\nthe base says three"
+
+        await pilot.press("ctrl+b")  # side by side: both conversations, each in its pane
+        assert right.display and left.model is None and right.model == "tiny"
+        assert right.query_one("Transcript").text == adapter_text
+        assert transcript.text.endswith("the base says three")
+
+        await pilot.press("ctrl+b", "ctrl+l")  # alone again, showing the base: only its conversation goes
+        assert left.model is None and transcript.text == "" and left.history == []
+        await pilot.press("ctrl+n")
+        assert left.model == "tiny" and transcript.text == adapter_text

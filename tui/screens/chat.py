@@ -26,7 +26,7 @@ from textual.screen import Screen
 from textual.widgets import Footer, Input, Static
 
 from tui.messages import ChatDone, ChatToken, RunStateChanged
-from tui.widgets.chat_pane import ChatPane
+from tui.widgets.chat_pane import ChatPane, Conversation
 from tui.widgets.topbar import TopBar
 
 MAX_TOKENS = 256
@@ -165,13 +165,14 @@ class ChatScreen(Screen):
         self.active: dict[str, str] = {}  # pane -> request id while it answers
         self._ids = itertools.count(1)
         self.chat: ChatProcess | None = None
+        self.conversations: dict[str | None, Conversation] = {}  # per model, kept across ctrl+n and ctrl+b
 
     def compose(self) -> ComposeResult:
         yield TopBar("chat")
         yield Static(id="chat-bar")
         with Horizontal(id="chat-panes"):
-            yield ChatPane("left")
-            yield ChatPane("right")
+            yield ChatPane("left", self.conversations)
+            yield ChatPane("right", self.conversations)
         yield Input(placeholder="ask something, enter to send", id="chat-input")
         yield Footer()
 
@@ -223,12 +224,13 @@ class ChatScreen(Screen):
         else:
             left.set_model(self.model)
         right.display = self.side_by_side
-        bar = Text("model ", style="dim")
+        # one line at 80 columns: the footer names the keys; the bar says what the footer cannot
+        bar = Text("model ", style="dim", no_wrap=True, overflow="ellipsis")
         bar.append(left.label if not self.side_by_side else f"{left.label} | {right.label}", style="bold")
         from stages.chat import URL_ENV
         if os.environ.get(URL_ENV):
             bar.append(f" via {os.environ[URL_ENV]}", style="dim")
-        bar.append("   ctrl+n next model · ctrl+b side by side · esc stop / leave input", style="dim")
+        bar.append(" · each model keeps its conversation · esc leaves the input", style="dim")
         self.query_one("#chat-bar", Static).update(bar)
 
     def action_next_model(self) -> None:
@@ -242,6 +244,9 @@ class ChatScreen(Screen):
         self.layout_panes()
 
     def action_toggle_side(self) -> None:
+        if not self.side_by_side and len(self.models()) < 2:
+            self.app.notify("side by side compares the base with an adapter: no adapter is configured", markup=False)
+            return
         if not self.generating:
             self.side_by_side = not self.side_by_side
             self.layout_panes()
@@ -249,7 +254,8 @@ class ChatScreen(Screen):
     def action_clear(self) -> None:
         if not self.generating:
             for pane in self.query(ChatPane):
-                pane.clear()
+                if pane.display:  # the conversations shown; the other models keep theirs
+                    pane.clear()
 
     def action_stop(self) -> None:
         if self.generating:
