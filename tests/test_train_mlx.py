@@ -302,3 +302,31 @@ def test_unknown_lora_target_names_the_key(tmp_path, monkeypatch, tiny_base):
     with pytest.raises(StageError, match=r"lora\.targets.*no_such_proj") as err:
         train.run(cfg, "coding")
     assert "\n" not in str(err.value)
+
+
+def test_torch_and_mlx_follow_the_same_sequence_on_one_recipe(tmp_path, monkeypatch, tiny_base):
+    """One loop drives both backends: the same steps, learning rates, trained tokens, validations and checkpoints."""
+    from stages import train
+    from stages.train import mlx_backend, torch_backend
+
+    checkpoints = []
+    for cls in (torch_backend.TorchBackend, mlx_backend.MLXBackend):
+        def record(self, folder, step, *args, _real=cls.save_checkpoint, **kwargs):
+            checkpoints.append((self.name, step))
+            return _real(self, folder, step, *args, **kwargs)
+        monkeypatch.setattr(cls, "save_checkpoint", record)
+    seen = {}
+    for backend in ("torch", "mlx"):
+        project(tmp_path / backend, monkeypatch, tiny_base)  # the splits
+        text = TOML.format(base=tiny_base, steps=6, lr=1e-2, extra="eval_every = 2\ncheckpoint_every = 2\ngrad_accum = 2")
+        cfg = adapter_config(tmp_path / backend, "coding", text.replace('backend = "mlx"', f'backend = "{backend}"'))
+        summary = train.run(cfg, "coding")
+        assert summary["backend"] == backend
+        seen[backend] = {
+            "train": [(r["step"], r["epoch"], r["lr"], r["tokens"]) for r in metric_lines("train")],
+            "val": [v["step"] for v in metric_lines("val")],
+            "checkpoints": [step for name, step in checkpoints if name == backend],
+            "end": metric_lines("end")[0]["step"],
+            "summary": {k: summary[k] for k in ("steps", "steps_done", "epochs_seen", "tokens", "stopped_early")}}
+    assert seen["torch"] == seen["mlx"]
+    assert seen["mlx"]["val"] == [0, 2, 4, 6] and seen["mlx"]["checkpoints"] == [2, 4]
