@@ -66,8 +66,8 @@ async def test_pipeline_run_all_shows_states_reasons_and_logs(project):
         await wait_for(pilot, lambda: state_of(app, "train:tiny") == "up to date", what="static refresh")
         # select train:tiny and read its log; markup-like text stays literal
         await pilot.press("down", "down")
-        await wait_for(pilot, lambda: "step 12/12" in "\n".join(app.screen.query_one("#log").lines), what="log tail")
-        assert "[bold]not markup[/bold] stays literal" in app.screen.query_one("#log").lines
+        await wait_for(pilot, lambda: "step 12/12" in "\n".join(app.screen.query_one("#log").log_lines), what="log tail")
+        assert "[bold]not markup[/bold] stays literal" in app.screen.query_one("#log").log_lines
         # forget it: doit will run it again, and says so
         await confirm(pilot, "f", "Forget train:tiny?", "the next run runs it again (it took ")
         await wait_for(pilot, lambda: app.pipeline.static["train:tiny"]["status"] == "run", what="forget")
@@ -285,6 +285,36 @@ async def test_transcript_wraps_streamed_text_and_never_reads_markup():
         assert t.text == "" and t.lines == [""]
 
 
+async def test_task_log_wraps_long_lines_shows_markup_literally_and_follows_the_tail(project):
+    """A log line longer than the terminal wraps (nothing cut, no sideways scroll); `[bold]`, `[/]` and
+    `[red` show as written; lines appended while the log is shown appear at the bottom, in view."""
+    from tui_support import screen_text
+
+    log = project / layout.log_file("scrape:alpha")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    long = "fetched " + " ".join(f"[bold]page-{i}[/]" for i in range(12)) + " [red unclosed"
+    log.write_text("first line\n" + long + "\n")
+    app = make_app(project)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_for(pilot, lambda: app.screen._log_task == "scrape:alpha"
+                       and len(app.screen.query_one("#log").log_lines) == 2, 20, "the log")
+        view = app.screen.query_one("#log")
+        assert view.log_lines == ["first line", long]
+        width = view.scrollable_content_region.width
+        assert len(long) > width and all(len(line) <= width for line in view.lines)  # wrapped at the width
+        assert "".join(view.lines[1:]) == long  # wrapped, nothing lost or added
+        await pilot.pause(0.2)
+        shown = " ".join(screen_text(app).split())
+        for part in ("[bold]page-0[/]", "[bold]page-11[/]", "[red unclosed"):
+            assert part in shown, part  # literal, never read as markup
+        # the tail is followed: many more lines, the last is on screen
+        with log.open("a") as f:
+            f.writelines(f"later line {i}\n" for i in range(60))
+        await wait_for(pilot, lambda: view.log_lines[-1:] == ["later line 59"], 20, "the new lines")
+        await pilot.pause(0.2)
+        assert view.is_vertical_scroll_end and "later line 59" in screen_text(app)
+
+
 async def test_first_frame_is_painted_before_any_background_work(project, monkeypatch):
     """The doit status subprocess and the config/run workers start only after the first paint."""
     from textual.app import App
@@ -433,7 +463,7 @@ async def test_run_and_log_polls_keep_polling_after_errors(project, monkeypatch)
     async with app.run_test(size=(80, 24), message_hook=polled.append) as pilot:
         await wait_for(pilot, lambda: app.screen.selected == "scrape:alpha", what="the first task selected")
         # the log poll failed twice, then showed the log
-        await wait_for(pilot, lambda: "fetched page 2" in app.screen.query_one("#log").lines, 20, "the log")
+        await wait_for(pilot, lambda: "fetched page 2" in app.screen.query_one("#log").log_lines, 20, "the log")
         # the run poll failed three times, then went on polling (and keeps going)
         await wait_for(pilot, lambda: current_run.calls["n"] > 5, 20, "more run polls")
         assert any(type(m).__name__ == "_Polled" for m in polled)

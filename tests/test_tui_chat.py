@@ -251,6 +251,8 @@ async def test_switching_the_model_keeps_each_models_conversation(plain_project)
         await pilot.press("ctrl+b")  # side by side: both conversations, each in its pane
         assert right.display and left.model is None and right.model == "tiny"
         assert right.query_one("Transcript").text == adapter_text
+        bar = screen.query_one("#chat-bar")
+        assert bar.content.cell_len <= bar.content_region.width == 78  # the bar fits 80 columns
         assert transcript.text.endswith("the base says three")
 
         await pilot.press("ctrl+b", "ctrl+l")  # alone again, showing the base: only its conversation goes

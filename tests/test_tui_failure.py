@@ -42,14 +42,14 @@ async def test_a_failed_task_shows_its_reason_in_the_table_the_log_and_the_heade
         await wait_for(pilot, lambda: app.pipeline.task("dedup").state == "failed" and not app.running, 30,
                        "dedup to fail and the run to end")
         await pilot.press("down")  # dedup's log
-        await wait_for(pilot, lambda: app.screen._log_task == "dedup" and app.screen.query_one("#log").lines,
+        await wait_for(pilot, lambda: app.screen._log_task == "dedup" and app.screen.query_one("#log").log_lines,
                        what="dedup's log")
         await pilot.pause(0.3)
         shown = screen_text(app)
         row = next(line for line in shown.splitlines() if "✗ failed" in line)
         assert "told to fail" in row, shown
         assert "last run failed: dedup" in shown.splitlines()[0], shown
-        assert app.screen.query_one("#log").lines[-1] == "[dedup] failed: told to fail"
+        assert app.screen.query_one("#log").log_lines[-1] == "[dedup] failed: told to fail"
     assert (project / layout.log_file("dedup")).read_text().splitlines()[-1] == "[dedup] failed: told to fail"
 
     app = make_app(project)  # opened after the failed run: it says so, not "never run"

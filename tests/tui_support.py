@@ -263,7 +263,7 @@ def _scene_chat_ready(app) -> bool:
 SCENE_READY = {
     "pipeline": lambda app: app.running and app.pipeline.task("train:tiny").state == "running"
     and app.screen.selected == "train:tiny" and app.screen._log_task == "train:tiny"
-    and len(app.screen.query_one("#log").lines) == len(SCENE_TRAIN_LOG) and "train:tiny" in app.screen.progress,
+    and len(app.screen.query_one("#log").log_lines) == len(SCENE_TRAIN_LOG) and "train:tiny" in app.screen.progress,
     "training": lambda app: len(app.screen.curves.steps) == 30 and app.screen.memory is not None,
     "data": lambda app: "alpha" in table_text(app, "#data-sources"),
     "eval": lambda app: "tiny" in table_text(app, "#eval-matrix"),

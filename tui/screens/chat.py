@@ -230,7 +230,7 @@ class ChatScreen(Screen):
         from stages.chat import URL_ENV
         if os.environ.get(URL_ENV):
             bar.append(f" via {os.environ[URL_ENV]}", style="dim")
-        bar.append(" · each model keeps its conversation · esc leaves the input", style="dim")
+        bar.append(" · esc leaves the input", style="dim")
         self.query_one("#chat-bar", Static).update(bar)
 
     def action_next_model(self) -> None:

@@ -10,12 +10,13 @@ from textual.worker import get_current_worker
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.screen import Screen
-from textual.widgets import DataTable, Footer, Log, Static
+from textual.widgets import DataTable, Footer, Static
 
 from stages import layout
 from tui.messages import LogLines, PipelineChanged, RunStateChanged, TaskProgress
 from tui.state import LOOK, duration
 from tui.tail import Follower, tail_lines
+from tui.widgets.task_log import TaskLog
 from tui.widgets.topbar import TopBar
 
 LOG_LINES = 1000  # lines kept on screen; the file itself is only tailed
@@ -56,7 +57,7 @@ class PipelineScreen(Screen):
         yield Static(id="pipeline-summary")
         yield TaskTable(id="tasks", cursor_type="row", zebra_stripes=False)
         yield Static(id="log-title")
-        yield Log(id="log", max_lines=LOG_LINES, highlight=False)
+        yield TaskLog(id="log", max_lines=LOG_LINES)
         yield Footer()
 
     def on_mount(self) -> None:
@@ -226,15 +227,14 @@ class PipelineScreen(Screen):
     def _log_lines(self, msg: LogLines) -> None:
         if msg.task != self.selected:
             return
-        log = self.query_one("#log", Log)
+        log = self.query_one("#log", TaskLog)
         title = self.query_one("#log-title", Static)
         path = layout.log_file(msg.task)
         if msg.reset:
             log.clear()
-            log.scroll_to(x=0, animate=False)  # the previous task's horizontal scroll does not carry over
             title.update(Text(f"log · {msg.task} · {path}" if msg.lines else f"log · {msg.task} · no log yet ({path})",
                               style="bold"))
-        log.write_lines(msg.lines)  # Log shows plain strings: nothing in a log line is read as markup
+        log.write_lines(msg.lines)  # plain text, wrapped at the width: nothing in a log line is read as markup
 
     # --- actions: each asks first, naming what will run or be lost; none starts while a run is going
     def _busy(self, what: str) -> bool:
