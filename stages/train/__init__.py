@@ -74,10 +74,9 @@ def read_split(adapter: str, split: str) -> list[dict[str, Any]]:
 def run(cfg, adapter_name: str) -> dict[str, Any]:
     """Read and encode the splits once, then hand them to the recipe's backend (same inputs, same outputs)."""
     from stages.train import format as fmt
+    from stages.train import loop
     from stages.train.distributed import launched_rank
     from stages.train.encoded import encode_split
-    from stages.train import loop
-    from stages.train.loop import VAL_MAX_EXAMPLES
     from stages.train.metrics import MetricsStream
 
     a = cfg.adapters[adapter_name]
@@ -93,9 +92,9 @@ def run(cfg, adapter_name: str) -> dict[str, Any]:
                          f"sources in sources.toml and 'data.tasks' in {where}")
     train_examples = [example for example, _ in encoded if example.n_trained]
     dropped = len(encoded) - len(train_examples)
-    # both backends validate on the first VAL_MAX_EXAMPLES examples only: encode no more val rows than that
+    # the loop validates on the first VAL_MAX_EXAMPLES examples only: encode no more val rows than that
     with val_rows as rows:
-        val_examples, _ = fmt.encode_rows(tokenizer, rows, max_length, limit=VAL_MAX_EXAMPLES)
+        val_examples, _ = fmt.encode_rows(tokenizer, rows, max_length, limit=loop.VAL_MAX_EXAMPLES)
     if not train_examples:
         raise StageError(f"{where}: every training example lost its answer to truncation at "
                          f"'train.max_length' = {max_length}; raise it")
