@@ -99,6 +99,24 @@ def test_the_index_is_a_real_minhashlsh_on_redis(redis_url):
     assert found == [0, 1] and client.dbsize() > 0
 
 
+def test_redis_candidate_pairs_equal_memory_with_buckets_of_three_and_more(redis_url):
+    """Only some documents are queried on Redis (all but one of each shared bucket): every pair is still
+    found, also in buckets of three and four."""
+    import numpy as np
+
+    url, client = redis_url
+    rng = random.Random(6)
+    base = [sentence(rng, 50) for _ in range(30)]
+    docs = base + [mutate(rng, d, 1) for d in base[:8]] + base[:3] * 3
+    fp = dedup.fingerprint(docs, 64, 5)
+    params = dedup.lsh_params(0.8, 64)
+    in_memory = lsh.candidate_pairs(fp, np.arange(len(docs)), params)
+    storage = lsh.storage_config({"backend": "redis", "redis_url": url})
+    on_redis = lsh.candidate_pairs(fp, np.arange(len(docs)), params, storage, url)
+    assert np.array_equal(on_redis, in_memory) and {(0, 38), (38, 41), (41, 44)} <= set(map(tuple, in_memory.tolist()))
+    assert client.dbsize() == 0
+
+
 def test_unreachable_redis_names_the_key(tmp_path, monkeypatch):
     monkeypatch.chdir(make_project(tmp_path, SOURCES.replace(
         "[dedup]\n", f'[dedup]\nbackend = "redis"\nredis_url = "redis://127.0.0.1:{free_port()}/0"\n')))

@@ -5,12 +5,12 @@ The banding is datasketch MinHashLSH's: each signature cut into `bands` bands of
 documents a candidate pair when any band is equal. In memory (the default) the buckets come from
 numpy: a band's rows are sorted and equal neighbours share a bucket, with no Python object per
 document. With `backend = "redis"` the index is a real MinHashLSH on Redis, filled and read through
-datasketch's public API alone (insertion_session, get_counts, query); the pairs are the same.
+datasketch's public API alone (insertion_session, query); the pairs are the same.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -37,11 +37,9 @@ def candidate_pairs(fp: Fingerprints, docs: np.ndarray, params: tuple[int, int],
                     storage: dict[str, Any] | None = None, redis_url: str = "") -> np.ndarray:
     """Pairs (i < j) of `docs` that share an LSH bucket, sorted and unique: the same on every backend.
     `storage`: datasketch's storage_config of a Redis index (storage_config()), or None for memory."""
-    bands, rows = params
     n = len(fp)
     if storage is None:
-        codes = [_bucket_pairs(fp.signatures[docs, start:start + rows], docs, n)
-                 for start in range(0, bands * rows, rows)]
+        codes = [_bucket_pairs(band, docs, n) for band in _bands(fp.signatures, docs, params)]
     else:
         codes = _redis_pairs(fp, docs, params, storage, redis_url)
     codes = [c for c in codes if len(c)]
@@ -51,10 +49,16 @@ def candidate_pairs(fp: Fingerprints, docs: np.ndarray, params: tuple[int, int],
     return np.stack([unique // n, unique % n], axis=1)
 
 
-def _bucket_pairs(band: np.ndarray, docs: np.ndarray, n: int) -> np.ndarray:
-    """Pairs of `docs` whose rows of `band` (the same columns of each one's signature) are equal, each
-    as the code i * n + j with i < j: what the band's MinHashLSH hashtable puts in one bucket."""
-    band = np.ascontiguousarray(band)
+def _bands(signatures: np.ndarray, docs: np.ndarray, params: tuple[int, int]) -> Iterator[np.ndarray]:
+    """Each band of the `docs`' signatures: (len(docs), rows) values, as MinHashLSH cuts them."""
+    bands, rows = params
+    for start in range(0, bands * rows, rows):
+        yield np.ascontiguousarray(signatures[docs, start:start + rows])
+
+
+def _runs(band: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(order, same): `order` sorts the band's rows so that equal rows (one bucket) are neighbours;
+    same[p] says whether row order[p] equals row order[p + 1]."""
     with np.errstate(over="ignore"):
         mixed = np.zeros(len(band), np.uint64)
         for column in band.T:
@@ -64,6 +68,13 @@ def _bucket_pairs(band: np.ndarray, docs: np.ndarray, n: int) -> np.ndarray:
     if (~same & (mixed[order[1:]] == mixed[order[:-1]])).any():  # two different rows, one mix: sort the rows
         order = np.lexsort(band.T[::-1])
         same = (band[order[1:]] == band[order[:-1]]).all(axis=1)
+    return order, same
+
+
+def _bucket_pairs(band: np.ndarray, docs: np.ndarray, n: int) -> np.ndarray:
+    """Pairs of `docs` whose rows of `band` are equal, each as the code i * n + j with i < j: what the
+    band's MinHashLSH hashtable puts in one bucket."""
+    order, same = _runs(band)
     if not same.any():
         return np.zeros(0, np.int64)
     starts = np.flatnonzero(np.concatenate([[True], ~same]))
@@ -124,8 +135,8 @@ def insert_all(lsh, signatures: np.ndarray, docs: np.ndarray) -> None:
 
 def _redis_pairs(fp: Fingerprints, docs: np.ndarray, params: tuple[int, int], storage: dict[str, Any],
                  redis_url: str) -> list[np.ndarray]:
-    """candidate_pairs' codes from a MinHashLSH on Redis: all documents inserted, then each document that
-    sits in a shared bucket queried; the run's keys are deleted at the end, whatever happens."""
+    """candidate_pairs' codes from a MinHashLSH on Redis: all documents inserted, then queried, those
+    that sit in a shared bucket (_to_query); the run's keys are deleted at the end, whatever happens."""
     from datasketch import MinHashLSH
 
     client = _connect(storage, redis_url)
@@ -134,7 +145,7 @@ def _redis_pairs(fp: Fingerprints, docs: np.ndarray, params: tuple[int, int], st
     try:
         insert_all(lsh, fp.signatures, docs)
         codes = []
-        for k in _in_shared_buckets(lsh, fp.signatures, docs, params).tolist():
+        for k in _to_query(fp.signatures, docs, params).tolist():
             found = np.array([int.from_bytes(key, "big") for key in lsh.query(sketch(fp.signatures[k]))], np.int64)
             found = found[found != k]
             codes.append(np.minimum(found, k) * n + np.maximum(found, k))
@@ -145,22 +156,15 @@ def _redis_pairs(fp: Fingerprints, docs: np.ndarray, params: tuple[int, int], st
             client.delete(*keys[start:start + 10_000])
 
 
-def _in_shared_buckets(lsh, signatures: np.ndarray, docs: np.ndarray, params: tuple[int, int]) -> np.ndarray:
-    """The `docs` that share a bucket with another, by the index's bucket counts (get_counts): only they
-    have a candidate, so only they are queried. A bucket's key is its band's values big-endian, as
-    MinHashLSH writes it; should the two ever disagree (the matched documents do not add up to the
-    counts), every document is queried."""
-    bands, rows = params
+def _to_query(signatures: np.ndarray, docs: np.ndarray, params: tuple[int, int]) -> np.ndarray:
+    """The `docs` whose queries find every candidate pair: of each bucket of two or more, every member
+    but the last (the last one's pairs are found from the others). MinHashLSH's bucket key is a
+    one-to-one function of the band (no hashfunc here), so its buckets are the groups of equal bands
+    found in memory: no need to read the whole index's bucket counts from Redis."""
     wanted = np.zeros(len(docs), dtype=bool)
-    for t, counts in enumerate(lsh.get_counts()):
-        shared = {key for key, count in counts.items() if count > 1}
-        if not shared:
-            continue
-        band = np.ascontiguousarray(signatures[docs, t * rows:(t + 1) * rows].astype(">u4"))
-        inside = np.fromiter((key in shared for key in band.view(f"V{rows * 4}").ravel().tolist()), bool, len(docs))
-        if inside.sum() != sum(counts[key] for key in shared):
-            return docs
-        wanted |= inside
+    for band in _bands(signatures, docs, params):
+        order, same = _runs(band)
+        wanted[order[:-1][same]] = True
     return docs[wanted]
 
 
