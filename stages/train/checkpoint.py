@@ -133,11 +133,16 @@ def save(root: Path, step: int, *, model, optimizer, state: dict[str, Any], best
         torch.save(moments, tmp / "optimizer.pt")
         torch.save(rng_state(), tmp / "rng.pt")
         io.write_json(tmp / "state.json", state)
+    prune(root, keep)
+    return target
+
+
+def prune(root: Path, keep: int) -> None:
+    """Keep the newest `keep` checkpoints (any backend's), and no half-written one."""
     for old in steps(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     for stale in root.glob(".step-*.tmp"):  # left by a run killed mid-save
         shutil.rmtree(stale, ignore_errors=True)
-    return target
 
 
 def load(path: Path, *, model, optimizer) -> tuple[dict[str, Any], dict[str, Any] | None]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import importlib.util
 import platform
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -292,10 +291,7 @@ def save_checkpoint(folder: Path, step: int, model, optimizer, best: dict[str, A
         if best is not None:
             mx.save_safetensors(str(tmp / "best.safetensors"), best)
         io.write_json(tmp / "state.json", state)
-    for old in checkpoint.steps(folder)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    for stale in folder.glob(".step-*.tmp"):  # left by a run killed mid-save
-        shutil.rmtree(stale, ignore_errors=True)
+    checkpoint.prune(folder, keep)
     return target
 
 
