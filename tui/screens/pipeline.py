@@ -40,7 +40,6 @@ class PipelineScreen(Screen):
         Binding("r", "run_selected", "Run task"),
         Binding("f", "forget_selected", "Forget"),
         Binding("x", "stop_run", "Stop"),
-        Binding("tab", "focus_next", "Log/Tasks", show=False),
     ]
 
     def __init__(self) -> None:
