@@ -29,14 +29,17 @@ def strip_html(text: Any) -> str:
     return _text.one_line(_text.html_to_text(_shape.text(text, strip=False)))
 
 
-def index_rows(doc: Any) -> list[dict[str, Any]]:
+def index_rows(doc: Any, strict: bool = False) -> list[dict[str, Any]]:
     """The guidance rows of the index, with the PDF media id when the row links one. An index of another shape
-    (not a list of rows, nor an object with a "data" list) raises SourceError (fetch retries it, parse reports
-    it); a row that is not an object, or a field that is not text, counts as absent."""
+    (not a list of rows, nor an object with a "data" list; `strict`, as fetch asks: a row that is not an object)
+    raises BadIndex (fetch retries it, parse reports it); otherwise a row that is not an object, or a field that
+    is not text, counts as absent."""
     rows = doc if isinstance(doc, list) else _shape.obj(doc).get("data")
     if not isinstance(rows, list):
         raise BadIndex(f"the guidance index is a JSON {type(doc).__name__} without a list of rows "
-                          f"(expected [...] or {{\"data\": [...]}})")
+                       f"(expected [...] or {{\"data\": [...]}})")
+    if strict and not all(isinstance(row, dict) for row in rows):
+        raise BadIndex("the guidance index has rows that are not objects")
     out = []
     for row in _shape.objs(rows):
         media = _MEDIA.search(_shape.text(row.get("field_associated_media_2")))
@@ -85,7 +88,7 @@ class FdaGuidance(Source):
         with http.Client(self.name, self.api, self.params) as client:
             if not state:
                 reply = client.get(self.param("index_path"),
-                                   check=lambda r: index_rows(r.json()))  # rows of another shape are retried, then one line: not a crash
+                                   check=lambda r: index_rows(r.json(), strict=True))  # rows of another shape: retried, then one line
                 store.put(INDEX, reply.content)
                 rows = [r for r in index_rows(reply.json()) if r["media"]
                         and (not status or r["status"].lower() == status.lower())

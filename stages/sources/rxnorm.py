@@ -40,6 +40,18 @@ def _groups(block: Any) -> dict[str, list[dict]]:
     return out
 
 
+def _strict_groups(doc: Any) -> None:
+    """What fetch accepts from drugs.json: {"drugGroup": {"conceptGroup": [{"conceptProperties": [{...}]}]}}
+    (null where RxNav leaves a part out); another shape raises ValueError, so the client retries, then fails
+    in one line, instead of storing it (parse would read it as no products)."""
+    group = doc.get("drugGroup") if isinstance(doc, dict) else None
+    if not isinstance(doc, dict) or not isinstance(group, (dict, type(None))):
+        raise ValueError("drugs.json without a drugGroup object")
+    for concept in (group or {}).get("conceptGroup") or []:
+        if not isinstance(concept, dict) or not all(isinstance(c, dict) for c in concept.get("conceptProperties") or []):
+            raise ValueError("a conceptGroup that is not a list of objects with conceptProperties objects")
+
+
 class RxNorm(Source):
     kind = "rxnorm"
     licence = "RxNorm: free; UMLS licence terms apply to some source vocabularies (https://www.nlm.nih.gov/research/umls/rxnorm/docs/termsofservice.html)"
@@ -67,7 +79,7 @@ class RxNorm(Source):
                 else:
                     name = state["names"][0]
                     reply = client.get("drugs.json", {"name": name},  # a drugGroup of another shape is retried, not a crash
-                                       check=lambda r: _groups(r.json().get("drugGroup") or {}))
+                                       check=lambda r: _strict_groups(r.json()))
                     store.put(f"drugs-{_slug(name)}.json", reply.content)
                     scd = _groups(reply.json().get("drugGroup") or {}).get("SCD", [])
                     state["rxcuis"] += [c["rxcui"] for c in scd[:per_name] if str(c.get("rxcui", "")).isdigit()]
