@@ -89,4 +89,7 @@ def parse_command(args) -> int:
     manifest = {"pages": [{"name": path.name, "retrieved_at": ""}]}
     for row in examples_from_pages(source, kind, manifest, path.parent, page_dir=path.parent):
         sys.stdout.buffer.write(io.dumps(row) + b"\n")
+    if source.skipped:  # on stderr: stdout stays the examples
+        sys.stdout.flush()
+        print(f"medforge parse: {skipped_line(source.skipped)}", file=sys.stderr)
     return 0
