@@ -15,7 +15,7 @@ from tui.messages import ChatDone, ChatToken, MemoryReading
 
 from tests.gguf_project import make_lora
 from tests.models import make_tiny_model
-from tui_support import make_project, project_env, wait_for, wait_sync
+from tui_support import make_project, project_env, screen_text, wait_for, wait_sync
 
 pytestmark = pytest.mark.anyio
 
@@ -259,3 +259,8 @@ async def test_switching_the_model_keeps_each_models_conversation(plain_project)
         assert left.model is None and transcript.text == "" and left.history == []
         await pilot.press("ctrl+n")
         assert left.model == "tiny" and transcript.text == adapter_text
+        await pilot.press("escape")  # out of the input: the footer shows every key it has, uncut at 80 columns
+        await pilot.pause(0.2)
+        footer = screen_text(app).splitlines()[-1]
+        for key in ("^n Model", "^b Side by side", "esc Stop", "^l Clear", "? Help", "q Quit", "^p palette"):
+            assert key in footer, (key, footer)

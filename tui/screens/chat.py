@@ -155,7 +155,7 @@ class ChatScreen(Screen):
         Binding("ctrl+b", "toggle_side", "Side by side"),
         Binding("escape", "stop", "Stop"),
         Binding("ctrl+l", "clear", "Clear"),
-        Binding("i", "focus_input", "Type"),
+        Binding("i", "focus_input", "Type", show=False),  # the bar says it: the footer has no room at 80 columns
     ]
 
     def __init__(self) -> None:
@@ -230,7 +230,7 @@ class ChatScreen(Screen):
         from stages.chat import URL_ENV
         if os.environ.get(URL_ENV):
             bar.append(f" via {os.environ[URL_ENV]}", style="dim")
-        bar.append(" · esc leaves the input", style="dim")
+        bar.append(" · esc leaves the input, i comes back", style="dim")
         self.query_one("#chat-bar", Static).update(bar)
 
     def action_next_model(self) -> None:
