@@ -49,7 +49,7 @@ async def _until(pilot, condition, timeout: float) -> bool:
 
 def _trained(root: Path, app) -> list[str]:
     names = sorted(app.cfg.adapters) if app.cfg is not None else []
-    return [n for n in names if (root / layout.lora_dir(n)).is_dir()]
+    return [n for n in names if (root / layout.lora_weights(n)).exists()]  # what chat needs, GGUF or not
 
 
 async def project_ready(app, pilot, root: Path, view: str) -> list[str]:
