@@ -335,6 +335,31 @@ async def test_transcript_wraps_streamed_text_and_never_reads_markup():
         assert t.text == "" and t.lines == [""]
 
 
+async def test_task_log_keeps_its_last_lines_and_stays_at_the_tail():
+    from textual.app import App
+
+    from tui.widgets.task_log import TaskLog
+
+    class One(App):
+        def compose(self):
+            yield TaskLog(max_lines=20)
+
+    app = One()
+    async with app.run_test(size=(30, 6)) as pilot:
+        log = app.query_one(TaskLog)
+        assert log.log_lines == []
+        log.write_lines(["", "after an empty first line"])  # an empty line is a line
+        assert log.log_lines == ["", "after an empty first line"]
+        for i in range(0, 100, 7):
+            log.write_lines([f"line {n} " + "x" * (n % 40) for n in range(i, min(i + 7, 100))])
+        await pilot.pause()
+        assert 20 <= len(log.log_lines) <= 25 and log.log_lines[-1].startswith("line 99 ")  # the oldest dropped
+        assert "".join(log.lines) == "".join(log.log_lines)  # what is kept is all shown, wrapped
+        assert log.scroll_offset.y == log.max_scroll_y > 0
+        log.clear()
+        assert log.log_lines == [] and log.text == ""
+
+
 async def test_task_log_wraps_long_lines_shows_markup_literally_and_follows_the_tail(project):
     """A log line longer than the terminal wraps (nothing cut, no sideways scroll); `[bold]`, `[/]` and
     `[red` show as written; lines appended while the log is shown appear at the bottom, in view."""
