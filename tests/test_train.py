@@ -226,10 +226,19 @@ def test_grad_accum_and_epochs_set_the_step_count(tmp_path, monkeypatch, tiny_ba
     assert train.run(cfg, "coding")["steps"] == 8
 
 
-def test_missing_base_model_names_the_key(tmp_path, monkeypatch):
-    from stages import train
+def test_missing_base_model_names_the_key(tmp_path, monkeypatch, tiny_base):
+    import shutil
 
-    cfg = project(tmp_path, monkeypatch, str(tmp_path / "no-such-model"))
+    from stages import train
+    from stages.config import ConfigError
+
+    with pytest.raises(ConfigError) as refused:  # refused at load, before any stage runs
+        project(tmp_path, monkeypatch, str(tmp_path / "no-such-model"))
+    assert len(refused.value.problems) == 1 and "'base_model'" in refused.value.problems[0]
+    base = tmp_path / "gone-model"
+    shutil.copytree(tiny_base, base)
+    cfg = project(tmp_path, monkeypatch, str(base))
+    shutil.rmtree(base)  # deleted after the config loaded: the stage names the key too
     with pytest.raises(StageError, match=r"'base_model'.*not found") as err:
         train.run(cfg, "coding")
     assert "\n" not in str(err.value)

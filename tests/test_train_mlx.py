@@ -250,8 +250,9 @@ def test_early_stopping_keeps_the_best_adapter(tmp_path, monkeypatch, tiny_base)
 
     from stages import train
 
-    # lr = 0: validation never improves on the start, so patience 2 at every 2 steps stops after step 4
-    cfg = project(tmp_path, monkeypatch, tiny_base, steps=20, lr=0.0, extra="eval_every = 2\npatience = 2")
+    # lr = 1e-30 (0 is refused at load): updates far below the loss's fp32 resolution, so validation never
+    # improves on the start, and patience 2 at every 2 steps stops after step 4
+    cfg = project(tmp_path, monkeypatch, tiny_base, steps=20, lr=1e-30, extra="eval_every = 2\npatience = 2")
     summary = train.run(cfg, "coding")
     assert summary["stopped_early"] and summary["steps_done"] == 4 and summary["best_step"] == 0
     assert [v["step"] for v in metric_lines("val")] == [0, 2, 4]
