@@ -36,7 +36,11 @@ class TopBar(Static):
                 bar.append(f" {key} " if compact else f" {key} {label} ", style="dim")
         bar.append("  ")
         bar.append("● " if self.running else "○ ", style="bold cyan" if self.running else "dim")
-        bar.append(self.run_text, style="cyan" if self.running else "")
+        run_text = self.run_text
+        # too long for the line: drop its last details (" · doit (pid …, started from …)") before cutting the rest
+        while 0 < self.size.width < bar.cell_len + len(run_text) and " · " in run_text:
+            run_text = run_text.rsplit(" · ", 1)[0]
+        bar.append(run_text, style="cyan" if self.running else "")
         bar.no_wrap = True
         bar.overflow = "ellipsis"
         return bar
