@@ -57,7 +57,7 @@ def task_normalize():
     for s in CFG.enabled_sources():
         yield {"name": s.name, "actions": stage("normalize", s.name),
                "file_dep": [str(layout.raw_manifest(s.name))] + layout.code("normalize.py") + layout.source_code(s.kind),
-               "targets": [str(layout.examples_file(s.name))]}
+               "targets": [str(layout.examples_file(s.name)), str(layout.normalize_report(s.name))]}
 
 
 def task_dedup():
