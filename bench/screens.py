@@ -69,8 +69,16 @@ async def project_ready(app, pilot, root: Path, view: str) -> list[str]:
             if pick[0].startswith("train:") and app.running:
                 await _until(pilot, lambda: pick[0] in screen.progress, 10)
     elif view == "training":
-        if not await _until(pilot, lambda: app.screen.curves.steps and app.screen.memory is not None, 30):
-            lacking.append("no training metrics yet")
+        shows_curves = lambda: app.screen.curves.steps and app.screen.memory is not None  # noqa: E731
+        if not await _until(pilot, shows_curves, 15):
+            # the task training now has no steps yet: show an adapter that has them ("]"), if one does
+            for _ in range(len(app.cfg.adapters) - 1 if app.cfg is not None else 0):
+                await pilot.press("right_square_bracket")
+                if await _until(pilot, shows_curves, 10):
+                    lacking.append(f"the adapter training now has no steps yet: {app.screen.adapter} shown")
+                    break
+            else:
+                lacking.append("no training metrics yet")
     elif view == "data":
         if not await _until(pilot, lambda: table_text(app, "#data-sources").strip(), 20):
             lacking.append("no data reports yet")
