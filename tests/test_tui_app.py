@@ -66,7 +66,8 @@ async def test_pipeline_run_all_shows_states_reasons_and_logs(project):
         await wait_for(pilot, lambda: state_of(app, "train:tiny") == "up to date", what="static refresh")
         # select train:tiny and read its log; markup-like text stays literal
         await pilot.press("down", "down")
-        await wait_for(pilot, lambda: "step 12/12" in "\n".join(app.screen.query_one("#log").log_lines), what="log tail")
+        await wait_for(pilot, lambda: "step 12/12" in "\n".join(app.screen.query_one("#log").log_lines),
+                       what="log tail")
         assert "[bold]not markup[/bold] stays literal" in app.screen.query_one("#log").log_lines
         # forget it: doit will run it again, and says so
         await confirm(pilot, "f", "Forget train:tiny?", "the next run runs it again (it took ")

@@ -27,8 +27,9 @@ def key_table() -> Table:
     table = Table(box=None, show_header=False, padding=(0, 2, 0, 0), expand=True)
     table.add_column(style="bold", no_wrap=True)
     table.add_column()
-    groups = [("everywhere", MedforgeApp.BINDINGS + [Binding("ctrl+p", "", "command palette: every action by name"),
-                                                   Binding("tab,shift+tab", "", "focus the next / previous pane (it is tinted)")]),
+    everywhere = [Binding("ctrl+p", "", "command palette: every action by name"),
+                  Binding("tab,shift+tab", "", "focus the next / previous pane (it is tinted)")]
+    groups = [("everywhere", MedforgeApp.BINDINGS + everywhere),
               ("pipeline", PipelineScreen.BINDINGS), ("training", TrainingScreen.BINDINGS),
               ("data", DataScreen.BINDINGS), ("eval", EvalScreen.BINDINGS), ("chat", ChatScreen.BINDINGS)]
     for title, bindings in groups:
