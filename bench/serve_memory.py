@@ -55,6 +55,8 @@ def run_server(root: Path, args: list[str], models: list[str]) -> float:
     import httpx
     import psutil
 
+    from tests.serve_project import stop
+
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("MEDFORGE_API_KEY", None)
@@ -84,13 +86,7 @@ def run_server(root: Path, args: list[str], models: list[str]) -> float:
         time.sleep(0.5)
         return psutil.Process(proc.pid).memory_info().rss / MIB
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+        stop(proc, log)
 
 
 def project(n: int) -> tuple[Path, list[str]]:

@@ -137,14 +137,16 @@ def write_jsonl(target: str | Path, rows: Iterable[Any]) -> bool:
     return write_chunks(target, (dumps(row) + b"\n" for row in rows))
 
 
-def read_jsonl(path: str | Path) -> Iterator[Any]:
+def read_jsonl(path: str | Path, fix: str = "fix or delete the line", error: type[Exception] = ValueError
+               ) -> Iterator[Any]:
+    """The rows of a JSONL file; a line that is not JSON raises `error`, one line naming the file, the line and `fix`."""
     with open(path, "rb") as fh:
         for lineno, line in enumerate(fh, 1):
             if line.strip():
                 try:
                     yield orjson.loads(line)
                 except orjson.JSONDecodeError as exc:
-                    raise ValueError(f"{path}:{lineno}: not valid JSON ({exc}); fix or delete the line") from None
+                    raise error(f"{path}:{lineno}: not valid JSON ({exc}); {fix}") from None
 
 
 def append_jsonl(path: str | Path, row: Any) -> None:

@@ -67,3 +67,16 @@ def build(root: Path, base: Path, adapters: list[str], r: int = 4, scale: float 
     finally:
         os.chdir(old)
     return root
+
+
+def stop(proc, log) -> None:
+    """End a server process started by a test or bench (terminate, then kill after 30 s) and close its log."""
+    import subprocess
+
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    log.close()

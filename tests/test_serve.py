@@ -21,6 +21,7 @@ import pytest
 from stages import gguf
 from stages.errors import StageError
 from tests.models import make_tiny_model, session_tempdir
+from tests.serve_project import stop
 
 openai = pytest.importorskip("openai")
 
@@ -109,13 +110,7 @@ def server(project):
                 time.sleep(0.3)
         yield client, url, proc
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+        stop(proc, log)
 
 
 def chat(client, model: str, i: int, stream: bool) -> str:

@@ -54,18 +54,3 @@ def key(value: Any) -> str | int | None:
     if isinstance(value, int) and not isinstance(value, bool):
         return value
     return None
-
-
-def jsonl_rows(path, fix: str):
-    """The rows of a JSONL page; a line that is not JSON is one SourceError naming the file, the line and `fix`."""
-    import orjson
-
-    from stages.sources import SourceError
-
-    with open(path, "rb") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if line.strip():
-                try:
-                    yield orjson.loads(line)
-                except orjson.JSONDecodeError as exc:
-                    raise SourceError(f"{path}:{lineno}: not valid JSON ({exc}); {fix}") from None

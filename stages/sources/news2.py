@@ -16,7 +16,7 @@ from typing import Any, Iterator
 
 from stages import io
 from stages.news2 import Vitals, score
-from stages.sources import Key, Source, SourceError, _shape
+from stages.sources import Key, Source, SourceError
 
 PAGE = "patients.jsonl"
 # Target bands in rotation: some of each, most in the bands where escalation decisions are made.
@@ -189,7 +189,7 @@ class News2Source(Source):
     def parse(self, page: Path) -> Iterator[dict[str, Any]]:
         """The generator's own page: any row it could not have written (a damaged or edited copy) is an error."""
         fix = f"regenerate with `doit scrape:{self.name}`"
-        for lineno, row in enumerate(_shape.jsonl_rows(page, fix), 1):
+        for lineno, row in enumerate(io.read_jsonl(page, fix, SourceError), 1):
             where = f"{page}:{lineno}"
             if not isinstance(row, dict):
                 raise SourceError(f"{where}: a patient is a JSON {type(row).__name__}, not an object; {fix}")
