@@ -136,11 +136,12 @@ def test_the_dashboard_stops_a_run_started_from_a_script(project):
         assert holder.pid == run.pid and holder.started_by == "shell" and os.getpgid(run.pid) != run.pid
         step = psutil.Process(run.pid).children(recursive=True)
         assert step
-        assert "stopped" in runner.stop(project, grace_s=10)
+        assert "stopped" in runner.stop(project, grace_s=30)
         assert run.wait(10) is not None and runner.current_run(project) is None
         wait_sync(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in step), 10,
                   "the task's process to end too")
-        assert events(project)[-1]["event"] == "run_end"  # SIGINT first: doit ended cleanly
+        wait_sync(lambda: events(project)[-1]["event"] == "run_end", 10,  # SIGINT first: doit ended cleanly
+                  "doit's run_end (its last events can land after its process is gone, under load)")
     finally:
         if run.poll() is None:
             run.kill()
