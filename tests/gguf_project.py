@@ -29,15 +29,17 @@ def adapter_toml(base: Path, merged: str = '["q8_0"]') -> str:
     return f'base_model = "{base}"\n[lora]\nr = 4\nalpha = 8\n[export]\nmerged = {merged}\n'
 
 
-def make_lora(base: Path, out: Path, seed: int = 1, scale: float = 0.6) -> None:
-    """A peft LoRA on every linear layer, with non-zero B matrices so it changes the logits."""
+def make_lora(base: Path, out: Path, seed: int = 1, scale: float = 0.6, r: int = 4, base_tokenizer: bool = False
+              ) -> None:
+    """A peft LoRA on every linear layer, with non-zero B matrices so it changes the logits; saved with the
+    SmolLM2 tokenizer, or with the base folder's own (`base_tokenizer`)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)  # lora_A's init draws from the global generator
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
-    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM",
+    config = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, task_type="CAUSAL_LM",
                         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     peft_model = get_peft_model(model, config)
     gen = torch.Generator().manual_seed(seed)
@@ -46,7 +48,12 @@ def make_lora(base: Path, out: Path, seed: int = 1, scale: float = 0.6) -> None:
             if "lora_B" in name:
                 param.copy_(torch.randn(param.shape, generator=gen) * scale)
     peft_model.save_pretrained(str(out))
-    smollm2_tokenizer().save_pretrained(str(out))
+    if base_tokenizer:
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(str(base)).save_pretrained(str(out))
+    else:
+        smollm2_tokenizer().save_pretrained(str(out))
 
 
 def write_project(root: Path) -> Path:

@@ -1,41 +1,20 @@
 """A throwaway project for `medforge serve`: a base GGUF and N adapters' LoRA GGUFs (plus merged f16 GGUFs).
 
 Shared by tests/test_serve.py (a tiny random base) and bench/serve_memory.py (any HF base folder,
-e.g. the embedded SmolLM2-135M). The LoRAs are random peft adapters (tests.gguf_project.make_lora's
-recipe, at the rank asked) converted by llama.cpp's own converter: no training, no verification.
+e.g. the embedded SmolLM2-135M). The LoRAs are random peft adapters (tests.gguf_project.make_lora,
+at the rank asked) converted by llama.cpp's own converter: no training, no verification.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def make_lora(base: Path, out: Path, seed: int, r: int = 4, scale: float = 0.6) -> None:
-    """A peft LoRA on every linear layer with random non-zero B matrices, saved with the base's tokenizer."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
-    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, task_type="CAUSAL_LM",
-                                                  target_modules=LORA_TARGETS))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * scale)
-    peft_model.save_pretrained(str(out))
-    AutoTokenizer.from_pretrained(str(base)).save_pretrained(str(out))
-
-
 def build(root: Path, base: Path, adapters: list[str], r: int = 4, scale: float = 0.6,
           merged: tuple[str, ...] = ()) -> Path:
     """sources.toml, adapters/<name>/adapter.toml on `base`, data/gguf/<base>/base-f16.gguf and each adapter's
     out/gguf/lora-f16.gguf; for names in `merged`, also out/gguf/merged-f16.gguf. Returns root."""
     from stages import config, export, layout, llamacpp
+    from tests.gguf_project import make_lora
 
     root.mkdir(parents=True, exist_ok=True)
     (root / "sources.toml").write_text(
@@ -57,7 +36,7 @@ def build(root: Path, base: Path, adapters: list[str], r: int = 4, scale: float 
         for seed, name in enumerate(adapters, start=1):
             lora = layout.lora_dir(name)
             if not layout.lora_gguf(name).exists():
-                make_lora(base, lora, seed=seed, r=r, scale=scale)
+                make_lora(base, lora, seed=seed, r=r, scale=scale, base_tokenizer=True)
                 layout.gguf_dir(name).mkdir(parents=True, exist_ok=True)
                 llamacpp.convert_lora(lora, base, layout.lora_gguf(name), "f16")
             if name in merged and not layout.merged_gguf(name, "f16").exists():
