@@ -41,7 +41,9 @@ rate = 1.5
 
 
 def start_shell_run(project: Project, *tasks: str, env: dict | None = None) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "doit", *tasks], cwd=project.root, env={**project.env(), **(env or {})},
+    # a shell run even when the suite itself runs in CI (CI=true there would make it a "ci" run)
+    env = {**project.env(), "CI": "", lock.STARTED_BY_ENV: "", **(env or {})}
+    proc = subprocess.Popen([sys.executable, "-m", "doit", *tasks], cwd=project.root, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 60
     while not any(e["event"] == "task_start" and e.get("pid") == proc.pid for e in project.events()):
