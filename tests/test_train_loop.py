@@ -3,7 +3,10 @@ Python and numpy with a fixed loss curve, is driven by the real loop through the
 the loop's schedule, accumulation, validation, early stopping, checkpoints, resume and summary show."""
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -193,3 +196,14 @@ def test_checkpoints_of_another_recipe_are_not_resumed(tmp_path):
     summary = run(tmp_path, backend, lr=0.5)  # another trajectory: its fingerprint differs
     assert summary["resumed_from"] is None and [s["step"] for s in backend.steps] == list(range(12))
     assert not lines(tmp_path, "resume")
+
+
+def test_peak_memory_is_the_training_process_own_not_its_parent(tmp_path):
+    """A training started by a big process (the dashboard, pytest) reports its own peak resident memory:
+    ru_maxrss would count the parent's resident set at the fork."""
+    held = bytearray(1 << 30)
+    held[::4096] = b"\1" * len(held[::4096])  # touch every page: 1 GiB resident here
+    code = "from stages.train.metrics import peak_rss; print(peak_rss())"
+    peak = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).parents[1], env={**os.environ}).stdout)
+    assert 1 << 20 < peak < 512 << 20, f"{peak >> 20} MiB"

@@ -24,14 +24,24 @@ from stages import io
 PROGRESS_SECONDS = 30.0  # headless: a plain progress line at least this often
 
 
-def memory(device: str) -> dict[str, int]:
+def peak_rss() -> int:
+    """This process's peak resident memory in bytes. On Linux from VmHWM: ru_maxrss also counts the parent's
+    resident set at the fork, so a child of a big process (pytest, the dashboard) reported the parent's size."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     import resource
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS, KiB elsewhere
+    return peak if sys.platform == "darwin" else peak * 1024
 
+
+def memory(device: str) -> dict[str, int]:
     import psutil
 
-    # ru_maxrss is KiB on Linux (bytes on macOS)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    out = {"rss": psutil.Process().memory_info().rss, "rss_peak": peak if sys.platform == "darwin" else peak * 1024}
+    out = {"rss": psutil.Process().memory_info().rss, "rss_peak": peak_rss()}
     if device == "cuda":
         import torch
         out["cuda_allocated"] = torch.cuda.memory_allocated()
