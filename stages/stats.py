@@ -1,0 +1,94 @@
+"""Error bars and paired verdicts for eval metrics: does the adapter do better than the base on the same items?
+
+Pure (math + numpy), deterministic (fixed seeds): the same scores give the same report on every machine.
+- a rate (per-example 0/1): Wilson score interval, which stays inside [0, 1] and honest at small n or near 0 %/100 %;
+- a mean of anything else (NEWS2 absolute error): percentile bootstrap interval;
+- adapter vs base on the same items: exact McNemar (binomial on the discordant pairs) for 0/1 scores, a paired
+  sign-flip permutation test on the differences otherwise. The verdict is "better" / "worse" only at p < ALPHA.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+
+Z95 = 1.959963984540054  # two-sided 95 %
+ALPHA = 0.05
+RESAMPLES = 4000
+SEED = 20261205
+BETTER, WORSE, SAME = "better", "worse", "no detectable difference"
+
+
+def is_binary(values: Sequence[float]) -> bool:
+    return all(v in (0.0, 1.0) for v in values)
+
+
+def wilson(successes: float, n: int, z: float = Z95) -> tuple[float, float]:
+    if n == 0:
+        return (0.0, 1.0)
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def bootstrap_mean(values: Sequence[float], resamples: int = RESAMPLES, seed: int = SEED) -> tuple[float, float]:
+    data = np.asarray(values, dtype=np.float64)
+    if data.size == 0:
+        return (math.nan, math.nan)
+    rng = np.random.default_rng(seed)
+    means = data[rng.integers(0, data.size, size=(resamples, data.size))].mean(axis=1)
+    low, high = np.quantile(means, [0.025, 0.975])
+    return (float(low), float(high))
+
+
+def estimate(values: Sequence[float]) -> dict[str, float]:
+    """{"value", "low", "high", "n"}: the mean with its 95 % interval."""
+    n = len(values)
+    value = sum(values) / n if n else math.nan
+    low, high = wilson(sum(values), n) if is_binary(values) else bootstrap_mean(values)
+    return {"value": value, "low": low, "high": high, "n": n}
+
+
+def mcnemar_p(base: Sequence[float], adapter: Sequence[float]) -> float:
+    """Exact two-sided McNemar: among the items where exactly one model is right, is the split 50/50?"""
+    b = sum(1 for x, y in zip(base, adapter) if x > y)  # base right, adapter wrong
+    c = sum(1 for x, y in zip(base, adapter) if y > x)
+    n = b + c
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(b, c) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def permutation_p(base: Sequence[float], adapter: Sequence[float], resamples: int = RESAMPLES,
+                  seed: int = SEED) -> float:
+    """Paired sign-flip test on the mean difference (two-sided), with the observed assignment counted."""
+    diff = np.asarray(adapter, dtype=np.float64) - np.asarray(base, dtype=np.float64)
+    if diff.size == 0 or not diff.any():
+        return 1.0
+    observed = abs(diff.mean())
+    signs = np.random.default_rng(seed).choice((-1.0, 1.0), size=(resamples, diff.size))
+    extreme = int((np.abs((signs * diff).mean(axis=1)) >= observed - 1e-12).sum())
+    return (extreme + 1) / (resamples + 1)
+
+
+def compare(base: Sequence[float], adapter: Sequence[float], higher_is_better: bool) -> dict:
+    """Adapter vs base on the same items (pairs in order): both estimates, the difference, p and the verdict."""
+    if len(base) != len(adapter):
+        raise ValueError(f"paired scores differ in length: base {len(base)}, adapter {len(adapter)}")
+    binary = is_binary(base) and is_binary(adapter)
+    p = mcnemar_p(base, adapter) if binary else permutation_p(base, adapter)
+    diff = (sum(adapter) - sum(base)) / len(base) if base else 0.0
+    verdict = SAME
+    if p < ALPHA and diff:
+        verdict = BETTER if (diff > 0) == higher_is_better else WORSE
+    return {"base": estimate(base), "adapter": estimate(adapter), "diff": diff, "p": p,
+            "test": "mcnemar" if binary else "permutation", "verdict": verdict}
+
+
+def separated(comparison: dict) -> bool:
+    """The stricter reading: the two 95 % intervals do not overlap."""
+    a, b = comparison["adapter"], comparison["base"]
+    return a["low"] > b["high"] or b["low"] > a["high"]
