@@ -40,7 +40,7 @@ import orjson
 
 from stages import io
 from stages.schema import Key
-from stages.sources import SourceError
+from stages.errors import SourceError
 
 VERSION = "0.1.0"
 USER_AGENT = f"medforge/{VERSION} (medical LoRA data pipeline; python-httpx)"

@@ -40,15 +40,11 @@ _HERE = Path(__file__).parent
 KINDS = {p.stem: f"stages.sources.{p.stem}" for p in sorted(_HERE.glob("*.py")) if not p.stem.startswith("_")}
 
 
-from stages.errors import StageError
+from stages.errors import SourceError  # defined at the bottom (stages.errors); sources import it from here
 from stages.schema import Key, check_value
 
 
 SKIP_EXAMPLES = 5  # where the first few skipped rows of each reason were, for the report
-
-
-class SourceError(StageError):
-    """A source cannot do its job; the message names the source and what to do."""
 
 
 class Source:
