@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from stages import evaluate, news2
+from stages import evaluate
+from stages.sources import icd10cm, news2, scored_tasks
 from stages.sources.icd10cm import Icd10cmSource
 from stages.sources.news2 import News2Source, generate_patient
 
@@ -39,7 +40,7 @@ def gold(row: dict) -> str:
 
 def test_gold_answers_score_perfectly_and_are_read_back():
     for row in icd10_rows() + news2_rows():
-        if row["task"] in evaluate.GENERATED_TASKS:
+        if scored_tasks()[row["task"]].score:
             metrics = evaluate.score_generated(row["task"], gold(row), gold(row))
             headline = {k: v for k, v in metrics.items() if k != "aggregate_mae"}
             assert headline and all(v == 1.0 for v in headline.values()), (row["task"], metrics)
@@ -93,8 +94,8 @@ def test_choice_questions_from_icd10_and_mcq_rows():
     (m,) = by_task["medqa_mcq"]
     assert m["options"] == ["A. Aspirin", "B. Heparin", "C. Warfarin"] and m["gold"] == 1
     for q in by_task["icd10_code"]:
-        code = evaluate.first_code(gold(rows[q["index"]]))
-        assert len(q["options"]) == 1 + evaluate.N_DISTRACTORS and q["options"][q["gold"]] == code
+        code = icd10cm.first_code(gold(rows[q["index"]]))
+        assert len(q["options"]) == 1 + icd10cm.N_DISTRACTORS and q["options"][q["gold"]] == code
         assert len(set(q["options"])) == len(q["options"])
     billable = {gold(rows[q["index"]])[:3]: q["options"][q["gold"]] for q in by_task["icd10_billable"]}
     assert billable == {"Yes": "Yes", "No.": "No"}
@@ -129,4 +130,4 @@ def test_end_of_turn_is_the_last_trained_token():
 @pytest.mark.parametrize("text,code", [("A20.7 (Septicemic plague)", "A20.7"), ("code: E11", "E11"),
                                        ("no code here", None)])
 def test_first_code(text, code):
-    assert evaluate.first_code(text) == code
+    assert icd10cm.first_code(text) == code

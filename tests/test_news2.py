@@ -5,7 +5,7 @@ from collections import Counter
 
 import pytest
 
-from stages.news2 import Vitals, parse_answer, score
+from stages.sources.news2 import Vitals, parse_answer, score
 from stages.scrape import RawStore
 from stages.sources import make
 

@@ -11,6 +11,10 @@ The protocol, in data-flow order:
 - `examples(record)`: one record -> instruction examples `{"task", "messages"}`.
 - `inputs()`: the files on the user's disk that `fetch` reads (doit's file_dep of the scrape:
   editing, adding or removing one re-runs that source alone).
+- `tasks` (optional): how eval scores the answers of its tasks, task name -> `Task`: a greedy
+  answer read back by `score(gold, answer)`, and/or multiple-choice questions built by
+  `choices(rows)` and scored by log-likelihood. The templates that write an answer and the
+  code that reads one back live in the same file; stages.evaluate only calls them.
 
 A page `parse` cannot read at all (wrong kind of file, not JSON, wrong encoding) is a
 `SourceError`: one line naming the file, where in it, and what to do. A single malformed row
@@ -29,9 +33,11 @@ schema cannot say, found without the network (a file it names that does not exis
 """
 from __future__ import annotations
 
+import functools
 import importlib
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Iterator
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator
 
 if TYPE_CHECKING:
     from stages.scrape import RawStore
@@ -47,12 +53,36 @@ from stages.schema import Key, check_value
 SKIP_EXAMPLES = 5  # where the first few skipped rows of each reason were, for the report
 
 
+@dataclass(frozen=True)
+class Task:
+    """How eval scores one task's answers (stages.evaluate calls it for every test row of the task).
+
+    Generated: `score(gold, answer)` -> {metric: value} for one greedy answer of at most
+    `max_new_tokens` tokens, against the gold answer of the test row.
+    Choice: `choices(rows)` -> [(i, options, gold)]: row i of `rows` (this task's rows of one test
+    split) asked as a multiple choice; each option is a continuation of the prompt, the one the
+    model finds likeliest is its pick, `gold` the index of the right one (metric: accuracy).
+    A task may have both. `rates`: the metrics `score` returns that are per-example 0/1 rates
+    (higher is better, shown as percentages); any other metric it returns is an error such as an
+    absolute difference (lower is better).
+    """
+    max_new_tokens: int = 0
+    score: Callable[[str, str], dict[str, float]] | None = None
+    choices: Callable[[list[dict[str, Any]]], list[tuple[int, list[str], int]]] | None = None
+    rates: frozenset[str] = frozenset()
+
+    def __post_init__(self):
+        if self.score is not None and self.max_new_tokens <= 0:
+            raise ValueError("a Task with `score` needs max_new_tokens > 0 (the greedy answer's length)")
+
+
 class Source:
     kind: ClassVar[str]
     licence: ClassVar[str]          # licence of the data, e.g. "MIT", "public domain (US government)"
     origin: ClassVar[str]           # where the data comes from: a URL or "pypi:<package>"
     network: ClassVar[bool] = False  # needs the internet in live mode
     PARAMS: ClassVar[dict[str, Key]] = {}  # [sources.<name>.params]: key -> Key (stages.schema)
+    tasks: ClassVar[dict[str, Task]] = {}  # task name -> how eval scores its answers; unscored tasks absent
 
     def __init__(self, name: str, params: dict[str, Any]):
         self.name = name
@@ -127,3 +157,21 @@ def load(kind: str) -> type[Source]:
 
 def make(name: str, kind: str, params: dict[str, Any]) -> Source:
     return load(kind)(name, params)
+
+
+@functools.cache
+def scored_tasks() -> dict[str, Task]:
+    """Every source kind's scored tasks by name: eval finds a test row's scorer by the row's task.
+
+    A task name belongs to one kind (its rows are that kind's templates), so two kinds scoring
+    the same name is an error rather than a silent pick of one.
+    """
+    owner: dict[str, str] = {}
+    found: dict[str, Task] = {}
+    for kind in KINDS:
+        for name, task in load(kind).tasks.items():
+            if name in owner:
+                raise SourceError(f"task '{name}' is scored by both stages/sources/{owner[name]}.py and "
+                                  f"stages/sources/{kind}.py; rename the task in one of them")
+            owner[name], found[name] = kind, task
+    return found

