@@ -13,8 +13,9 @@ One HTTP server (llama-cpp-python's own OpenAI routes: /v1/chat/completions with
   base:<slug>         the base of adapters trained on another base than the project's default one
 
 Each adapter answers with its own chat template (the tokenizer saved beside its LoRA, else the
-GGUF's) and its own stop tokens (its Modelfile's `PARAMETER stop`). Every GGUF opens through the
-one loader, stages.gguf, with its safe llama.cpp settings.
+GGUF's) and its own stop tokens (its Modelfile's `PARAMETER stop` and its end-of-sequence token),
+in chat completions and in plain /v1/completions alike (added to the request's own `stop`). Every
+GGUF opens through the one loader, stages.gguf, with its safe llama.cpp settings.
 
 Concurrency: one llama.cpp context per base, and requests take turns on it (llama-cpp-python's
 server holds its model lock for a whole request, streaming included). Before each request the
@@ -191,6 +192,7 @@ class Models:
         self.active: dict[Path, str | None] = {}  # base GGUF -> the id whose LoRA its context has
         self.merged: OrderedDict[str, object] = OrderedDict()
         self.handlers: dict[str, object] = {}
+        self.stops: dict[str, tuple[list[str], list[int]]] = {}
         self.lock = threading.Lock()  # the server serializes already; direct callers (tests, bench) too
         for entry in entries:
             if entry.kind == "merged":
@@ -220,6 +222,41 @@ class Models:
                                 f"{', '.join(self.entries)}")
         return entry
 
+    @staticmethod
+    def _token(llm, i: int) -> str:
+        return llm._model.token_get_text(i) if i >= 0 else ""
+
+    def _stops(self, entry: Entry, llm) -> tuple[list[str], list[int]]:
+        """`entry`'s stop strings (its Modelfile's stops and its end-of-sequence token) and the token ids of
+        those that are one token: llama-cpp-python detokenizes special tokens to nothing, so a stop such as
+        <|im_end|> is only seen by its id."""
+        if entry.id not in self.stops:
+            stops = list(dict.fromkeys([*entry.stops, entry.eos or self._token(llm, llm.token_eos())]))
+            stop_ids = []
+            for stop in stops:
+                ids = llm.tokenize(stop.encode("utf-8"), add_bos=False, special=True)
+                if len(ids) == 1:
+                    stop_ids.append(ids[0])
+            self.stops[entry.id] = (stops, stop_ids)
+        return self.stops[entry.id]
+
+    def completion_stops(self, model: str | None):
+        """(stop strings, stopping criteria or None) of `model` for /v1/completions, where no chat handler
+        brings them: the same stops its chat completions use. Called right after __call__ (model lock held)."""
+        import llama_cpp
+
+        entry = self._entry(model)
+        llm = self.merged[entry.id] if entry.kind == "merged" else self.bases[entry.base]
+        stops, stop_ids = self._stops(entry, llm)
+        if not stop_ids:
+            return stops, None
+
+        # the chat formatter's own test (Jinja2ChatFormatter): the last token evaluated is a stop token
+        def stop_on_last_token(tokens, logits) -> bool:
+            return tokens[-1] in stop_ids
+
+        return stops, llama_cpp.StoppingCriteriaList([stop_on_last_token])
+
     def _handler(self, entry: Entry, llm):
         """The chat handler of `entry`: its template (else the GGUF's), its end-of-turn and its stop tokens."""
         handler = self.handlers.get(entry.id)
@@ -232,17 +269,9 @@ class Models:
             self.handlers[entry.id] = None
             return None
 
-        def token(i: int) -> str:
-            return llm._model.token_get_text(i) if i >= 0 else ""
-
-        eos = entry.eos or token(llm.token_eos())
-        bos = entry.bos or token(llm.token_bos())
-        stops = list(dict.fromkeys([*entry.stops, eos]))
-        stop_ids = []
-        for stop in stops:
-            ids = llm.tokenize(stop.encode("utf-8"), add_bos=False, special=True)
-            if len(ids) == 1:
-                stop_ids.append(ids[0])
+        eos = entry.eos or self._token(llm, llm.token_eos())
+        bos = entry.bos or self._token(llm, llm.token_bos())
+        stops, stop_ids = self._stops(entry, llm)
         base_formatter = fmt.Jinja2ChatFormatter(template, eos_token=eos, bos_token=bos,
                                                  stop_token_ids=stop_ids or None)
 
@@ -366,6 +395,33 @@ def fixed_mmap_threshold(size: int = 128 * 1024) -> bool:
         return False
 
 
+def completions_with_model_stops(routes, models: Models) -> None:
+    """Give /v1/completions each model's own stops, as its chat completions have them.
+
+    Chat completions get an adapter's stops from its chat handler; a plain completion goes straight to
+    the model with only the request's `stop`. llama-cpp-python's two completion routes pass the request's
+    keyword arguments through `prepare_request_resources` (after it picks the model) before decoding,
+    streaming or not: wrapped, it adds the model's stop strings and its stop-token test there.
+    """
+    from llama_cpp.server.types import CreateCompletionRequest
+
+    original = getattr(routes.prepare_request_resources, "__wrapped__", routes.prepare_request_resources)
+
+    def prepare(body, llama_proxy, body_model, kwargs):
+        llama = original(body, llama_proxy, body_model, kwargs)
+        if isinstance(body, CreateCompletionRequest) and llama_proxy is models:
+            stops, criteria = models.completion_stops(body_model)
+            asked = kwargs.get("stop") or []
+            asked = [asked] if isinstance(asked, str) else list(asked)
+            kwargs["stop"] = list(dict.fromkeys([*asked, *stops]))
+            if criteria is not None:
+                kwargs["stopping_criteria"] = criteria
+        return llama
+
+    prepare.__wrapped__ = original
+    routes.prepare_request_resources = prepare
+
+
 def build_app(models: Models, api_key: str | None, host: str = "127.0.0.1", port: int = 8000):
     """A FastAPI app with llama-cpp-python's OpenAI routes over `models`."""
     import llama_cpp.server.app as routes
@@ -378,6 +434,7 @@ def build_app(models: Models, api_key: str | None, host: str = "127.0.0.1", port
     # interrupt_requests off: a waiting request must not cut the stream being served (it waits its turn)
     routes.set_server_settings(ServerSettings(host=host, port=port, api_key=api_key, interrupt_requests=False))
     routes._llama_proxy = models
+    completions_with_model_stops(routes, models)
     app = FastAPI(title="medforge serve", middleware=[Middleware(RawContextMiddleware, plugins=(RequestIdPlugin(),))])
     app.include_router(routes.router)
     app.add_middleware(NoRepeatPenaltyByDefault)

@@ -3,7 +3,8 @@
 A real server process on 127.0.0.1 with two tiny adapters (a, b) and a's merged f16 GGUF, driven
 by the `openai` client: interleaved and concurrent requests for base, a, b and a:f16 each give
 the same greedy tokens as that model loaded alone through the one loader (in a child process,
-as native llama.cpp work runs in the tests).
+as native llama.cpp work runs in the tests). Adapter b's Modelfile has a stop string taken from the
+middle of its own greedy completion: its chat and plain completions must end there, the others not.
 """
 from __future__ import annotations
 
@@ -44,6 +45,32 @@ def project() -> Path:
     return build(root, base, ADAPTERS, merged=("a",))
 
 
+@pytest.fixture(scope="module")
+def b_stop(project) -> str:
+    """A stop for adapter b, in its Modelfile (where the export writes its stop tokens): the text of a token
+    in the middle of b's greedy completion of PROMPT that first occurs there, so the completion is cut at it."""
+    model_path, lora = paths(project, "b")
+    pieces = gguf.in_child(completion_pieces, str(model_path), str(lora), doing="decoding b")
+    full = "".join(pieces)
+    for i in range(3, len(pieces)):
+        piece = pieces[i]
+        if piece.strip() and not set(piece) & set('"\\\n') and full.find(piece) == len("".join(pieces[:i])):
+            modelfile = project / "adapters" / "b" / "out" / "gguf" / "Modelfile"
+            modelfile.write_text(f'FROM ./lora-f16.gguf\nPARAMETER stop "{piece}"\n', encoding="utf-8")
+            return piece
+    pytest.fail(f"no token of b's completion can serve as a stop: {pieces}")
+
+
+def completion_pieces(model_path: str, lora_path: str | None) -> list[str]:
+    """Runs in a child: the text of each token of the model's greedy completion of PROMPT, without stops."""
+    llm = gguf.load(model_path, lora_path, n_ctx=N_CTX)
+    try:
+        return [c["choices"][0]["text"] for c in
+                llm.create_completion(PROMPT, max_tokens=MAX_TOKENS, temperature=0.0, stream=True)]
+    finally:
+        llm.close()
+
+
 def paths(root: Path, model: str) -> tuple[Path, Path | None]:
     """(model GGUF, LoRA GGUF) that `model` stands for, loaded alone."""
     base = next((root / "data" / "gguf").glob("*/base-f16.gguf"))
@@ -55,26 +82,30 @@ def paths(root: Path, model: str) -> tuple[Path, Path | None]:
     return base, root / "adapters" / model / "out" / "gguf" / "lora-f16.gguf"
 
 
-def alone(model_path: str, lora_path: str | None) -> dict:
-    """Runs in a child: the model loaded alone through the one loader; greedy chat and completion text."""
+def alone(model_path: str, lora_path: str | None, stops: list[str]) -> dict:
+    """Runs in a child: the model loaded alone through the one loader, asked with its adapter's stops;
+    greedy chat and completion text."""
     llm = gguf.load(model_path, lora_path, n_ctx=N_CTX)
     try:
         llm.chat_format = "chat_template.default"
-        chats = [llm.create_chat_completion(messages=m, max_tokens=MAX_TOKENS, temperature=0.0)
+        chats = [llm.create_chat_completion(messages=m, max_tokens=MAX_TOKENS, temperature=0.0, stop=stops)
                  ["choices"][0]["message"]["content"] for m in CHATS]
         llm.reset()
-        completion = llm.create_completion(PROMPT, max_tokens=MAX_TOKENS, temperature=0.0)["choices"][0]["text"]
-        return {"chats": chats, "completion": completion}
+        completion = llm.create_completion(PROMPT, max_tokens=MAX_TOKENS, temperature=0.0, stop=stops)
+        return {"chats": chats, "completion": completion["choices"][0]["text"],
+                "finish": completion["choices"][0]["finish_reason"]}
     finally:
         llm.close()
 
 
 @pytest.fixture(scope="module")
-def expected(project) -> dict[str, dict]:
+def expected(project, b_stop) -> dict[str, dict]:
     out = {}
     for model in MODELS:
         model_path, lora = paths(project, model)
-        out[model] = gguf.in_child(alone, str(model_path), str(lora) if lora else None, doing=f"decoding {model}")
+        stops = [b_stop] if model == "b" else []
+        out[model] = gguf.in_child(alone, str(model_path), str(lora) if lora else None, stops,
+                                   doing=f"decoding {model}")
     # the test means something only if the adapters change the greedy tokens
     assert len({str(v) for v in out.values()} - {str(out["a"])}) >= 2, out
     assert out["a"] != out["b"] and out["a"] != out["base"] and out["b"] != out["base"]
@@ -88,7 +119,7 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(project):
+def server(project, b_stop):
     port = free_port()
     env = {**os.environ, "MEDFORGE_API_KEY": KEY, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     log = tempfile.TemporaryFile()  # not a pipe nobody reads while it runs
@@ -143,6 +174,24 @@ def test_interleaved_requests_give_each_models_own_greedy_tokens(server, expecte
             for i in range(len(CHATS)):
                 assert chat(client, model, i, stream=bool((i + round_) % 2)) == expected[model]["chats"][i], model
             assert complete(client, model, stream=bool(round_)) == expected[model]["completion"], model
+
+
+def test_a_completion_stops_where_the_adapters_stop_says(server, expected, project, b_stop):
+    client, _, _ = server
+    model_path, lora = paths(project, "b")
+    full = "".join(gguf.in_child(completion_pieces, str(model_path), str(lora), doing="decoding b"))
+    cut = full[:full.index(b_stop)]
+    assert expected["b"]["completion"] == cut and expected["b"]["finish"] == "stop"
+    for model in ("a", "b", "base", "b"):
+        reply = client.completions.create(model=model, prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0).choices[0]
+        assert reply.text == expected[model]["completion"] and reply.finish_reason == expected[model]["finish"], model
+        assert complete(client, model, stream=True) == expected[model]["completion"], model
+    # the request's own stops still count beside the adapter's
+    asked = cut[2:4]
+    assert len(asked) == 2, cut
+    early = client.completions.create(model="b", prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0,
+                                      stop=[asked]).choices[0].text
+    assert early == cut[:cut.index(asked)]
 
 
 def test_concurrent_requests_for_different_adapters_do_not_mix(server, expected):
