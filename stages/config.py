@@ -2,7 +2,7 @@
 
 Every problem becomes one line naming the file, the key, what was expected and what
 to do; `load()` raises ConfigError carrying all of them, and nothing runs.
-Importing this module is cheap (stdlib only): dodo.py imports it on every `doit`.
+Importing this module is cheap (stdlib and the light modules beneath it): dodo.py imports it on every `doit`.
 """
 from __future__ import annotations
 
@@ -13,20 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stages import layout, sources as source_kinds
+from stages.errors import ConfigError, StageError  # ConfigError is defined at the bottom; read from here too
 from stages.schema import REQUIRED, Key, check, check_value
 
 SOURCES_FILE = "sources.toml"
 ADAPTERS_DIR = "adapters"
 DEFAULT_BASE_MODEL = "embedded:smollm2-135m-instruct"
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_\-]*$")
-
-
-class ConfigError(Exception):
-    """One or more configuration problems, one line each."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = problems
-        super().__init__("\n".join(problems))
 
 
 # --- every key of sources.toml and adapter.toml, as data (stages/schema.py checks them; sources declare
@@ -76,6 +70,8 @@ TRAIN_SCHEMA = {
     "optimizer": Key(str, "auto", choices=("auto", "adamw", "paged_adamw")),  # auto = paged on CUDA
     "lint_examples": Key(int, 3, min=0),       # examples `lint:<adapter>` renders with trained tokens marked
     "max_truncated": Key(float, 0.05, min=0, max=1, expect="a share between 0 and 1"),  # lint fails above it
+    "nnodes": Key(int, 1, min=1),              # machines training together (torchrun); see stages/train/distributed.py
+    "master": Key(str, "", pattern=r"[^\s:]+:[0-9]{1,5}", expect="host:port of node 0"),  # with nnodes > 1
 }
 # what a preset sets; keys written in the recipe win
 TRAIN_PRESETS = {
@@ -178,7 +174,6 @@ class Config:
     def adapter(self, name: str) -> AdapterConfig:
         """The adapter `name`, or a StageError naming its missing adapter.toml and the known adapters."""
         if name not in self.adapters:
-            from stages.errors import StageError
             raise StageError(f"unknown adapter '{name}': {ADAPTERS_DIR}/{name}/adapter.toml not found; known adapters: "
                              f"{', '.join(sorted(self.adapters)) or 'none'}")
         return self.adapters[name]
@@ -246,8 +241,6 @@ def _kind_problem(where: str, key: str, kind: str, kinds) -> str:
 
 
 def load_sources(root: Path, problems: list[str], known_kinds) -> tuple[dict[str, SourceConfig], dict]:
-    from stages import sources as source_kinds
-
     where = SOURCES_FILE
     doc = _read_toml(root / SOURCES_FILE, where, problems)
     if doc is None:
@@ -330,8 +323,6 @@ HUB_ID_RE = re.compile(r"[A-Za-z0-9][\w.\-]*/[\w.\-]+|[A-Za-z0-9][\w.\-]*")
 def _base_model_problem(root: Path, where: str, spec: str) -> str | None:
     """What is wrong with `base_model`, found without the network: an unknown embedded name, a local
     folder that is missing or holds no weights, something that is none of the three forms."""
-    from stages import layout
-
     if spec.startswith("embedded:"):
         from stages.base_model import EMBEDDED
         if spec.split(":", 1)[1] not in EMBEDDED:
@@ -357,8 +348,6 @@ def _linear_names(root: Path, spec: str) -> set[str] | None:
     model's known names; else None (not known before `doit base_model`)."""
     import json
     import struct
-
-    from stages import layout
 
     weights = root / layout.base_weights(spec)
     try:
@@ -424,11 +413,9 @@ def load_adapter(root: Path, path: Path, problems: list[str]) -> AdapterConfig |
 
 
 def load(root: str | Path = ".") -> Config:
-    from stages.sources import KINDS  # cheap: a dict of names; load_sources imports the kinds it is given
-
     root = Path(root).resolve()
     problems: list[str] = []
-    sources, dedup = load_sources(root, problems, set(KINDS))
+    sources, dedup = load_sources(root, problems, set(source_kinds.KINDS))  # load_sources imports the kinds it is given
     adapters = {}
     for path in sorted((root / ADAPTERS_DIR).glob("*/adapter.toml")):
         adapter = load_adapter(root, path, problems)

@@ -39,7 +39,7 @@ def run(root, nproc: int, runner_text: str = RUNNER, ok: bool = True) -> str:
               if nproc > 1 else [sys.executable])
     proc = subprocess.run([*launch, str(runner), str(root)], env=env, capture_output=True, text=True, timeout=600)
     assert (proc.returncode == 0) == ok, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout
+    return proc.stdout + proc.stderr
 
 
 def set_batch(root, batch: int) -> None:
@@ -65,6 +65,44 @@ def test_two_process_data_parallel_matches_one_process(tmp_path, tiny_base):
     assert max(abs(a[s] - b[s]) for s in a) < 1e-4, (a, b)
     summary = io.read_json(two / layout.lora_dir("coding") / "train_summary.json")
     assert summary["world_size"] == 2 and summary["steps_done"] == 6 and summary["parallelism"] == "ddp"
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_train_the_one_process_curve_and_only_node_0_writes(tmp_path, tiny_base):
+    """Two machines, each its own copy of the project (no shared filesystem): node 0 as doit runs it, node 1 as
+    `MEDFORGE_NODE_RANK=1`; medforge relaunches each under torchrun with the recipe's nnodes and master."""
+    from stages import layout
+
+    extra = f'{TOML_EXTRA}\ndtype = "fp32"\nnnodes = 2\nmaster = "127.0.0.1:{free_port()}"'
+    nodes = [make_project(tmp_path / f"node{i}", tiny_base, steps=6, extra=extra) for i in (0, 1)]
+    one = make_project(tmp_path / "one", tiny_base, steps=6, extra=f'{TOML_EXTRA}\ndtype = "fp32"')
+    for root, batch in ((nodes[0], 2), (nodes[1], 2), (one, 4)):
+        set_batch(root, batch)
+        (root / "runner.py").write_text(RUNNER)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, str(root / "runner.py"), str(root)], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, env={**env, "MEDFORGE_NODE_RANK": str(i)})
+             for i, root in enumerate(nodes)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
+    run(one, 1)
+    a, b = losses(nodes[0]), losses(one)
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    assert max(abs(a[s] - b[s]) for s in a) < 1e-4, (a, b)
+    assert "node 1 of 2" in outs[1] and "node 0 wrote the adapter" in outs[1]
+    assert not (nodes[1] / layout.lora_dir("coding")).exists() and not losses(nodes[1])
+
+
+def test_two_nodes_need_a_master_address(tmp_path, tiny_base):
+    root = make_project(tmp_path / "node0", tiny_base, steps=2, extra="nnodes = 2")
+    out = run(root, 1, ok=False)
+    assert "'train.nnodes' = 2 needs 'train.master'" in out
 
 
 def test_two_process_fsdp_qlora_matches_one_process_and_resumes(tmp_path, tiny_base):

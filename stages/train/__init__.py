@@ -109,10 +109,11 @@ def run(cfg, adapter_name: str) -> dict[str, Any]:
     else:
         from stages.train import distributed, hardware, torch_backend
         hw = hardware.detect(a.train["dtype"])
-        if hw.device == "cuda" and distributed.launched_world_size() == 1:
+        if distributed.launched_world_size() == 1:
             import torch
-            if torch.cuda.device_count() > 1:
-                return relaunch(adapter_name, torch.cuda.device_count())
+            gpus = torch.cuda.device_count() if hw.device == "cuda" else 1
+            if gpus > 1 or a.train["nnodes"] > 1:
+                return relaunch(adapter_name, gpus, a.train, where)
         engine = torch_backend.TorchBackend(base_dir, tokenizer, a.lora, train_cfg, hw)
     metrics = MetricsStream(layout.metrics_file(adapter_name), hw.device, layout.tensorboard_dir(adapter_name))
     summary = loop.train(
@@ -125,17 +126,28 @@ def run(cfg, adapter_name: str) -> dict[str, Any]:
     return summary
 
 
-def relaunch(adapter_name: str, gpus: int) -> dict[str, Any]:
-    """More than one GPU: run this stage again as one process per GPU (torchrun, as `accelerate launch`
-    does) and return what rank 0 wrote. The processes train data-parallel, or with an nf4 base shard
-    it with FSDP (torch_backend decides)."""
+def relaunch(adapter_name: str, gpus: int, train_cfg: dict[str, Any], where: str) -> dict[str, Any]:
+    """More than one GPU, or more than one machine: run this stage again as one process per GPU on this node
+    (torchrun, as `accelerate launch` does) and return what rank 0 wrote. The processes train data-parallel,
+    or with an nf4 base shard it with FSDP (torch_backend decides)."""
     import subprocess
-    import sys
 
-    print(f"train:{adapter_name}: {gpus} GPUs: relaunching as {gpus} processes (data-parallel; FSDP for nf4)")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
-           "-m", "stages", "train", adapter_name]
-    if subprocess.run(cmd).returncode != 0:
-        raise StageError(f"train:{adapter_name}: the {gpus}-process run failed (its log is above); set "
-                         "CUDA_VISIBLE_DEVICES to one GPU to train in a single process")
-    return io.read_json(layout.lora_dir(adapter_name) / "train_summary.json")
+    from stages.train import distributed
+
+    nnodes, master = train_cfg["nnodes"], train_cfg["master"]
+    if nnodes > 1 and not master:
+        raise StageError(f"{where}: 'train.nnodes' = {nnodes} needs 'train.master' = \"host:port\", an address "
+                         "of node 0 that the other nodes can reach and a free port there")
+    node = distributed.node_rank(nnodes)
+    span = f"node {node} of {nnodes} (master {master}), " if nnodes > 1 else ""
+    print(f"train:{adapter_name}: {span}{gpus} process(es) here: relaunching under torchrun "
+          "(data-parallel; FSDP for nf4)")
+    if subprocess.run(distributed.launch_command(gpus, nnodes, master, node)).returncode != 0:
+        raise StageError(f"train:{adapter_name}: the multi-process run failed (its log is above); "
+                         + ("check that every node runs the same commit and data and reaches train.master"
+                            if nnodes > 1 else "set CUDA_VISIBLE_DEVICES to one GPU to train in a single process"))
+    summary = layout.lora_dir(adapter_name) / "train_summary.json"
+    if node != 0 and not summary.exists():  # rank 0 writes on node 0; a shared filesystem would show it here too
+        print(f"train:{adapter_name}: node {node} done; node 0 wrote the adapter and its checkpoints")
+        return {"node": node}
+    return io.read_json(summary)

@@ -6,11 +6,19 @@ rank's loss divided by the trained tokens of the whole global step, that sum is 
 gradient one process would get from the whole batch. Rank 0 writes metrics, checkpoints and
 the adapter. NCCL on CUDA, gloo on CPU (how the tests run two processes on one machine).
 With a 4-bit base, FSDP shards the base across the ranks instead of replicating it (fsdp.py).
+
+Several machines: `train.nnodes` > 1 with `train.master = "host:port"` (node 0's address). Node 0 runs `doit` as
+usual; each other node runs `MEDFORGE_NODE_RANK=<i> python -m stages train <adapter>` in its own copy of the project
+(same commit, same data/splits). Ranks are fixed by node (static rendezvous), so rank 0, which writes the
+checkpoints and the adapter, is always on node 0.
 """
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
+
+NODE_RANK_ENV = "MEDFORGE_NODE_RANK"
 
 
 @dataclass(frozen=True)
@@ -36,6 +44,38 @@ def launched_world_size() -> int:
 def launched_rank() -> int:
     """This process's rank (0 when run directly)."""
     return int(os.environ.get("RANK", "0"))
+
+
+def node_rank(nnodes: int) -> int:
+    """This machine's place among `nnodes` (node 0 by default: where `doit` runs)."""
+    from stages.errors import StageError
+
+    value = os.environ.get(NODE_RANK_ENV, "0")
+    if not value.isdigit() or int(value) >= nnodes:
+        raise StageError(f"{NODE_RANK_ENV}={value!r}: expected a node number from 0 to {nnodes - 1} "
+                         f"(train.nnodes = {nnodes}); node 0 runs doit, the others `python -m stages train`")
+    return int(value)
+
+
+def launch_command(nproc: int, nnodes: int = 1, master: str = "", node: int = 0) -> list[str]:
+    """torchrun running this very command again (`python -m stages train <a>`, or the script that called
+    `train.run`) as `nproc` processes on this node; with `nnodes` > 1 they join the other nodes at `master`."""
+    from stages.errors import StageError
+
+    if nnodes == 1:
+        topology = ["--standalone"]
+    else:
+        host, _, port = master.rpartition(":")
+        topology = [f"--nnodes={nnodes}", f"--node_rank={node}", f"--master_addr={host}", f"--master_port={port}"]
+    module = next((sys.orig_argv[i + 1] for i, a in enumerate(sys.orig_argv[:-1]) if a == "-m"), None)
+    if module is not None:
+        this = ["--module", module, *sys.argv[1:]]
+    elif sys.argv and sys.argv[0] not in ("", "-c"):
+        this = sys.argv
+    else:
+        raise StageError("a multi-process training must start from `python -m stages train <adapter>` or a "
+                         "script file: torchrun cannot relaunch `python -c`")
+    return [sys.executable, "-m", "torch.distributed.run", *topology, f"--nproc_per_node={nproc}", *this]
 
 
 def init(device: str, shard_base: bool = False) -> World:
