@@ -494,7 +494,9 @@ def run(cfg, adapter_name: str) -> list[Path]:
         model_line = f"FROM {rel}\nADAPTER ./{layout.lora_gguf(adapter_name).name}"
     io.write_text(layout.modelfile(adapter_name), modelfile_text(adapter_name, parts, stop_tokens(tokenizer),
                                                                  model_line))
-    serve = shlex.join(["medforge", "serve", *serve_args(cfg, adapter_name)])
+    # one server for every adapter on the base loaded once; this adapter answers as model "<name>" (its LoRA
+    # GGUF) or "<name>:<quant>" (a merged GGUF). `medforge serve --adapter NAME` still serves this export alone.
+    serve = shlex.join(["medforge", "serve", "--adapters", adapter_name])
     io.write_json(layout.verify_file(adapter_name), {"adapter": adapter_name, "gguf": figures, "serve": serve,
                                                      "ollama": f"ollama create {adapter_name} -f Modelfile"})
     print(f"export:{adapter_name}: verified; serve it with: {serve}")

@@ -109,7 +109,7 @@ def test_export_writes_verified_figures_and_a_modelfile(project):
     modelfile = layout.modelfile(ADAPTER).read_text()
     assert modelfile.splitlines()[2] == "FROM ./merged-q8_0.gguf"
     assert (layout.gguf_dir(ADAPTER) / "merged-q8_0.gguf").is_file()
-    assert "--chat_format chat_template.default" in report["serve"]
+    assert report["serve"] == f"medforge serve --adapters {ADAPTER}"  # the one server for every adapter
 
 
 @pytest.mark.slow

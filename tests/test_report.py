@@ -27,7 +27,7 @@ EVAL = {
                       "adapter": {"passed": True, "missing": [], "forbidden": [], "answer": "Ask the prescriber."}}],
     "samples": [{"prompt": "Score NEWS2", "base": "Hmm", "adapter": "Aggregate NEWS2 score: 5\nClinical risk: medium."}],
 }
-VERIFY = {"adapter": "wards", "serve": "python -m llama_cpp.server --model x.gguf --chat_format chat_template.default",
+VERIFY = {"adapter": "wards", "serve": "medforge serve --adapters wards",
           "ollama": "ollama create wards -f Modelfile",
           "gguf": {"lora-f16.gguf": {"kind": "lora", "top1": 1.0, "kl": 2e-6, "positions": 900, "passed": True,
                                      "bounds": {"min_top1": 0.99, "max_kl": 1e-4}, "problems": []}}}
