@@ -22,6 +22,12 @@ exactly those clusters form the test split and new data only joins train and val
 Outputs in data/splits/<adapter>/: train/val/test.jsonl (messages), alpaca/ and sharegpt/
 copies, statistics.json, a dataset card README.md and assignments.json. Files are rewritten
 only when their content changes, which is what keeps an unchanged adapter from retraining.
+
+Decontamination (stages.decontaminate): before writing, train and val lose every example that
+copies an item of a test set eval scores (this adapter's test split and every other adapter's,
+worked out here by `test_items`): 13-gram overlap on the question, MinHash on the whole example.
+Each dropped id, its reason and the test item it copies go to statistics.json
+(`decontamination`) and the dataset card; clusters keep their placements in the ledger.
 """
 from __future__ import annotations
 
@@ -31,7 +37,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
-from stages import io, layout
+from stages import decontaminate, io, layout
 from stages.errors import StageError
 
 SHARES = {"train": 0.8, "val": 0.1, "test": 0.1}
@@ -229,25 +235,83 @@ def route(cfg, adapter_name: str) -> tuple[list[dict], dict[str, Any]]:
     return rows, {"sources": sources, "turned_away": dict(sorted(turned_away.items()))}
 
 
+def placements(cfg, adapter_name: str, rows: list[dict], earlier: dict[str, str]
+               ) -> tuple[dict[str, str], dict[str, Any] | None]:
+    """Split per cluster of the adapter's (routed, capped) rows, and what its frozen test set matched.
+
+    A function of the rows, the adapter's data block and its ledger alone, so another adapter's
+    split stage works out the same test split (see `test_items`) whether this one has run yet or
+    not: a ledger only ever gains the placements that this function makes from it."""
+    adapter = cfg.adapters[adapter_name]
+    if not adapter.data.get("frozen_test"):
+        return assign(rows, earlier), None
+    frozen = load_frozen(adapter_name, adapter.data["frozen_test"])
+    test_clusters = {r["cluster"] for r in rows if r["cluster"] in frozen or str(r["id"]) in frozen}
+    where = assign([r for r in rows if r["cluster"] not in test_clusters], earlier, FROZEN_SHARES)
+    where.update(dict.fromkeys(test_clusters, "test"))
+    present = {r["cluster"] for r in rows} | {str(r["id"]) for r in rows}
+    missing = len({k for k in frozen if k not in present})
+    return where, {"file": adapter.data["frozen_test"], "clusters": len(test_clusters), "missing": missing}
+
+
+def test_label(cfg, adapter_name: str, row: dict) -> str:
+    """How a dropped example's reason names the test set it copies: `<adapter>/test`, or the benchmark
+    (MedQA, MedMCQA, PubMedQA through an hf_qa source) and the test split it is scored in."""
+    source = cfg.sources.get(row.get("source"))
+    if source is not None and source.kind == "hf_qa":
+        return f"{source.params.get('dataset', source.name)} ({adapter_name}/test)"
+    return f"{adapter_name}/test"
+
+
+def test_items(cfg, adapter_name: str, own_test: list[dict]) -> list[decontaminate.TestItem]:
+    """Every test set eval scores: this adapter's test split and every other adapter's (the eval matrix).
+
+    Another adapter's test split is worked out here from the dedup output, its config and its ledger
+    (read, never written), the way its own split stage places it: reading its test.jsonl instead
+    would make every split task depend on every other, a cycle in the doit graph."""
+    items = [decontaminate.TestItem(test_label(cfg, adapter_name, r), r) for r in own_test]
+    for name in sorted(n for n in cfg.adapters if n != adapter_name):
+        try:
+            rows, _ = route(cfg, name)
+            rows = _cap(rows, cfg.adapters[name].data.get("max_examples", 0))
+            where, _ = placements(cfg, name, rows, load_ledger(name))
+        except StageError as exc:
+            print(f"split:{adapter_name}: warning: not checked against {name}'s test split, which cannot be "
+                  f"worked out: {exc}")
+            continue
+        items += [decontaminate.TestItem(test_label(cfg, name, r), r) for r in rows if where[r["cluster"]] == "test"]
+    return items
+
+
+def decontaminate_splits(cfg, adapter_name: str, by_split: dict[str, list[dict]]) -> dict[str, Any]:
+    """Drop from train and val (what the adapter learns from and picks its checkpoint on) every example
+    that copies an item of a test set eval scores; returns the statistics' `decontamination` entry."""
+    tests = test_items(cfg, adapter_name, by_split["test"])
+    learned = [*by_split["train"], *by_split["val"]]
+    kept, dropped = decontaminate.check(learned, tests, cfg.dedup)
+    gone = {d["id"] for d in dropped}
+    split_of = {str(r["id"]): name for name in ("train", "val") for r in by_split[name]}
+    for d in dropped:
+        d["split"] = split_of[d["id"]]
+    checked = {name: len(by_split[name]) for name in ("train", "val")}
+    for name in ("train", "val"):
+        by_split[name] = [r for r in by_split[name] if str(r["id"]) not in gone]
+    if dropped:
+        reasons = Counter(d["reason"] for d in dropped)
+        print(f"split:{adapter_name}: decontamination dropped {len(dropped)} example(s) from train/val: "
+              + "; ".join(f"{n} {why}" for why, n in sorted(reasons.items())))
+    return decontaminate.summary(dropped, checked, tests, cfg.dedup)
+
+
 def run(cfg, adapter_name: str) -> dict[str, Any]:
     rows, routing = route(cfg, adapter_name)
     adapter = cfg.adapters[adapter_name]
     max_examples = adapter.data.get("max_examples", 0)
     rows = _cap(rows, max_examples)
-    frozen_info = None
     earlier = load_ledger(adapter_name)
-    if adapter.data.get("frozen_test"):
-        frozen = load_frozen(adapter_name, adapter.data["frozen_test"])
-        test_clusters = {r["cluster"] for r in rows if r["cluster"] in frozen or str(r["id"]) in frozen}
-        where = assign([r for r in rows if r["cluster"] not in test_clusters], earlier, FROZEN_SHARES)
-        where.update(dict.fromkeys(test_clusters, "test"))
-        present = {r["cluster"] for r in rows} | {str(r["id"]) for r in rows}
-        missing = len({k for k in frozen if k not in present})
-        frozen_info = {"file": adapter.data["frozen_test"], "clusters": len(test_clusters), "missing": missing}
-        if missing:
-            print(f"split:{adapter_name}: warning: {missing} frozen test entries are no longer in the data")
-    else:
-        where = assign(rows, earlier)
+    where, frozen_info = placements(cfg, adapter_name, rows, earlier)
+    if frozen_info and frozen_info["missing"]:
+        print(f"split:{adapter_name}: warning: {frozen_info['missing']} frozen test entries are no longer in the data")
     names = [where[row["cluster"]] for row in rows]
     new = sum(1 for c, name in where.items() if earlier.get(c) != name)
     empty = [name for name in layout.SPLITS if name not in set(names)]
@@ -258,6 +322,7 @@ def run(cfg, adapter_name: str) -> dict[str, Any]:
     by_split: dict[str, list[dict]] = {name: [] for name in layout.SPLITS}
     for row, name in zip(rows, names):
         by_split[name].append(row)
+    clean_report = decontaminate_splits(cfg, adapter_name, by_split)
     changed = [name for name, part in by_split.items() if io.write_jsonl(layout.split_file(adapter_name, name), part)]
     for fmt, convert in EXPORTS.items():
         for name, part in by_split.items():
@@ -265,6 +330,7 @@ def run(cfg, adapter_name: str) -> dict[str, Any]:
     stats = statistics(adapter_name, routing["sources"], adapter.data.get("tasks") or [], max_examples, by_split)
     stats["routing"] = {"data": adapter.data, "turned_away": routing["turned_away"]}
     stats["frozen_test"] = frozen_info
+    stats["decontamination"] = clean_report
     stats["upstream"] = upstream(routing["sources"])
     stats["token_lengths"] = token_lengths(adapter, by_split)
     io.write_json(layout.split_statistics(adapter_name), stats)
@@ -382,6 +448,30 @@ EXPORTS = {"alpaca": to_alpaca, "sharegpt": to_sharegpt}
 
 
 # --- the dataset card
+def decontamination_section(report: dict[str, Any]) -> list[str]:
+    """The card's account of what decontamination dropped: counts per reason and a few ids to check."""
+    if not report:
+        return []
+    sets = ", ".join(f"{label} ({n})" for label, n in report["test_items"].items()) or "none"
+    settings = report["settings"]
+    lines = ["## Decontamination", "",
+             f"Train and val ({report['checked']['train']} and {report['checked']['val']} examples) were checked "
+             f"against every test set eval scores: {sets} items. Dropped: a question holding at least "
+             f"{settings['min_share']:.0%} of a test question's {settings['ngram']}-grams (lowercased, punctuation "
+             f"stripped; a shorter question as a whole), or a near-duplicate of a whole test example (MinHash, "
+             f"Jaccard >= {settings['threshold']}). {report['dropped_total']} example(s) dropped.", ""]
+    if report["dropped"]:
+        lines += [_table(["reason", "examples"], [[why, n] for why, n in report["dropped"].items()]), ""]
+        shown: dict[str, list[dict]] = defaultdict(list)
+        for d in report["dropped_examples"]:
+            if len(shown[d["reason"]]) < decontaminate.SHOWN:
+                shown[d["reason"]].append(d)
+        lines += ["A few of them (`statistics.json` lists every one):", "",
+                  _table(["dropped", "from", "copies test item", "reason"],
+                         [[d["id"], d["split"], d["test_id"], d["reason"]] for part in shown.values() for d in part]), ""]
+    return lines
+
+
 def _table(header: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
@@ -436,6 +526,7 @@ def dataset_card(adapter, stats: dict[str, Any], by_split: dict[str, list[dict]]
                   ["kept after dedup", up.get("kept_after_dedup", "?")]]
                + [[f"not routed here ({why})", k] for why, k in stats["routing"]["turned_away"].items()]
                + [["in this dataset", n]]), "",
+        *decontamination_section(stats.get("decontamination") or {}),
         "## Token lengths", "",
         f"Counted with {'the base tokenizer of ' + tokens['base_model'] if tokens['counter'] == 'tokenizer' else 'a word-based estimate (' + tokens.get('note', '') + ')'}"
         f": median {tokens['p50']}, 95th percentile {tokens['p95']}, max {tokens['max']}"
