@@ -125,7 +125,10 @@ def test_a_cluster_is_never_divided_and_a_tiny_set_grows_without_moves(project, 
 
 def test_a_small_stratum_gets_its_share_and_keeps_it_as_data_grows(tmp_path, monkeypatch):
     """A 20-record source and a 20-record task beside large strata: 16/2/2 each, and nothing moves later."""
-    monkeypatch.chdir(make_project(tmp_path, decide_data='[data]\nsources = ["codes"]\n'))
+    # decide alone: with coding there, its test split's codes records would leave decide's train (decontamination)
+    monkeypatch.chdir(make_project(tmp_path, sources=SOURCES.replace('adapters = ["coding"]', "adapters = []"),
+                                   decide_data='[data]\nsources = ["codes"]\n'))
+    (tmp_path / "adapters" / "coding" / "adapter.toml").unlink()
 
     def data(big: int, small: int) -> list[dict]:
         rows = kept(range(big)) + kept(range(small), source="codes", tasks=("describe",))
@@ -273,12 +276,18 @@ def test_keyword_rules_and_a_record_in_two_adapters(tmp_path, monkeypatch):
     rows[21]["messages"][0]["content"] = "What is aseptic meningitis?"  # not a whole-word match
     io.write_jsonl(layout.dedup_file(), rows + kept(range(40)))
     stats = split.run(config.load(), "decide")
-    decide_ids = {r["id"] for part in read_splits("decide").values() for r in part}
+    # routed here: in a split file, or dropped from train/val as a copy of coding's test split (the same record)
+    decontaminated = {d["id"]: d["reason"] for d in stats["decontamination"]["dropped_examples"]}
+    decide_ids = {r["id"] for part in read_splits("decide").values() for r in part} | set(decontaminated)
     codes_in_decide = {i for i in decide_ids if i.startswith("codes:")}
     assert codes_in_decide == {r["id"] for r in rows[:12] if r["cluster"] != "codes:r3"} | {rows[20]["id"]}
     assert stats["routing"]["turned_away"] == {"exclude_keywords": 1, "keywords": 17 + 80}
-    split.run(config.load(), "coding")
-    coding_ids = {r["id"] for part in read_splits("coding").values() for r in part}
+    coding_stats = split.run(config.load(), "coding")
+    coding = read_splits("coding")
+    coding_ids = {r["id"] for part in coding.values() for r in part}
+    coding_test = {r["id"] for r in coding["test"]}
+    assert all(why == "near-duplicate (MinHash) of coding/test" and i in coding_test for i, why in decontaminated.items())
+    coding_ids |= {d["id"] for d in coding_stats["decontamination"]["dropped_examples"]}
     assert codes_in_decide < coding_ids  # the same records also feed the coding adapter
 
 
