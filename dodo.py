@@ -1,16 +1,16 @@
 """medforge's task graph, generated from sources.toml and adapters/*/adapter.toml.
 
-No stage logic lives here: each action runs `python -m stages <stage> <name>`.
+No stage logic lives here: each action runs `python -m stages <stage> <name>`; the stages, their order
+and their code deps are stages/registry.py (tests/test_registry.py checks every task here is one of them).
 Incremental like make: targets, file deps (content-checked) and config_changed blocks.
 """
 import os
 import sys
-from pathlib import Path
 
 from doit import get_var
 from doit.tools import config_changed
 
-from stages import config, layout, lock, scrape
+from stages import config, layout, lock, registry, scrape
 from stages.config import ConfigError
 from stages.events import EventReporter
 
@@ -35,28 +35,28 @@ def task_base_model():
     for slug, spec in BASES.items():
         if not layout.is_local_model(spec):
             yield {"name": slug, "actions": stage("base_model", spec), "uptodate": [config_changed(spec)],
-                   "file_dep": layout.code("base_model.py"),
+                   "file_dep": registry.code("base_model"),
                    "targets": [str(layout.base_weights(spec)), str(layout.base_dir(spec) / "tokenizer.json")]}
 
 
 def task_base_gguf():
     for slug, spec in BASES.items():
         yield {"name": slug, "actions": stage("base_gguf", spec), "file_dep": [str(layout.base_weights(spec))]
-               + layout.code("export.py", "llamacpp.py", "gguf.py"), "targets": [str(layout.base_gguf(spec))]}
+               + registry.code("base_gguf"), "targets": [str(layout.base_gguf(spec))]}
 
 
 def task_scrape():
     for s in CFG.enabled_sources():
         yield {"name": s.name, "actions": stage("scrape", s.name),
                "uptodate": [config_changed(scrape.fetch_block(s)), scrape.current(s)],
-               "file_dep": layout.code("scrape.py") + layout.source_code(s.kind) + scrape.input_files(s),  # + the user's files
+               "file_dep": registry.code("scrape") + registry.source_code(s.kind) + scrape.input_files(s),  # + the user's files
                "targets": [str(layout.raw_manifest(s.name))]}
 
 
 def task_normalize():
     for s in CFG.enabled_sources():
         yield {"name": s.name, "actions": stage("normalize", s.name),
-               "file_dep": [str(layout.raw_manifest(s.name))] + layout.code("normalize.py") + layout.source_code(s.kind),
+               "file_dep": [str(layout.raw_manifest(s.name))] + registry.code("normalize") + registry.source_code(s.kind),
                "targets": [str(layout.examples_file(s.name)), str(layout.normalize_report(s.name))]}
 
 
@@ -64,7 +64,7 @@ def task_dedup():
     tokenizers = [str(layout.base_dir(spec) / "tokenizer.json") for spec in BASES.values()]  # length bounds in tokens
     return {"actions": stage("dedup"), "uptodate": [config_changed({"dedup": CFG.dedup, "clean": CFG.clean})],
             "file_dep": [str(layout.examples_file(s.name)) for s in CFG.enabled_sources()] + tokenizers
-            + [str(p) for p in sorted(Path(layout.CODE, "dedup").glob("*.py"))] + layout.code("clean.py"),
+            + registry.code("dedup"),
             "targets": [str(layout.dedup_file()), str(layout.dedup_report())]}
 
 
@@ -73,7 +73,7 @@ def task_split():
         routing = {"data": a.data, "sources": [s.name for s in CFG.sources_for(a.name)]}
         frozen = [a.data["frozen_test"]] if a.data.get("frozen_test") else []
         yield {"name": a.name, "actions": stage("split", a.name), "uptodate": [config_changed(routing)],
-               "file_dep": [str(layout.dedup_file()), str(layout.dedup_report())] + frozen + layout.code("split.py", "clean.py"),
+               "file_dep": [str(layout.dedup_file()), str(layout.dedup_report())] + frozen + registry.code("split"),
                "targets": [str(p) for p in layout.split_files(a.name) + [layout.split_statistics(a.name),
                            layout.dataset_card(a.name)]] + [str(layout.split_export_file(a.name, f, s))
                                                              for f in layout.EXPORT_FORMATS for s in layout.SPLITS]}
@@ -84,15 +84,14 @@ def task_lint():
         checked = {"base_model": a.base_model, **{k: a.train[k] for k in ("max_length", "max_truncated", "lint_examples")}}
         yield {"name": a.name, "actions": stage("lint", a.name), "uptodate": [config_changed(checked)],
                "file_dep": [str(layout.split_file(a.name, "train")), str(layout.base_weights(a.base_model))]
-               + layout.code("train/lint.py", "train/format.py", "train/encoded.py"), "targets": [str(layout.lint_report(a.name))]}
+               + registry.code("lint"), "targets": [str(layout.lint_report(a.name))]}
 
 
 def task_train():
-    code = [str(p) for p in sorted(Path(layout.CODE, "train").glob("*.py"))]
     for a in CFG.adapters.values():
         yield {"name": a.name, "actions": stage("train", a.name), "uptodate": [config_changed(a.recipe())],
                "file_dep": [str(layout.split_file(a.name, s)) for s in ("train", "val")]
-               + [str(layout.base_weights(a.base_model)), str(layout.lint_report(a.name))] + code,
+               + [str(layout.base_weights(a.base_model)), str(layout.lint_report(a.name))] + registry.code("train"),
                "targets": [str(layout.lora_weights(a.name)), str(layout.metrics_file(a.name))]}
 
 
@@ -103,7 +102,8 @@ def task_eval():
     for a in CFG.adapters.values():
         yield {"name": a.name, "actions": stage("eval", a.name),
                "uptodate": [config_changed({"eval": a.eval, "splits": splits})],
-               "file_dep": [str(layout.lora_weights(a.name))] + tests + layout.code("evaluate.py", "safety.py", "news2.py"),
+               "file_dep": [str(layout.lora_weights(a.name))] + tests + registry.code("eval")
+               + sorted({f for s in CFG.sources.values() for f in registry.source_code(s.kind)}),
                "targets": [str(layout.eval_file(a.name))]}
 
 
@@ -111,7 +111,7 @@ def task_export():
     for a in CFG.adapters.values():
         yield {"name": a.name, "actions": stage("export", a.name), "uptodate": [config_changed(a.export)],
                "file_dep": [str(layout.lora_weights(a.name)), str(layout.base_gguf(a.base_model)),
-                            str(layout.split_file(a.name, "test"))] + layout.code("export.py", "llamacpp.py", "gguf.py"),
+                            str(layout.split_file(a.name, "test"))] + registry.code("export"),
                "targets": [str(p) for p in [layout.lora_gguf(a.name), layout.verify_file(a.name), layout.modelfile(a.name)]
                            + [layout.merged_gguf(a.name, q) for q in a.export["merged"]]]}
 
@@ -120,11 +120,11 @@ def task_report():
     for a in CFG.adapters.values():
         yield {"name": a.name, "actions": stage("report", a.name), "uptodate": [config_changed(a.description)],
                "file_dep": [str(p) for p in (layout.eval_file(a.name), layout.metrics_file(a.name),
-                                             layout.verify_file(a.name))] + layout.code("report.py"),
+                                             layout.verify_file(a.name))] + registry.code("report"),
                "targets": [str(layout.report_file(a.name))]}
 
 
 def task_report_matrix():
     return {"actions": stage("report_matrix"), "targets": [str(layout.matrix_file())],
             "file_dep": [str(p) for n in CFG.adapters for p in (layout.eval_file(n), layout.verify_file(n))]
-            + layout.code("report.py")}
+            + registry.code("report_matrix")}

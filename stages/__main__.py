@@ -17,28 +17,9 @@ import sys
 import time
 import traceback
 
-from stages import layout
-from stages.errors import failure_line
+from stages import layout, registry
+from stages.errors import ConfigError, SourceError, StageError, failure_line
 from stages.gguf import LOG_ENV
-
-# stage -> (module, takes a name?)
-STAGES = {
-    "base_model": ("stages.base_model", True),
-    "base_gguf": ("stages.export", True),
-    "scrape": ("stages.scrape", True),
-    "normalize": ("stages.normalize", True),
-    "dedup": ("stages.dedup", False),
-    "split": ("stages.split", True),
-    "train": ("stages.train", True),
-    "lint": ("stages.train.lint", True),
-    "eval": ("stages.evaluate", True),
-    "export": ("stages.export", True),
-    "report": ("stages.report", True),
-    "report_matrix": ("stages.report", False),
-}
-# stages whose module offers several entry points name theirs here
-ENTRY = {"base_gguf": "run_base", "export": "run", "report_matrix": "run_matrix"}
-
 
 class _Tee:
     """Write to the terminal (doit captures it) and to the task's log file."""
@@ -63,20 +44,15 @@ class _Tee:
         return self.stream.fileno()
 
 
-def known_errors() -> tuple[type[BaseException], ...]:
-    from stages.config import ConfigError
-    from stages.sources import SourceError
-    from stages.errors import StageError
-    return (ConfigError, SourceError, StageError, FileNotFoundError)
+KNOWN_ERRORS = (ConfigError, SourceError, StageError, FileNotFoundError)  # one line naming the fix, no traceback
 
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in STAGES:
-        print(f"usage: python -m stages <{'|'.join(STAGES)}> [<name>]", file=sys.stderr)
+    if not argv or argv[0] not in registry.BY_NAME:
+        print(f"usage: python -m stages <{'|'.join(registry.NAMES)}> [<name>]", file=sys.stderr)
         return 2
-    stage, args = argv[0], argv[1:]
-    module_name, named = STAGES[stage]
-    task = f"{stage}:{args[0]}" if named and args else stage
+    stage, args = registry.BY_NAME[argv[0]], argv[1:]
+    task = f"{stage.name}:{args[0]}" if stage.named and args else stage.name
     log_path = layout.log_file(task)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log_path.write_text("", encoding="utf-8")
@@ -90,10 +66,9 @@ def main(argv: list[str]) -> int:
         try:
             from stages import config
             cfg = config.load()
-            module = importlib.import_module(module_name)
-            getattr(module, ENTRY.get(stage, "run"))(cfg, *args)
+            getattr(importlib.import_module(stage.module), stage.entry)(cfg, *args)
             print(f"[{task}] done in {time.time() - started:.1f}s")
-        except known_errors() as exc:
+        except KNOWN_ERRORS as exc:
             print(failure_line(task, exc), file=sys.stderr)
             return 2
         except BaseException as exc:  # a bug or an interrupt: the traceback stays in the log, then the outcome

@@ -1,6 +1,14 @@
 """Errors a stage raises for problems the user can fix; shown as one line, no traceback."""
 
 
+class ConfigError(Exception):
+    """One or more configuration problems (sources.toml, adapter.toml), one line each."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
 class StageError(Exception):
     """A stage cannot continue; the message names the file/key/source and what to do."""
 

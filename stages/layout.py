@@ -11,24 +11,6 @@ from pathlib import Path
 DATA = Path("data")
 ADAPTERS = Path("adapters")
 SPLITS = ("train", "val", "test")
-CODE = Path(__file__).resolve().parent  # the installed `stages` package, for code deps
-
-
-def code(*names: str) -> list[str]:
-    """Absolute paths of stage modules, so editing a stage re-runs it and what follows."""
-    return [str(CODE / name) for name in names]
-
-
-def source_code(kind: str) -> list[str]:
-    """A source's module, plus the pure domain module it builds on when one shares its name
-    (stages/news2.py scores what stages/sources/news2.py generates): editing either re-runs the source."""
-    extra = [f"{kind}.py"] if (CODE / f"{kind}.py").exists() else []
-    module = CODE / "sources" / f"{kind}.py"
-    if module.exists():  # the shared helpers it uses: the safe XML parser (_xml), the text renderer (_text)
-        text = module.read_text()
-        extra += [f"sources/{h.name}" for h in sorted((CODE / "sources").glob("_*.py"))
-                  if h.stem != "__init__" and f"{h.stem}." in text]
-    return code(f"sources/{kind}.py", *extra)
 
 
 def slug(text: str) -> str:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 
-from stages import layout
+from stages import registry
 from stages.sources._text import html_to_text, markdown_to_text, strip_section_number, xml_to_text
 
 
@@ -40,7 +40,7 @@ def test_section_numbers():
 
 
 def test_normalize_tasks_depend_on_the_helpers_a_source_uses():
-    deps = {kind: {p.rsplit("/sources/", 1)[-1] for p in layout.source_code(kind)}
+    deps = {kind: {p.rsplit("/sources/", 1)[-1] for p in registry.source_code(kind)}
             for kind in ("dailymed", "clinicaltrials", "news2")}
     assert {"dailymed.py", "_xml.py", "_text.py"} <= deps["dailymed"]
     assert "_text.py" in deps["clinicaltrials"] and "_xml.py" not in deps["clinicaltrials"]

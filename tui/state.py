@@ -6,8 +6,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-STAGE_ORDER = ("base_model", "base_gguf", "scrape", "normalize", "dedup", "split", "lint", "train", "eval", "export",
-               "report", "report_matrix")  # dodo.py's graph, upstream first
+from stages.registry import NAMES
+
+STAGE_ORDER = NAMES  # dodo.py's graph, upstream first
 
 UP_TO_DATE, WILL_RUN, RUNNING, DONE, FAILED = "up to date", "will run", "running", "done", "failed"
 # state -> (symbol, style) for the table; styles are applied to plain Text, never parsed as markup
