@@ -58,11 +58,27 @@ def test_news2_generated_answers_are_compared_with_the_chart():
     wrong_band = next(b for b in news2.BANDS if b != want_band)
     off = evaluate.score_generated("news2_score", gold(row),
                                    f"Aggregate NEWS2 score: {want_agg + 2}\nClinical risk: {wrong_band}.")
-    assert off == {"stated_rate": 1.0, "aggregate_accuracy": 0.0, "band_accuracy": 0.0, "aggregate_mae": 2.0}
+    assert off == {"stated_rate": 1.0, "aggregate_accuracy": 0.0, "band_accuracy": 0.0, "aggregate_mae": 2.0,
+                   "points_accuracy": 0.0}
     silent = evaluate.score_generated("news2_score", gold(row), "The patient seems unwell.")
-    assert silent == {"stated_rate": 0.0, "aggregate_accuracy": 0.0, "band_accuracy": 0.0}
+    assert silent == {"stated_rate": 0.0, "aggregate_accuracy": 0.0, "band_accuracy": 0.0, "points_accuracy": 0.0}
     assert evaluate.mean_metrics([off, silent]) == {"aggregate_accuracy": 0.0, "aggregate_mae": 2.0,
-                                                    "band_accuracy": 0.0, "stated_rate": 0.5}
+                                                    "band_accuracy": 0.0, "points_accuracy": 0.0, "stated_rate": 0.5}
+
+
+def test_news2_points_per_parameter_are_read_from_either_answer_form():
+    """news2_score states all seven parameters' points on chart lines; news2_response names those that score."""
+    patient = generate_patient(7, 4)
+    chart = news2.score(patient["vitals"])
+    score_row, response_row = News2Source("news2", {}).examples(patient)
+    assert news2.stated_points(gold(score_row)) == news2.stated_points(gold(response_row)) == chart.points
+    # one parameter off by one, the rest right: 6 of 7, in either form and against either gold answer
+    wrong = dict(chart.points, pulse=chart.points["pulse"] + 1)
+    lines = "\n".join(f"- {news2.LABELS[k]}: x -> {v} points" for k, v in wrong.items())
+    scoring = "Scoring: " + ", ".join(f"{news2.LABELS[k]} {v}" for k, v in wrong.items() if v) + "."
+    for answer in (lines, scoring):
+        for row in (score_row, response_row):
+            assert news2.grade(gold(row), answer)["points_accuracy"] == pytest.approx(6 / 7), answer
 
 
 def test_icd10_exact_match_reads_codes_descriptions_and_parents():
@@ -79,6 +95,17 @@ def test_icd10_exact_match_reads_codes_descriptions_and_parents():
     assert evaluate.score_generated("icd10_parent", gold(parent),
                                     "The parent of R50.9 (Fever) is R50: Fever.")["exact_match"] == 1
     assert evaluate.score_generated("icd10_parent", gold(parent), "It is R51.")["exact_match"] == 0
+
+
+def test_icd10_parent_category_is_scored_apart_from_the_parent():
+    rows = {(r["task"], r["messages"][0]["content"]): r for r in icd10_rows()}
+    parent = gold(rows[("icd10_parent", "What is the parent category of ICD-10-CM code R50.9?")])
+    assert icd10cm.stated_category(parent) == "R50"  # "That is its 3-character category": the parent is it
+    wrong_parent = "The parent of R50.9 is R50.8: Other fever. Its 3-character category is R50: Fever."
+    assert icd10cm.score_parent(parent, wrong_parent) == {"exact_match": 0.0, "category_accuracy": 1.0}
+    assert icd10cm.score_parent(parent, "The parent of R50.9 is R50. Its 3-character category is R51.") == \
+        {"exact_match": 1.0, "category_accuracy": 0.0}
+    assert icd10cm.score_parent(parent, "It is a fever.") == {"exact_match": 0.0, "category_accuracy": 0.0}
 
 
 def test_choice_questions_from_icd10_and_mcq_rows():

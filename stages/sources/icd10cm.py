@@ -137,6 +137,15 @@ def parent_code(text: str) -> str | None:
     return match.group(1) if match else None
 
 
+def stated_category(text: str) -> str | None:
+    """The 3-character category an icd10_parent answer names: its own sentence, or the parent when the answer
+    says the parent is the category."""
+    match = re.search(rf"\b3-character category is ({_CODE})\b", text)
+    if match:
+        return match.group(1)
+    return parent_code(text) if re.search(r"\bThat is its 3-character category\b", text) else None
+
+
 def _norm(text: str | None) -> str | None:
     return None if text is None else re.sub(r"\W+", " ", text).strip().casefold()
 
@@ -151,7 +160,11 @@ def score_code(gold: str, answer: str) -> dict[str, float]:
 
 
 def score_parent(gold: str, answer: str) -> dict[str, float]:
-    return {"exact_match": float(parent_code(answer) is not None and parent_code(answer) == parent_code(gold))}
+    """The parent, and apart from it the category: the code's first three characters, a rule a model can learn
+    even where it does not know the parent (which may sit one or two levels below the category)."""
+    category = stated_category(answer)
+    return {"exact_match": float(parent_code(answer) is not None and parent_code(answer) == parent_code(gold)),
+            "category_accuracy": float(category is not None and category == stated_category(gold))}
 
 
 def code_choices(rows: list[dict[str, Any]]) -> list[tuple[int, list[str], int]]:
@@ -192,7 +205,7 @@ class Icd10cmSource(Source):
     tasks = {
         "icd10_describe": Task(48, score_describe, rates=frozenset({"exact_match"})),
         "icd10_code": Task(40, score_code, code_choices, rates=frozenset({"exact_match"})),
-        "icd10_parent": Task(80, score_parent, rates=frozenset({"exact_match"})),
+        "icd10_parent": Task(80, score_parent, rates=frozenset({"exact_match", "category_accuracy"})),
         "icd10_billable": Task(choices=billable_choices),
     }
 

@@ -28,6 +28,9 @@ from stages.sources import Key, Source, SourceError, Task
 # the chart's wording of each consciousness level (the answer's range label; CONSCIOUSNESS below is the prompt's)
 ACVPU = {"A": "Alert", "C": "new Confusion", "V": "responds to Voice", "P": "responds to Pain", "U": "Unresponsive"}
 PARAMETERS = ("resp_rate", "spo2", "air_or_oxygen", "systolic_bp", "pulse", "consciousness", "temperature")
+# each parameter as the questions and answers name it
+LABELS = {"resp_rate": "Respiration rate", "spo2": "SpO2", "air_or_oxygen": "Air or oxygen", "systolic_bp": "Systolic BP",
+          "pulse": "Pulse", "consciousness": "Consciousness", "temperature": "Temperature"}
 BANDS = ("low", "low-medium", "medium", "high")
 
 # (points, label) per chart row, checked top to bottom with `value <= upper`; the last row catches the rest.
@@ -176,18 +179,43 @@ def parse_answer(text: str) -> tuple[int | None, str | None]:
     return aggregate, band
 
 
-GRADE_RATES = frozenset({"stated_rate", "aggregate_accuracy", "band_accuracy"})  # grade's 0/1 metrics
+# "- Pulse: 118 beats/min → 2 points (111–130)", one line per parameter (news2_score's answer)
+_CHART_LINE_RE = {key: re.compile(rf"^[\s\-*]*{re.escape(label)}\b[^\n]*?(?:→|->|=>)\s*(\d)\s+points?\b",
+                                  re.IGNORECASE | re.MULTILINE) for key, label in LABELS.items()}
+# "Scoring: Pulse 2, Temperature 1." naming the parameters that score (news2_response's answer)
+_SCORING_RE = re.compile(r"^\s*Scoring:([^\n]*)", re.IGNORECASE | re.MULTILINE)
+
+
+def stated_points(text: str) -> dict[str, int]:
+    """The points an answer gives each parameter: its chart lines, else its "Scoring:" line (where a parameter
+    it does not name scores 0); a parameter it gives no points is absent."""
+    points = {key: int(m.group(1)) for key, regex in _CHART_LINE_RE.items() if (m := regex.search(text))}
+    if points:
+        return points
+    scoring = _SCORING_RE.search(text)
+    if not scoring:
+        return {}
+    named = {key: re.search(rf"\b{re.escape(label)}\s+(\d)\b", scoring.group(1), re.IGNORECASE)
+             for key, label in LABELS.items()}
+    return {key: int(m.group(1)) if m else 0 for key, m in named.items()}
+
+
+GRADE_RATES = frozenset({"stated_rate", "aggregate_accuracy", "band_accuracy", "points_accuracy"})  # grade's rates
 
 
 def grade(gold: str, answer: str) -> dict[str, float]:
     """One generated answer against the gold one (the chart's): did it state a score, is it the chart's
-    aggregate and band, and how far off is the aggregate (only where both state one)."""
+    aggregate and band, how far off is the aggregate (only where both state one), and the share of the seven
+    parameters it gives the chart's points (a parameter it gives none counts as wrong)."""
     want_agg, want_band = parse_answer(gold)
     got_agg, got_band = parse_answer(answer)
     out = {"stated_rate": float(got_agg is not None), "aggregate_accuracy": float(got_agg == want_agg),
            "band_accuracy": float(got_band is not None and got_band == want_band)}
     if got_agg is not None and want_agg is not None:
         out["aggregate_mae"] = float(abs(got_agg - want_agg))
+    want_points, got_points = stated_points(gold), stated_points(answer)
+    if len(want_points) == len(PARAMETERS):
+        out["points_accuracy"] = sum(got_points.get(k) == v for k, v in want_points.items()) / len(PARAMETERS)
     return out
 
 
@@ -275,15 +303,11 @@ def generate_patient(seed: int, index: int) -> dict[str, Any]:
 # --- rendering
 def _observations(v: Vitals) -> list[tuple[str, str]]:
     scale = ("Scale 2, hypercapnic respiratory failure, target 88–92%" if v.spo2_scale == 2 else "Scale 1")
-    return [
-        ("resp_rate", f"Respiration rate: {v.resp_rate} breaths/min"),
-        ("spo2", f"SpO2: {v.spo2}% ({scale})"),
-        ("air_or_oxygen", f"Air or oxygen: {'supplemental oxygen' if v.on_oxygen else 'room air'}"),
-        ("systolic_bp", f"Systolic BP: {v.systolic_bp} mmHg"),
-        ("pulse", f"Pulse: {v.pulse} beats/min"),
-        ("consciousness", f"Consciousness: {_consciousness_text(v.consciousness)}"),
-        ("temperature", f"Temperature: {v.temperature:.1f} °C"),
-    ]
+    values = {"resp_rate": f"{v.resp_rate} breaths/min", "spo2": f"{v.spo2}% ({scale})",
+              "air_or_oxygen": "supplemental oxygen" if v.on_oxygen else "room air",
+              "systolic_bp": f"{v.systolic_bp} mmHg", "pulse": f"{v.pulse} beats/min",
+              "consciousness": _consciousness_text(v.consciousness), "temperature": f"{v.temperature:.1f} °C"}
+    return [(key, f"{LABELS[key]}: {values[key]}") for key in PARAMETERS]
 
 
 CONSCIOUSNESS = {"A": "Alert", "C": "new confusion", "V": "responds to voice", "P": "responds to pain",
@@ -329,7 +353,7 @@ def score_answer(v: Vitals) -> str:
 
 def response_answer(v: Vitals) -> str:
     result = score(v)
-    scoring = [f"{text.split(':')[0]} {result.points[key]}" for key, text in _observations(v) if result.points[key]]
+    scoring = [f"{LABELS[key]} {result.points[key]}" for key in PARAMETERS if result.points[key]]
     parts = ", ".join(scoring) if scoring else "no parameter scores"
     lines = [f"Scoring: {parts}.", f"Aggregate NEWS2 score: {result.aggregate}"]
     return "\n".join(lines + _response_lines(result))
