@@ -29,8 +29,8 @@ from stages.sources import Key, Source, SourceError, Task
 ACVPU = {"A": "Alert", "C": "new Confusion", "V": "responds to Voice", "P": "responds to Pain", "U": "Unresponsive"}
 PARAMETERS = ("resp_rate", "spo2", "air_or_oxygen", "systolic_bp", "pulse", "consciousness", "temperature")
 # each parameter as the questions and answers name it
-LABELS = {"resp_rate": "Respiration rate", "spo2": "SpO2", "air_or_oxygen": "Air or oxygen", "systolic_bp": "Systolic BP",
-          "pulse": "Pulse", "consciousness": "Consciousness", "temperature": "Temperature"}
+LABELS = {"resp_rate": "Respiration rate", "spo2": "SpO2", "air_or_oxygen": "Air or oxygen",
+          "systolic_bp": "Systolic BP", "pulse": "Pulse", "consciousness": "Consciousness", "temperature": "Temperature"}
 BANDS = ("low", "low-medium", "medium", "high")
 
 # (points, label) per chart row, checked top to bottom with `value <= upper`; the last row catches the rest.
