@@ -40,7 +40,7 @@ SHOWN = 5         # dropped ids shown per reason in the dataset card (statistics
 
 
 @dataclass(frozen=True)
-class TestItem:
+class ScoredItem:
     label: str   # the test set, as reasons name it: "<adapter>/test" or "medqa (<adapter>/test)"
     row: dict    # the test example (id, messages)
 
@@ -114,7 +114,7 @@ def minhash_hits(train_texts: list[str], test_texts: list[str], settings: dict[s
     return hits
 
 
-def check(train: list[dict], tests: list[TestItem], settings: dict[str, Any]) -> tuple[list[dict], list[dict]]:
+def check(train: list[dict], tests: list[ScoredItem], settings: dict[str, Any]) -> tuple[list[dict], list[dict]]:
     """(kept training examples, dropped ones): each dropped as {"id", "reason", "test_id"}, in input order.
 
     `settings`: num_perm, shingle_words and threshold (the dedup block). MinHash is asked first: a
@@ -137,7 +137,7 @@ def check(train: list[dict], tests: list[TestItem], settings: dict[str, Any]) ->
     return kept, dropped
 
 
-def summary(dropped: list[dict], checked: dict[str, int], tests: list[TestItem], settings: dict[str, Any]
+def summary(dropped: list[dict], checked: dict[str, int], tests: list[ScoredItem], settings: dict[str, Any]
             ) -> dict[str, Any]:
     """What statistics.json records: counts per reason, every dropped id (with the test item), settings."""
     reasons = Counter(d["reason"] for d in dropped)

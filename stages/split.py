@@ -263,13 +263,13 @@ def test_label(cfg, adapter_name: str, row: dict) -> str:
     return f"{adapter_name}/test"
 
 
-def test_items(cfg, adapter_name: str, own_test: list[dict]) -> list[decontaminate.TestItem]:
+def test_items(cfg, adapter_name: str, own_test: list[dict]) -> list[decontaminate.ScoredItem]:
     """Every test set eval scores: this adapter's test split and every other adapter's (the eval matrix).
 
     Another adapter's test split is worked out here from the dedup output, its config and its ledger
     (read, never written), the way its own split stage places it: reading its test.jsonl instead
     would make every split task depend on every other, a cycle in the doit graph."""
-    items = [decontaminate.TestItem(test_label(cfg, adapter_name, r), r) for r in own_test]
+    items = [decontaminate.ScoredItem(test_label(cfg, adapter_name, r), r) for r in own_test]
     for name in sorted(n for n in cfg.adapters if n != adapter_name):
         try:
             rows, _ = route(cfg, name)
@@ -279,7 +279,7 @@ def test_items(cfg, adapter_name: str, own_test: list[dict]) -> list[decontamina
             print(f"split:{adapter_name}: warning: not checked against {name}'s test split, which cannot be "
                   f"worked out: {exc}")
             continue
-        items += [decontaminate.TestItem(test_label(cfg, name, r), r) for r in rows if where[r["cluster"]] == "test"]
+        items += [decontaminate.ScoredItem(test_label(cfg, name, r), r) for r in rows if where[r["cluster"]] == "test"]
     return items
 
 
