@@ -157,6 +157,7 @@ def test_planted_copies_of_test_items_are_dropped_and_counted(tmp_path):
     from tests.models import make_tiny_model
     from tests.pipeline_project import Project
 
+    (tmp_path / "project").mkdir()
     project = Project(tmp_path / "project", base_model=str(make_tiny_model(tmp_path / "tiny")))
     project.doit("split")
     tests = {a: list(io.read_jsonl(project.path(f"data/splits/{a}/test.jsonl")))
