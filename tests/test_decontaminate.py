@@ -213,3 +213,9 @@ def test_planted_copies_of_test_items_are_dropped_and_counted(tmp_path):
         card = project.path(f"data/splits/{adapter}/README.md").read_text()
         assert "## Decontamination" in card and f"{stats['dropped_total']} example(s) dropped" in card
     assert learned_copies >= 4  # copies that reached train or val, every one dropped
+    from tui.reports import data_report  # the dashboard's data view counts them too
+
+    shown = data_report(project.root, ["plant"], list(ledgers))["drops"]
+    for adapter in ledgers:
+        counts = io.read_json(project.path(f"data/splits/{adapter}/statistics.json"))["decontamination"]["dropped"]
+        assert {d["reason"]: d["count"] for d in shown if d["where"] == f"split · {adapter}"} == counts

@@ -78,6 +78,10 @@ def data_report(root: Path, sources: list[str], adapters: list[str]) -> dict:
         if stats:
             splits.append({"adapter": name, "examples": stats.get("examples"), **stats.get("splits", {}),
                            "by_source": stats.get("by_source", {})})
+            # copies of a scored test item dropped from train/val (stages/decontaminate.py); the ids are in the card
+            decontaminated = (stats.get("decontamination") or {}).get("dropped") or {}
+            for reason, count in sorted(decontaminated.items(), key=lambda kv: (-kv[1], kv[0])):
+                drops.append({"where": f"split · {name}", "reason": reason, "count": count})
         if start and start.get("kind") == "start" and start.get("dropped"):
             drops.append({"where": f"train · {name}", "reason": "no answer tokens left after max_length",
                           "count": start["dropped"]})
