@@ -47,10 +47,9 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from stages.chat import API_KEY_ENV, BASE_ID  # noqa: F401 (also read from here)
 from stages.errors import StageError
 
-API_KEY_ENV = "MEDFORGE_API_KEY"
-BASE_ID = "base"
 MAX_MERGED = 1
 N_CTX = 2048
 LEGACY_ARGS = ("--model", "--config_file", "--lora_path")
@@ -317,6 +316,7 @@ class Models:
             llm = self._merged(entry) if entry.kind == "merged" else self._activate(entry)
             handler = self._handler(entry, llm)
             llm.chat_handler = handler  # None: llama-cpp-python's chat_format for the GGUF
+            free_last_sampler(llm)
             # every request starts from an empty KV cache: no other adapter's keys and values, and the
             # same tokens as the model loaded alone (no prompt-prefix reuse across requests)
             llm.reset()
@@ -332,6 +332,22 @@ class Models:
                     self.lib.llama_adapter_lora_free(handle)
                     del self.loras[ident]
             llm.close()
+
+
+def free_last_sampler(llm) -> None:
+    """Free the llama.cpp sampler chain of `llm`'s last generation, whose request is over.
+
+    llama-cpp-python (0.3.36) builds a new chain for every generation (Llama.generate), and llama.cpp
+    gives each chain a buffer of one llama_token_data (12 bytes) per vocabulary token: 576 KiB for
+    SmolLM2's 49,152 tokens. The Python object that frees it is in a reference cycle (its ExitStack's
+    callback holds it), so only Python's cycle collector frees it, and its full collections are rare:
+    resident memory grew 0.57 MiB with every request, whatever its model. Freed here, before the next
+    request builds its own, one chain per loaded model stays.
+    """
+    sampler = getattr(llm, "_sampler", None)
+    if sampler is not None:
+        sampler.close()
+        llm._sampler = None
 
 
 class NoRepeatPenaltyByDefault:
