@@ -41,6 +41,9 @@ from stages.errors import StageError
 MAX_LOADED = 2
 N_CTX = 2048
 URL_ENV = "MEDFORGE_SERVER_URL"  # a running `medforge serve` for `medforge chat` and the dashboard
+# what client and server agree on; here, beneath stages.serve (which builds on this module), not in it
+API_KEY_ENV = "MEDFORGE_API_KEY"  # the bearer token both send/require when set
+BASE_ID = "base"  # the model id of the bare base model
 
 
 @dataclass(frozen=True)
@@ -221,8 +224,6 @@ def stream_remote(url: str, adapter: str | None, messages: list[dict], max_token
     """Stream the reply of `adapter` (or the base) from a running `medforge serve` at `url` (SSE)."""
     import httpx
     import orjson
-
-    from stages.serve import API_KEY_ENV, BASE_ID
 
     base = api_base(url)
     key = os.environ.get(API_KEY_ENV)

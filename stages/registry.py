@@ -28,8 +28,8 @@ STAGES = (
     Stage("scrape", "stages.scrape", ("scrape.py",)),        # + the source's code (source_code)
     Stage("normalize", "stages.normalize", ("normalize.py",)),  # + the source's code (source_code)
     Stage("dedup", "stages.dedup", ("dedup", "clean.py"), named=False),
-    Stage("split", "stages.split", ("split.py", "clean.py")),
-    Stage("lint", "stages.train.lint", ("train/lint.py", "train/format.py", "train/encoded.py")),
+    Stage("split", "stages.split", ("split.py", "clean.py", "decontaminate.py", "dedup")),  # + dedup: its MinHash and LSH
+    Stage("lint", "stages.train.lint", ("train/lint.py", "train/format.py", "train/encoded.py", "train/inputs.py")),
     Stage("train", "stages.train", ("train",)),
     Stage("eval", "stages.evaluate", ("evaluate.py", "safety.py", "sources")),  # every source kind scores its tasks
     Stage("export", "stages.export", ("export.py", "llamacpp.py", "gguf.py")),

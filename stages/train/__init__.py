@@ -4,8 +4,8 @@ Reads data/splits/<adapter>/{train,val}.jsonl and the base model folder; writes
 adapters/<adapter>/out/lora/ (peft adapter + tokenizer + train_summary.json, atomically)
 and streams adapters/<adapter>/out/metrics.jsonl while it runs.
 
-Modules: format (chat template -> ids + loss mask), hardware (device/dtype), metrics
-(the JSONL stream, TensorBoard, progress), packing (batches), checkpoint (resume),
+Modules: inputs (base folder, tokenizer, split rows), format (chat template -> ids + loss mask),
+hardware (device/dtype), metrics (the JSONL stream, TensorBoard, progress), packing (batches), checkpoint (resume),
 loop (the one training loop), torch_backend and mlx_backend (what the loop calls: loop.Backend),
 distributed and fsdp (torch's multi-process), lint (the mask/template checks).
 Another backend implements loop.Backend and plugs in at `BACKENDS` and the dispatch in `run`.
@@ -13,11 +13,11 @@ Another backend implements loop.Backend and plugs in at `BACKENDS` and the dispa
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from stages import io, layout
 from stages.errors import StageError
+from stages.train.inputs import base_folder, iter_split, load_tokenizer, read_split  # noqa: F401 (the stage's API)
 
 BACKENDS = ("torch", "mlx")  # "auto": mlx on Apple silicon when it is installed, torch otherwise
 
@@ -34,41 +34,6 @@ def resolve_backend(requested: str, where: str) -> str:
         return "torch"
     raise StageError(f"{where}: key 'train.backend' = \"{requested}\" is not available yet; "
                      "set it to \"torch\" or \"auto\"")
-
-
-def base_folder(spec: str, where: str) -> Path:
-    """The base model folder, with a one-line fix when it is not there."""
-    path = layout.base_dir(spec)
-    if not (path / "config.json").exists():
-        how = ("point it at a Hugging Face model folder" if layout.is_local_model(spec)
-               else "run `doit base_model` first")
-        raise StageError(f"{where}: key 'base_model' = \"{spec}\": {path}/config.json not found; {how}")
-    return path
-
-
-def load_tokenizer(base_dir: Path):
-    """The base model's tokenizer, the one every backend formats with; it must have a chat template."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
-    if not tokenizer.chat_template:
-        raise StageError(f"{base_dir}: the tokenizer has no chat template; use a chat/instruct base model "
-                         "(adapter.toml key 'base_model')")
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-def iter_split(adapter: str, split: str) -> Iterator[dict[str, Any]]:
-    """The split's rows, read as they are used (fails now, not on first use, when the file is missing)."""
-    path = layout.split_file(adapter, split)
-    if not path.exists():
-        raise StageError(f"{path} is missing; run `doit split:{adapter}` first")
-    return io.read_jsonl(path)
-
-
-def read_split(adapter: str, split: str) -> list[dict[str, Any]]:
-    return list(iter_split(adapter, split))
 
 
 def run(cfg, adapter_name: str) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from stages import io, layout
 from stages.train import format as fmt
+from stages.train.inputs import iter_split
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "vocab.json", "merges.txt", "tokenizer.model")
@@ -34,8 +35,6 @@ def encode_split(tokenizer, base_dir: Path, adapter: str, split: str, max_length
 
     `rows`: the split's rows when the caller has read them already (read here otherwise, on a cache miss only).
     """
-    from stages.train import iter_split
-
     split_path = layout.split_file(adapter, split)
     if rows is None and not split_path.exists():
         iter_split(adapter, split)  # says which task to run

@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from stages.errors import StageError
-from stages.train import checkpoint, distributed, fsdp, fused_lora, head_loss, load_tokenizer  # noqa: F401 (API)
+from stages.train import checkpoint, distributed, fsdp, fused_lora, head_loss  # noqa: F401 (API)
 from stages.train.format import IGNORE, Encoded
 from stages.train.hardware import Hardware
+from stages.train.inputs import load_tokenizer  # noqa: F401 (API)
 from stages.train.loop import MAX_GRAD_NORM, VAL_MAX_EXAMPLES, cosine_lr, total_steps  # noqa: F401 (API)
 from stages.train.packing import BatchStream, collate, collate_packed, length_batches  # noqa: F401 (API)
 

@@ -16,8 +16,8 @@ def _key_label(keys: str) -> str:
     return " / ".join(names.get(k.strip(), k.strip()) for k in keys.split(","))
 
 
-def key_table() -> Table:
-    from tui.app import MedforgeApp
+def key_table(app_bindings: list) -> Table:
+    """`app_bindings`: the app's own (the screen passes its app's: importing tui.app here would be a circle)."""
     from tui.screens.chat import ChatScreen
     from tui.screens.data import DataScreen
     from tui.screens.eval import EvalScreen
@@ -29,7 +29,7 @@ def key_table() -> Table:
     table.add_column()
     everywhere = [Binding("ctrl+p", "", "command palette: every action by name"),
                   Binding("tab,shift+tab", "", "focus the next / previous pane (it is tinted)")]
-    groups = [("everywhere", MedforgeApp.BINDINGS + everywhere),
+    groups = [("everywhere", list(app_bindings) + everywhere),
               ("pipeline", PipelineScreen.BINDINGS), ("training", TrainingScreen.BINDINGS),
               ("data", DataScreen.BINDINGS), ("eval", EvalScreen.BINDINGS), ("chat", ChatScreen.BINDINGS)]
     for title, bindings in groups:
@@ -52,7 +52,7 @@ class HelpScreen(ModalScreen):
     def compose(self) -> ComposeResult:
         with VerticalScroll(id="help"):
             yield Static(Text("medforge keys", style="bold"))
-            yield Static(key_table())
+            yield Static(key_table(type(self.app).BINDINGS))
 
     def action_dismiss(self) -> None:
         self.dismiss()
