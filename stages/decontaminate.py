@@ -76,16 +76,17 @@ def ngram_hits(train_prompts: list[list[str]], test_prompts: list[list[str]]) ->
         for k in ks:
             owners[k].append(j)
     sizes = {len(k) for k in owners}  # 13, and the lengths of the short questions
-    found: list[set[tuple]] = []      # per training example: the test keys its prompt holds
+    found: dict[int, set[tuple]] = {}  # training example -> the test keys its prompt holds (most hold none)
     df: Counter = Counter()
-    for tokens in train_prompts:
+    for i, tokens in enumerate(train_prompts):
         held = {g for g in _grams(tokens, sizes) if g in owners}
-        found.append(held)
-        df.update(held)
+        if held:
+            found[i] = held
+            df.update(held)
     template = {k for k, n in df.items() if n > MAX_DF}
     size = [sum(1 for k in ks if k not in template) for ks in keys]
     hits: dict[int, int] = {}
-    for i, held in enumerate(found):
+    for i, held in found.items():
         shared: Counter = Counter()
         for k in held - template:
             shared.update(owners[k])
