@@ -40,8 +40,9 @@ BY_NAME = {s.name: s for s in STAGES}
 NAMES = tuple(BY_NAME)
 
 # The code a source kind's module (stages/sources/<kind>.py) builds on besides itself, relative to stages/:
-# shared helpers and other sources it borrows from. Editing one re-runs the kind's scrape and
-# normalize. tests/test_registry.py fails when a source imports such a module that is not listed here.
+# shared helpers and other sources it borrows from (what those use in turn follows from their own entry).
+# Editing one re-runs the kind's scrape and normalize. tests/test_registry.py fails when a source imports
+# such a module, directly or not, that is not listed here.
 SOURCE_USES = {
     "clinicaltrials": ("sources/_shape.py", "sources/_text.py"),
     "dailymed": ("sources/_text.py", "sources/_xml.py"),
@@ -72,5 +73,9 @@ def code(stage: str) -> list[str]:
 
 
 def source_code(kind: str) -> list[str]:
-    """A source kind's module and the code it builds on (SOURCE_USES)."""
-    return files((f"sources/{kind}.py", *SOURCE_USES.get(kind, ())))
+    """A source kind's module and the code it builds on (SOURCE_USES), through the other sources it uses too."""
+    found = [f"sources/{kind}.py"]
+    for name in found:  # grows while it is read: what each used source uses in turn
+        used_kind = name.removeprefix("sources/").removesuffix(".py")
+        found += [n for n in SOURCE_USES.get(used_kind, ()) if n not in found]
+    return files(found)

@@ -1,0 +1,72 @@
+"""stages/registry.py is the one list of stages: dodo.py's tasks are exactly its stages, in its order;
+each entry names a module and function that exist and code deps that exist; and a source's code deps
+hold every module it builds on (so editing a helper re-runs the sources that use it)."""
+from __future__ import annotations
+
+import ast
+
+from stages import registry
+from stages.sources import KINDS
+from tests.test_import_graph import ROOT, graph
+
+# what a source builds on that is not its own code: the layers beneath every source (editing them does not
+# re-run the sources, as before the registry); anything else a source imports must be in its code deps
+PLATFORM = {"stages.sources", "stages.errors", "stages.http", "stages.io", "stages.layout", "stages.raw",
+            "stages.schema"}
+
+
+def test_dodo_has_one_task_per_stage_in_the_registry_order():
+    tree = ast.parse((ROOT / "dodo.py").read_text(encoding="utf-8"))
+    tasks = [node.name.removeprefix("task_") for node in tree.body
+             if isinstance(node, ast.FunctionDef) and node.name.startswith("task_")]
+    assert tasks == list(registry.NAMES)
+
+
+def test_each_stage_names_an_entry_and_code_that_exist():
+    for stage in registry.STAGES:
+        path = ROOT / (stage.module.replace(".", "/") + ".py")
+        path = path if path.exists() else path.with_suffix("") / "__init__.py"
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        defined = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
+        defined |= {a.asname or a.name for n in tree.body if isinstance(n, ast.ImportFrom) for a in n.names}
+        assert stage.entry in defined, f"{stage.name}: {path} has no {stage.entry}()"
+        for name in stage.code:
+            assert (registry.CODE / name).exists(), f"{stage.name}: code dep stages/{name} does not exist"
+    for kind, uses in registry.SOURCE_USES.items():
+        assert kind in KINDS, f"SOURCE_USES names '{kind}', which is no source kind"
+        for name in uses:
+            assert (registry.CODE / name).exists(), f"{kind}: code dep stages/{name} does not exist"
+
+
+def builds_on(module: str, edges: dict[str, set[str]]) -> set[str]:
+    """Every project module `module` imports, directly or through another, the platform left out."""
+    seen: set[str] = set()
+    todo = [module]
+    while todo:
+        for nxt in edges[todo.pop()] - PLATFORM - seen:
+            seen.add(nxt)
+            todo.append(nxt)
+    return seen
+
+
+def as_module(path: str) -> str:
+    return "stages." + path.split("/stages/", 1)[1].removesuffix(".py").replace("/", ".")
+
+
+def test_a_source_declares_every_module_it_builds_on():
+    edges = graph()
+    missing = {}
+    for kind in KINDS:
+        declared = {as_module(p) for p in registry.source_code(kind)}
+        undeclared = builds_on(f"stages.sources.{kind}", edges) - declared
+        if undeclared:
+            missing[kind] = sorted(undeclared)
+    assert not missing, ("sources import modules their scrape/normalize tasks do not depend on; add them to "
+                         f"SOURCE_USES in stages/registry.py: {missing}")
+
+
+def test_a_code_dep_folder_stands_for_every_module_in_it():
+    train = registry.code("train")
+    assert str(registry.CODE / "train" / "__init__.py") in train
+    assert str(registry.CODE / "train" / "loop.py") in train
+    assert all(p.endswith(".py") for p in train)
