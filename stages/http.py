@@ -17,6 +17,8 @@
   never written anywhere: every URL or message that leaves this module is redacted;
 - a User-Agent naming medforge; NCBI's `tool` and `email` parameters.
 
+Each API's quirks (which statuses mean "slow down", a throttle marker in the body, a backoff in
+every answer, the tool/email parameters) are fields of its `Api` in APIS, not branches in the client.
 Base URLs, rates and retry settings come from the source's params, so tests and the
 bench run this very code against a local server.
 """
@@ -61,7 +63,14 @@ class Api:
     keyed_daily: int | None = None
     key_env: str | None = None        # environment variable holding the key
     key_param: str | None = None      # query parameter the key travels in
-    over_limit: tuple[int, ...] = (429,)  # statuses meaning "too many requests"
+    over_limit: tuple[int, ...] = (429,)  # statuses that always mean "too many requests"
+    over_limit_marked: tuple[int, ...] = ()  # statuses that mean it only with `throttle_marker` in the body
+    throttle_marker: bytes = b""      # a short answer (under 2 KiB) holding this, in any case, is over the limit,
+                                      # whatever its status (even 200)
+    wait_pattern: bytes = b""         # regex: group 1 is the seconds to wait, read from an over-limit body
+                                      # when there is no Retry-After header
+    backoff_in_body: bool = False     # every JSON answer carries `backoff` (s to wait) and `quota_remaining`
+    identify: bool = False            # every request names the tool and the contact email (tool=, email=)
     limit_doc: str = ""               # where the limit is documented
     error_fields: tuple[str, ...] = ("error",)  # top-level JSON keys that make an answer an error, even a 200
     error_xml: bytes | None = None    # an XML answer holding this element is an error (NCBI's <ERROR>)
@@ -70,7 +79,8 @@ class Api:
 
 APIS: dict[str, Api] = {a.name: a for a in (
     Api("ncbi", "NCBI E-utilities", "https://eutils.ncbi.nlm.nih.gov/entrez/eutils", rate=3, keyed_rate=10,
-        key_env="NCBI_API_KEY", key_param="api_key", error_xml=b"<ERROR>",
+        key_env="NCBI_API_KEY", key_param="api_key", error_xml=b"<ERROR>", identify=True,
+        throttle_marker=b"rate limit exceeded",  # {"error":"API rate limit exceeded",...}, sometimes as a 200
         limit_doc="https://www.ncbi.nlm.nih.gov/books/NBK25497/ (3 req/s, 10 with api_key)"),
     Api("openfda", "openFDA", "https://api.fda.gov", rate=4, keyed_rate=4, daily=1000, keyed_daily=120_000,
         key_env="OPENFDA_API_KEY", key_param="api_key",
@@ -84,7 +94,8 @@ APIS: dict[str, Api] = {a.name: a for a in (
     Api("fda", "FDA.gov", "https://www.fda.gov", rate=2, json_top=(list, dict),  # the guidance index is an array
         limit_doc="undocumented; medforge keeps to 2 req/s"),
     Api("stackexchange", "Stack Exchange API 2.3", "https://api.stackexchange.com/2.3", rate=30, daily=300,
-        keyed_daily=10_000, key_env="STACKEXCHANGE_KEY", key_param="key", over_limit=(429, 400),
+        keyed_daily=10_000, key_env="STACKEXCHANGE_KEY", key_param="key", over_limit_marked=(400,),
+        throttle_marker=b"throttle_violation", wait_pattern=rb"available in (\d+) seconds", backoff_in_body=True,
         error_fields=("error_id", "error_name"),
         limit_doc="https://api.stackexchange.com/docs/throttle (30 req/s per IP; 300/day, 10,000 with key)"),
     Api("medlineplus", "MedlinePlus", "https://medlineplus.gov", rate=85 / 60,
@@ -443,7 +454,7 @@ class Client:
 
     def _auth_params(self) -> dict[str, str]:
         extra: dict[str, str] = {}
-        if self.api.name == "ncbi":
+        if self.api.identify:
             extra["tool"] = "medforge"
             if self.email:
                 extra["email"] = self.email
@@ -573,7 +584,7 @@ class Client:
         headers = response.headers
         reply = Reply(status, content, headers, self.redact(str(response.url)))
         body_error = self._throttle_in_body(content)
-        if status in self.api.over_limit and (status == 429 or body_error or self.api.name == "rxnav"):
+        if status in self.api.over_limit or (status in self.api.over_limit_marked and body_error):
             self.over_limit += 1
             raise _Retry(f"HTTP {status}: too many requests", self._wait_hint(headers, content))
         if status >= 500 or status == 408:
@@ -595,7 +606,7 @@ class Client:
                 reply._json = orjson.loads(content)
             except orjson.JSONDecodeError:
                 raise _Retry("truncated or invalid JSON body") from None
-            self._stackexchange_wrapper(reply._json)
+            self._backoff_in_body(reply._json)
             if not isinstance(reply._json, self.api.json_top):
                 raise _Retry(f"JSON of the wrong shape ({type(reply._json).__name__} where {self.api.title} answers "
                              f"{' or '.join(t.__name__ for t in self.api.json_top)})")
@@ -632,24 +643,23 @@ class Client:
         return None
 
     def _throttle_in_body(self, content: bytes) -> str | None:
-        """NCBI answers over-limit requests with {"error":"API rate limit exceeded",...}, sometimes as 200."""
-        if self.api.name == "ncbi" and len(content) < 2048 and b"rate limit exceeded" in content.lower():
-            return "API rate limit exceeded"
-        if self.api.name == "stackexchange" and b"throttle_violation" in content[:2048]:
-            return "throttle_violation"
+        """The Api's `throttle_marker` in a short answer: an over-limit answer, whatever its status says."""
+        marker = self.api.throttle_marker
+        if marker and len(content) < 2048 and marker in content.lower():
+            return marker.decode()
         return None
 
     def _wait_hint(self, headers, content: bytes) -> float | None:
         hint = retry_after(headers.get("retry-after"))
-        if hint is None and self.api.name == "stackexchange":
-            m = re.search(rb"available in (\d+) seconds", content[:2048])
+        if hint is None and self.api.wait_pattern:
+            m = re.search(self.api.wait_pattern, content[:2048])
             if m:
                 hint = float(m.group(1))
         return hint
 
-    def _stackexchange_wrapper(self, doc: Any) -> None:
-        """StackExchange: `backoff` (seconds before the next call) and `quota_remaining` in every wrapper."""
-        if self.api.name != "stackexchange" or not isinstance(doc, dict):
+    def _backoff_in_body(self, doc: Any) -> None:
+        """`backoff` (seconds before the next call) and `quota_remaining` in every answer (Stack Exchange's wrapper)."""
+        if not self.api.backoff_in_body or not isinstance(doc, dict):
             return
         if isinstance(doc.get("quota_remaining"), int):
             self._note_quota(doc["quota_remaining"])
