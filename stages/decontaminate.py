@@ -16,9 +16,12 @@ Two checks, either one drops:
   one: every ICD-10 question starts with the same eight template words, so one shared 13-gram
   only says two descriptions start alike. 13-grams found in more than MAX_DF training prompts are
   template text, not any one item's, and are left out of both counts. Even so, two ICD-10 codes
-  whose descriptions differ only in their last words ask near-identical questions; at 0.8 that
-  flagged 53 of 21,416 training examples on 6,000 codes (0.25 %, all `icd10_code`) and no NEWS2
-  patient of 1,500 (0.5 flagged 202 and 7): each dropped id is listed, for a person to judge.
+  whose descriptions differ only in their last words ask near-identical questions ("..., right
+  hand" and "..., right hand, subsequent encounter"), and a short description is held whole in a
+  longer one: on the full ICD-10-CM (97,584 codes) that drops 8,991 of 348,279 train and val
+  examples (2.6 %), all `icd10_code`, and no NEWS2 patient of 1,500 (on 6,000 codes, MIN_SHARE
+  0.5 dropped 202 and 7 patients' examples, 0.8 dropped 53 and none). Every dropped id is
+  listed with the test item it copies, for a person to judge.
 - near-duplicate by MinHash on the whole example (question and answer), at dedup's threshold,
   num_perm and shingle size (stages.dedup: the same fingerprints and LSH), so "near-duplicate"
   means one thing in the project. Dedup already keeps one example per near-duplicate cluster of
