@@ -1,13 +1,13 @@
-"""MinHash fingerprints, pure numpy: normalization, word and shingle hashes, signatures.
+"""MinHash fingerprints: normalization, word and shingle hashes, signatures (numpy reference; kernel.py runs it).
 
 A document's fingerprint is its normalized-text digest (exact matches), its MinHash
 signature, its quality (distinct words: the richer text wins a cluster) and its set of
 shingle hashes (near-duplicate pairs are verified on their true Jaccard similarity).
 
-Signatures are computed with numpy over all word shingles of many documents at
-once: words are hashed once each, shingle hashes are combined from word
-hashes in vectorised steps, and the MinHash permutations are applied to the whole
-shingle matrix. The permutations are datasketch's "affine32" kind: a*h + b in
+The numpy functions here define every hash: words are hashed once each, shingle hashes are
+combined from word hashes in vectorised steps, and the MinHash permutations are applied to the
+whole shingle matrix. kernel.py computes the same in one compiled pass per batch (a test holds
+them equal); documents longer than a batch take the numpy path a window at a time. The permutations are datasketch's "affine32" kind: a*h + b in
 uint32 with a odd (a bijection, so no added collisions), on well-mixed 32-bit
 shingle hashes; a modulo-prime family costs 8x more here for no gain on short texts.
 """
@@ -22,7 +22,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-SIGNATURE_VERSION = 3     # bump when normalization or hashing changes: old caches are ignored
+SIGNATURE_VERSION = 4     # bump when normalization or hashing changes: old caches are ignored
 MINHASH_SEED = 1
 MINHASH_SCHEME = "affine32"  # datasketch's name for our a*h + b (mod 2^32) permutations
 MAX_HASH = np.uint32((1 << 32) - 1)
@@ -216,16 +216,47 @@ def _tokens(norm: str) -> str:
     return " ".join(" ".join(WORD_RE.findall(piece)) for piece in _pieces(norm, CHARS_PER_BATCH))
 
 
-def _batch_fingerprint(tokens: list[str], num_perm: int, shingle_words: int
-                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(signatures, quality, shingle values, shingles per document) of one batch of token strings."""
-    if len(tokens) == 1 and len(tokens[0]) > CHARS_PER_BATCH:
-        return _long_fingerprint(tokens[0], num_perm, shingle_words)
+def char_tables() -> tuple[np.ndarray, np.ndarray]:
+    """Per code point: is it `\\w` (WORD_RE: str.isalnum or "_"), is it whitespace (str.split: str.isspace)."""
+    global _TABLES
+    if _TABLES is None:
+        chars = [chr(c) for c in range(0x110000)]
+        is_word = np.fromiter((c.isalnum() for c in chars), np.bool_, len(chars))
+        is_word[ord("_")] = True
+        _TABLES = is_word, np.fromiter((c.isspace() for c in chars), np.bool_, len(chars))
+    return _TABLES
+
+
+_TABLES: tuple[np.ndarray, np.ndarray] | None = None
+
+
+def _prepared(text: str) -> bytes:
+    """What the kernel reads: ASCII as it is (it lowercases and splits ASCII itself), other text after
+    NFKC and casefold, which need Unicode's tables."""
+    if text.isascii():
+        return text.encode("ascii")
+    return unicodedata.normalize("NFKC", text).casefold().encode("utf-8", "surrogatepass")  # as clean.py reads it
+
+
+def _digest(norm: str) -> bytes:
+    from stages.dedup import kernel
+
+    return np.array(kernel.digest(np.frombuffer(norm.encode("utf-8", "surrogatepass"), np.uint8), *char_tables()),
+                    np.uint64).tobytes()
+
+
+def _batch_fingerprint(texts: list[bytes], num_perm: int, shingle_words: int
+                       ) -> tuple[list[bytes], np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(digests, signatures, quality, shingle values, shingles per document) of one batch (kernel.py)."""
+    from stages.dedup import kernel
+
     a, b = permutations(num_perm)
-    hashes, lengths, distinct = word_hashes("\n".join(tokens).encode("utf-8"), len(tokens))
-    hv, counts = shingle_hashes(hashes, lengths, shingle_words)
-    values, per_doc = _shingle_sets(hv, counts)
-    return _minhash(hv, counts, a, b), distinct, values, per_doc
+    offsets = np.zeros(len(texts) + 1, np.int64)
+    np.cumsum([len(t) for t in texts], out=offsets[1:])
+    digests, *rest = kernel.fingerprint_batch(np.frombuffer(b"".join(texts), np.uint8), offsets, shingle_words,
+                                              a, b, _BYTE_MULT, _LENGTH_MULT, *char_tables())
+    flat = digests.tobytes()
+    return [flat[i:i + 16] for i in range(0, len(flat), 16)], *rest
 
 
 def _long_fingerprint(tokens: str, num_perm: int, shingle_words: int
@@ -260,41 +291,58 @@ def _long_fingerprint(tokens: str, num_perm: int, shingle_words: int
     return sigs, np.array([distinct]), values, np.array([len(values)])
 
 
-def fingerprint(texts: Iterable[str], num_perm: int, shingle_words: int) -> Fingerprints:
-    """Fingerprints of `texts`, in order. Texts are normalized here (Python) while earlier batches are
-    hashed on a thread pool (numpy, which releases the GIL): every core works, the result is the same.
-    Memory stays bounded whatever the input: a few batches wait at most, and a document longer than a
-    batch goes alone, through _long_fingerprint."""
-    import xxhash
-
-    workers = max(1, min(4, os.cpu_count() or 1))
-    digests: list[bytes] = []
-    batches: list[Future] = []
-    batch: list[str] = []
+def fingerprint(texts: Iterable[str], num_perm: int, shingle_words: int, workers: int | None = None
+                ) -> Fingerprints:
+    """Fingerprints of `texts`, in order. Batches are fingerprinted by the compiled kernel on a thread pool
+    (it releases the GIL): every core works, the result is the same. Memory stays bounded whatever the
+    input: a few batches wait at most, and a document longer than a batch goes alone, through the numpy
+    path (_long_fingerprint), a window at a time."""
+    workers = workers or max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                    else os.cpu_count() or 1))
+    parts: list[Future] = []
+    batch: list[bytes] = []
     batch_chars = 0
+    char_tables()  # built once, before the threads need them
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        def submit(tokens: list[str]) -> None:
-            batches.append(pool.submit(_batch_fingerprint, tokens, num_perm, shingle_words))
-            if len(batches) > 2 * workers:  # the reader is ahead: wait, so pending text stays bounded
-                batches[-2 * workers - 1].result()
+        def submit(fn, *args) -> None:
+            parts.append(pool.submit(fn, *args))
+            if len(parts) > 2 * workers:  # the reader is ahead: wait, so pending text stays bounded
+                parts[-2 * workers - 1].result()
 
         for text in texts:
-            norm = normalize_text(text)
-            digests.append(xxhash.xxh3_128_digest(norm.encode("utf-8")))
-            if len(norm) > CHARS_PER_BATCH and batch:
-                submit(batch)
-                batch, batch_chars = [], 0
-            batch.append(_tokens(norm))
-            batch_chars += len(norm)
-            del norm
+            if len(text) > CHARS_PER_BATCH:
+                if batch:
+                    submit(_batch_fingerprint, batch, num_perm, shingle_words)
+                    batch, batch_chars = [], 0
+                parts.append(_Done(_long_document(text, num_perm, shingle_words)))
+                continue
+            batch.append(_prepared(text))
+            batch_chars += len(text)
             if batch_chars >= CHARS_PER_BATCH:
-                submit(batch)
+                submit(_batch_fingerprint, batch, num_perm, shingle_words)
                 batch, batch_chars = [], 0
         if batch:
-            submit(batch)
-        parts = [future.result() for future in batches]
-    if not digests:
+            submit(_batch_fingerprint, batch, num_perm, shingle_words)
+        results = [part.result() for part in parts]
+    if not results:
         return Fingerprints.empty(num_perm)
-    signatures, quality, shingles, sizes = (np.concatenate(column) for column in zip(*parts))
+    digests = [d for r in results for d in r[0]]
+    signatures, quality, shingles, sizes = (np.concatenate(column) for column in list(zip(*results))[1:])
     offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
     return Fingerprints(digests, signatures, quality.astype(np.int64), shingles, offsets)
+
+
+def _long_document(text: str, num_perm: int, shingle_words: int):
+    norm = normalize_text(text)
+    del text
+    return ([_digest(norm)], *_long_fingerprint(_tokens(norm), num_perm, shingle_words))
+
+
+class _Done:
+    """A result already computed, where a Future would be."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def result(self):
+        return self.value

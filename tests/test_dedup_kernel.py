@@ -1,0 +1,64 @@
+"""The compiled fingerprint kernel (stages/dedup/kernel.py) computes exactly what minhash.py's numpy
+reference defines, on messy text: any case, punctuation, ASCII control whitespace, Unicode spaces,
+ligatures, accents, CJK, emoji; and its digest groups texts exactly as normalize_text does."""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+
+from stages.dedup import minhash as mh
+
+ALPHABET = (list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJ0123456789_ .,;:-!?'\"()[]\t\n\r\x0b\x0c\x1c\x1f")
+            + list("éÉßﬁµ°–—“”…\u00a0\u2003\u3000\u200b日本語Ωω\u0085\u2028😀İ"))
+WORDS = ["the", "cat", "Sat", "on", "mat", "x", " ", "Fever", "fever,", "FEVER"]
+EDGES = ["", " ", "\n\n", "a", "A b", "one two three four", "one two three four five", "İstanbul", "ﬁle", "file",
+         "File.", "  file  ", "\x1cfile\x1f"]
+
+
+def corpus(seed: int, n: int) -> list[str]:
+    rng = random.Random(seed)
+    return ["".join(rng.choice(ALPHABET) if rng.random() < 0.3 else rng.choice(WORDS)
+                    for _ in range(rng.randint(0, 300))) for _ in range(n)] + EDGES
+
+
+def reference(texts: list[str], num_perm: int, n: int):
+    """minhash.py's numpy path over normalize_text + WORD_RE tokens: the definition."""
+    tokens = [mh._tokens(mh.normalize_text(t)) for t in texts]
+    hashes, lengths, distinct = mh.word_hashes("\n".join(tokens).encode("utf-8"), len(tokens))
+    hv, counts = mh.shingle_hashes(hashes, lengths, n)
+    values, sizes = mh._shingle_sets(hv, counts)
+    a, b = mh.permutations(num_perm)
+    return mh._minhash(hv, counts, a, b), distinct, values, sizes
+
+
+def test_kernel_fingerprints_equal_the_numpy_reference():
+    texts = corpus(5, 1500)
+    fp = mh.fingerprint(texts, 64, 5)
+    sigs, distinct, values, sizes = reference(texts, 64, 5)
+    assert np.array_equal(fp.signatures, sigs) and np.array_equal(fp.quality, distinct)
+    ends = np.cumsum(sizes)
+    for i in range(len(texts)):
+        assert np.array_equal(np.sort(fp.shingle_set(i)), values[ends[i] - sizes[i]:ends[i]]), texts[i]
+
+
+def test_digests_group_texts_exactly_as_normalize_text_does():
+    texts = corpus(6, 1500) + [t.upper() for t in EDGES] + [f"  {t}\t" for t in EDGES]
+    fp = mh.fingerprint(texts, 16, 5)
+    by_digest: dict[bytes, set[str]] = {}
+    for digest, text in zip(fp.digests, texts):
+        by_digest.setdefault(digest, set()).add(mh.normalize_text(text))
+    assert all(len(norms) == 1 for norms in by_digest.values())            # no two normal forms share a digest
+    assert len(by_digest) == len({mh.normalize_text(t) for t in texts})     # one normal form, one digest
+    assert fp.digests[texts.index("ﬁle")] == fp.digests[texts.index("file")] == fp.digests[texts.index("  file  ")]
+
+
+def test_a_document_longer_than_a_batch_gets_the_same_fingerprint_as_in_a_batch(monkeypatch):
+    texts = corpus(7, 40)
+    whole = mh.fingerprint(texts, 32, 5)
+    monkeypatch.setattr(mh, "CHARS_PER_BATCH", 200)  # most documents now take the long, windowed numpy path
+    long = mh.fingerprint(texts, 32, 5)
+    assert whole.digests == long.digests
+    assert np.array_equal(whole.signatures, long.signatures) and np.array_equal(whole.quality, long.quality)
+    for i in range(len(texts)):
+        assert np.array_equal(np.sort(whole.shingle_set(i)), np.sort(long.shingle_set(i)))
