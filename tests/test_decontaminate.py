@@ -219,3 +219,11 @@ def test_planted_copies_of_test_items_are_dropped_and_counted(tmp_path):
     for adapter in ledgers:
         counts = io.read_json(project.path(f"data/splits/{adapter}/statistics.json"))["decontamination"]["dropped"]
         assert {d["reason"]: d["count"] for d in shown if d["where"] == f"split · {adapter}"} == counts
+
+
+def test_another_adapter_that_cannot_be_split_is_named_and_skipped(two_adapters, capsys):
+    (two_adapters / "adapters" / "two" / "adapter.toml").write_text('[data]\nkeywords = ["zebra"]\n')
+    stats = split.run(config.load(), "one")
+    assert "split:one: warning: not checked against two's test split" in capsys.readouterr().out
+    assert stats["decontamination"]["test_items"] == {"one/test": stats["splits"]["test"]}
+    assert stats["decontamination"]["dropped_total"] == 0
