@@ -31,7 +31,7 @@ import math
 from collections import defaultdict
 from typing import Any
 
-from stages import io, layout, safety
+from stages import io, layout, safety, stats
 from stages.errors import StageError
 from stages.sources import scored_tasks
 
@@ -110,13 +110,30 @@ def choices_for(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(out, key=lambda q: q["index"])
 
 
-def choice_accuracy(choices: list[dict[str, Any]], loglik: list[list[float]]) -> dict[str, dict[str, float]]:
-    """Accuracy per task: the option with the highest answer log-likelihood against the gold one."""
+def choice_correct(choices: list[dict[str, Any]], loglik: list[list[float]]) -> dict[str, list[float]]:
+    """Per task, per question in order: 1.0 where the option with the highest answer log-likelihood is the gold one."""
     by_task: dict[str, list[float]] = defaultdict(list)
     for q, scores in zip(choices, loglik):
         best = max(range(len(scores)), key=lambda i: scores[i])
         by_task[q["task"]].append(float(best == q["gold"]))
-    return {task: {"accuracy": sum(v) / len(v)} for task, v in by_task.items()}
+    return dict(by_task)
+
+
+def choice_accuracy(choices: list[dict[str, Any]], loglik: list[list[float]]) -> dict[str, dict[str, float]]:
+    """Accuracy per task: the option with the highest answer log-likelihood against the gold one."""
+    return {task: {"accuracy": sum(v) / len(v)} for task, v in choice_correct(choices, loglik).items()}
+
+
+def paired_stats(base: list[dict[str, float]], adapter: list[dict[str, float]]) -> dict[str, dict]:
+    """Per metric, base and adapter on the same items: 95 % intervals, the paired test and the verdict
+    (stages.stats). A metric only some answers have (NEWS2 MAE needs a stated score) is compared on the
+    items where both models have it; its n says how many."""
+    out = {}
+    for metric in sorted({k for row in base + adapter for k in row}):
+        pairs = [(b[metric], a[metric]) for b, a in zip(base, adapter) if metric in b and metric in a]
+        if pairs:
+            out[metric] = stats.compare([b for b, _ in pairs], [a for _, a in pairs], metric in HIGHER_IS_BETTER)
+    return out
 
 
 def regressions(matrix: dict[str, dict], own: str) -> list[dict[str, Any]]:
@@ -135,8 +152,9 @@ def regressions(matrix: dict[str, dict], own: str) -> list[dict[str, Any]]:
                     continue
                 worse = value < base_value if metric in HIGHER_IS_BETTER else value > base_value
                 if worse:
+                    test = m.get("stats", {}).get(metric, {})  # is it more than noise?
                     out.append({"split": split, "task": task, "metric": metric, "base": base_value,
-                                "adapter": value})
+                                "adapter": value, "verdict": test.get("verdict"), "p": test.get("p")})
     return out
 
 
@@ -245,11 +263,12 @@ def evaluate_split(judge: Judge, rows: list[dict], max_length: int, max_generate
     choices = choices_for(rows)
     if choices:
         base_c, adapter_c = judge.nll(choice_examples(judge.tokenizer, rows, choices))
-        base_acc = choice_accuracy(choices, group_loglik(choices, base_c))
-        adapter_acc = choice_accuracy(choices, group_loglik(choices, adapter_c))
-        for task in base_acc:
-            n = sum(1 for q in choices if q["task"] == task)
-            metrics[task] = {"kind": "choice", "n": n, "base": base_acc[task], "adapter": adapter_acc[task]}
+        base_ok = choice_correct(choices, group_loglik(choices, base_c))
+        adapter_ok = choice_correct(choices, group_loglik(choices, adapter_c))
+        for task in base_ok:
+            b, a = [{"accuracy": v} for v in base_ok[task]], [{"accuracy": v} for v in adapter_ok[task]]
+            metrics[task] = {"kind": "choice", "n": len(b), "base": mean_metrics(b), "adapter": mean_metrics(a),
+                             "stats": paired_stats(b, a)}
     by_task: dict[str, list[dict]] = defaultdict(list)
     for row in rows:
         scored = scored_tasks().get(row.get("task", ""))
@@ -260,9 +279,10 @@ def evaluate_split(judge: Judge, rows: list[dict], max_length: int, max_generate
         base_out, adapter_out = judge.generate([r["messages"][:-1] for r in picked], max_new_tokens)
         golds = [r["messages"][-1]["content"] for r in picked]
         key = task if task not in metrics else f"{task}_generated"
-        metrics[key] = {"kind": "generated", "n": len(picked),
-                        "base": mean_metrics([score_generated(task, g, a) for g, a in zip(golds, base_out)]),
-                        "adapter": mean_metrics([score_generated(task, g, a) for g, a in zip(golds, adapter_out)]),
+        b = [score_generated(task, g, a) for g, a in zip(golds, base_out)]
+        a = [score_generated(task, g, a) for g, a in zip(golds, adapter_out)]
+        metrics[key] = {"kind": "generated", "n": len(picked), "base": mean_metrics(b), "adapter": mean_metrics(a),
+                        "stats": paired_stats(b, a),
                         "example": {"prompt": picked[0]["messages"][-2]["content"], "gold": golds[0],
                                     "base": base_out[0], "adapter": adapter_out[0]}}
     cell["metrics"] = metrics

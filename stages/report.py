@@ -39,6 +39,22 @@ def _change(base, adapter) -> str:
     return f"{(adapter - base) / base:+.0%}"
 
 
+def _estimate(value, estimate: dict | None, metric: str) -> str:
+    """A figure with its 95 % interval, when eval computed one: "20% (12–31%)", "2.6 (1.9–3.4)"."""
+    rate = not metric.endswith("mae")
+    if not estimate or estimate.get("low") is None:
+        return (_pct if rate else _num)(value)
+    if rate:
+        return f"{_pct(value)} ({estimate['low'] * 100:.0f}–{estimate['high']:.0%})"
+    return f"{_num(value)} ({_num(estimate['low'])}–{_num(estimate['high'])})"
+
+
+def _verdict(test: dict | None) -> str:
+    if not test:
+        return "–"
+    return f"{test['verdict']} (p={test['p']:.2g})"
+
+
 def _quote(text: str) -> str:
     text = (text or "").strip() or "(empty)"
     return "\n".join(f"    {line}" for line in text.splitlines())
@@ -168,20 +184,29 @@ def adapter_markdown(name: str, description: str, report: dict[str, Any], metric
         out += ["", "## Task metrics", "",
                 "Choice: the option with the highest answer log-likelihood. Generated: greedy answers read back "
                 "(NEWS2 aggregate and band against the chart; ICD-10 codes and descriptions by exact match).", "",
-                "| test split | task | kind | n | metric | base | adapter |", "|---|---|---|---:|---|---:|---:|"]
+                "Each figure with its 95 % interval (Wilson for rates, bootstrap for mean errors); the verdict is the "
+                "paired test on the same items (exact McNemar for right/wrong, sign-flip permutation otherwise): "
+                "\"better\" or \"worse\" only at p < 0.05.", "",
+                "| test split | task | kind | n | metric | base | adapter | adapter vs base |",
+                "|---|---|---|---:|---|---:|---:|---|"]
         for split, task, m in rows:
             for metric, value in m["base"].items():
-                fmt = _num if metric.endswith("mae") else _pct
-                out.append(f"| {split} | {task} | {m['kind']} | {m['n']} | {metric} | {fmt(value)} | "
-                           f"{fmt(m['adapter'].get(metric))} |")
+                test = m.get("stats", {}).get(metric)
+                n = test["adapter"]["n"] if test else m["n"]
+                out.append(f"| {split} | {task} | {m['kind']} | {n} | {metric} | "
+                           f"{_estimate(value, test and test['base'], metric)} | "
+                           f"{_estimate(m['adapter'].get(metric), test and test['adapter'], metric)} | "
+                           f"{_verdict(test)} |")
         if "eval_tasks" in plots:
             out += ["", f"![task metrics]({plots['eval_tasks']})"]
     regressions = report.get("regressions", [])
     out += ["", "## Cross-domain regressions", ""]
     if regressions:
-        out += ["| test split | task | metric | base | adapter |", "|---|---|---|---:|---:|"]
-        out += [f"| {r['split']} | {r['task']} | {r['metric']} | {_num(r['base'])} | {_num(r['adapter'])} |"
-                for r in regressions]
+        out += ["Every figure where the adapter scores below the base off its own domain; the verdict says "
+                "whether that is more than noise.", "",
+                "| test split | task | metric | base | adapter | verdict |", "|---|---|---|---:|---:|---|"]
+        out += [f"| {r['split']} | {r['task']} | {r['metric']} | {_num(r['base'])} | {_num(r['adapter'])} | "
+                f"{_verdict(r if r.get('verdict') else None)} |" for r in regressions]
     else:
         out.append("None: off its own domain the adapter is nowhere worse than the base.")
     if report.get("safety"):

@@ -92,3 +92,25 @@ def test_reports_name_the_missing_eval(cfg):
         report.run(cfg, "wards")
     with pytest.raises(StageError, match=r"doit eval:wards"):
         report.run_matrix(cfg)
+
+
+def test_task_metrics_carry_intervals_and_the_paired_verdict(cfg):
+    """What eval computes per metric (stages.evaluate.paired_stats) reaches the report as error bars and words."""
+    from stages import evaluate
+
+    base = [{"accuracy": float(i < 60)} for i in range(240)]             # 25 %
+    adapter = [{"accuracy": float(i < 60 or i % 2 == 0)} for i in range(240)]
+    errors_b, errors_a = [{"aggregate_mae": 3.0}] * 12, [{"aggregate_mae": 3.0 - (i % 3 == 0)} for i in range(12)]
+    data = {**EVAL, "regressions": [], "matrix": {"wards": {"n_examples": 240, "base_ppl": 9.5, "adapter_ppl": 2.5,
+            "metrics": {"icd10_parent": {"kind": "choice", "n": 240, "base": {"accuracy": 0.25},
+                                         "adapter": {"accuracy": 0.625}, "stats": evaluate.paired_stats(base, adapter)},
+                        "news2_score": {"kind": "generated", "n": 12, "base": {"aggregate_mae": 3.0},
+                                        "adapter": {"aggregate_mae": 2.6667},
+                                        "stats": evaluate.paired_stats(errors_b, errors_a)}}}}}
+    io.write_json(layout.eval_file("wards"), data)
+    io.write_jsonl(layout.metrics_file("wards"), metrics_rows())
+    report.run(cfg, "wards")
+    text = layout.report_file("wards").read_text()
+    assert "| wards | icd10_parent | choice | 240 | accuracy | 25% (20–31%) | 62% (56–68%) | better (p=" in text
+    assert "| wards | news2_score | generated | 12 | aggregate_mae | 3 (3–3) | 2.67 (" in text
+    assert "| no detectable difference (p=" in text  # 4 of 12 items one point better: not enough to tell
