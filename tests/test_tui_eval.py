@@ -94,3 +94,29 @@ def test_eval_view_snapshot(project, snap_compare, size, where):
         await pilot.pause(0.3)
 
     assert snap_compare(app, terminal_size=size, run_before=ready)
+
+
+async def test_eval_view_shows_the_paired_verdict_and_eval_s_own_intervals(project):
+    """eval.json's `stats` (stages.evaluate.paired_stats) decide the colour and the mark: ▲ better, ▼ worse,
+    ≈ no detectable difference; intervals and n come from there too (an error gets its bootstrap interval)."""
+    import orjson
+
+    from stages import evaluate
+
+    path = project / layout.eval_file("clinical_coding")
+    report = orjson.loads(path.read_bytes())
+    metrics = report["matrix"]["clinical_coding"]["metrics"]
+    base = [{"accuracy": float(i < 50)} for i in range(200)]
+    adapter = [{"accuracy": float(i < 50 or i % 2 == 0)} for i in range(200)]
+    metrics["icd10_billable"]["stats"] = evaluate.paired_stats(base, adapter)
+    errors = evaluate.paired_stats([{"aggregate_mae": 3.0}] * 12, [{"aggregate_mae": 3.0 - (i % 3 == 0)}
+                                                                    for i in range(12)])
+    metrics["icd10_billable"]["stats"]["aggregate_mae"] = errors["aggregate_mae"]
+    metrics["icd10_billable"]["base"]["aggregate_mae"], metrics["icd10_billable"]["adapter"]["aggregate_mae"] = 3.0, 2.67
+    path.write_bytes(orjson.dumps(report))
+    app = eval_app(project)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await wait_for(pilot, lambda: loaded(app), what="the eval report")
+        table = table_text(app, "#eval-metrics")
+        assert "icd10_billable · accuracy 200 " in table and " ▲" in table.split("icd10_billable · accuracy")[1][:40]
+        assert "icd10_billable · aggregate_mae 12 3.00 (3.00–3.00) 2.67 (2.42–2.92) ≈" in table

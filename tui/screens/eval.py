@@ -2,7 +2,8 @@
 
 - the matrix: every adapter on every adapter's test split (its own and the others'), answer perplexity
   base → adapter;
-- task metrics per split, base → adapter, with their n and, for rates, a 95% interval;
+- task metrics per split, base → adapter, with their n, a 95% interval and eval's paired verdict
+  (▲ better, ▼ worse, ≈ no detectable difference);
 - safety pass rates per model (base, adapter);
 - cross-domain regressions: off its own domain, where the adapter does worse than the base.
 """
@@ -63,9 +64,26 @@ def _better(metric: str, base, adapter) -> str:
 
 
 def _interval(m: dict, side: str, metric: str):
-    """An interval eval.json gives itself, if any: {"ci": {"base": {metric: [lo, hi]}, ...}}."""
+    """The interval eval.json gives itself, if any: {"stats": {metric: {"base": {"low", "high"}, ...}}}."""
+    estimate = ((m.get("stats") or {}).get(metric) or {}).get(side) or {}
+    if estimate.get("low") is not None and estimate.get("high") is not None:
+        return estimate["low"], estimate["high"]
     found = ((m.get("ci") or {}).get(side) or {}).get(metric)
     return tuple(found) if isinstance(found, (list, tuple)) and len(found) == 2 else None
+
+
+VERDICT_MARK = {"better": ("▲", "green"), "worse": ("▼", "red"), "no detectable difference": ("≈", "")}
+
+
+def _adapter_cell(m: dict, metric: str, n: int, base, adapter) -> Text:
+    """The adapter's figure, coloured and marked by eval's paired verdict (▲ better, ▼ worse, ≈ no detectable
+    difference); without one (an older eval.json), coloured by the raw difference."""
+    test = (m.get("stats") or {}).get(metric) or {}
+    mark, style = VERDICT_MARK.get(test.get("verdict"), ("", _better(metric, base, adapter)))
+    cell = _metric(metric, adapter, n, _interval(m, "adapter", metric), style)
+    if mark and adapter is not None:
+        cell.append(f" {mark}", style=style)
+    return cell
 
 
 def safety_rows(report: dict) -> tuple[str, list[tuple[str, dict]]]:
@@ -177,9 +195,10 @@ class EvalScreen(ReportScreen):
                 base, adapter = m.get("base") or {}, m.get("adapter") or {}
                 for metric in sorted(set(base) | set(adapter)):
                     b, a = base.get(metric), adapter.get(metric)
-                    table.add_row(Text(f"    {task} · {metric}"), Text(str(n), justify="right"),
-                                  _metric(metric, b, n, _interval(m, "base", metric)),
-                                  _metric(metric, a, n, _interval(m, "adapter", metric), _better(metric, b, a)))
+                    pairs = ((m.get("stats") or {}).get(metric) or {}).get("adapter", {}).get("n", n)
+                    table.add_row(Text(f"    {task} · {metric}"), Text(str(pairs), justify="right"),
+                                  _metric(metric, b, pairs, _interval(m, "base", metric)),
+                                  _adapter_cell(m, metric, pairs, b, a))
 
     @staticmethod
     def _safety(table: DataTable, name: str, report: dict) -> None:
