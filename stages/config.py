@@ -99,14 +99,18 @@ EXPORT_SCHEMA = {
     "min_top1": Key(dict, dict),            # per quant type (or "lora"): lower bound on top-1 agreement
 }
 EXPORT_BOUNDS = {"max_kl": Key(float, REQUIRED, min=0), "min_top1": Key(float, REQUIRED, min=0, max=1)}
+_DEDUP_GONE = 'removed with the Redis backend: use engine = "local", or engine = "ray" with address = "host:6379"'
 DEDUP_SCHEMA = {
     "threshold": Key(float, 0.8, above=0, below=1, expect="between 0 and 1 (both excluded)"),  # Jaccard similarity
     "num_perm": Key(int, 128, min=16),
     "shingle_words": Key(int, 5, min=1),
     "source_priority": Key(list, list, items=str, unique=True),  # keeper of a cluster: earliest source listed first
-    "backend": Key(str, "memory", choices=("memory", "redis")),   # where the LSH index lives
-    "redis_url": Key(str, "redis://127.0.0.1:6379/0", pattern=r"(redis|rediss|unix)://.*",
-                     expect="like redis://host:port/db"),
+    "engine": Key(str, "local", choices=("local", "ray")),  # where fingerprints and LSH buckets are computed
+    # the Ray cluster for engine = "ray" (stages/dedup/ray_engine.py); "" starts a Ray on this machine for the run
+    "address": Key(str, "", pattern=r"auto|(ray://)?[^\s/:]+:[0-9]{1,5}", expect="like host:6379, ray://host:10001 or auto"),
+    # the Redis backend is gone: a config that still names it is told what replaces it (never accepted)
+    "backend": Key(str, "", pattern=r"(?!)", expect=_DEDUP_GONE),
+    "redis_url": Key(str, "", pattern=r"(?!)", expect=_DEDUP_GONE),
 }
 CLEAN_SCHEMA = {
     "min_tokens": Key(int, 4, min=0),            # whole example, in base-tokenizer tokens (or the word estimate)
@@ -126,7 +130,7 @@ ADAPTER_SCHEMA = {
 }
 SECTIONS = {"lora": LORA_SCHEMA, "train": TRAIN_SCHEMA, "data": DATA_SCHEMA, "eval": EVAL_SCHEMA,
             "export": EXPORT_SCHEMA}
-DEDUP_BACKENDS = DEDUP_SCHEMA["backend"].choices
+DEDUP_ENGINES = DEDUP_SCHEMA["engine"].choices
 
 
 

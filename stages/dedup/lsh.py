@@ -2,24 +2,28 @@
 LSH candidate pairs -> pairs verified on true Jaccard -> union-find clusters -> one keeper per cluster.
 
 The banding is datasketch MinHashLSH's: each signature cut into `bands` bands of `rows` values, two
-documents a candidate pair when any band is equal. In memory (the default) the buckets come from
-numpy: a band's rows are sorted and equal neighbours share a bucket, with no Python object per
-document. With `backend = "redis"` the index is a real MinHashLSH on Redis, filled and read through
-datasketch's public API alone (insertion_session, query); the pairs are the same.
+documents a candidate pair when any band is equal. The buckets come from numpy: a band's rows are
+sorted and equal neighbours share a bucket, with no Python object per document.
+
+Everything here is engine-independent. `candidate_pairs` is the local engine; the Ray engine
+(stages/dedup/ray_engine.py) finds the same buckets on a cluster with `band_hash` and `bucket_pairs`
+and hands its pairs to `decide(..., candidates=...)`, so verification and clustering run here for both.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from stages.dedup.minhash import MINHASH_SCHEME, MINHASH_SEED, Fingerprints, mix64
-from stages.errors import StageError
 
 LSH_RECALL = 0.98    # chance that a pair exactly at the threshold shares a band (more above it)
 VERIFY_CHUNK = 200_000  # candidate pairs screened at once (x num_perm x 8 bytes)
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+# (fingerprints, documents, (bands, rows)) -> candidate pairs (i < j), sorted and unique
+Candidates = Callable[[Fingerprints, np.ndarray, tuple[int, int]], np.ndarray]
 
 
 def lsh_params(threshold: float, num_perm: int, recall: float = LSH_RECALL) -> tuple[int, int]:
@@ -33,15 +37,14 @@ def lsh_params(threshold: float, num_perm: int, recall: float = LSH_RECALL) -> t
 
 
 # --- candidate pairs
-def candidate_pairs(fp: Fingerprints, docs: np.ndarray, params: tuple[int, int],
-                    storage: dict[str, Any] | None = None, redis_url: str = "") -> np.ndarray:
-    """Pairs (i < j) of `docs` that share an LSH bucket, sorted and unique: the same on every backend.
-    `storage`: datasketch's storage_config of a Redis index (storage_config()), or None for memory."""
+def candidate_pairs(fp: Fingerprints, docs: np.ndarray, params: tuple[int, int]) -> np.ndarray:
+    """Pairs (i < j) of `docs` that share an LSH bucket, sorted and unique (the local engine)."""
     n = len(fp)
-    if storage is None:
-        codes = [_bucket_pairs(band, docs, n) for band in _bands(fp.signatures, docs, params)]
-    else:
-        codes = _redis_pairs(fp, docs, params, storage, redis_url)
+    return pairs_from_codes([bucket_pairs(band, docs, n) for band in bands(fp.signatures, docs, params)], n)
+
+
+def pairs_from_codes(codes: list[np.ndarray], n: int) -> np.ndarray:
+    """Pair codes i * n + j (any order, repeats allowed) -> the sorted unique pairs, shape (m, 2)."""
     codes = [c for c in codes if len(c)]
     if not codes:
         return np.zeros((0, 2), dtype=np.int64)
@@ -49,20 +52,26 @@ def candidate_pairs(fp: Fingerprints, docs: np.ndarray, params: tuple[int, int],
     return np.stack([unique // n, unique % n], axis=1)
 
 
-def _bands(signatures: np.ndarray, docs: np.ndarray, params: tuple[int, int]) -> Iterator[np.ndarray]:
+def bands(signatures: np.ndarray, docs: np.ndarray, params: tuple[int, int]) -> Iterator[np.ndarray]:
     """Each band of the `docs`' signatures: (len(docs), rows) values, as MinHashLSH cuts them."""
-    bands, rows = params
-    for start in range(0, bands * rows, rows):
+    count, rows = params
+    for start in range(0, count * rows, rows):
         yield np.ascontiguousarray(signatures[docs, start:start + rows])
+
+
+def band_hash(band: np.ndarray) -> np.ndarray:
+    """A 64-bit mix of each row of `band`: equal rows, equal hashes (unequal rows may collide too)."""
+    with np.errstate(over="ignore"):
+        mixed = np.zeros(len(band), np.uint64)
+        for column in band.T:
+            mixed = mix64(mixed * _GOLDEN + column)
+    return mixed
 
 
 def _runs(band: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(order, same): `order` sorts the band's rows so that equal rows (one bucket) are neighbours;
     same[p] says whether row order[p] equals row order[p + 1]."""
-    with np.errstate(over="ignore"):
-        mixed = np.zeros(len(band), np.uint64)
-        for column in band.T:
-            mixed = mix64(mixed * _GOLDEN + column)
+    mixed = band_hash(band)
     order = np.argsort(mixed)  # equal rows, equal mixes: each bucket a run
     same = (band[order[1:]] == band[order[:-1]]).all(axis=1)
     if (~same & (mixed[order[1:]] == mixed[order[:-1]])).any():  # two different rows, one mix: sort the rows
@@ -71,7 +80,7 @@ def _runs(band: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return order, same
 
 
-def _bucket_pairs(band: np.ndarray, docs: np.ndarray, n: int) -> np.ndarray:
+def bucket_pairs(band: np.ndarray, docs: np.ndarray, n: int) -> np.ndarray:
     """Pairs of `docs` whose rows of `band` are equal, each as the code i * n + j with i < j: what the
     band's MinHashLSH hashtable puts in one bucket."""
     order, same = _runs(band)
@@ -87,37 +96,7 @@ def _bucket_pairs(band: np.ndarray, docs: np.ndarray, n: int) -> np.ndarray:
     return np.minimum(i, j) * n + np.maximum(i, j)
 
 
-# --- the Redis index: a datasketch MinHashLSH, public API only
-def storage_config(settings: dict[str, Any]) -> dict[str, Any] | None:
-    """datasketch's storage_config for the configured backend (None: in memory)."""
-    if settings.get("backend", "memory") != "redis":
-        return None
-    from urllib.parse import urlparse
-    import uuid
-
-    url = urlparse(settings["redis_url"])
-    params: dict[str, Any] = {"host": url.hostname or "127.0.0.1", "port": url.port or 6379,
-                              "db": int(url.path.strip("/") or 0)}
-    if url.password:
-        params["password"] = url.password
-    if url.username:
-        params["username"] = url.username
-    # a fresh namespace per run; its keys are deleted when the run ends
-    return {"type": "redis", "redis": params, "basename": f"medforge:dedup:{uuid.uuid4().hex[:12]}".encode()}
-
-
-def _connect(config: dict[str, Any], url: str):
-    import redis
-
-    client = redis.Redis(**config["redis"])
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        raise StageError(f"dedup: cannot reach Redis at dedup.redis_url = {url!r} in sources.toml ({exc}); "
-                         f"start redis-server or set dedup.backend = \"memory\"") from None
-    return client
-
-
+# --- datasketch interop: our signatures in datasketch's MinHashLSH (tests compare its buckets with ours)
 def sketch(signature: np.ndarray):
     """A signature as datasketch takes it: a LeanMinHash of our seed and scheme."""
     from datasketch import LeanMinHash
@@ -126,46 +105,10 @@ def sketch(signature: np.ndarray):
 
 
 def insert_all(lsh, signatures: np.ndarray, docs: np.ndarray) -> None:
-    """Index `docs` in a datasketch MinHashLSH, keyed by 4-byte big-endian row numbers, in one insertion
-    session (on Redis: pipelined)."""
+    """Index `docs` in a datasketch MinHashLSH, keyed by 4-byte big-endian row numbers, in one insertion session."""
     with lsh.insertion_session() as session:
         for i in docs.tolist():
             session.insert(i.to_bytes(4, "big"), sketch(signatures[i]), check_duplication=False)
-
-
-def _redis_pairs(fp: Fingerprints, docs: np.ndarray, params: tuple[int, int], storage: dict[str, Any],
-                 redis_url: str) -> list[np.ndarray]:
-    """candidate_pairs' codes from a MinHashLSH on Redis: all documents inserted, then queried, those
-    that sit in a shared bucket (_to_query); the run's keys are deleted at the end, whatever happens."""
-    from datasketch import MinHashLSH
-
-    client = _connect(storage, redis_url)
-    n = len(fp)
-    lsh = MinHashLSH(num_perm=fp.signatures.shape[1], params=params, storage_config=storage, prepickle=False)
-    try:
-        insert_all(lsh, fp.signatures, docs)
-        codes = []
-        for k in _to_query(fp.signatures, docs, params).tolist():
-            found = np.array([int.from_bytes(key, "big") for key in lsh.query(sketch(fp.signatures[k]))], np.int64)
-            found = found[found != k]
-            codes.append(np.minimum(found, k) * n + np.maximum(found, k))
-        return codes
-    finally:
-        keys = list(client.scan_iter(match=storage["basename"] + b"*", count=10_000))
-        for start in range(0, len(keys), 10_000):
-            client.delete(*keys[start:start + 10_000])
-
-
-def _to_query(signatures: np.ndarray, docs: np.ndarray, params: tuple[int, int]) -> np.ndarray:
-    """The `docs` whose queries find every candidate pair: of each bucket of two or more, every member
-    but the last (the last one's pairs are found from the others). MinHashLSH's bucket key is a
-    one-to-one function of the band (no hashfunc here), so its buckets are the groups of equal bands
-    found in memory: no need to read the whole index's bucket counts from Redis."""
-    wanted = np.zeros(len(docs), dtype=bool)
-    for band in _bands(signatures, docs, params):
-        order, same = _runs(band)
-        wanted[order[:-1][same]] = True
-    return docs[wanted]
 
 
 # --- verification
@@ -199,17 +142,18 @@ def verify(fp: Fingerprints, pairs: np.ndarray, threshold: float) -> np.ndarray:
     return pairs[keep]
 
 
-def near_pairs(fp: Fingerprints, threshold: float, settings: dict[str, Any] | None = None,
+def near_pairs(fp: Fingerprints, threshold: float, candidates: Candidates | None = None,
                stats: dict[str, Any] | None = None) -> np.ndarray:
-    """Verified near-duplicate pairs among documents that are not exact copies of an earlier one."""
-    settings = settings or {}
+    """Verified near-duplicate pairs among documents that are not exact copies of an earlier one;
+    `candidates` finds the LSH candidate pairs (default: candidate_pairs, in this process)."""
+    candidates = candidates or candidate_pairs
     stats = {} if stats is None else stats
     first: dict[bytes, int] = {}
     reps = np.array([i for i, d in enumerate(fp.digests) if first.setdefault(d, i) == i], dtype=np.int64)
     if len(reps) < 2:
         return np.zeros((0, 2), dtype=np.int64)
     params = lsh_params(threshold, fp.signatures.shape[1])
-    pairs = candidate_pairs(fp, reps, params, storage_config(settings), settings.get("redis_url", ""))
+    pairs = candidates(fp, reps, params)
     verified = verify(fp, pairs, threshold)
     stats.update({"bands": params[0], "rows": params[1], "candidate_pairs": len(pairs), "near_pairs": len(verified)})
     return verified
@@ -231,7 +175,7 @@ def _union(parent: np.ndarray, i: int, j: int) -> None:
         parent[max(ri, rj)] = min(ri, rj)
 
 
-def cluster(fp: Fingerprints, threshold: float, settings: dict[str, Any] | None = None,
+def cluster(fp: Fingerprints, threshold: float, candidates: Candidates | None = None,
             stats: dict[str, Any] | None = None) -> np.ndarray:
     """Cluster root per document: exact duplicates plus verified near-duplicate pairs, by union-find."""
     n = len(fp)
@@ -241,7 +185,7 @@ def cluster(fp: Fingerprints, threshold: float, settings: dict[str, Any] | None 
         j = first.setdefault(digest, i)
         if j != i:
             _union(parent, j, i)
-    for i, j in near_pairs(fp, threshold, settings, stats).tolist():  # sorted: the same roots on every backend
+    for i, j in near_pairs(fp, threshold, candidates, stats).tolist():  # sorted: the same roots on every engine
         _union(parent, i, j)
     return np.array([_find(parent, i) for i in range(n)], dtype=np.int64)
 
@@ -255,11 +199,11 @@ class Decision:
     near: np.ndarray      # bool: removed as a near duplicate
 
 
-def decide(fp: Fingerprints, threshold: float, rank: list[tuple], settings: dict[str, Any] | None = None,
+def decide(fp: Fingerprints, threshold: float, rank: list[tuple], candidates: Candidates | None = None,
            stats: dict[str, Any] | None = None) -> Decision:
     """One keeper per cluster: the document with the smallest `rank` (priority, -quality, id)."""
     n = len(fp)
-    roots = cluster(fp, threshold, settings, stats)
+    roots = cluster(fp, threshold, candidates, stats)
     keeper = np.arange(n, dtype=np.int64)
     best: dict[int, int] = {}
     best_exact: dict[tuple[int, bytes], int] = {}

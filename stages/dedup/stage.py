@@ -8,15 +8,20 @@ one example per cluster (source_priority, then the richer text).
 Outputs: data/dedup/kept.jsonl (kept examples, each with a `cluster` key: the source record it
 came from, so every question about one record lands in one split) and data/dedup/report.json.
 `medforge dedup` runs the same fingerprints and clusters on any JSONL.
+
+Engines (`[dedup] engine`): "local" computes everything in this process; "ray" computes fingerprints
+and LSH buckets as tasks on a Ray cluster (stages/dedup/ray_engine.py) and verifies and clusters here,
+with the same result.
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import orjson
@@ -82,8 +87,10 @@ def _load_cache(cache: Path, key: str) -> tuple[list[str], dict, Fingerprints] |
     return reasons, changes, fp
 
 
-def _prepare(source, settings: dict, clean_settings: dict, counter: clean.TokenCounter, counter_key: str) -> _Source:
-    """Clean and fingerprint one source, or take both from its cache when its file and settings are unchanged."""
+def _prepare(source, settings: dict, clean_settings: dict, counter: clean.TokenCounter, counter_key: str,
+             fingerprinter: Callable[..., Fingerprints] = fingerprint) -> _Source:
+    """Clean and fingerprint one source, or take both from its cache when its file and settings are unchanged.
+    `fingerprinter`: minhash.fingerprint or an engine's equivalent (the same result, so the same cache)."""
     path = layout.examples_file(source.name)
     key = _cache_key(path, settings, clean_settings, counter_key)
     cache = layout.dedup_cache(source.name)
@@ -92,8 +99,8 @@ def _prepare(source, settings: dict, clean_settings: dict, counter: clean.TokenC
         return _Source(source.name, source.kind, path, hit[0], hit[1], hit[2], True)
     cleaned, why, changes = clean.clean_rows(io.read_jsonl(path), source.kind, clean_settings, counter)
     reasons = [r or "" for r in why]
-    fp = fingerprint((example_text(row) for row, r in zip(cleaned, reasons) if not r),
-                     settings["num_perm"], settings["shingle_words"])
+    fp = fingerprinter((example_text(row) for row, r in zip(cleaned, reasons) if not r),
+                       settings["num_perm"], settings["shingle_words"])
     digests = np.array(fp.digests, dtype="S16") if fp.digests else np.zeros(0, dtype="S16")
     io.write_arrays(cache, key, digests=digests, signatures=fp.signatures, quality=fp.quality, shingles=fp.shingles,
                     offsets=fp.offsets, reasons=np.array(reasons, dtype=str),
@@ -133,9 +140,30 @@ def counter_identity(counter: clean.TokenCounter) -> str:
     return f"tokenizer:{io.file_hash(layout.base_dir(counter.spec) / 'tokenizer.json')}"
 
 
+@contextlib.contextmanager
+def _engine(settings: dict) -> Iterator[Any]:
+    """The configured engine for one run: None (local) or a connected ray_engine.RayEngine."""
+    if settings["engine"] != "ray":
+        yield None
+        return
+    try:
+        from stages.dedup.ray_engine import RayEngine
+    except ImportError as exc:
+        raise StageError(f"dedup: dedup.engine = \"ray\" in sources.toml needs Ray ({exc}); "
+                         f"pip install 'medforge[ray]', or set dedup.engine = \"local\"") from None
+    with RayEngine(settings["address"]) as engine:
+        print(f"dedup: engine {engine.describe()}")
+        yield engine
+
+
 def run(cfg) -> dict[str, Any]:
-    started = time.time()
     settings = cfg.dedup
+    with _engine(settings) as engine:
+        return _run(cfg, settings, engine)
+
+
+def _run(cfg, settings: dict, engine) -> dict[str, Any]:
+    started = time.time()
     clean_settings = cfg.clean or {}
     num_perm, shingle_words, threshold = settings["num_perm"], settings["shingle_words"], settings["threshold"]
     counter = clean.token_counter(tokenizer_spec(cfg))
@@ -145,7 +173,8 @@ def run(cfg) -> dict[str, Any]:
         if not layout.examples_file(source.name).exists():
             raise StageError(f"dedup: {layout.examples_file(source.name)} is missing; "
                              f"run `doit normalize:{source.name}` first")
-        prepared.append(_prepare(source, settings, clean_settings, counter, counter_key))
+        prepared.append(_prepare(source, settings, clean_settings, counter, counter_key,
+                                 engine.fingerprint if engine else fingerprint))
     rows: list[_Row] = []
     per_source: dict[str, dict[str, Any]] = {}
     drop_examples: dict[str, list[str]] = {}
@@ -164,7 +193,8 @@ def run(cfg) -> dict[str, Any]:
                                 "signatures": "cached" if src.cached else "computed"}
     fp = Fingerprints.concat([src.fp for src in prepared], num_perm)
     lsh_stats: dict[str, Any] = {}
-    decision = decide(fp, threshold, _rank(settings["source_priority"], rows, fp), settings, lsh_stats)
+    decision = decide(fp, threshold, _rank(settings["source_priority"], rows, fp),
+                      engine.candidate_pairs if engine else None, lsh_stats)
     for i, row in enumerate(rows):
         stats = per_source[row.source]
         stats["kept" if decision.keep[i] else "exact_dups" if decision.exact[i] else "near_dups"] += 1
@@ -201,7 +231,7 @@ def run(cfg) -> dict[str, Any]:
         dropped_total.update(stats["dropped"])
     report = {
         "settings": {"threshold": threshold, "num_perm": num_perm, "shingle_words": shingle_words,
-                     "source_priority": settings["source_priority"], "backend": settings.get("backend", "memory")},
+                     "source_priority": settings["source_priority"], "engine": settings["engine"]},
         "cleaning": {"tokens": counter.describe(), "settings": clean_settings,
                      "dropped": dict(sorted(dropped_total.items())),
                      "dropped_examples": dict(sorted(drop_examples.items()))},

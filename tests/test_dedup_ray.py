@@ -1,0 +1,206 @@
+"""The Ray engine on a real local Ray cluster (a head and one worker node, two `ray start` processes on
+127.0.0.1): the same kept.jsonl, byte for byte, and the same clusters as the local engine.
+
+The cluster's processes are stopped by their own process groups (each `ray start --block` runs in a new
+session), never by `ray stop`, which would stop every Ray on the machine.
+"""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import ray
+
+from stages import config, dedup, io, layout
+from stages.config import ConfigError
+from stages.dedup import ray_engine
+from stages.errors import StageError
+
+from test_dedup import example, make_project, mutate, sentence
+
+RAY = str(Path(sys.executable).with_name("ray"))  # the CLI of the Ray this Python imports
+START_TIMEOUT_S = 240  # two CPU cores shared with other jobs: a node can take a minute to come up
+SOURCES = """
+[dedup]
+threshold = 0.8
+source_priority = ["icd10cm", "news2"]
+{engine}
+[sources.icd10cm]
+kind = "icd10cm"
+adapters = ["coding"]
+
+[sources.news2]
+kind = "news2"
+adapters = ["decide"]
+
+[sources.news2_ward]
+kind = "news2"
+adapters = ["decide"]
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(args: list[str], log: Path) -> subprocess.Popen:
+    with open(log, "wb") as out:  # the child keeps its own descriptor
+        return subprocess.Popen([RAY, "start", "--block", "--node-ip-address=127.0.0.1", "--num-cpus=1",
+                                 "--object-store-memory=100000000", "--disable-usage-stats", *args],
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM to the node's process group (its `ray start`, raylet, GCS and workers), SIGKILL what is left."""
+    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.time() + wait
+        while time.time() < deadline:
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                proc.wait(timeout=10)
+                return
+            proc.poll()  # reap `ray start` itself, so that only the group's other members keep it alive
+            time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    # short: Ray puts unix sockets under it (a path limit of ~107 bytes)
+    temp = Path(tempfile.mkdtemp(prefix="mfray", dir="/tmp"))
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    procs = [_start(["--head", f"--port={port}", "--include-dashboard=false", f"--temp-dir={temp}",
+                     f"--ray-client-server-port={free_port()}"], temp / "head.log")]
+    try:
+        deadline = time.time() + START_TIMEOUT_S
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=5).close()
+                break
+            except OSError:
+                if procs[0].poll() is not None or time.time() > deadline:
+                    pytest.fail(f"the Ray head did not start: {(temp / 'head.log').read_text()[-2000:]}")
+                time.sleep(1)
+        procs.append(_start([f"--address={address}"], temp / "worker.log"))
+        ray.init(address=address, log_to_driver=False, configure_logging=False)
+        try:
+            while sum(1 for node in ray.nodes() if node["Alive"]) < 2:
+                if procs[1].poll() is not None or time.time() > deadline:
+                    pytest.fail(f"the Ray worker node did not join: {(temp / 'worker.log').read_text()[-2000:]}")
+                time.sleep(1)
+        finally:
+            ray.shutdown()
+        yield address
+    finally:
+        for proc in reversed(procs):
+            _stop(proc)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def corpus() -> dict[str, list[dict]]:
+    """Three sources with planted near copies at a spread of similarities, within and across sources,
+    plus exact copies."""
+    rng = random.Random(19)
+    texts = [sentence(rng, rng.randint(60, 200)) for _ in range(360)]
+    icd = [example("icd10cm", f"c{i}", t, "a") for i, t in enumerate(texts[:120])]
+    news = [example("news2", f"p{i}", t, "a") for i, t in enumerate(texts[120:240])]
+    ward = [example("news2_ward", f"w{i}", t, "a") for i, t in enumerate(texts[240:])]
+    for k in range(90):
+        src = rng.choice(icd + news + ward)["messages"][0]["content"]
+        into = rng.choice([news, ward])
+        name = into[0]["source"]
+        into.append(example(name, f"n{k}", mutate(rng, src, rng.randint(0, 6)), "a"))
+    for k in range(10):
+        ward.append(example("news2_ward", f"x{k}", icd[k]["messages"][0]["content"].upper(), "a"))
+    return {"icd10cm": icd, "news2": news, "news2_ward": ward}
+
+
+def run_engine(root: Path, engine: str) -> tuple[dict, bytes]:
+    """One dedup run with fresh fingerprints (no source's cache), on `engine`: (report, kept.jsonl)."""
+    (root / "sources.toml").write_text(SOURCES.format(engine=engine))
+    for name in corpus():
+        layout.dedup_cache(name).unlink(missing_ok=True)
+    report = dedup.run(config.load())
+    assert all(s["signatures"] == "computed" for s in report["sources"].values())
+    return report, layout.dedup_file().read_bytes()
+
+
+def without_signatures(report: dict) -> dict:
+    return {key: report[key] for key in ("lsh", "total", "largest_clusters")} | {
+        "sources": {n: {k: v for k, v in s.items() if k != "signatures"} for n, s in report["sources"].items()}}
+
+
+def test_ray_engine_gives_the_local_engines_kept_jsonl_byte_for_byte(tmp_path, monkeypatch, capsys, ray_cluster):
+    monkeypatch.chdir(make_project(tmp_path, SOURCES.format(engine="")))
+    for name, rows in corpus().items():
+        io.write_jsonl(layout.examples_file(name), rows)
+    # small shards and blocks: each source is several fingerprint tasks, the banding several map tasks
+    monkeypatch.setattr(ray_engine, "SHARD_CHARS", 6_000)
+    monkeypatch.setattr(ray_engine, "BLOCK_DOCS", 150)
+    local, kept_local = run_engine(tmp_path, "")
+    started = time.time()
+    on_ray, kept_ray = run_engine(tmp_path, f'engine = "ray"\naddress = "{ray_cluster}"\n')
+    print(f"ray engine run: {time.time() - started:.1f}s", file=sys.__stderr__)
+    assert f"engine ray at {ray_cluster} (2 node(s), 2 CPU(s))" in capsys.readouterr().out
+    assert local["settings"]["engine"] == "local" and on_ray["settings"]["engine"] == "ray"
+    assert kept_ray == kept_local
+    assert without_signatures(on_ray) == without_signatures(local)
+    assert local["lsh"]["candidate_pairs"] > local["lsh"]["near_pairs"] >= 25
+    assert local["total"]["exact_dups"] >= 10 and local["total"]["duplicate_clusters"] >= 30
+    assert {m["source"] for c in local["largest_clusters"] for m in c["members"]} == set(corpus())
+    assert not ray.is_initialized()  # the run disconnected from the cluster
+
+
+def test_ray_candidate_pairs_equal_local_ones_with_buckets_of_three_and_more(ray_cluster):
+    """The shuffle finds every pair of every bucket, buckets of three and four included, and only those."""
+    import numpy as np
+
+    rng = random.Random(6)
+    base = [sentence(rng, 50) for _ in range(30)]
+    docs = base + [mutate(rng, d, 1) for d in base[:8]] + base[:3] * 3
+    fp = dedup.fingerprint(docs, 64, 5)
+    params = dedup.lsh_params(0.8, 64)
+    every = np.arange(len(docs))
+    with ray_engine.RayEngine(ray_cluster) as engine:
+        assert np.array_equal(engine.candidate_pairs(fp, every, params), dedup.lsh.candidate_pairs(fp, every, params))
+        odd = every[1::2]  # a subset of documents: ids are kept, not renumbered
+        assert np.array_equal(engine.candidate_pairs(fp, odd, params), dedup.lsh.candidate_pairs(fp, odd, params))
+    assert {(0, 38), (38, 41), (41, 44)} <= set(map(tuple, dedup.lsh.candidate_pairs(fp, every, params).tolist()))
+
+
+def test_unreachable_cluster_is_one_line_naming_the_key(tmp_path, monkeypatch):
+    address = f"127.0.0.1:{free_port()}"  # nothing listens there
+    monkeypatch.chdir(make_project(tmp_path, SOURCES.format(engine=f'engine = "ray"\naddress = "{address}"\n')))
+    for name, rows in corpus().items():
+        io.write_jsonl(layout.examples_file(name), rows)
+    started = time.time()
+    with pytest.raises(StageError) as err:
+        dedup.run(config.load())
+    message = str(err.value)
+    assert "\n" not in message and f"dedup.address = '{address}' in sources.toml" in message
+    assert "ray start --head" in message and time.time() - started < 60
+    assert not layout.dedup_file().exists()
+
+
+def test_a_config_naming_the_redis_backend_is_told_to_use_ray(tmp_path, monkeypatch):
+    monkeypatch.chdir(make_project(tmp_path, SOURCES.format(engine='backend = "redis"\n')))
+    with pytest.raises(ConfigError) as err:
+        config.load()
+    line = next(p for p in str(err.value).splitlines() if "dedup.backend" in p)
+    assert 'engine = "ray"' in line and "Redis" in line
