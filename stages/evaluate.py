@@ -327,6 +327,14 @@ def test_splits(cfg, adapter_name: str) -> dict[str, list[dict]]:
     return out
 
 
+def decontamination(adapter_name: str) -> dict[str, Any]:
+    """What the split dropped from this adapter's train and val as copies of test items (its statistics.json):
+    the counts a reader of eval.json needs to trust that the test items were not trained on."""
+    path = layout.split_statistics(adapter_name)
+    found = (io.read_json(path) if path.exists() else {}).get("decontamination") or {}
+    return {key: found[key] for key in ("checked", "test_items", "dropped", "dropped_total") if key in found}
+
+
 def run(cfg, adapter_name: str) -> dict[str, Any]:
     from peft import PeftModel
 
@@ -365,7 +373,8 @@ def run(cfg, adapter_name: str) -> dict[str, Any]:
               "device": hw.device, "dtype": hw.dtype, "dropped": dropped,
               "limits": {"max_examples": a.eval["max_examples"], "max_generate": max_generate},
               **{k: v for k, v in own.items() if k != "metrics"},
-              "matrix": matrix, "regressions": regressions(matrix, adapter_name)}
+              "matrix": matrix, "regressions": regressions(matrix, adapter_name),
+              "decontamination": decontamination(adapter_name)}
     if a.eval["safety"]:
         report["safety"], report["safety_cases"] = safety_suite(judge)
         print(f"eval:{adapter_name}: safety pass rate base {report['safety']['base']['pass_rate']:.0%} -> "

@@ -179,6 +179,11 @@ def adapter_markdown(name: str, description: str, report: dict[str, Any], metric
                    f"{_num(c.get('adapter_ppl'))} | {_change(c.get('base_ppl'), c.get('adapter_ppl'))} |")
     if "eval_ppl" in plots:
         out += ["", f"![perplexity]({plots['eval_ppl']})"]
+    clean = report.get("decontamination")
+    if clean and "dropped_total" in clean:
+        reasons = "; ".join(f"{n} {reason}" for reason, n in clean.get("dropped", {}).items())
+        out += ["", f"Decontamination: {clean['dropped_total']} training/validation example(s) dropped as copies of "
+                    f"test items{f' ({reasons})' if reasons else ''}; ids in the split's statistics.json."]
     rows = [(split, task, m) for split, c in report.get("matrix", {}).items() for task, m in c.get("metrics", {}).items()]
     if rows:
         out += ["", "## Task metrics", "",

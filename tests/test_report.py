@@ -107,10 +107,18 @@ def test_task_metrics_carry_intervals_and_the_paired_verdict(cfg):
                         "news2_score": {"kind": "generated", "n": 12, "base": {"aggregate_mae": 3.0},
                                         "adapter": {"aggregate_mae": 2.6667},
                                         "stats": evaluate.paired_stats(errors_b, errors_a)}}}}}
+    io.write_json(layout.split_statistics("wards"), {"decontamination": {
+        "checked": {"train": 500, "val": 40}, "dropped": {"13-gram overlap with coding/test": 3}, "dropped_total": 3,
+        "dropped_examples": [{"id": "x"}] * 3}})
+    data["decontamination"] = evaluate.decontamination("wards")  # what eval copies from the split's statistics
+    assert data["decontamination"] == {"checked": {"train": 500, "val": 40}, "dropped_total": 3,
+                                       "dropped": {"13-gram overlap with coding/test": 3}}
     io.write_json(layout.eval_file("wards"), data)
     io.write_jsonl(layout.metrics_file("wards"), metrics_rows())
     report.run(cfg, "wards")
     text = layout.report_file("wards").read_text()
+    assert "Decontamination: 3 training/validation example(s) dropped as copies of test items " \
+           "(3 13-gram overlap with coding/test)" in text
     assert "| wards | icd10_parent | choice | 240 | accuracy | 25% (20–31%) | 62% (56–68%) | better (p=" in text
     assert "| wards | news2_score | generated | 12 | aggregate_mae | 3 (3–3) | 2.67 (" in text
     assert "| no detectable difference (p=" in text  # 4 of 12 items one point better: not enough to tell
