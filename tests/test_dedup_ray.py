@@ -62,8 +62,9 @@ def _start(args: list[str], log: Path) -> subprocess.Popen:
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM to the node's process group (its `ray start`, raylet, GCS and workers), SIGKILL what is left."""
-    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+    """SIGTERM to the node's process group (its `ray start`, raylet, GCS and workers), SIGKILL what is left
+    after a grace period (`ray start --block` itself can take half a minute over its SIGTERM)."""
+    for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 20)):
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
@@ -182,6 +183,19 @@ def test_ray_candidate_pairs_equal_local_ones_with_buckets_of_three_and_more(ray
         odd = every[1::2]  # a subset of documents: ids are kept, not renumbered
         assert np.array_equal(engine.candidate_pairs(fp, odd, params), dedup.lsh.candidate_pairs(fp, odd, params))
     assert {(0, 38), (38, 41), (41, 44)} <= set(map(tuple, dedup.lsh.candidate_pairs(fp, every, params).tolist()))
+
+
+def test_a_node_running_other_dedup_code_is_refused(ray_cluster, monkeypatch):
+    """Each node hashes its stages/dedup files and the driver compares the hashes with its own: here the
+    nodes answer another hash, as a node with an older checkout would."""
+    @ray.remote(num_cpus=0)
+    def older_checkout() -> tuple[str, str]:
+        return "0" * 64, "/opt/old/stages/dedup"
+
+    monkeypatch.setattr(ray_engine, "_code_identity", older_checkout)
+    with pytest.raises(StageError, match=r"runs other dedup code .* install this medforge checkout on every node"):
+        ray_engine.RayEngine(ray_cluster).__enter__()
+    assert not ray.is_initialized()
 
 
 def test_unreachable_cluster_is_one_line_naming_the_key(tmp_path, monkeypatch):

@@ -12,13 +12,16 @@ What runs where:
 Every bucket lies whole in one reducer, so the candidate pairs are the local engine's, and so are the
 verified pairs, the clusters and kept.jsonl, byte for byte.
 
-Workers import this module, so every node needs medforge installed (the same version as the driver:
-ray.init refuses a Ray or Python version that differs).
+Workers import this module, so every node needs medforge installed. ray.init refuses a node whose Ray or
+Python differs from the driver's; on connecting, one task per node compares that node's dedup code (the
+files of this package) with the driver's, since other code could fingerprint differently without a sign.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import socket
+from pathlib import Path
 from typing import Iterable
 from urllib.parse import urlsplit
 
@@ -75,7 +78,26 @@ class RayEngine:
         except (ConnectionError, RuntimeError, ValueError, TimeoutError) as exc:
             raise _unreachable(self.address or "local", str(exc).strip().splitlines()[0]
                                if str(exc).strip() else type(exc).__name__) from None
+        try:
+            self._check_code()
+        except BaseException:
+            ray.shutdown()
+            raise
         return self
+
+    def _check_code(self) -> None:
+        """Every node's stages/dedup code is the driver's (one pinned task per node)."""
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        nodes = [node for node in ray.nodes() if node.get("Alive")]
+        refs = [_code_identity.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False))
+                .remote() for node in nodes]
+        mine = code_identity()
+        for node, (theirs, where) in zip(nodes, ray.get(refs)):
+            if theirs != mine:
+                raise StageError(f"dedup: the Ray node {node.get('NodeManagerAddress')} runs other dedup code ({where}) "
+                                 f"than this machine ({Path(__file__).parent}); install this medforge checkout on "
+                                 f"every node (dedup.address = {self.address!r} in sources.toml)")
 
     def __exit__(self, *exc) -> None:
         ray.shutdown()
@@ -114,6 +136,19 @@ class RayEngine:
                  for block in (docs[lo:lo + BLOCK_DOCS] for lo in range(0, len(docs), BLOCK_DOCS))]
         codes = [_reduce_buckets.remote(len(fp), *(part[r] for part in parts)) for r in range(reducers)]
         return lsh.pairs_from_codes(ray.get(codes), len(fp))
+
+
+def code_identity() -> str:
+    """A hash of this package's source files: equal on two machines when they dedup alike."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+@ray.remote(num_cpus=0)  # a check, not work: it runs beside any task, never waits for a free CPU
+def _code_identity() -> tuple[str, str]:
+    return code_identity(), str(Path(__file__).parent)
 
 
 @ray.remote

@@ -150,7 +150,7 @@ def _engine(settings: dict) -> Iterator[Any]:
         from stages.dedup.ray_engine import RayEngine
     except ImportError as exc:
         raise StageError(f"dedup: dedup.engine = \"ray\" in sources.toml needs Ray ({exc}); "
-                         f"pip install 'medforge[ray]', or set dedup.engine = \"local\"") from None
+                         f"pip install -e '.[ray]', or set dedup.engine = \"local\"") from None
     with RayEngine(settings["address"]) as engine:
         print(f"dedup: engine {engine.describe()}")
         yield engine
