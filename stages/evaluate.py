@@ -184,6 +184,48 @@ def choice_examples(tokenizer, rows, choices) -> list:
     return out
 
 
+def cloze_examples(tokenizer, rows: list[dict]) -> list[tuple[str, list[int], list[tuple[str, list[int]]]]]:
+    """Per test row whose task has a `cloze` hook: (task, prompt + gold answer ids, [(metric, the answer's token
+    positions that carry the span)]). The answer is tokenized apart from the prompt, as choice options are."""
+    out = []
+    for row in rows:
+        task = scored_tasks().get(row.get("task", ""))
+        if task is None or task.cloze is None:
+            continue
+        gold = row["messages"][-1]["content"]
+        spans = task.cloze(gold)
+        if not spans:
+            continue
+        prompt = tokenizer.apply_chat_template(row["messages"][:-1], tokenize=False, add_generation_prompt=True)
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        answer = tokenizer(gold, add_special_tokens=False, return_offsets_mapping=True)
+        at = len(prompt_ids)
+        marked = [(metric, [at + k for k, (lo, hi) in enumerate(answer["offset_mapping"]) if lo < end and hi > start])
+                  for metric, start, end in spans]
+        out.append((row["task"], prompt_ids + answer["input_ids"], [(m, p) for m, p in marked if p]))
+    return out
+
+
+def cloze_hits(model, examples, hw) -> list[dict[str, float]]:
+    """Per example, per metric: the share of its spans whose every token is the model's greedy next token
+    given the gold text before it (teacher forcing: one forward pass, logits only where a span needs them)."""
+    import torch
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder, head = inner.get_decoder(), inner.get_output_embeddings()
+    out = []
+    with torch.no_grad(), hw.autocast():
+        for _, ids, marked in examples:
+            hidden = decoder(input_ids=torch.tensor([ids], device=hw.device)).last_hidden_state[0]
+            wanted = sorted({p for _, positions in marked for p in positions})
+            guess = dict(zip(wanted, head(hidden[[p - 1 for p in wanted]]).argmax(-1).tolist()))
+            hits: dict[str, list[float]] = defaultdict(list)
+            for metric, positions in marked:
+                hits[metric].append(float(all(guess[p] == ids[p] for p in positions)))
+            out.append({metric: sum(v) / len(v) for metric, v in hits.items()})
+    return out
+
+
 def group_loglik(choices, nll: list[tuple[float, int]]) -> list[list[float]]:
     out, at = [], 0
     for q in choices:
@@ -242,6 +284,10 @@ class Judge:
         return self.both(lambda: torch_backend.nll_by_example(self.model, examples, self.tokenizer.pad_token_id,
                                                               self.hw))
 
+    def cloze(self, examples):
+        self.model.eval()
+        return self.both(lambda: cloze_hits(self.model, examples, self.hw))
+
     def generate(self, conversations, max_new_tokens):
         if not conversations:
             return [], []
@@ -269,6 +315,14 @@ def evaluate_split(judge: Judge, rows: list[dict], max_length: int, max_generate
             b, a = [{"accuracy": v} for v in base_ok[task]], [{"accuracy": v} for v in adapter_ok[task]]
             metrics[task] = {"kind": "choice", "n": len(b), "base": mean_metrics(b), "adapter": mean_metrics(a),
                              "stats": paired_stats(b, a)}
+    cloze = cloze_examples(judge.tokenizer, rows)
+    if cloze:
+        base_hits, adapter_hits = judge.cloze(cloze)
+        for task in sorted({t for t, _, _ in cloze}):
+            b = [h for (t, _, _), h in zip(cloze, base_hits) if t == task]
+            a = [h for (t, _, _), h in zip(cloze, adapter_hits) if t == task]
+            metrics[f"{task}_cloze"] = {"kind": "cloze", "n": len(b), "base": mean_metrics(b),
+                                        "adapter": mean_metrics(a), "stats": paired_stats(b, a)}
     by_task: dict[str, list[dict]] = defaultdict(list)
     for row in rows:
         scored = scored_tasks().get(row.get("task", ""))

@@ -187,7 +187,9 @@ def adapter_markdown(name: str, description: str, report: dict[str, Any], metric
     rows = [(split, task, m) for split, c in report.get("matrix", {}).items() for task, m in c.get("metrics", {}).items()]
     if rows:
         out += ["", "## Task metrics", "",
-                "Choice: the option with the highest answer log-likelihood. Generated: greedy answers read back "
+                "Choice: the option with the highest answer log-likelihood. Cloze: with the gold answer fed in, the share of "
+                "the spans that carry the task (NEWS2 points, aggregate and band; ICD-10 parent and category) the "
+                "model predicts greedily, on every test item. Generated: greedy answers read back "
                 "(NEWS2 aggregate and band against the chart; ICD-10 codes and descriptions by exact match).", "",
                 "Each figure with its 95 % interval (Wilson for rates, bootstrap for mean errors); the verdict is the "
                 "paired test on the same items (exact McNemar for right/wrong, sign-flip permutation otherwise): "

@@ -105,6 +105,11 @@ def test_eval_matrix_task_metrics_safety_samples_and_reports(tmp_path, monkeypat
             "icd10_code_generated", "icd10_parent"} <= set(metrics)
     assert metrics["icd10_code"]["kind"] == "choice" and metrics["icd10_code"]["n"] == 5
     assert metrics["news2_score"]["kind"] == "generated" and metrics["news2_score"]["n"] == 2
+    # teacher-forced spans of every row, with intervals and verdicts
+    assert metrics["news2_score_cloze"]["kind"] == "cloze" and metrics["news2_score_cloze"]["n"] == 2
+    assert set(metrics["news2_score_cloze"]["stats"]) == {"cloze_points", "cloze_aggregate", "cloze_band"}
+    assert set(metrics["icd10_parent_cloze"]["adapter"]) == {"cloze_parent", "cloze_category"}
+    assert all(m["stats"] for m in metrics.values())
     for m in metrics.values():
         for who in ("base", "adapter"):
             assert all(0 <= v <= 1 for k, v in m[who].items() if k != "aggregate_mae"), m

@@ -158,3 +158,48 @@ def test_end_of_turn_is_the_last_trained_token():
                                        ("no code here", None)])
 def test_first_code(text, code):
     assert icd10cm.first_code(text) == code
+
+
+class _Oracle:
+    """A causal LM stand-in that predicts the next token of the sequence it was built for, except at `wrong`
+    positions (it predicts token 0 there): cloze scoring must count exactly the spans those positions touch."""
+
+    def __init__(self, ids: list[int], wrong: set[int], vocab: int):
+        import torch
+
+        self.logits = torch.zeros(len(ids), vocab)
+        for p in range(len(ids) - 1):
+            self.logits[p, 0 if p + 1 in wrong else ids[p + 1]] = 1.0
+
+    def get_decoder(self):
+        from types import SimpleNamespace
+        return lambda input_ids: SimpleNamespace(last_hidden_state=self.logits[None])
+
+    def get_output_embeddings(self):
+        return lambda hidden: hidden
+
+
+def test_cloze_spans_mark_the_tokens_that_carry_the_answer_and_count_greedy_hits():
+    from stages.train.hardware import Hardware
+    from tests.models import smollm2_tokenizer
+
+    tokenizer = smollm2_tokenizer()
+    rows = news2_rows(3) + [r for r in icd10_rows() if r["task"] == "icd10_parent"][:2]
+    examples = evaluate.cloze_examples(tokenizer, rows)
+    assert [t for t, _, _ in examples] == [r["task"] for r in rows]
+    for (task, ids, marked), row in zip(examples, rows):
+        spans = scored_tasks()[task].cloze(gold(row))
+        for (metric, positions), (name, start, end) in zip(marked, spans):
+            assert metric == name and gold(row)[start:end] in tokenizer.decode(ids[positions[0]:positions[-1] + 1])
+    hw = Hardware("cpu", "fp32", "test")
+    task, ids, marked = examples[0]
+    assert evaluate.cloze_hits(_Oracle(ids, set(), len(tokenizer)), [examples[0]], hw) == [
+        {"cloze_points": 1.0, "cloze_aggregate": 1.0, "cloze_band": 1.0}]
+    first_points = marked[0][1][0]  # one parameter's points mispredicted: 6 of 7 right, the rest untouched
+    hits = evaluate.cloze_hits(_Oracle(ids, {first_points}, len(tokenizer)), [examples[0]], hw)[0]
+    assert hits == {"cloze_points": pytest.approx(6 / 7), "cloze_aggregate": 1.0, "cloze_band": 1.0}
+    task, ids, marked = examples[-1]  # icd10_parent: the parent right, the category wrong
+    category = dict(marked)["cloze_category"]
+    wrong = set(category) - set(dict(marked)["cloze_parent"]) or set(category)
+    hits = evaluate.cloze_hits(_Oracle(ids, wrong, len(tokenizer)), [examples[-1]], hw)[0]
+    assert hits["cloze_category"] == 0.0

@@ -62,14 +62,19 @@ class Task:
     Choice: `choices(rows)` -> [(i, options, gold)]: row i of `rows` (this task's rows of one test
     split) asked as a multiple choice; each option is a continuation of the prompt, the one the
     model finds likeliest is its pick, `gold` the index of the right one (metric: accuracy).
-    A task may have both. `rates`: the metrics `score` returns that are per-example 0/1 rates
-    (higher is better, shown as percentages); any other metric it returns is an error such as an
+    Cloze: `cloze(gold)` -> [(metric, start, end)]: the character spans of the gold answer that carry
+    what the task teaches (a chart's points, a category code); with the gold answer fed in, does the
+    model's greedy next token reproduce each span? One forward pass per example, no generation, so
+    every test item can be scored; per example a metric is the share of its spans reproduced.
+    A task may have several. `rates`: the metrics `score` and `cloze` return that are rates in [0, 1]
+    (higher is better, shown as percentages); any other metric `score` returns is an error such as an
     absolute difference (lower is better).
     """
     max_new_tokens: int = 0
     score: Callable[[str, str], dict[str, float]] | None = None
     choices: Callable[[list[dict[str, Any]]], list[tuple[int, list[str], int]]] | None = None
     rates: frozenset[str] = frozenset()
+    cloze: Callable[[str], list[tuple[str, int, int]]] | None = None
 
     def __post_init__(self):
         if self.score is not None and self.max_new_tokens <= 0:

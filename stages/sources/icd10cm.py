@@ -146,6 +146,16 @@ def stated_category(text: str) -> str | None:
     return parent_code(text) if re.search(r"\bThat is its 3-character category\b", text) else None
 
 
+def parent_spans(gold: str) -> list[tuple[str, int, int]]:
+    """Where an icd10_parent gold answer names the parent and the 3-character category (the parent's span
+    again when the parent is the category)."""
+    parent = re.search(rf"\bparent of {_CODE}\b.*?\bis ({_CODE})\b", gold, re.DOTALL)
+    if not parent:
+        return []
+    category = re.search(rf"\b3-character category is ({_CODE})\b", gold)
+    return [("cloze_parent", *parent.span(1)), ("cloze_category", *(category or parent).span(1))]
+
+
 def _norm(text: str | None) -> str | None:
     return None if text is None else re.sub(r"\W+", " ", text).strip().casefold()
 
@@ -205,7 +215,8 @@ class Icd10cmSource(Source):
     tasks = {
         "icd10_describe": Task(48, score_describe, rates=frozenset({"exact_match"})),
         "icd10_code": Task(40, score_code, code_choices, rates=frozenset({"exact_match"})),
-        "icd10_parent": Task(80, score_parent, rates=frozenset({"exact_match", "category_accuracy"})),
+        "icd10_parent": Task(80, score_parent, cloze=parent_spans,
+                             rates=frozenset({"exact_match", "category_accuracy", "cloze_parent", "cloze_category"})),
         "icd10_billable": Task(choices=billable_choices),
     }
 

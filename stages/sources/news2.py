@@ -201,6 +201,23 @@ def stated_points(text: str) -> dict[str, int]:
 
 
 GRADE_RATES = frozenset({"stated_rate", "aggregate_accuracy", "band_accuracy", "points_accuracy"})  # grade's rates
+CLOZE_RATES = frozenset({"cloze_points", "cloze_aggregate", "cloze_band"})
+_GOLD_AGGREGATE_RE = re.compile(r"^Aggregate NEWS2 score: (\d+)", re.MULTILINE)
+_GOLD_BAND_RE = re.compile(r"^Clinical risk: (low-medium|low|medium|high)\b", re.MULTILINE)
+
+
+def cloze_spans(gold: str) -> list[tuple[str, int, int]]:
+    """Where a gold answer states each parameter's points (chart lines, or the Scoring line's numbers), the
+    aggregate and the band: what a model that learned the chart predicts, given the answer so far."""
+    spans = [("cloze_points", *m.span(1)) for regex in _CHART_LINE_RE.values() if (m := regex.search(gold))]
+    scoring = _SCORING_RE.search(gold)
+    if not spans and scoring:
+        start = scoring.start(1)
+        spans = [("cloze_points", start + m.start(1), start + m.end(1))
+                 for m in re.finditer(r"\b(\d)\b", scoring.group(1))]
+    spans += [(name, *m.span(1)) for name, regex in (("cloze_aggregate", _GOLD_AGGREGATE_RE),
+                                                     ("cloze_band", _GOLD_BAND_RE)) if (m := regex.search(gold))]
+    return spans
 
 
 def grade(gold: str, answer: str) -> dict[str, float]:
@@ -379,7 +396,8 @@ class News2Source(Source):
         "seed": Key(int, 7),
     }
     # greedy tokens per answer: the longest gold answers plus room
-    tasks = {"news2_score": Task(300, grade, rates=GRADE_RATES), "news2_response": Task(150, grade, rates=GRADE_RATES)}
+    tasks = {"news2_score": Task(300, grade, rates=GRADE_RATES | CLOZE_RATES, cloze=cloze_spans),
+             "news2_response": Task(150, grade, rates=GRADE_RATES | CLOZE_RATES, cloze=cloze_spans)}
 
     def fetch(self, store) -> None:
         count = self.param("count")
