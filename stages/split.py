@@ -25,7 +25,7 @@ only when their content changes, which is what keeps an unchanged adapter from r
 
 Decontamination (stages.decontaminate): before writing, train and val lose every example that
 copies an item of a test set eval scores (this adapter's test split and every other adapter's,
-worked out here by `test_items`): 13-gram overlap on the question, MinHash on the whole example.
+worked out here by `scored_items`): 13-gram overlap on the question, MinHash on the whole example.
 Each dropped id, its reason and the test item it copies go to statistics.json
 (`decontamination`) and the dataset card; clusters keep their placements in the ledger.
 """
@@ -240,7 +240,7 @@ def placements(cfg, adapter_name: str, rows: list[dict], earlier: dict[str, str]
     """Split per cluster of the adapter's (routed, capped) rows, and what its frozen test set matched.
 
     A function of the rows, the adapter's data block and its ledger alone, so another adapter's
-    split stage works out the same test split (see `test_items`) whether this one has run yet or
+    split stage works out the same test split (see `scored_items`) whether this one has run yet or
     not: a ledger only ever gains the placements that this function makes from it."""
     adapter = cfg.adapters[adapter_name]
     if not adapter.data.get("frozen_test"):
@@ -254,7 +254,7 @@ def placements(cfg, adapter_name: str, rows: list[dict], earlier: dict[str, str]
     return where, {"file": adapter.data["frozen_test"], "clusters": len(test_clusters), "missing": missing}
 
 
-def test_label(cfg, adapter_name: str, row: dict) -> str:
+def scored_label(cfg, adapter_name: str, row: dict) -> str:
     """How a dropped example's reason names the test set it copies: `<adapter>/test`, or the benchmark
     (MedQA, MedMCQA, PubMedQA through an hf_qa source) and the test split it is scored in."""
     source = cfg.sources.get(row.get("source"))
@@ -263,13 +263,13 @@ def test_label(cfg, adapter_name: str, row: dict) -> str:
     return f"{adapter_name}/test"
 
 
-def test_items(cfg, adapter_name: str, own_test: list[dict]) -> list[decontaminate.ScoredItem]:
+def scored_items(cfg, adapter_name: str, own_test: list[dict]) -> list[decontaminate.ScoredItem]:
     """Every test set eval scores: this adapter's test split and every other adapter's (the eval matrix).
 
     Another adapter's test split is worked out here from the dedup output, its config and its ledger
     (read, never written), the way its own split stage places it: reading its test.jsonl instead
     would make every split task depend on every other, a cycle in the doit graph."""
-    items = [decontaminate.ScoredItem(test_label(cfg, adapter_name, r), r) for r in own_test]
+    items = [decontaminate.ScoredItem(scored_label(cfg, adapter_name, r), r) for r in own_test]
     for name in sorted(n for n in cfg.adapters if n != adapter_name):
         try:
             rows, _ = route(cfg, name)
@@ -279,14 +279,14 @@ def test_items(cfg, adapter_name: str, own_test: list[dict]) -> list[decontamina
             print(f"split:{adapter_name}: warning: not checked against {name}'s test split, which cannot be "
                   f"worked out: {exc}")
             continue
-        items += [decontaminate.ScoredItem(test_label(cfg, name, r), r) for r in rows if where[r["cluster"]] == "test"]
+        items += [decontaminate.ScoredItem(scored_label(cfg, name, r), r) for r in rows if where[r["cluster"]] == "test"]
     return items
 
 
 def decontaminate_splits(cfg, adapter_name: str, by_split: dict[str, list[dict]]) -> dict[str, Any]:
     """Drop from train and val (what the adapter learns from and picks its checkpoint on) every example
     that copies an item of a test set eval scores; returns the statistics' `decontamination` entry."""
-    tests = test_items(cfg, adapter_name, by_split["test"])
+    tests = scored_items(cfg, adapter_name, by_split["test"])
     learned = [*by_split["train"], *by_split["val"]]
     kept, dropped = decontaminate.check(learned, tests, cfg.dedup)
     gone = {d["id"] for d in dropped}

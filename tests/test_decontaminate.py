@@ -148,8 +148,8 @@ def test_a_benchmark_item_is_named_by_its_benchmark(two_adapters):
     (two_adapters / "sources.toml").write_text(SOURCES + '\n[sources.exam]\nkind = "hf_qa"\nadapters = ["one"]\n'
                                                '[sources.exam.params]\ndataset = "medqa"\n')
     cfg = config.load()
-    assert split.test_label(cfg, "one", {"source": "exam"}) == "medqa (one/test)"
-    assert split.test_label(cfg, "one", {"source": "shared"}) == "one/test"
+    assert split.scored_label(cfg, "one", {"source": "exam"}) == "medqa (one/test)"
+    assert split.scored_label(cfg, "one", {"source": "shared"}) == "one/test"
 
 
 # --- the real graph: copies planted in a training source
