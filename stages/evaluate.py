@@ -27,6 +27,7 @@ Output: adapters/<adapter>/out/eval.json
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from collections import defaultdict
 from typing import Any
@@ -374,11 +375,17 @@ def test_splits(cfg, adapter_name: str) -> dict[str, list[dict]]:
     from stages.train import read_split
 
     names = [adapter_name] + sorted(n for n in cfg.adapters if n != adapter_name)
-    out = {}
-    for name in names:
-        rows, limit = read_split(name, "test"), cfg.adapters[name].eval["max_examples"]
-        out[name] = rows[:limit] if limit > 0 else rows
-    return out
+    return {name: spread_sample(read_split(name, "test"), cfg.adapters[name].eval["max_examples"]) for name in names}
+
+
+def spread_sample(rows: list[dict], limit: int) -> list[dict]:
+    """`limit` rows of a split (all when 0 or fewer), picked by a hash of their id, in file order: a sample spread
+    over the whole split (its first rows may all be one ICD-10 chapter), the same in every eval on every machine."""
+    if limit <= 0 or len(rows) <= limit:
+        return rows
+    rank = sorted(range(len(rows)), key=lambda i: hashlib.sha256(str(rows[i].get("id", i)).encode()).digest())
+    keep = set(rank[:limit])
+    return [row for i, row in enumerate(rows) if i in keep]
 
 
 def decontamination(adapter_name: str) -> dict[str, Any]:

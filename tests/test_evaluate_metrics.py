@@ -203,3 +203,12 @@ def test_cloze_spans_mark_the_tokens_that_carry_the_answer_and_count_greedy_hits
     wrong = set(category) - set(dict(marked)["cloze_parent"]) or set(category)
     hits = evaluate.cloze_hits(_Oracle(ids, wrong, len(tokenizer)), [examples[-1]], hw)[0]
     assert hits["cloze_category"] == 0.0
+
+
+def test_eval_samples_a_split_spread_over_it_in_file_order():
+    rows = [{"id": f"icd10cm:{chapter}{i:03d}", "task": "icd10_code"} for chapter in "ABCDEFGHIJ" for i in range(100)]
+    picked = evaluate.spread_sample(rows, 200)
+    assert len(picked) == 200 and picked == evaluate.spread_sample(list(rows), 200)  # the same in every eval
+    assert picked == [r for r in rows if r in picked]                                # file order kept
+    assert len({r["id"][7] for r in picked}) == 10 and picked != rows[:200]           # every chapter, not the first
+    assert evaluate.spread_sample(rows, 0) == rows and evaluate.spread_sample(rows[:5], 200) == rows[:5]
