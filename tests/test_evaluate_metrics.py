@@ -210,5 +210,5 @@ def test_eval_samples_a_split_spread_over_it_in_file_order():
     picked = evaluate.spread_sample(rows, 200)
     assert len(picked) == 200 and picked == evaluate.spread_sample(list(rows), 200)  # the same in every eval
     assert picked == [r for r in rows if r in picked]                                # file order kept
-    assert len({r["id"][7] for r in picked}) == 10 and picked != rows[:200]           # every chapter, not the first
+    assert len({r["id"][8] for r in picked}) == 10 and picked != rows[:200]           # every chapter, not the first
     assert evaluate.spread_sample(rows, 0) == rows and evaluate.spread_sample(rows[:5], 200) == rows[:5]
