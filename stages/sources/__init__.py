@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator
 
 if TYPE_CHECKING:
-    from stages.scrape import RawStore
+    from stages.raw import RawStore
 
 _HERE = Path(__file__).parent
 KINDS = {p.stem: f"stages.sources.{p.stem}" for p in sorted(_HERE.glob("*.py")) if not p.stem.startswith("_")}
