@@ -46,6 +46,8 @@ _HERE = Path(__file__).parent
 KINDS = {p.stem: f"stages.sources.{p.stem}" for p in sorted(_HERE.glob("*.py")) if not p.stem.startswith("_")}
 
 
+import orjson
+
 from stages.errors import SourceError  # defined at the bottom (stages.errors); sources import it from here
 from stages.schema import Key, check_value
 
@@ -152,6 +154,14 @@ class Source:
 
     def examples(self, record: dict[str, Any]) -> Iterator[dict[str, Any]]:
         raise NotImplementedError
+
+
+def stored_json(page: Path) -> Any:
+    """A stored page's JSON, or one SourceError naming the page and the fix (it was saved broken)."""
+    try:
+        return orjson.loads(page.read_bytes())
+    except orjson.JSONDecodeError as exc:
+        raise SourceError(f"{page}: not valid JSON ({exc}); delete it and rerun the scrape") from None
 
 
 def load(kind: str) -> type[Source]:

@@ -14,9 +14,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterator
 
-import orjson
-
-from stages.sources import Key, Source, SourceError, _shape, _text
+from stages.sources import Key, Source, SourceError, _shape, _text, stored_json
 
 # the headings registries write: "Inclusion Criteria:", "Key Inclusion Criteria:", "INCLUSION CRITERIA",
 # "Eligibility criteria:", "Exclusion criteria for parents:" ...
@@ -92,10 +90,7 @@ class ClinicalTrials(Source):
                 store.save_checkpoint(state)
 
     def parse(self, page: Path) -> Iterator[dict[str, Any]]:
-        try:
-            doc = orjson.loads(page.read_bytes())
-        except orjson.JSONDecodeError as exc:
-            raise SourceError(f"{page}: not valid JSON ({exc}); delete it and rerun the scrape") from None
+        doc = stored_json(page)
         if not isinstance(doc, dict) or not ("studies" in doc or "protocolSection" in doc):
             raise SourceError(f"{page}: not a ClinicalTrials.gov v2 answer (expected /studies' {{\"studies\": [...]}} "
                               f"or one study's {{\"protocolSection\": ...}}); delete it and rerun the scrape")

@@ -12,9 +12,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterator
 
-import orjson
-
-from stages.sources import Key, Source, SourceError, _text, _xml
+from stages.sources import Key, Source, SourceError, _text, _xml, stored_json
 
 # LOINC section codes -> (key, question template)
 SECTIONS = {
@@ -135,10 +133,7 @@ class DailyMed(Source):
 
     def parse(self, page: Path) -> Iterator[dict[str, Any]]:
         if page.suffix == ".json":  # a listing page: setids only, their labels are separate pages
-            try:
-                doc = orjson.loads(page.read_bytes())
-            except orjson.JSONDecodeError as exc:
-                raise SourceError(f"{page}: not valid JSON ({exc}); delete it and rerun the scrape") from None
+            doc = stored_json(page)
             if not isinstance(doc, dict) or not isinstance(doc.get("data"), list):
                 raise SourceError(f"{page}: not a DailyMed spls.json listing (expected an object with a \"data\" "
                                   f"list of setids); delete it and rerun the scrape")

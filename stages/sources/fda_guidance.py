@@ -13,9 +13,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterator
 
-import orjson
-
-from stages.sources import Key, Source, SourceError, _shape, _text
+from stages.sources import Key, Source, SourceError, _shape, _text, stored_json
 
 INDEX = "index.json"
 _MEDIA = re.compile(r'href="/media/(\d+)/download"')
@@ -110,10 +108,9 @@ class FdaGuidance(Source):
         meta: dict[str, Any] = {}
         index = page.with_name(INDEX)
         if index.exists():
+            doc = stored_json(index)
             try:
-                rows = index_rows(orjson.loads(index.read_bytes()))
-            except orjson.JSONDecodeError as exc:
-                raise SourceError(f"{index}: not valid JSON ({exc}); delete it and rerun the scrape") from None
+                rows = index_rows(doc)
             except SourceError as exc:
                 raise SourceError(f"{index}: {exc}; delete it and rerun the scrape") from None
             meta = next((r for r in rows if r["media"] == media), {})

@@ -16,9 +16,7 @@ import urllib.parse
 from pathlib import Path
 from typing import Any, Iterator
 
-import orjson
-
-from stages.sources import Key, Source, SourceError, _shape, _text
+from stages.sources import Key, Source, SourceError, _shape, _text, stored_json
 
 ENDPOINTS = ("drug/label", "drug/event")
 SKIP_MAX = 25_000
@@ -137,10 +135,7 @@ class OpenFda(Source):
                 store.save_checkpoint(state)
 
     def parse(self, page: Path) -> Iterator[dict[str, Any]]:
-        try:
-            doc = orjson.loads(page.read_bytes())
-        except orjson.JSONDecodeError as exc:
-            raise SourceError(f"{page}: not valid JSON ({exc}); delete it and rerun the scrape") from None
+        doc = stored_json(page)
         if not isinstance(doc, dict) or not ({"results", "error", "meta"} & doc.keys()):
             raise SourceError(f"{page}: not an openFDA answer (expected an object with \"results\", or an \"error\"); "
                               f"delete it and rerun the scrape")

@@ -14,9 +14,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterator
 
-import orjson
-
-from stages.sources import Key, Source, SourceError, _shape
+from stages.sources import Key, Source, SourceError, _shape, stored_json
 
 TTY_LABEL = {"IN": "ingredients", "PIN": "precise ingredients", "MIN": "multiple ingredients", "BN": "brand names",
              "DF": "dose forms", "SCD": "clinical drugs", "SBD": "branded drugs", "SCDF": "clinical dose forms",
@@ -87,10 +85,7 @@ class RxNorm(Source):
                 store.save_checkpoint(state)
 
     def parse(self, page: Path) -> Iterator[dict[str, Any]]:
-        try:
-            doc = orjson.loads(page.read_bytes())
-        except orjson.JSONDecodeError as exc:
-            raise SourceError(f"{page}: not valid JSON ({exc}); delete it and rerun the scrape") from None
+        doc = stored_json(page)
         if not isinstance(doc, dict) or not ({"drugGroup", "allRelatedGroup"} & doc.keys()):
             raise SourceError(f"{page}: not an RxNav answer (expected drugs.json's \"drugGroup\" or allrelated.json's "
                               f"\"allRelatedGroup\"); delete it and rerun the scrape")

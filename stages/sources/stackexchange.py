@@ -14,9 +14,7 @@ import html
 from pathlib import Path
 from typing import Any, Iterator
 
-import orjson
-
-from stages.sources import Key, Source, SourceError, _shape, _text
+from stages.sources import Key, Source, SourceError, _shape, _text, stored_json
 
 
 
@@ -113,10 +111,7 @@ class StackExchange(Source):
 
     @staticmethod
     def _load(path: Path) -> dict:
-        try:
-            doc = orjson.loads(path.read_bytes())
-        except orjson.JSONDecodeError as exc:
-            raise SourceError(f"{path}: not valid JSON ({exc}); delete it and rerun the scrape") from None
+        doc = stored_json(path)
         if not isinstance(doc, dict):
             raise SourceError(f"{path}: a JSON {type(doc).__name__}, not a Stack Exchange answer (an object with "
                               f"\"items\"); delete it and rerun the scrape")
