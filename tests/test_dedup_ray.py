@@ -81,7 +81,17 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
+def no_ray_auth():
+    """Ray turns on token authentication for a new local cluster and writes ~/.ray/auth_token, which every
+    later `ray start` on the machine then requires: off for this module's clusters (nothing of the user's
+    home is written or read), in this process and the `ray start` processes it spawns."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RAY_AUTH_MODE", "disabled")
+        yield
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(no_ray_auth):
     # short: Ray puts unix sockets under it (a path limit of ~107 bytes)
     temp = Path(tempfile.mkdtemp(prefix="mfray", dir="/tmp"))
     port = free_port()
@@ -166,6 +176,24 @@ def test_ray_engine_gives_the_local_engines_kept_jsonl_byte_for_byte(tmp_path, m
     assert local["total"]["exact_dups"] >= 10 and local["total"]["duplicate_clusters"] >= 30
     assert {m["source"] for c in local["largest_clusters"] for m in c["members"]} == set(corpus())
     assert not ray.is_initialized()  # the run disconnected from the cluster
+
+
+def test_with_no_address_a_ray_is_started_here_for_the_run(tmp_path, monkeypatch, capsys, no_ray_auth):
+    """engine = "ray" alone: a fresh Ray on this machine, for this run only; still the local engine's result."""
+    monkeypatch.chdir(make_project(tmp_path, SOURCES.format(engine="")))
+    for name, rows in corpus().items():
+        io.write_jsonl(layout.examples_file(name), rows[:40] + rows[-30:])  # planted copies are last
+    local, kept_local = run_engine(tmp_path, "")
+    temp = tempfile.mkdtemp(prefix="mfray", dir="/tmp")  # Ray's session files, there and not in /tmp/ray
+    monkeypatch.setenv("RAY_TMPDIR", temp)
+    try:
+        on_ray, kept_ray = run_engine(tmp_path, 'engine = "ray"\n')
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+    assert "engine ray at a local Ray started for this run (1 node(s)" in capsys.readouterr().out
+    assert kept_ray == kept_local and without_signatures(on_ray) == without_signatures(local)
+    assert local["lsh"]["near_pairs"] > 0 and local["total"]["exact_dups"] > 0
+    assert not ray.is_initialized()
 
 
 def test_ray_candidate_pairs_equal_local_ones_with_buckets_of_three_and_more(ray_cluster):
