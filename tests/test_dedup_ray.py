@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -80,6 +81,12 @@ def _stop(proc: subprocess.Popen) -> None:
             time.sleep(0.5)
 
 
+@dataclass
+class Cluster:
+    address: str  # the head's GCS, host:port
+    client: str   # the head's Ray Client server, ray://host:port
+
+
 @pytest.fixture(scope="module")
 def no_ray_auth():
     """Ray turns on token authentication for a new local cluster and writes ~/.ray/auth_token, which every
@@ -94,10 +101,10 @@ def no_ray_auth():
 def ray_cluster(no_ray_auth):
     # short: Ray puts unix sockets under it (a path limit of ~107 bytes)
     temp = Path(tempfile.mkdtemp(prefix="mfray", dir="/tmp"))
-    port = free_port()
+    port, client_port = free_port(), free_port()
     address = f"127.0.0.1:{port}"
     procs = [_start(["--head", f"--port={port}", "--include-dashboard=false", f"--temp-dir={temp}",
-                     f"--ray-client-server-port={free_port()}"], temp / "head.log")]
+                     f"--ray-client-server-port={client_port}"], temp / "head.log")]
     try:
         deadline = time.time() + START_TIMEOUT_S
         while True:
@@ -117,7 +124,7 @@ def ray_cluster(no_ray_auth):
                 time.sleep(1)
         finally:
             ray.shutdown()
-        yield address
+        yield Cluster(address, f"ray://127.0.0.1:{client_port}")
     finally:
         for proc in reversed(procs):
             _stop(proc)
@@ -166,9 +173,9 @@ def test_ray_engine_gives_the_local_engines_kept_jsonl_byte_for_byte(tmp_path, m
     monkeypatch.setattr(ray_engine, "BLOCK_DOCS", 150)
     local, kept_local = run_engine(tmp_path, "")
     started = time.time()
-    on_ray, kept_ray = run_engine(tmp_path, f'engine = "ray"\naddress = "{ray_cluster}"\n')
+    on_ray, kept_ray = run_engine(tmp_path, f'engine = "ray"\naddress = "{ray_cluster.address}"\n')
     print(f"ray engine run: {time.time() - started:.1f}s", file=sys.__stderr__)
-    assert f"engine ray at {ray_cluster} (2 node(s), 2 CPU(s))" in capsys.readouterr().out
+    assert f"engine ray at {ray_cluster.address} (2 node(s), 2 CPU(s))" in capsys.readouterr().out
     assert local["settings"]["engine"] == "local" and on_ray["settings"]["engine"] == "ray"
     assert kept_ray == kept_local
     assert without_signatures(on_ray) == without_signatures(local)
@@ -196,8 +203,10 @@ def test_with_no_address_a_ray_is_started_here_for_the_run(tmp_path, monkeypatch
     assert not ray.is_initialized()
 
 
-def test_ray_candidate_pairs_equal_local_ones_with_buckets_of_three_and_more(ray_cluster):
-    """The shuffle finds every pair of every bucket, buckets of three and four included, and only those."""
+@pytest.mark.parametrize("through", ["address", "client"])
+def test_ray_candidate_pairs_equal_local_ones_with_buckets_of_three_and_more(ray_cluster, through):
+    """The shuffle finds every pair of every bucket, buckets of three and four included, and only those;
+    connected to the head's GCS (host:port) or through Ray Client (ray://host:port)."""
     import numpy as np
 
     rng = random.Random(6)
@@ -206,7 +215,7 @@ def test_ray_candidate_pairs_equal_local_ones_with_buckets_of_three_and_more(ray
     fp = dedup.fingerprint(docs, 64, 5)
     params = dedup.lsh_params(0.8, 64)
     every = np.arange(len(docs))
-    with ray_engine.RayEngine(ray_cluster) as engine:
+    with ray_engine.RayEngine(getattr(ray_cluster, through)) as engine:
         assert np.array_equal(engine.candidate_pairs(fp, every, params), dedup.lsh.candidate_pairs(fp, every, params))
         odd = every[1::2]  # a subset of documents: ids are kept, not renumbered
         assert np.array_equal(engine.candidate_pairs(fp, odd, params), dedup.lsh.candidate_pairs(fp, odd, params))
@@ -222,7 +231,7 @@ def test_a_node_running_other_dedup_code_is_refused(ray_cluster, monkeypatch):
 
     monkeypatch.setattr(ray_engine, "_code_identity", older_checkout)
     with pytest.raises(StageError, match=r"runs other dedup code .* install this medforge checkout on every node"):
-        ray_engine.RayEngine(ray_cluster).__enter__()
+        ray_engine.RayEngine(ray_cluster.address).__enter__()
     assert not ray.is_initialized()
 
 
