@@ -24,7 +24,8 @@ KV cache is cleared, so a request never sees another adapter's weights or keys a
 gives the tokens that model gives loaded alone. Two CPU cores gain nothing from decoding two
 requests at once, and one context costs one KV cache instead of one per adapter: a second context
 on SmolLM2-135M at n_ctx 2048 adds 47.6 MiB resident (its KV cache and compute buffers), an adapter
-10.6 MiB (bench/serve_memory.py).
+10.5 MiB: its LoRA's tensors (1.01x the file) and 1.06 MiB of llama.cpp graph metadata, which llama.cpp
+sizes for every loaded LoRA applied at once (bench/serve_memory.py; README, "Use an export").
 
 Binds 127.0.0.1 by default. Any other address needs MEDFORGE_API_KEY (clients send it as the
 bearer token, as the `openai` client's api_key); without it the server refuses to start.
