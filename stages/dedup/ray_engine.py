@@ -39,7 +39,10 @@ CONNECT_TIMEOUT_S = 10  # ray.init waits minutes on an address nobody listens on
 
 
 def _unreachable(address: str, why: str) -> StageError:
-    return StageError(f"dedup: cannot reach the Ray cluster at dedup.address = {address!r} in sources.toml ({why}); "
+    if not address:
+        return StageError(f"dedup: could not start a Ray on this machine for dedup.engine = \"ray\" in sources.toml "
+                          f"({why}); set dedup.address to a running cluster, or dedup.engine = \"local\"")
+    return StageError(f"dedup: cannot connect to the Ray cluster at dedup.address = {address!r} in sources.toml ({why}); "
                       f"start it (`ray start --head` on the head node), fix the address, or set dedup.engine = "
                       f"\"local\"")
 
@@ -76,7 +79,7 @@ class RayEngine:
             ray.init(address=self.address or "local", include_dashboard=False, log_to_driver=False,
                      logging_level=logging.WARNING, configure_logging=False)
         except (ConnectionError, RuntimeError, ValueError, TimeoutError) as exc:
-            raise _unreachable(self.address or "local", str(exc).strip().splitlines()[0]
+            raise _unreachable(self.address, str(exc).strip().splitlines()[0]
                                if str(exc).strip() else type(exc).__name__) from None
         try:
             self._check_code()
