@@ -331,3 +331,38 @@ def test_torch_and_mlx_follow_the_same_sequence_on_one_recipe(tmp_path, monkeypa
             "summary": {k: summary[k] for k in ("steps", "steps_done", "epochs_seen", "tokens", "stopped_early")}}
     assert seen["torch"] == seen["mlx"]
     assert seen["mlx"]["val"] == [0, 2, 4, 6] and seen["mlx"]["checkpoints"] == [2, 4]
+
+
+TORCH_FREE = """
+import sys
+sys.modules["torch"] = None  # as on a Mac with only mlx installed: any `import torch` fails
+from stages import train
+from tests.models import adapter_config
+train.run(adapter_config(".", "coding", open("recipe.toml").read()), "coding")
+print("torch" in sys.modules and sys.modules["torch"] is not None)
+"""
+
+
+def test_an_mlx_run_needs_no_torch(tmp_path, monkeypatch, tiny_base):
+    """With torch unimportable, MLX training runs to the end and writes its metrics, TensorBoard curves and a
+    peft adapter (loaded here with peft, which does need torch)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    project(tmp_path, monkeypatch, tiny_base, steps=3)
+    (tmp_path / "recipe.toml").write_text(TOML.format(base=tiny_base, steps=3, lr=1e-2, extra=""))
+    repo = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, "-c", TORCH_FREE], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(repo)}, timeout=600)
+    assert run.returncode == 0 and run.stdout.strip().endswith("False"), run.stdout[-2000:] + run.stderr[-3000:]
+    assert [r["step"] for r in metric_lines("train")] == [1, 2, 3]
+    events = EventAccumulator(str(layout.tensorboard_dir("coding")))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3] and events.Scalars("val/loss")
+    from peft import PeftConfig
+    config = PeftConfig.from_pretrained(str(layout.lora_dir("coding")))
+    assert config.r == 8 and config.lora_alpha == 16 and config.peft_type == "LORA"

@@ -85,6 +85,34 @@ class Progress:
             self.bar.close()
 
 
+class Scalars:
+    """TensorBoard event files written through the tensorboard package itself: torch's SummaryWriter wraps the same
+    EventFileWriter, and going direct keeps an MLX run free of torch. `purge_step`: a resumed run's first step, so
+    TensorBoard drops what the interrupted run logged from there on (SummaryWriter's purge_step)."""
+
+    def __init__(self, folder: Path, purge_step: int | None = None):
+        from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+        from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+        self.writer = EventFileWriter(str(folder))
+        if purge_step is not None:
+            self.writer.add_event(Event(step=purge_step, wall_time=time.time(),
+                                        session_log=SessionLog(status=SessionLog.START)))
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        from tensorboard.compat.proto.event_pb2 import Event
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        self.writer.add_event(Event(wall_time=time.time(), step=step,
+                                    summary=Summary(value=[Summary.Value(tag=tag, simple_value=float(value))])))
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
 class MetricsStream:
     """Appends one line per event. `start()` begins a fresh file; `resume(step)` keeps lines up to `step`."""
 
@@ -103,8 +131,7 @@ class MetricsStream:
     def _tensorboard(self, purge_step: int | None = None):
         if self.tb_dir is None:
             return None
-        from torch.utils.tensorboard import SummaryWriter
-        self.tb = SummaryWriter(str(self.tb_dir), purge_step=purge_step)
+        self.tb = Scalars(self.tb_dir, purge_step=purge_step)
         return self.tb
 
     def write(self, kind: str, **fields: Any) -> dict[str, Any]:

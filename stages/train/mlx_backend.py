@@ -171,14 +171,16 @@ def to_peft(weights: dict[str, Any]) -> dict[str, Any]:
 
 def save_peft(out_dir: Path, weights: dict[str, Any], lora: dict[str, Any], base_dir: Path, tokenizer) -> None:
     """adapter_model.safetensors + adapter_config.json (+ tokenizer, so the chat template travels)."""
-    from peft import LoraConfig
     from safetensors.numpy import save_file
 
     save_file(to_peft(weights), str(Path(out_dir) / "adapter_model.safetensors"), metadata={"format": "pt"})
-    config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-                        target_modules=list(lora["targets"]), bias="none", task_type="CAUSAL_LM",
-                        base_model_name_or_path=str(base_dir))
-    config.save_pretrained(str(out_dir))
+    # peft's adapter_config.json, written as data: peft (which needs torch) fills every key left out with its
+    # default when it loads the adapter, and an MLX run stays free of torch
+    io.write_json(Path(out_dir) / "adapter_config.json", {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base_dir),
+        "r": lora["r"], "lora_alpha": lora["alpha"], "lora_dropout": lora["dropout"],
+        "target_modules": sorted(lora["targets"]), "bias": "none", "fan_in_fan_out": False,
+        "inference_mode": True, "use_rslora": False, "use_dora": False, "modules_to_save": None})
     tokenizer.save_pretrained(str(out_dir))
 
 
