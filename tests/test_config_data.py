@@ -1,4 +1,4 @@
-"""The data-quality keys: [dedup] backend/redis_url, [clean], and the adapter's [data] routing keys."""
+"""The data-quality keys: [dedup] engine/address, [clean], and the adapter's [data] routing keys."""
 from pathlib import Path
 
 import pytest
@@ -20,7 +20,7 @@ def project(tmp_path: Path, sources: str = SOURCES, adapter: str = "") -> Path:
 
 def test_defaults(tmp_path):
     cfg = config.load(project(tmp_path))
-    assert cfg.dedup["backend"] == "memory" and cfg.dedup["redis_url"].startswith("redis://")
+    assert cfg.dedup["engine"] == "local" and cfg.dedup["address"] == ""
     assert cfg.clean == {"min_tokens": 4, "max_tokens": 8192, "strip_markup": True, "boilerplate": [],
                          "scrub_contacts": ["stackexchange"]}
     data = cfg.adapters["decide"].data
@@ -29,21 +29,22 @@ def test_defaults(tmp_path):
 
 
 def test_valid_keys_load(tmp_path):
-    sources = ('[dedup]\nbackend = "redis"\nredis_url = "redis://10.0.0.2:6380/1"\n'
+    sources = ('[dedup]\nengine = "ray"\naddress = "10.0.0.2:6379"\n'
                '[clean]\nmin_tokens = 0\nmax_tokens = 512\nboilerplate = ["^Sponsored"]\nscrub_contacts = []\n'
                + SOURCES + '[sources.codes]\nkind = "icd10cm"\n')
     (tmp_path / "frozen").mkdir()
     (tmp_path / "frozen" / "test.jsonl").write_text('{"id": "a"}\n')  # a frozen_test must exist (checked at load)
     cfg = config.load(project(tmp_path, sources, '[data]\nsources = ["codes"]\nkeywords = ["sepsis", "septic shock"]\n'
                                                  'frozen_test = "frozen/test.jsonl"\n'))
-    assert cfg.dedup["backend"] == "redis" and cfg.clean["max_tokens"] == 512
+    assert cfg.dedup["engine"] == "ray" and cfg.dedup["address"] == "10.0.0.2:6379" and cfg.clean["max_tokens"] == 512
     # data.sources routes a source that does not list the adapter
     assert [s.name for s in cfg.sources_for("decide")] == ["news2", "codes"]
 
 
 @pytest.mark.parametrize("sources, expected", [
-    ('[dedup]\nbackend = "cassandra"\n' + SOURCES, "sources.toml: key 'dedup.backend' must be one of memory, redis"),
-    ('[dedup]\nredis_url = "localhost:6379"\n' + SOURCES, "key 'dedup.redis_url' must look like redis://"),
+    ('[dedup]\nengine = "cassandra"\n' + SOURCES, "sources.toml: key 'dedup.engine' must be one of local, ray"),
+    ('[dedup]\naddress = "localhost"\n' + SOURCES, "key 'dedup.address' must look like host:6379"),
+    ('[dedup]\nbackend = "redis"\n' + SOURCES, "key 'dedup.backend' must be removed with the Redis backend: use engine"),
     ('[dedup]\nnum_perm = 8\n' + SOURCES, "key 'dedup.num_perm' must be at least 16"),
     ('[clean]\nmin_tokens = -1\n' + SOURCES, "key 'clean.min_tokens' must be 0 or more"),
     ('[clean]\nmin_tokens = 50\nmax_tokens = 10\n' + SOURCES, "key 'clean.max_tokens' must be at least 1 and at least"),
@@ -105,10 +106,13 @@ def test_readme_configuration_documents_every_data_quality_key():
         assert f"`{reason}`" in section
 
 
-def test_runtime_dependencies_cover_the_redis_backend_and_bulk_minhash():
+def test_runtime_dependencies_cover_bulk_minhash_and_the_ray_engine():
     import tomllib
 
-    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    deps = project["dependencies"]
     names = {d.split(">")[0].split("=")[0].split("[")[0].split(";")[0].strip(): d for d in deps}
-    assert names["redis"].startswith("redis>=")          # dedup.backend = "redis" imports it at run time
+    assert "redis" not in names                          # the Redis backend is gone
+    extras = project["optional-dependencies"]
+    assert any(d.startswith("ray") for d in extras["ray"]) and any(d.startswith("ray") for d in extras["test"])
     assert names["datasketch"].startswith("datasketch>=2.0")  # MinHash.bulk(scheme=...) in bench/dedup.py
