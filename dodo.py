@@ -69,9 +69,10 @@ def task_dedup():
 
 
 def task_split():
+    # a split also drops copies of every other adapter's test items (decontamination): all routings count
+    routing = {n: {"data": a.data, "sources": [s.name for s in CFG.sources_for(n)]} for n, a in CFG.adapters.items()}
+    frozen = sorted({a.data["frozen_test"] for a in CFG.adapters.values() if a.data.get("frozen_test")})
     for a in CFG.adapters.values():
-        routing = {"data": a.data, "sources": [s.name for s in CFG.sources_for(a.name)]}
-        frozen = [a.data["frozen_test"]] if a.data.get("frozen_test") else []
         yield {"name": a.name, "actions": stage("split", a.name), "uptodate": [config_changed(routing)],
                "file_dep": [str(layout.dedup_file()), str(layout.dedup_report())] + frozen + registry.code("split"),
                "targets": [str(p) for p in layout.split_files(a.name) + [layout.split_statistics(a.name),

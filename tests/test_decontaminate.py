@@ -227,3 +227,19 @@ def test_another_adapter_that_cannot_be_split_is_named_and_skipped(two_adapters,
     assert "split:one: warning: not checked against two's test split" in capsys.readouterr().out
     assert stats["decontamination"]["test_items"] == {"one/test": stats["splits"]["test"]}
     assert stats["decontamination"]["dropped_total"] == 0
+
+
+def test_a_change_to_another_adapter_s_routing_re_runs_every_split(tmp_path):
+    """split:X checks X's train against Y's test split, so Y's routing is one of X's inputs: "up to date" for
+    split:X must not survive a change to Y's data block."""
+    from tests.models import make_tiny_model
+    from tests.pipeline_project import Project
+
+    (tmp_path / "project").mkdir()
+    project = Project(tmp_path / "project", base_model=str(make_tiny_model(tmp_path / "tiny")))
+    project.doit("split")
+    assert "-- split:clinical_coding" in project.doit("split").stdout  # "--": up to date
+    with open(project.root / "adapters" / "clinical_decision" / "adapter.toml", "a") as fh:
+        fh.write('[data]\nexclude_keywords = ["zebra"]\n')
+    out = project.doit("split").stdout
+    assert ".  split:clinical_coding" in out and ".  split:clinical_decision" in out, out
