@@ -1,13 +1,15 @@
 """`medforge serve`: every exported adapter behind one OpenAI-compatible endpoint, on one base in memory.
 
-    medforge serve [--host 127.0.0.1] [--port 8000] [--adapters a,b] [--n-ctx 2048]
+    medforge serve [--host 127.0.0.1] [--port 8000] [--adapters a,b] [--n-ctx 2048] [--max-loaded 8]
 
 One HTTP server (llama-cpp-python's own OpenAI routes: /v1/chat/completions with streaming,
 /v1/completions, /v1/models) where the request's `model` picks what answers:
 
   base                the base GGUF (data/gguf/<base>/base-f16.gguf)
   <adapter>           the adapter's LoRA GGUF applied on that same base: the base is loaded once and
-                      every LoRA GGUF is loaded beside it (llama_adapter_lora_init, a few MB each)
+                      LoRA GGUFs beside it (llama_adapter_lora_init, a few MB each), at most
+                      --max-loaded of them at a time, the least recently used freed first and
+                      loaded again (from the page cache, in milliseconds) when next asked for
   <adapter>:<quant>   the adapter's merged GGUF (merged-q8_0.gguf, ...): a full model, loaded on first
                       use, at most MAX_MERGED at a time
   base:<slug>         the base of adapters trained on another base than the project's default one
@@ -19,13 +21,17 @@ GGUF opens through the one loader, stages.gguf, with its safe llama.cpp settings
 
 Concurrency: one llama.cpp context per base, and requests take turns on it (llama-cpp-python's
 server holds its model lock for a whole request, streaming included). Before each request the
-context's LoRA set is made the request's (llama_set_adapters_lora; nothing reloads) and its
-KV cache is cleared, so a request never sees another adapter's weights or keys and values, and
-gives the tokens that model gives loaded alone. Two CPU cores gain nothing from decoding two
+context's LoRA set is made the request's (llama_set_adapters_lora; a LoRA reloads only if it was
+evicted) and its KV cache is cleared, so a request never sees another adapter's weights or keys and
+values, and gives the tokens that model gives loaded alone. An evicted LoRA is freed between
+requests, never during one: only the next request's model lookup evicts, and the previous request
+is over by then (the server's model lock). Two CPU cores gain nothing from decoding two
 requests at once, and one context costs one KV cache instead of one per adapter: a second context
 on SmolLM2-135M at n_ctx 2048 adds 47.6 MiB resident (its KV cache and compute buffers), an adapter
 10.5 MiB: its LoRA's tensors (1.01x the file) and 1.06 MiB of llama.cpp graph metadata, which llama.cpp
-sizes for every loaded LoRA applied at once (bench/serve_memory.py; README, "Use an export").
+sizes for every loaded LoRA applied at once (bench/serve_memory.py; README, "Use an export"). That
+1.13x per loaded adapter is why --max-loaded bounds the loaded set: resident memory then stays
+under base + K x (LoRA + 10 %) + a fixed overhead however many adapters are served.
 
 Binds 127.0.0.1 by default. Any other address needs MEDFORGE_API_KEY (clients send it as the
 bearer token, as the `openai` client's api_key); without it the server refuses to start.
@@ -52,6 +58,7 @@ from stages.chat import API_KEY_ENV, BASE_ID  # noqa: F401 (also read from here)
 from stages.errors import StageError
 
 MAX_MERGED = 1
+MAX_LOADED = 8  # LoRAs loaded at a time (--max-loaded; 0: no limit)
 N_CTX = 2048
 LEGACY_ARGS = ("--model", "--config_file", "--lora_path")
 
@@ -176,19 +183,22 @@ class Models:
     """llama-cpp-python's server calls this (under its model lock) for each request's `model`.
 
     It returns the Llama that answers, set up for that id: the base's one context with exactly the
-    id's LoRA applied and an empty KV cache, and the id's chat handler.
+    id's LoRA applied and an empty KV cache, and the id's chat handler. At most `max_loaded` LoRAs
+    (0: all) are loaded at once, least recently used evicted.
     """
 
-    def __init__(self, entries: list[Entry], n_ctx: int = N_CTX):
+    def __init__(self, entries: list[Entry], n_ctx: int = N_CTX, max_loaded: int = MAX_LOADED):
         import llama_cpp.llama_cpp as lib
 
         from stages import gguf
 
         self.lib = lib
         self.n_ctx = n_ctx
+        self.max_loaded = max_loaded
         self.entries: dict[str, Entry] = {e.id: e for e in entries}
         self.bases: dict[Path, object] = {}
-        self.loras: dict[str, object] = {}  # id -> llama_adapter_lora pointer
+        self.loras: OrderedDict[str, object] = OrderedDict()  # id -> llama_adapter_lora pointer, LRU first
+        self.reloads = 0  # LoRAs loaded again after an eviction
         self.active: dict[Path, str | None] = {}  # base GGUF -> the id whose LoRA its context has
         self.merged: OrderedDict[str, object] = OrderedDict()
         self.handlers: dict[str, object] = {}
@@ -201,12 +211,40 @@ class Models:
                 self.bases[entry.base] = gguf.load(entry.base, n_ctx=n_ctx)
                 self.active[entry.base] = None
             if entry.kind == "lora":
-                llm = self.bases[entry.base]
-                handle = lib.llama_adapter_lora_init(llm._model.model, str(entry.path).encode("utf-8"))
-                if not handle:
-                    raise StageError(f"{entry.path}: llama.cpp cannot load this LoRA GGUF on {entry.base}; "
-                                     f"rebuild it with `doit export:{entry.adapter}`")
-                self.loras[entry.id] = handle
+                # every LoRA is loaded once here, so a broken file stops the server at start rather than
+                # failing its first request; those past max_loaded are freed again as the next ones load
+                self._load(entry)
+        self.reloads = 0
+
+    def _load(self, entry: Entry):
+        """`entry`'s LoRA handle, most recently used; loaded (after evicting the least recently used
+        beyond max_loaded) if it is not."""
+        handle = self.loras.get(entry.id)
+        if handle is None:
+            while self.max_loaded and len(self.loras) >= self.max_loaded:
+                self._evict(next(iter(self.loras)))
+            llm = self.bases[entry.base]
+            handle = self.lib.llama_adapter_lora_init(llm._model.model, str(entry.path).encode("utf-8"))
+            if not handle:
+                raise StageError(f"{entry.path}: llama.cpp cannot load this LoRA GGUF on {entry.base}; "
+                                 f"rebuild it with `doit export:{entry.adapter}`")
+            self.loras[entry.id] = handle
+            self.reloads += 1
+        self.loras.move_to_end(entry.id)
+        return handle
+
+    def _evict(self, ident: str) -> None:
+        """Free `ident`'s LoRA. Called only between requests (under the model lock, before the next one
+        runs), so no decode uses it; the context is first taken off it, as llama.cpp's context keeps a
+        pointer to its LoRAs and would otherwise apply a freed one."""
+        base = self.entries[ident].base
+        if self.active[base] == ident:
+            rc = self.lib.llama_set_adapters_lora(self.bases[base]._ctx.ctx, None, 0, None)
+            if rc:
+                raise RuntimeError(f"llama.cpp could not take the LoRA of '{ident}' off its context (code {rc})")
+            self.active[base] = None
+        # also drops it from the model's LoRA list, which llama.cpp sizes its graph buffers by
+        self.lib.llama_adapter_lora_free(self.loras.pop(ident))
 
     def __iter__(self):
         return iter(self.entries)
@@ -299,11 +337,12 @@ class Models:
         lib = self.lib
         llm = self.bases[entry.base]
         want = entry.id if entry.kind == "lora" else None
+        handle = self._load(entry) if want else None  # before the check: loading may evict the active one
         if self.active[entry.base] != want:
             if want is None:
                 rc = lib.llama_set_adapters_lora(llm._ctx.ctx, None, 0, None)
             else:
-                adapters = (lib.llama_adapter_lora_p_ctypes * 1)(self.loras[want])
+                adapters = (lib.llama_adapter_lora_p_ctypes * 1)(handle)
                 scales = (ctypes.c_float * 1)(1.0)
                 rc = lib.llama_set_adapters_lora(llm._ctx.ctx, adapters, 1, scales)
             if rc:
@@ -459,7 +498,7 @@ def build_app(models: Models, api_key: str | None, host: str = "127.0.0.1", port
 
 
 def serve(cfg, host: str = "127.0.0.1", port: int = 8000, adapters: list[str] | None = None,
-          n_ctx: int = N_CTX) -> int:
+          n_ctx: int = N_CTX, max_loaded: int = MAX_LOADED) -> int:
     import uvicorn
 
     from stages import gguf
@@ -469,7 +508,7 @@ def serve(cfg, host: str = "127.0.0.1", port: int = 8000, adapters: list[str] | 
     fixed_mmap_threshold()
     gguf.install()
     entries = catalog(cfg, adapters)
-    models = Models(entries, n_ctx=n_ctx)
+    models = Models(entries, n_ctx=n_ctx, max_loaded=max_loaded)
     app = build_app(models, api_key, host, port)
     shown = f"[{host}]" if ":" in host else host
     print(f"medforge serve: http://{shown}:{port}/v1 models: {', '.join(e.id for e in entries)}"
@@ -524,6 +563,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--adapters", default=None,
                         help="comma-separated adapter names (default: every adapter with an export; '' the base alone)")
     parser.add_argument("--n-ctx", type=int, default=N_CTX, help=f"context length per request ({N_CTX})")
+    parser.add_argument("--max-loaded", type=int, default=MAX_LOADED, metavar="K",
+                        help=f"LoRA adapters loaded at a time, least recently used freed and reloaded when asked "
+                             f"again ({MAX_LOADED}; 0: all)")
     return parser
 
 
@@ -534,4 +576,6 @@ def main(argv: list[str]) -> int:
 
     args = build_parser().parse_args(argv)
     adapters = [a.strip() for a in args.adapters.split(",") if a.strip()] if args.adapters is not None else None
-    return serve(config.load(), args.host, args.port, adapters, args.n_ctx)
+    if args.max_loaded < 0:
+        raise StageError(f"--max-loaded {args.max_loaded}: must be 0 (no limit) or more")
+    return serve(config.load(), args.host, args.port, adapters, args.n_ctx, args.max_loaded)

@@ -120,11 +120,21 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(project, b_stop):
+    yield from start_server(project)
+
+
+@pytest.fixture(scope="module")
+def server_one_loaded(project, b_stop):
+    """The server with --max-loaded 1: a request for one adapter evicts the other's LoRA."""
+    yield from start_server(project, "--max-loaded", "1")
+
+
+def start_server(project: Path, *args: str):
     port = free_port()
     env = {**os.environ, "MEDFORGE_API_KEY": KEY, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     log = tempfile.TemporaryFile()  # not a pipe nobody reads while it runs
-    proc = subprocess.Popen([sys.executable, "-m", "stages.cli", "serve", "--port", str(port), "--n-ctx", str(N_CTX)],
-                            cwd=project, env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen([sys.executable, "-m", "stages.cli", "serve", "--port", str(port), "--n-ctx", str(N_CTX),
+                             *args], cwd=project, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/v1"
     client = openai.OpenAI(base_url=url, api_key=KEY, max_retries=0, timeout=120)
     deadline = time.monotonic() + 120
@@ -204,6 +214,52 @@ def test_concurrent_requests_for_different_adapters_do_not_mix(server, expected)
             assert future.result() == expected[model]["chats"][i], model
         for model, future in completions:
             assert future.result() == expected[model]["completion"], model
+
+
+def test_with_one_lora_loaded_each_adapter_still_gets_its_own_greedy_tokens(server_one_loaded, expected):
+    """--max-loaded 1 and two adapters: every request for a or b after the other frees the other's LoRA and
+    loads its own again; a, b, a, b (and the base between) must each give that adapter's tokens alone."""
+    client, _, _ = server_one_loaded
+    assert sorted(m.id for m in client.models.list().data) == sorted(MODELS)  # evicted ones stay served
+    for model in ("a", "b", "a", "b", "base", "b", "a"):
+        for i in range(len(CHATS)):
+            assert chat(client, model, i, stream=bool(i)) == expected[model]["chats"][i], model
+        assert complete(client, model, stream=model == "a") == expected[model]["completion"], model
+    jobs = [("a", 0), ("b", 1), ("a", 1), ("b", 0)] * 2
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        futures = [(job, pool.submit(chat, client, *job, True)) for job in jobs]
+        for (model, i), future in futures:
+            assert future.result() == expected[model]["chats"][i], model
+
+
+def lru_loads(project: str, max_loaded: int, order: list[str]) -> list[tuple[list[str], int]]:
+    """Runs in a child: Models over the project's catalog, asked for each model of `order` in turn; the LoRAs
+    loaded (least recently used first) and the reloads so far, after each."""
+    from stages import config
+    from stages.serve import Models, catalog
+
+    os.chdir(project)
+    models = Models(catalog(config.load(project)), n_ctx=N_CTX, max_loaded=max_loaded)
+    try:
+        seen = [(list(models.loras), models.reloads)]
+        for model in order:
+            models(model)
+            seen.append((list(models.loras), models.reloads))
+        return seen
+    finally:
+        models.close()
+
+
+def test_at_most_max_loaded_loras_stay_loaded_least_recently_used_evicted(project):
+    order = ["a", "a", "b", "base", "b", "a", "a:f16"]
+    assert gguf.in_child(lru_loads, str(project), 1, order, doing="serving with --max-loaded 1") == [
+        (["b"], 0),                   # both loaded at start (a broken file fails there), a evicted by b
+        (["a"], 1), (["a"], 1),       # a reloaded once, then in use
+        (["b"], 2), (["b"], 2), (["b"], 2),  # the base and merged models need no LoRA: b stays
+        (["a"], 3), (["a"], 3)]
+    assert gguf.in_child(lru_loads, str(project), 0, order, doing="serving with --max-loaded 0") == [
+        (["a", "b"], 0), (["b", "a"], 0), (["b", "a"], 0), (["a", "b"], 0), (["a", "b"], 0), (["a", "b"], 0),
+        (["b", "a"], 0), (["b", "a"], 0)]
 
 
 def test_resident_memory_does_not_grow_with_requests(server):
