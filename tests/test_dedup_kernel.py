@@ -62,3 +62,40 @@ def test_a_document_longer_than_a_batch_gets_the_same_fingerprint_as_in_a_batch(
     assert np.array_equal(whole.signatures, long.signatures) and np.array_equal(whole.quality, long.quality)
     for i in range(len(texts)):
         assert np.array_equal(np.sort(whole.shingle_set(i)), np.sort(long.shingle_set(i)))
+
+
+def test_cluster_roots_are_each_component_s_smallest_index():
+    """cluster() (connected components) against a plain union-find over the same edges: exact copies and
+    verified near pairs, chains included (a ~ b ~ c with a !~ c is one cluster)."""
+    from stages.dedup import lsh
+
+    rng = random.Random(8)
+    words = [f"w{i}" for i in range(400)]
+    base = [" ".join(rng.choices(words, k=60)) for _ in range(40)]
+    texts = []
+    for t in base:
+        texts.append(t)
+        w = t.split()
+        for k in range(rng.randint(0, 3)):  # a chain of near copies, each one word further off
+            w = w[:]
+            w[rng.randrange(len(w))] = f"x{k}"
+            texts.append(" ".join(w))
+        if rng.random() < 0.3:
+            texts.append(t.upper())  # an exact copy after normalization
+    rng.shuffle(texts)
+    fp = mh.fingerprint(texts, 128, 5)
+    parent = list(range(len(texts)))
+
+    def find(i):
+        while parent[i] != i:
+            i = parent[i]
+        return i
+
+    first: dict[bytes, int] = {}
+    edges = [(first.setdefault(d, i), i) for i, d in enumerate(fp.digests)]
+    for i, j in edges + [tuple(p) for p in lsh.near_pairs(fp, 0.8).tolist()]:
+        ri, rj = find(i), find(j)
+        parent[max(ri, rj)] = min(ri, rj)
+    roots = lsh.cluster(fp, 0.8)
+    assert roots.tolist() == [find(i) for i in range(len(texts))]
+    assert len(set(roots.tolist())) < len(texts) - 20  # chains and copies did merge

@@ -11,11 +11,13 @@ and hands its pairs to `decide(..., candidates=...)`, so verification and cluste
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from stages.dedup import minhash
 from stages.dedup.minhash import MINHASH_SCHEME, MINHASH_SEED, Fingerprints, mix64
 
 LSH_RECALL = 0.98    # chance that a pair exactly at the threshold shares a band (more above it)
@@ -38,9 +40,12 @@ def lsh_params(threshold: float, num_perm: int, recall: float = LSH_RECALL) -> t
 
 # --- candidate pairs
 def candidate_pairs(fp: Fingerprints, docs: np.ndarray, params: tuple[int, int]) -> np.ndarray:
-    """Pairs (i < j) of `docs` that share an LSH bucket, sorted and unique (the local engine)."""
+    """Pairs (i < j) of `docs` that share an LSH bucket, sorted and unique (the local engine). The bands are
+    bucketed on a thread pool (numpy's sorts release the GIL): every core works, the pairs are the same."""
     n = len(fp)
-    return pairs_from_codes([bucket_pairs(band, docs, n) for band in bands(fp.signatures, docs, params)], n)
+    with ThreadPoolExecutor(max_workers=minhash.cores()) as pool:
+        codes = list(pool.map(lambda band: bucket_pairs(band, docs, n), bands(fp.signatures, docs, params)))
+    return pairs_from_codes(codes, n)
 
 
 def pairs_from_codes(codes: list[np.ndarray], n: int) -> np.ndarray:
@@ -160,34 +165,23 @@ def near_pairs(fp: Fingerprints, threshold: float, candidates: Candidates | None
 
 
 # --- clusters and keepers
-def _find(parent: np.ndarray, i: int) -> int:
-    root = i
-    while parent[root] != root:
-        root = parent[root]
-    while parent[i] != root:  # path compression
-        parent[i], i = root, parent[i]
-    return root
-
-
-def _union(parent: np.ndarray, i: int, j: int) -> None:
-    ri, rj = _find(parent, i), _find(parent, j)
-    if ri != rj:
-        parent[max(ri, rj)] = min(ri, rj)
-
-
 def cluster(fp: Fingerprints, threshold: float, candidates: Candidates | None = None,
             stats: dict[str, Any] | None = None) -> np.ndarray:
-    """Cluster root per document: exact duplicates plus verified near-duplicate pairs, by union-find."""
+    """Cluster root per document: the smallest index of its connected component, where exact duplicates and
+    verified near-duplicate pairs are the edges (scipy's connected components: no Python loop per document)."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
     n = len(fp)
-    parent = np.arange(n, dtype=np.int64)
     first: dict[bytes, int] = {}
-    for i, digest in enumerate(fp.digests):
-        j = first.setdefault(digest, i)
-        if j != i:
-            _union(parent, j, i)
-    for i, j in near_pairs(fp, threshold, candidates, stats).tolist():  # sorted: the same roots on every engine
-        _union(parent, i, j)
-    return np.array([_find(parent, i) for i in range(n)], dtype=np.int64)
+    exact = [(first.setdefault(d, i), i) for i, d in enumerate(fp.digests)]  # (the first copy, this one)
+    exact = np.array([(j, i) for j, i in exact if j != i], dtype=np.int64).reshape(-1, 2)
+    edges = np.concatenate([exact, near_pairs(fp, threshold, candidates, stats)])
+    graph = coo_matrix((np.ones(len(edges), np.int8), (edges[:, 0], edges[:, 1])), shape=(n, n))
+    _, label = connected_components(graph, directed=False)
+    root_of_label = np.full(label.max() + 1 if n else 0, n, dtype=np.int64)
+    np.minimum.at(root_of_label, label, np.arange(n, dtype=np.int64))
+    return root_of_label[label]
 
 
 @dataclass

@@ -291,14 +291,19 @@ def _long_fingerprint(tokens: str, num_perm: int, shingle_words: int
     return sigs, np.array([distinct]), values, np.array([len(values)])
 
 
+def cores() -> int:
+    """The CPUs this process may use (its affinity: a container's or taskset's share), at most 8 threads."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(8, usable))
+
+
 def fingerprint(texts: Iterable[str], num_perm: int, shingle_words: int, workers: int | None = None
                 ) -> Fingerprints:
     """Fingerprints of `texts`, in order. Batches are fingerprinted by the compiled kernel on a thread pool
     (it releases the GIL): every core works, the result is the same. Memory stays bounded whatever the
     input: a few batches wait at most, and a document longer than a batch goes alone, through the numpy
     path (_long_fingerprint), a window at a time."""
-    workers = workers or max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                                    else os.cpu_count() or 1))
+    workers = workers or cores()
     parts: list[Future] = []
     batch: list[bytes] = []
     batch_chars = 0
