@@ -99,3 +99,16 @@ def test_cluster_roots_are_each_component_s_smallest_index():
     roots = lsh.cluster(fp, 0.8)
     assert roots.tolist() == [find(i) for i in range(len(texts))]
     assert len(set(roots.tolist())) < len(texts) - 20  # chains and copies did merge
+
+
+def test_verification_jaccard_is_the_exact_set_jaccard():
+    from stages.dedup import kernel
+
+    texts = corpus(9, 200)
+    fp = mh.fingerprint(texts, 16, 3)
+    rng = random.Random(9)
+    pairs = np.array([(rng.randrange(len(texts)), rng.randrange(len(texts))) for _ in range(500)], dtype=np.int64)
+    got = kernel.jaccards(fp.shingles, fp.offsets, pairs)
+    for (i, j), value in zip(pairs.tolist(), got):
+        a, b = set(fp.shingle_set(i).tolist()), set(fp.shingle_set(j).tolist())
+        assert value == (len(a & b) / len(a | b) if a | b else 1.0)

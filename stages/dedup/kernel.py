@@ -184,3 +184,29 @@ def fingerprint_batch(data, offsets, n, a, b, byte_mult, length_mult, is_word, i
         sizes[d] = size
         out += size
     return digests, sigs, distinct, values[:out].copy(), sizes
+
+
+@njit(cache=True, nogil=True)
+def jaccards(shingles, offsets, pairs):
+    """True Jaccard similarity of each pair's sorted shingle sets (a merge walk per pair; two empty sets: 1.0)."""
+    out = np.empty(len(pairs), np.float64)
+    for k in range(len(pairs)):
+        a0, a1 = offsets[pairs[k, 0]], offsets[pairs[k, 0] + 1]
+        b0, b1 = offsets[pairs[k, 1]], offsets[pairs[k, 1] + 1]
+        total = (a1 - a0) + (b1 - b0)
+        if total == 0:
+            out[k] = 1.0
+            continue
+        shared = 0
+        while a0 < a1 and b0 < b1:
+            x, y = shingles[a0], shingles[b0]
+            if x == y:
+                shared += 1
+                a0 += 1
+                b0 += 1
+            elif x < y:
+                a0 += 1
+            else:
+                b0 += 1
+        out[k] = shared / (total - shared)
+    return out

@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from stages.dedup import minhash
+from stages.dedup import kernel, minhash
 from stages.dedup.minhash import MINHASH_SCHEME, MINHASH_SEED, Fingerprints, mix64
 
 LSH_RECALL = 0.98    # chance that a pair exactly at the threshold shares a band (more above it)
@@ -117,14 +117,6 @@ def insert_all(lsh, signatures: np.ndarray, docs: np.ndarray) -> None:
 
 
 # --- verification
-def true_jaccard(fp: Fingerprints, i: int, j: int) -> float:
-    a, b = fp.shingle_set(i), fp.shingle_set(j)
-    if not len(a) and not len(b):
-        return 1.0
-    shared = np.intersect1d(a, b, assume_unique=True).size
-    return shared / (len(a) + len(b) - shared)
-
-
 def verify(fp: Fingerprints, pairs: np.ndarray, threshold: float) -> np.ndarray:
     """The candidate pairs whose true Jaccard similarity (on shingle sets) is >= threshold.
 
@@ -141,9 +133,11 @@ def verify(fp: Fingerprints, pairs: np.ndarray, threshold: float) -> np.ndarray:
         estimate = (fp.signatures[part[:, 0]] == fp.signatures[part[:, 1]]).mean(axis=1)
         keep[start:start + VERIFY_CHUNK] = estimate >= threshold - margin
     plausible = np.flatnonzero(keep)
-    for k in plausible.tolist():
-        i, j = pairs[k]
-        keep[k] = true_jaccard(fp, int(i), int(j)) >= threshold
+    # exact Jaccard in the compiled kernel, chunks of pairs on a thread pool (it releases the GIL)
+    chunks = np.array_split(plausible, max(1, min(minhash.cores(), len(plausible) // 1000)))
+    with ThreadPoolExecutor(max_workers=len(chunks)) as pool:
+        scores = list(pool.map(lambda chunk: kernel.jaccards(fp.shingles, fp.offsets, pairs[chunk]), chunks))
+    keep[plausible] = np.concatenate(scores) >= threshold if len(plausible) else False
     return pairs[keep]
 
 
