@@ -31,7 +31,8 @@ STAGES = (
     Stage("split", "stages.split", ("split.py", "clean.py", "decontaminate.py", "dedup")),  # + dedup: its MinHash and LSH
     Stage("lint", "stages.train.lint", ("train/lint.py", "train/format.py", "train/encoded.py", "train/inputs.py")),
     Stage("train", "stages.train", ("train",)),
-    Stage("eval", "stages.evaluate", ("evaluate.py", "safety.py", "stats.py", "sources")),  # sources: they score their tasks
+    # + the configured sources' code (source_code): they score their tasks, through sources/__init__.py's Task
+    Stage("eval", "stages.evaluate", ("evaluate.py", "safety.py", "stats.py", "sources/__init__.py")),
     Stage("export", "stages.export", ("export.py", "llamacpp.py", "gguf.py")),
     Stage("report", "stages.report", ("report.py",)),
     Stage("report_matrix", "stages.report", ("report.py",), entry="run_matrix", named=False),
