@@ -9,8 +9,6 @@
 """
 from __future__ import annotations
 
-import math
-
 from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
@@ -38,13 +36,12 @@ def _change(base, adapter) -> Text:
     return Text(f"{change:+.1f}%", style="green" if change < 0 else "red", justify="right")
 
 
-def wilson(rate: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """The 95% Wilson score interval of a rate measured on n cases (sound at n = 12 and at 0 % or 100 %)."""
-    if n <= 0:
-        return 0.0, 1.0
-    centre = (rate + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
+def wilson(rate: float, n: int) -> tuple[float, float]:
+    """The 95% Wilson interval of a rate measured on n cases (stages.stats, as eval computes it), for an older
+    eval.json that gives no interval of its own."""
+    from stages import stats  # light, but a stage module: loaded with the first report, not the first frame
+
+    return stats.wilson(rate * n, n)
 
 
 def _metric(metric: str, value, n: int, interval=None, style: str = "") -> Text:
