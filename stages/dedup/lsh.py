@@ -137,7 +137,7 @@ def verify(fp: Fingerprints, pairs: np.ndarray, threshold: float) -> np.ndarray:
     chunks = np.array_split(plausible, max(1, min(minhash.cores(), len(plausible) // 1000)))
     with ThreadPoolExecutor(max_workers=len(chunks)) as pool:
         scores = list(pool.map(lambda chunk: kernel.jaccards(fp.shingles, fp.offsets, pairs[chunk]), chunks))
-    keep[plausible] = np.concatenate(scores) >= threshold if len(plausible) else False
+    keep[plausible] = np.concatenate(scores) >= threshold
     return pairs[keep]
 
 
