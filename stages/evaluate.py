@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+import time
 from collections import defaultdict
-from typing import Any
+from typing import Any, NamedTuple
 
 from stages import io, layout, safety, stats
 from stages.errors import StageError
@@ -120,11 +121,6 @@ def choice_correct(choices: list[dict[str, Any]], loglik: list[list[float]]) -> 
     return dict(by_task)
 
 
-def choice_accuracy(choices: list[dict[str, Any]], loglik: list[list[float]]) -> dict[str, dict[str, float]]:
-    """Accuracy per task: the option with the highest answer log-likelihood against the gold one."""
-    return {task: {"accuracy": sum(v) / len(v)} for task, v in choice_correct(choices, loglik).items()}
-
-
 def paired_stats(base: list[dict[str, float]], adapter: list[dict[str, float]]) -> dict[str, dict]:
     """Per metric, base and adapter on the same items: 95 % intervals, the paired test and the verdict
     (stages.stats). A metric only some answers have (NEWS2 MAE needs a stated score) is compared on the
@@ -185,11 +181,20 @@ def choice_examples(tokenizer, rows, choices) -> list:
     return out
 
 
-def cloze_examples(tokenizer, rows: list[dict]) -> list[tuple[str, list[int], list[tuple[str, list[int]]]]]:
-    """Per test row whose task has a `cloze` hook: (task, prompt + gold answer ids, [(metric, the answer's token
-    positions that carry the span)]). The answer is tokenized apart from the prompt, as choice options are."""
+class Cloze(NamedTuple):
+    """One test row scored by cloze: its task, prompt + gold answer ids, [(metric, the answer's token positions
+    that carry the span)] and the row's index in the rows it came from."""
+    task: str
+    ids: list[int]
+    marked: list[tuple[str, list[int]]]
+    row: int
+
+
+def cloze_examples(tokenizer, rows: list[dict]) -> list[Cloze]:
+    """Per test row whose task has a `cloze` hook. The answer is tokenized apart from the prompt, as choice
+    options are."""
     out = []
-    for row in rows:
+    for index, row in enumerate(rows):
         task = scored_tasks().get(row.get("task", ""))
         if task is None or task.cloze is None:
             continue
@@ -203,27 +208,55 @@ def cloze_examples(tokenizer, rows: list[dict]) -> list[tuple[str, list[int], li
         at = len(prompt_ids)
         marked = [(metric, [at + k for k, (lo, hi) in enumerate(answer["offset_mapping"]) if lo < end and hi > start])
                   for metric, start, end in spans]
-        out.append((row["task"], prompt_ids + answer["input_ids"], [(m, p) for m, p in marked if p]))
+        out.append(Cloze(row["task"], prompt_ids + answer["input_ids"], [(m, p) for m, p in marked if p], index))
     return out
 
 
-def cloze_hits(model, examples, hw) -> list[dict[str, float]]:
+def hits_of(example: Cloze, guess: dict[int, int]) -> dict[str, float]:
+    """Per metric, the share of the example's spans whose every token is the model's guess at that position."""
+    hits: dict[str, list[float]] = defaultdict(list)
+    for metric, positions in example.marked:
+        hits[metric].append(float(all(guess[p] == example.ids[p] for p in positions)))
+    return {metric: sum(v) / len(v) for metric, v in hits.items()}
+
+
+def wanted_positions(example: Cloze) -> list[int]:
+    return sorted({p for _, positions in example.marked for p in positions})
+
+
+def cloze_hits(model, examples: list[Cloze], hw, batch_size: int = 8) -> list[dict[str, float]]:
     """Per example, per metric: the share of its spans whose every token is the model's greedy next token
     given the gold text before it (teacher forcing: one forward pass, logits only where a span needs them)."""
+    return [hits_of(e, g) for e, g in zip(examples, cloze_guesses(model, examples, hw, batch_size))]
+
+
+def cloze_guesses(model, examples: list[Cloze], hw, batch_size: int = 8) -> list[dict[int, int]]:
+    """Per example, the model's greedy token at each position a span needs. Batched by length, right-padded:
+    a causal model's positions before the padding do not see it."""
     import torch
 
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder, head = inner.get_decoder(), inner.get_output_embeddings()
-    out = []
+    out: list[dict[int, int]] = [{}] * len(examples)
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].ids))
     with torch.no_grad(), hw.autocast():
-        for _, ids, marked in examples:
-            hidden = decoder(input_ids=torch.tensor([ids], device=hw.device)).last_hidden_state[0]
-            wanted = sorted({p for _, positions in marked for p in positions})
-            guess = dict(zip(wanted, head(hidden[[p - 1 for p in wanted]]).argmax(-1).tolist()))
-            hits: dict[str, list[float]] = defaultdict(list)
-            for metric, positions in marked:
-                hits[metric].append(float(all(guess[p] == ids[p] for p in positions)))
-            out.append({metric: sum(v) / len(v) for metric, v in hits.items()})
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            width = max(len(examples[i].ids) for i in idx)
+            ids = torch.zeros(len(idx), width, dtype=torch.long)
+            mask = torch.zeros(len(idx), width, dtype=torch.long)
+            for b, i in enumerate(idx):
+                ids[b, :len(examples[i].ids)] = torch.tensor(examples[i].ids)
+                mask[b, :len(examples[i].ids)] = 1
+            hidden = decoder(input_ids=ids.to(hw.device), attention_mask=mask.to(hw.device)).last_hidden_state
+            at = [(b, p) for b, i in enumerate(idx) for p in wanted_positions(examples[i])]
+            rows = torch.tensor([b for b, _ in at], device=hidden.device)
+            cols = torch.tensor([p - 1 for _, p in at], device=hidden.device)
+            guesses = head(hidden[rows, cols]).argmax(-1).tolist()
+            for b, i in enumerate(idx):
+                out[i] = {}
+            for (b, p), g in zip(at, guesses):
+                out[idx[b]][p] = g
     return out
 
 
@@ -297,33 +330,85 @@ class Judge:
                                           self.eot))
 
 
-def evaluate_split(judge: Judge, rows: list[dict], max_length: int, max_generate: int) -> tuple[dict, int]:
+class Items(NamedTuple):
+    """What a split's rows are scored on without generating: choice questions and cloze examples."""
+    choices: list[dict[str, Any]]
+    choice_examples: list          # one Encoded per (question, option), in question order
+    cloze: list[Cloze]
+
+
+def task_items(tokenizer, rows: list[dict]) -> Items:
+    choices = choices_for(rows)
+    return Items(choices, choice_examples(tokenizer, rows, choices), cloze_examples(tokenizer, rows))
+
+
+def item_scores(rows: list[dict], items: Items, choice_nll: list[tuple[float, int]],
+                hits: list[dict[str, float]]) -> dict[str, dict[str, Any]]:
+    """One model's per-item figures, per task metric: {"kind": "choice"|"cloze", "ids": [row id per item],
+    "values": [{metric: value} per item]}. The same whatever scored them (transformers, llama.cpp)."""
+    out: dict[str, dict[str, Any]] = {}
+    correct = choice_correct(items.choices, group_loglik(items.choices, choice_nll)) if items.choices else {}
+    for task, values in correct.items():
+        ids = [row_id(rows, q["index"]) for q in items.choices if q["task"] == task]
+        out[task] = {"kind": "choice", "ids": ids, "values": [{"accuracy": v} for v in values]}
+    for task in sorted({c.task for c in items.cloze}):
+        picked = [(c, h) for c, h in zip(items.cloze, hits) if c.task == task]
+        out[f"{task}_cloze"] = {"kind": "cloze", "ids": [row_id(rows, c.row) for c, _ in picked],
+                                "values": [h for _, h in picked]}
+    return out
+
+
+def row_id(rows: list[dict], index: int) -> str:
+    return str(rows[index].get("id", index))
+
+
+def columns(values: list[dict[str, float]]) -> dict[str, list[float | None]]:
+    """Per-item metric dicts as one list per metric (None where an item lacks the metric): compact in JSON."""
+    return {m: [v.get(m) for v in values] for m in sorted({k for v in values for k in v})}
+
+
+def rows_of(cols: dict[str, list[float | None]]) -> list[dict[str, float]]:
+    """The inverse of `columns`."""
+    n = max((len(v) for v in cols.values()), default=0)
+    return [{m: v[i] for m, v in cols.items() if v[i] is not None} for i in range(n)]
+
+
+def evaluate_split(judge: Judge, rows: list[dict], max_length: int, max_generate: int,
+                   keep_items: bool = False) -> tuple[dict, int, dict[str, float]]:
+    """One split's cell of the matrix, the rows its length limit dropped and seconds per part. With
+    `keep_items`, each choice and cloze metric keeps the adapter's per-item figures with their row ids (the
+    report pairs the exported GGUFs' scores of the same items with them)."""
     from stages.train import format as fmt
+
+    took: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(part: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        took[part] = took.get(part, 0.0) + now - clock
+        clock = now
 
     examples, dropped = fmt.encode_rows(judge.tokenizer, rows, max_length)
     if not examples:
-        return {"n_examples": 0, "metrics": {}}, dropped
+        return {"n_examples": 0, "metrics": {}}, dropped, took
     base_nll, adapter_nll = judge.nll(examples)
     cell = perplexity_report(examples, base_nll, adapter_nll)
+    lap("perplexity")
 
     metrics: dict[str, dict] = {}
-    choices = choices_for(rows)
-    if choices:
-        base_c, adapter_c = judge.nll(choice_examples(judge.tokenizer, rows, choices))
-        base_ok = choice_correct(choices, group_loglik(choices, base_c))
-        adapter_ok = choice_correct(choices, group_loglik(choices, adapter_c))
-        for task in base_ok:
-            b, a = [{"accuracy": v} for v in base_ok[task]], [{"accuracy": v} for v in adapter_ok[task]]
-            metrics[task] = {"kind": "choice", "n": len(b), "base": mean_metrics(b), "adapter": mean_metrics(a),
-                             "stats": paired_stats(b, a)}
-    cloze = cloze_examples(judge.tokenizer, rows)
-    if cloze:
-        base_hits, adapter_hits = judge.cloze(cloze)
-        for task in sorted({t for t, _, _ in cloze}):
-            b = [h for (t, _, _), h in zip(cloze, base_hits) if t == task]
-            a = [h for (t, _, _), h in zip(cloze, adapter_hits) if t == task]
-            metrics[f"{task}_cloze"] = {"kind": "cloze", "n": len(b), "base": mean_metrics(b),
-                                        "adapter": mean_metrics(a), "stats": paired_stats(b, a)}
+    items = task_items(judge.tokenizer, rows)
+    base_c, adapter_c = judge.nll(items.choice_examples) if items.choice_examples else ([], [])
+    lap("choice")
+    base_hits, adapter_hits = judge.cloze(items.cloze) if items.cloze else ([], [])
+    lap("cloze")
+    base_s, adapter_s = item_scores(rows, items, base_c, base_hits), item_scores(rows, items, adapter_c, adapter_hits)
+    for key, scored in base_s.items():
+        b, a = scored["values"], adapter_s[key]["values"]
+        metrics[key] = {"kind": scored["kind"], "n": len(b), "base": mean_metrics(b), "adapter": mean_metrics(a),
+                        "stats": paired_stats(b, a)}
+        if keep_items:
+            metrics[key]["items"] = {"id": scored["ids"], "adapter": columns(a)}
     by_task: dict[str, list[dict]] = defaultdict(list)
     for row in rows:
         scored = scored_tasks().get(row.get("task", ""))
@@ -340,8 +425,9 @@ def evaluate_split(judge: Judge, rows: list[dict], max_length: int, max_generate
                         "stats": paired_stats(b, a),
                         "example": {"prompt": picked[0]["messages"][-2]["content"], "gold": golds[0],
                                     "base": base_out[0], "adapter": adapter_out[0]}}
+    lap("generated")
     cell["metrics"] = metrics
-    return cell, dropped
+    return cell, dropped, took
 
 
 def safety_suite(judge: Judge) -> tuple[dict, list[dict]]:
@@ -419,13 +505,15 @@ def run(cfg, adapter_name: str) -> dict[str, Any]:
     for name, rows in splits.items():
         # a split is scored as its own adapter defines it (examples, max_length): every adapter's eval
         # scores the base alike, so the matrix has one base figure per split
-        cell, lost = evaluate_split(judge, rows, cfg.adapters[name].train["max_length"], max_generate)
+        cell, lost, took = evaluate_split(judge, rows, cfg.adapters[name].train["max_length"], max_generate,
+                                          keep_items=name == adapter_name)
         matrix[name] = cell
         if name == adapter_name:
             dropped = lost
         print(f"eval:{adapter_name}: on {name}'s test split ({cell['n_examples']} examples): "
               f"ppl base {cell.get('base_ppl') or float('nan'):.3f} -> adapter "
-              f"{cell.get('adapter_ppl') or float('nan'):.3f}")
+              f"{cell.get('adapter_ppl') or float('nan'):.3f} ("
+              + ", ".join(f"{part} {seconds:.0f} s" for part, seconds in took.items()) + ")")
     own = matrix[adapter_name]
     if not own["n_examples"]:
         raise StageError(f"{layout.split_file(adapter_name, 'test')} has no usable examples; "

@@ -131,8 +131,8 @@ def test_choice_questions_from_icd10_and_mcq_rows():
     # the gold option scoring highest is right; accuracy is per task
     loglik = [[0.0 if i == q["gold"] else -5.0 for i in range(len(q["options"]))] for q in choices]
     loglik[-1] = [0.0, -1.0, -2.0]  # the mcq picks A, gold is B
-    acc = evaluate.choice_accuracy(choices, loglik)
-    assert acc["icd10_code"]["accuracy"] == 1.0 and acc["medqa_mcq"]["accuracy"] == 0.0
+    correct = evaluate.choice_correct(choices, loglik)
+    assert set(correct["icd10_code"]) == {1.0} and correct["medqa_mcq"] == [0.0]
 
 
 def test_regressions_are_off_domain_and_directional():
@@ -173,7 +173,7 @@ class _Oracle:
 
     def get_decoder(self):
         from types import SimpleNamespace
-        return lambda input_ids: SimpleNamespace(last_hidden_state=self.logits[None])
+        return lambda input_ids, attention_mask=None: SimpleNamespace(last_hidden_state=self.logits[None])
 
     def get_output_embeddings(self):
         return lambda hidden: hidden
@@ -186,19 +186,19 @@ def test_cloze_spans_mark_the_tokens_that_carry_the_answer_and_count_greedy_hits
     tokenizer = smollm2_tokenizer()
     rows = news2_rows(3) + [r for r in icd10_rows() if r["task"] == "icd10_parent"][:2]
     examples = evaluate.cloze_examples(tokenizer, rows)
-    assert [t for t, _, _ in examples] == [r["task"] for r in rows]
-    for (task, ids, marked), row in zip(examples, rows):
+    assert [e.task for e in examples] == [r["task"] for r in rows] and [e.row for e in examples] == list(range(len(rows)))
+    for (task, ids, marked, _), row in zip(examples, rows):
         spans = scored_tasks()[task].cloze(gold(row))
         for (metric, positions), (name, start, end) in zip(marked, spans):
             assert metric == name and gold(row)[start:end] in tokenizer.decode(ids[positions[0]:positions[-1] + 1])
     hw = Hardware("cpu", "fp32", "test")
-    task, ids, marked = examples[0]
+    task, ids, marked, _ = examples[0]
     assert evaluate.cloze_hits(_Oracle(ids, set(), len(tokenizer)), [examples[0]], hw) == [
         {"cloze_points": 1.0, "cloze_aggregate": 1.0, "cloze_band": 1.0}]
     first_points = marked[0][1][0]  # one parameter's points mispredicted: 6 of 7 right, the rest untouched
     hits = evaluate.cloze_hits(_Oracle(ids, {first_points}, len(tokenizer)), [examples[0]], hw)[0]
     assert hits == {"cloze_points": pytest.approx(6 / 7), "cloze_aggregate": 1.0, "cloze_band": 1.0}
-    task, ids, marked = examples[-1]  # icd10_parent: the parent right, the category wrong
+    task, ids, marked, _ = examples[-1]  # icd10_parent: the parent right, the category wrong
     category = dict(marked)["cloze_category"]
     wrong = set(category) - set(dict(marked)["cloze_parent"]) or set(category)
     hits = evaluate.cloze_hits(_Oracle(ids, wrong, len(tokenizer)), [examples[-1]], hw)[0]
@@ -212,3 +212,25 @@ def test_eval_samples_a_split_spread_over_it_in_file_order():
     assert picked == [r for r in rows if r in picked]                                # file order kept
     assert len({r["id"][8] for r in picked}) == 10 and picked != rows[:200]           # every chapter, not the first
     assert evaluate.spread_sample(rows, 0) == rows and evaluate.spread_sample(rows[:5], 200) == rows[:5]
+
+
+def test_batched_cloze_scoring_equals_one_example_at_a_time(tmp_path):
+    """Cloze rows of different lengths, right-padded into one batch, get the hits each gets alone."""
+    from transformers import AutoModelForCausalLM
+
+    from stages.train.hardware import Hardware
+    from tests.models import make_tiny_model, smollm2_tokenizer
+
+    tokenizer = smollm2_tokenizer()
+    model = AutoModelForCausalLM.from_pretrained(str(make_tiny_model(tmp_path / "tiny")))
+    model.eval()
+    rows = news2_rows(3) + [r for r in icd10_rows() if r["task"] == "icd10_parent"]
+    examples = evaluate.cloze_examples(tokenizer, rows)
+    assert len({len(e.ids) for e in examples}) > 2
+    hw = Hardware("cpu", "fp32", "test")
+    alone = evaluate.cloze_guesses(model, examples, hw, batch_size=1)
+    assert evaluate.cloze_guesses(model, examples, hw, batch_size=8) == alone
+    import torch
+    for example, guess in zip(examples, alone):  # each the argmax of a plain forward of that example alone
+        logits = model(torch.tensor([example.ids])).logits[0]
+        assert guess == {p: int(logits[p - 1].argmax()) for p in evaluate.wanted_positions(example)}
