@@ -25,6 +25,7 @@ except ConfigError as exc:
 layout.DATA.mkdir(exist_ok=True)
 lock.refuse_db_writes(sys.argv)  # `doit forget` & co. wait for a run to end; `doit run` takes the lock in its reporter
 BASES = {layout.slug(spec): spec for spec in CFG.base_models()}
+SCORING = sorted({f for s in CFG.sources.values() for f in registry.source_code(s.kind)})  # sources score their tasks
 
 
 def stage(*args):
@@ -103,16 +104,16 @@ def task_eval():
     for a in CFG.adapters.values():
         yield {"name": a.name, "actions": stage("eval", a.name),
                "uptodate": [config_changed({"eval": a.eval, "splits": splits})],
-               "file_dep": [str(layout.lora_weights(a.name))] + tests + registry.code("eval")
-               + sorted({f for s in CFG.sources.values() for f in registry.source_code(s.kind)}),
+               "file_dep": [str(layout.lora_weights(a.name))] + tests + registry.code("eval") + SCORING,
                "targets": [str(layout.eval_file(a.name))]}
 
 
 def task_export():
     for a in CFG.adapters.values():
-        yield {"name": a.name, "actions": stage("export", a.name), "uptodate": [config_changed(a.export)],
+        scored = {**a.export, "max_examples": a.eval["max_examples"]}  # the GGUFs answer the test items eval scores
+        yield {"name": a.name, "actions": stage("export", a.name), "uptodate": [config_changed(scored)],
                "file_dep": [str(layout.lora_weights(a.name)), str(layout.base_gguf(a.base_model)),
-                            str(layout.split_file(a.name, "test"))] + registry.code("export"),
+                            str(layout.split_file(a.name, "test"))] + registry.code("export") + SCORING,
                "targets": [str(p) for p in [layout.lora_gguf(a.name), layout.verify_file(a.name), layout.modelfile(a.name)]
                            + [layout.merged_gguf(a.name, q) for q in a.export["merged"]]]}
 

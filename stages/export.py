@@ -19,6 +19,11 @@ the prompt tokens training saw, and llama.cpp must stop generating at the end-of
 A failed check raises StageError with the figures; any failure (a crash in llama.cpp too) removes
 the adapter's old exports, so nothing unverified is served. Beside the GGUFs: verify.json (the figures and the serve
 command) and an Ollama Modelfile with the training chat template and stop tokens.
+
+Each verified GGUF also answers the choice and cloze items of the test rows eval scores (the same sample,
+`eval.max_examples`), through llama.cpp's logits (`task_scores`): verify.json keeps per task metric the means
+and the per-item figures by row id, and the report sets them beside transformers + peft's on the same items,
+so what quantization costs shows in task terms, not only as KL.
 """
 from __future__ import annotations
 
@@ -264,22 +269,36 @@ def conversations_for(adapter_name: str | None, n: int) -> list[list[dict]]:
     return [[{"role": "user", "content": p}] for p in FALLBACK_PROMPTS[:n]]
 
 
+def scored_rows(cfg, adapter_name: str) -> list[dict]:
+    """The adapter's own test rows its eval scores (the same sample, stages.evaluate.test_splits)."""
+    from stages import evaluate
+    from stages.train.inputs import read_split
+
+    if not layout.split_file(adapter_name, "test").exists():
+        return []
+    return evaluate.spread_sample(read_split(adapter_name, "test"), cfg.adapters[adapter_name].eval["max_examples"])
+
+
 def verify(base_dir: Path, lora_dir: Path | None, tokenizer, conversations: list[list[dict]],
-           candidates: list[Candidate], bounds: dict[str, dict[str, float]], max_length: int = 512) -> dict:
-    """Figures per candidate GGUF against transformers (+ peft) in fp32; see the module docstring.
+           candidates: list[Candidate], bounds: dict[str, dict[str, float]], max_length: int = 512,
+           task_rows: list[dict] | None = None) -> dict:
+    """Figures per candidate GGUF against transformers (+ peft) in fp32; see the module docstring. With
+    `task_rows` (the test rows eval scores), each GGUF also answers their choice and cloze items (`tasks`).
 
     Runs in a child process (stages.gguf.in_child): a crash in llama.cpp is a StageError naming the GGUFs.
     """
     doing = "verifying " + ", ".join(f"{c.label} ({c.kind})" for c in candidates)
     return gguf.in_child(_verify, base_dir, lora_dir, tokenizer, conversations, candidates, bounds, max_length,
-                         doing=doing)
+                         task_rows or [], doing=doing)
 
 
 def _verify(base_dir: Path, lora_dir: Path | None, tokenizer, conversations: list[list[dict]],
-            candidates: list[Candidate], bounds: dict[str, dict[str, float]], max_length: int) -> dict:
+            candidates: list[Candidate], bounds: dict[str, dict[str, float]], max_length: int,
+            task_rows: list[dict]) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from stages import evaluate
     from stages.evaluate import end_of_turn_id
     from stages.train import format as fmt
 
@@ -297,7 +316,10 @@ def _verify(base_dir: Path, lora_dir: Path | None, tokenizer, conversations: lis
             text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_length]
         sequences.append((ids, messages[:-1] if messages[-1]["role"] == "assistant" else messages))
-    n_ctx = max(len(ids) for ids, _ in sequences) + 8
+    items = evaluate.task_items(tokenizer, task_rows)
+    lengths = [len(ids) for ids, _ in sequences] + [len(e.input_ids) for e in items.choice_examples] \
+        + [len(c.ids) for c in items.cloze]
+    n_ctx = max(lengths) + 8
     figures: dict[str, dict] = {}
     llms = {}
     try:
@@ -319,6 +341,8 @@ def _verify(base_dir: Path, lora_dir: Path | None, tokenizer, conversations: lis
                 f["agree"] += agree
                 f["kl_sum"] += kl_sum
                 f["positions"] += n
+        for c in candidates:
+            figures[c.label]["tasks"] = task_scores(llms[c.label], task_rows, items)
     finally:
         for llm in llms.values():
             llm.close()
@@ -333,8 +357,63 @@ def _verify(base_dir: Path, lora_dir: Path | None, tokenizer, conversations: lis
         if kl > bound.get("max_kl", math.inf):
             problems.append(f"mean KL {kl:.3g} > {bound['max_kl']:.3g}")
         out[c.label] = {"kind": c.kind, "top1": top1, "kl": kl, "positions": f["positions"],
-                        "prompts": len(sequences), "bounds": bound, "problems": problems, "passed": not problems}
+                        "prompts": len(sequences), "bounds": bound, "problems": problems, "passed": not problems,
+                        "tasks": f["tasks"]}
     return out
+
+
+# --- task scores through llama.cpp: what users run, on the items eval scores transformers + peft on
+def gguf_logits(llm, ids: list[int]):
+    """llama.cpp's logits at every position of `ids` (rows of `llm.scores`, logits_all). The prefix the
+    context already holds is kept (a question's options share its prompt; every chat shares the system turn)."""
+    import numpy as np
+
+    limit = min(llm.n_tokens, len(ids) - 1)  # at least one token is evaluated
+    same = np.asarray(llm.input_ids[:limit]) == np.asarray(ids[:limit], dtype=llm.input_ids.dtype)
+    keep = limit if same.all() else int(same.argmin())
+    llm.n_tokens = keep
+    llm.eval(ids[keep:])
+    return llm.scores[:len(ids)]
+
+
+def gguf_nll(llm, examples) -> list[tuple[float, int]]:
+    """(summed NLL of the trained tokens, their count) per Encoded example, as torch_backend.nll_by_example."""
+    import numpy as np
+
+    from stages.train.format import IGNORE
+
+    out = []
+    for e in examples:
+        positions = [p for p, label in enumerate(e.labels) if label != IGNORE and p > 0]
+        rows = np.asarray(gguf_logits(llm, e.input_ids)[[p - 1 for p in positions]], dtype=np.float64)
+        top = rows.max(axis=-1, keepdims=True)
+        logz = (top + np.log(np.exp(rows - top).sum(axis=-1, keepdims=True)))[:, 0]
+        picked = rows[np.arange(len(positions)), [e.input_ids[p] for p in positions]]
+        out.append((float((logz - picked).sum()), len(positions)))
+    return out
+
+
+def gguf_cloze(llm, examples) -> list[dict[str, float]]:
+    from stages.evaluate import hits_of, wanted_positions
+
+    out = []
+    for e in examples:
+        logits = gguf_logits(llm, e.ids)
+        out.append(hits_of(e, {p: int(logits[p - 1].argmax()) for p in wanted_positions(e)}))
+    return out
+
+
+def task_scores(llm, rows: list[dict], items) -> dict[str, dict[str, Any]]:
+    """Per task metric: {"kind", "n", "metrics": means, "items": {"id": [...], "values": columns}} — eval.json's
+    per-item figures of transformers + peft pair with these by row id (stages.report)."""
+    from stages import evaluate
+
+    if not rows:
+        return {}
+    llm.reset()
+    scored = evaluate.item_scores(rows, items, gguf_nll(llm, items.choice_examples), gguf_cloze(llm, items.cloze))
+    return {key: {"kind": s["kind"], "n": len(s["values"]), "metrics": evaluate.mean_metrics(s["values"]),
+                  "items": {"id": s["ids"], "values": evaluate.columns(s["values"])}} for key, s in scored.items()}
 
 
 def gate(figures: dict[str, dict], task: str, where: str) -> None:
@@ -476,7 +555,7 @@ def run(cfg, adapter_name: str) -> list[Path]:
             candidates = [Candidate("lora", base_gguf, lora_tmp)] + [Candidate(q, p) for q, p in merged.items()]
             figures = verify(base_dir, layout.lora_dir(adapter_name), tokenizer,
                              conversations_for(adapter_name, a.export["verify_examples"]), candidates,
-                             bounds_for(a.export), a.train["max_length"])
+                             bounds_for(a.export), a.train["max_length"], scored_rows(cfg, adapter_name))
             gate(figures, f"export:{adapter_name}", where)
         except Exception:  # whatever failed (a crash too), no export of an older adapter stays to be served
             remove_exports(adapter_name, list(QUANT_TYPES))

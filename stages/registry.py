@@ -33,7 +33,8 @@ STAGES = (
     Stage("train", "stages.train", ("train",)),
     # + the configured sources' code (source_code): they score their tasks, through sources/__init__.py's Task
     Stage("eval", "stages.evaluate", ("evaluate.py", "safety.py", "stats.py", "sources/__init__.py")),
-    Stage("export", "stages.export", ("export.py", "llamacpp.py", "gguf.py")),
+    # + the configured sources' code, as eval: each GGUF answers the same choice and cloze items
+    Stage("export", "stages.export", ("export.py", "llamacpp.py", "gguf.py", "evaluate.py", "sources/__init__.py")),
     Stage("report", "stages.report", ("report.py",)),
     Stage("report_matrix", "stages.report", ("report.py",), entry="run_matrix", named=False),
 )

@@ -257,3 +257,79 @@ def test_recipe_bounds_are_validated(tmp_path):
         adapter_config(tmp_path, "bad", "[export.max_kl]\nq3_x = 0.1\n[export.min_top1]\nf16 = \"all\"\n")
     assert any("export.max_kl.q3_x" in p for p in err.value.problems)
     assert any("export.min_top1.f16" in p for p in err.value.problems)
+
+
+# --- task scores: the exported GGUFs answer eval's choice and cloze items
+def _hf_peft(cfg):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(cfg.adapters[ADAPTER].base_model, dtype=torch.float32)
+    return PeftModel.from_pretrained(model, str(layout.lora_dir(ADAPTER))).eval()
+
+
+def _task_rows() -> list[dict]:
+    from tests.test_evaluate_metrics import icd10_rows, news2_rows
+
+    return icd10_rows() + news2_rows(2)
+
+
+@pytest.mark.slow
+def test_gguf_log_likelihoods_with_a_shared_prompt_equal_a_fresh_context_and_transformers(project):
+    """Options of one question share its prompt in llama.cpp's context: each scores as in a fresh context
+    and as transformers + peft does (the f16 LoRA GGUF; f16 rounding only)."""
+    from stages import evaluate, gguf
+    from stages.train import torch_backend
+    from stages.train.hardware import Hardware
+
+    tokenizer, rows = smollm2_tokenizer(), _task_rows()
+    examples = evaluate.task_items(tokenizer, rows).choice_examples
+    assert len(examples) > 10 and examples[0].input_ids[:20] == examples[1].input_ids[:20]
+    llm = gguf.load(layout.base_gguf(project.adapters[ADAPTER].base_model), layout.lora_gguf(ADAPTER),
+                    n_ctx=512, n_batch=512, n_ubatch=512, logits_all=True)
+    try:
+        shared = export.gguf_nll(llm, examples)
+        fresh = []
+        for e in examples:
+            llm.reset()
+            fresh += export.gguf_nll(llm, [e])
+    finally:
+        llm.close()
+    assert [c for _, c in shared] == [c for _, c in fresh] and all(c > 0 for _, c in shared)
+    assert [s for s, _ in shared] == pytest.approx([s for s, _ in fresh], rel=1e-4, abs=1e-3)
+    want = torch_backend.nll_by_example(_hf_peft(project), examples, tokenizer.pad_token_id,
+                                        Hardware("cpu", "fp32", "test"))
+    assert [s for s, _ in shared] == pytest.approx([s for s, _ in want], rel=2e-2, abs=2e-2)
+
+
+@pytest.mark.slow
+def test_each_gguf_answers_the_eval_items_and_pairs_with_transformers_by_row_id(project):
+    from stages import evaluate
+    from stages.train import torch_backend
+    from stages.train.hardware import Hardware
+
+    tokenizer, rows = smollm2_tokenizer(), _task_rows()
+    base = Path(project.adapters[ADAPTER].base_model)
+    candidates = [export.Candidate("lora", layout.base_gguf(str(base)), layout.lora_gguf(ADAPTER)),
+                  export.Candidate("q8_0", layout.merged_gguf(ADAPTER, "q8_0"))]
+    figures = export.verify(base, layout.lora_dir(ADAPTER), tokenizer, _conversations(), candidates,
+                            export.BOUNDS, task_rows=rows)
+    model, hw = _hf_peft(project), Hardware("cpu", "fp32", "test")
+    items = evaluate.task_items(tokenizer, rows)
+    hf = evaluate.item_scores(rows, items, torch_backend.nll_by_example(model, items.choice_examples,
+                                                                        tokenizer.pad_token_id, hw),
+                              evaluate.cloze_hits(model, items.cloze, hw))
+    assert set(hf) == {"icd10_code", "icd10_billable", "icd10_parent_cloze", "news2_score_cloze",
+                       "news2_response_cloze"}
+    for label in ("lora-f16.gguf", "merged-q8_0.gguf"):
+        tasks = figures[label]["tasks"]
+        assert set(tasks) == set(hf)
+        for key, scored in hf.items():
+            got = tasks[key]
+            assert got["items"]["id"] == scored["ids"] and got["n"] == len(scored["values"]) > 0
+            values = evaluate.rows_of(got["items"]["values"])
+            assert got["metrics"] == evaluate.mean_metrics(values)
+            if label == "lora-f16.gguf":  # f16 of the same weights: the same answers, near-ties aside
+                same = sum(v == w for v, w in zip(values, scored["values"]))
+                assert same >= 0.8 * len(values), (key, values, scored["values"])
