@@ -13,7 +13,7 @@ import io as _io
 from pathlib import Path
 from typing import Any
 
-from stages import io, layout
+from stages import io, layout, stats
 from stages.errors import StageError
 
 # the headline figure of each task's metrics, in the matrix
@@ -148,6 +148,52 @@ def task_plot(report: dict[str, Any]) -> bytes | None:
     return _bars(labels, base, adapter, "score (higher is better)")
 
 
+# --- the exported GGUFs' task scores beside transformers + peft's
+def gguf_task_rows(report: dict[str, Any], verify: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Per own-split choice/cloze metric and its figure: transformers + peft (eval.json's per-item figures) and
+    every GGUF (verify.json's), on the items both scored (paired by row id), each GGUF compared with
+    transformers + peft by the paired test. Rates only (accuracy, cloze shares): higher is better."""
+    own = report.get("matrix", {}).get(report.get("adapter"), {}).get("metrics", {})
+    out = []
+    for key, m in own.items():
+        items = m.get("items")
+        ggufs = {label: f["tasks"][key] for label, f in (verify or {}).get("gguf", {}).items()
+                 if key in f.get("tasks", {})}
+        if not items or not ggufs:
+            continue
+        for metric, hf_values in items["adapter"].items():
+            hf = dict(zip(items["id"], hf_values))
+            row = {"task": key, "metric": metric, "ggufs": {}}
+            for label, scored in ggufs.items():
+                got = dict(zip(scored["items"]["id"], scored["items"]["values"].get(metric, [])))
+                ids = [i for i in items["id"] if hf.get(i) is not None and got.get(i) is not None]
+                if ids:
+                    row["ggufs"][label] = stats.compare([hf[i] for i in ids], [got[i] for i in ids], True)
+            if row["ggufs"]:
+                out.append(row)
+    return out
+
+
+def gguf_task_markdown(rows: list[dict[str, Any]]) -> list[str]:
+    labels = list(dict.fromkeys(label for r in rows for label in r["ggufs"]))
+    out = ["", "### Task metrics of what users run", "",
+           "The exported GGUFs answer the same test items as eval's transformers + peft (choice and cloze, through "
+           "llama.cpp's logits). Each GGUF figure with its 95 % interval and the paired test against transformers + "
+           "peft on the items both scored: \"worse\" is what quantization or the export costs.", "",
+           "| task | metric | n | transformers + peft | " + " | ".join(labels) + " |",
+           "|---|---|---:|---:|" + "---|" * len(labels)]
+    for r in rows:
+        first = next(iter(r["ggufs"].values()))
+        cells = []
+        for label in labels:
+            c = r["ggufs"].get(label)
+            cells.append("–" if c is None else
+                         f"{_estimate(c['adapter']['value'], c['adapter'], r['metric'])} · {_verdict(c)}")
+        out.append(f"| {r['task']} | {r['metric']} | {first['adapter']['n']} | "
+                   f"{_estimate(first['base']['value'], first['base'], r['metric'])} | " + " | ".join(cells) + " |")
+    return out
+
+
 # --- markdown
 def adapter_markdown(name: str, description: str, report: dict[str, Any], metrics: list[dict[str, Any]],
                      verify: dict[str, Any] | None, plots: dict[str, str]) -> str:
@@ -240,6 +286,13 @@ def adapter_markdown(name: str, description: str, report: dict[str, Any], metric
             b = f.get("bounds", {})
             out.append(f"| {label} | {f['kind']} | {f['top1']:.1%} | {f['kl']:.2g} | top-1 ≥ "
                        f"{_pct(b.get('min_top1'))}, KL ≤ {_num(b.get('max_kl'), 2)} | {f['positions']} |")
+        task_rows = gguf_task_rows(report, verify)
+        if task_rows:
+            out += gguf_task_markdown(task_rows)
+        elif any(f.get("tasks") for f in verify.get("gguf", {}).values()):
+            out += ["", f"The GGUFs' task scores have no per-item figures of transformers + peft to pair with: "
+                        f"re-run `doit eval:{name}`."]
+        out.append("")
         out += ["", "Serve it (OpenAI-compatible API; `pip install 'llama-cpp-python[server]'`):", "",
                 f"    {verify.get('serve')}", "", "Ollama:", "",
                 f"    cd {layout.gguf_dir(name)} && {verify.get('ollama')}", ""]

@@ -122,3 +122,39 @@ def test_task_metrics_carry_intervals_and_the_paired_verdict(cfg):
     assert "| wards | icd10_parent | choice | 240 | accuracy | 25% (20–31%) | 62% (56–68%) | better (p=" in text
     assert "| wards | news2_score | generated | 12 | aggregate_mae | 3 (3–3) | 2.67 (" in text
     assert "| no detectable difference (p=" in text  # 4 of 12 items one point better: not enough to tell
+
+
+def test_the_exported_ggufs_task_scores_stand_beside_transformers_on_the_same_items(cfg):
+    """eval.json's per-item figures (transformers + peft) and verify.json's (each GGUF), paired by row id: the
+    LoRA GGUF answers like transformers, the quantized merge loses a fifth of the items and is called worse."""
+    ids = [f"icd10cm:X{i:03d}" for i in range(300)]
+    hf = [float(i % 2 == 0) for i in range(300)]                           # 50 %
+    lora = list(hf)
+    merged = [0.0 if i % 10 in (0, 2) else v for i, v in enumerate(hf)]   # 30 %: 60 of the 150 right ones lost
+    cloze = {"kind": "cloze", "n": 300, "base": {"cloze_category": 0.1}, "adapter": {"cloze_category": 0.5},
+             "items": {"id": ids, "adapter": {"cloze_category": hf}}}
+    data = {**EVAL, "matrix": {"wards": {"n_examples": 300, "base_ppl": 9.5, "adapter_ppl": 2.5,
+                                         "metrics": {"icd10_parent_cloze": cloze}}}}
+
+    def scored(values, order):  # the GGUF's items in another order, one of them missing
+        picked = [i for i in order if i != 7]
+        return {"icd10_parent_cloze": {"kind": "cloze", "n": len(picked), "metrics": {},
+                                       "items": {"id": [ids[i] for i in picked],
+                                                 "values": {"cloze_category": [values[i] for i in picked]}}}}
+    verify = {**VERIFY, "gguf": {"lora-f16.gguf": {**VERIFY["gguf"]["lora-f16.gguf"],
+                                                   "tasks": scored(lora, range(299, -1, -1))},
+                                 "merged-q8_0.gguf": {**VERIFY["gguf"]["lora-f16.gguf"], "kind": "q8_0",
+                                                      "tasks": scored(merged, range(300))}}}
+    rows = report.gguf_task_rows(data, verify)
+    assert [(r["task"], r["metric"]) for r in rows] == [("icd10_parent_cloze", "cloze_category")]
+    lora_c, merged_c = rows[0]["ggufs"]["lora-f16.gguf"], rows[0]["ggufs"]["merged-q8_0.gguf"]
+    assert lora_c["adapter"]["n"] == 299 and lora_c["verdict"] == "no detectable difference"
+    assert merged_c["verdict"] == "worse" and merged_c["adapter"]["value"] == pytest.approx(90 / 299)
+    io.write_json(layout.eval_file("wards"), data)
+    io.write_jsonl(layout.metrics_file("wards"), metrics_rows())
+    io.write_json(layout.verify_file("wards"), verify)
+    report.run(cfg, "wards")
+    text = layout.report_file("wards").read_text()
+    assert "| task | metric | n | transformers + peft | lora-f16.gguf | merged-q8_0.gguf |" in text
+    line = next(x for x in text.splitlines() if x.startswith("| icd10_parent_cloze | cloze_category | 299 |"))
+    assert "| 50% (" in line and "· no detectable difference (p=1)" in line and "30% (" in line and "· worse (p=" in line
