@@ -234,3 +234,38 @@ def test_batched_cloze_scoring_equals_one_example_at_a_time(tmp_path):
     for example, guess in zip(examples, alone):  # each the argmax of a plain forward of that example alone
         logits = model(torch.tensor([example.ids])).logits[0]
         assert guess == {p: int(logits[p - 1].argmax()) for p in evaluate.wanted_positions(example)}
+
+
+def test_news2_answers_are_complete_where_generation_may_stop():
+    for row in news2_rows(6):
+        text = gold(row)
+        cut = next(i for i in range(len(text) + 1) if news2.answered(text[:i]))
+        assert cut < len(text) and news2.grade(text, text[:cut]) == news2.grade(text, text)
+    assert not news2.answered("Aggregate NEWS2 score: 5\nClinical risk: low")  # may still become low-medium
+    assert news2.answered("Aggregate NEWS2 score: 5\nClinical risk: low-medium\n")
+    assert not news2.answered("Clinical risk: high\n")
+
+
+def test_generation_stops_each_reply_once_answered():
+    """Replies of one batch stop where `answered` says, each on its own; what they hold is the start of the
+    unstopped greedy reply (the embedded SmolLM2: a random tiny model only repeats a newline)."""
+    from transformers import AutoModelForCausalLM
+
+    from stages.train.hardware import Hardware
+    from tests.models import smollm2_base_dir, smollm2_tokenizer
+
+    tokenizer = smollm2_tokenizer()
+    model = AutoModelForCausalLM.from_pretrained(str(smollm2_base_dir())).eval()
+    hw, eot = Hardware("cpu", "fp32", "test"), evaluate.end_of_turn_id(tokenizer)
+    chats = [[{"role": "user", "content": q}] for q in ("Hi", "What is NEWS2?", "Code for cholera, please?")]
+    full = evaluate.generate(model, tokenizer, chats, 24, hw, eot)
+    words = [len(r.split()) for r in full]
+    assert min(words) >= 4
+    need = {r: 2 + i for i, r in enumerate(full)}  # each reply its own stopping point
+
+    def answered(reply: str) -> bool:
+        return any(len(reply.split()) > need[f] and f.startswith(reply.strip()) for f in full)
+
+    stopped = evaluate.generate(model, tokenizer, chats, 24, hw, eot, answered)
+    for reply, whole in zip(stopped, full):
+        assert whole.startswith(reply) and len(reply) < len(whole)

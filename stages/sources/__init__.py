@@ -70,13 +70,15 @@ class Task:
     every test item can be scored; per example a metric is the share of its spans reproduced.
     A task may have several. `rates`: the metrics `score` and `cloze` return that are rates in [0, 1]
     (higher is better, shown as percentages); any other metric `score` returns is an error such as an
-    absolute difference (lower is better).
+    absolute difference (lower is better). `answered(answer so far)`: True once the answer holds all
+    that `score` reads, so greedy generation stops there instead of running on to `max_new_tokens`.
     """
     max_new_tokens: int = 0
     score: Callable[[str, str], dict[str, float]] | None = None
     choices: Callable[[list[dict[str, Any]]], list[tuple[int, list[str], int]]] | None = None
     rates: frozenset[str] = frozenset()
     cloze: Callable[[str], list[tuple[str, int, int]]] | None = None
+    answered: Callable[[str], bool] | None = None
 
     def __post_init__(self):
         if self.score is not None and self.max_new_tokens <= 0:

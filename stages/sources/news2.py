@@ -179,6 +179,14 @@ def parse_answer(text: str) -> tuple[int | None, str | None]:
     return aggregate, band
 
 
+def answered(text: str) -> bool:
+    """An answer generation may stop at: it states the aggregate and the band (`grade` reads the first of
+    each, so nothing after them changes either) and the band's line has ended ("low" cannot still become
+    "low-medium"). The points per parameter come before them in the answers training teaches."""
+    band = _BAND_RE.search(text)
+    return band is not None and "\n" in text[band.end():] and _AGGREGATE_RE.search(text) is not None
+
+
 # "- Pulse: 118 beats/min → 2 points (111–130)", one line per parameter (news2_score's answer)
 _CHART_LINE_RE = {key: re.compile(rf"^[\s\-*]*{re.escape(label)}\b[^\n]*?(?:→|->|=>)\s*(\d)\s+points?\b",
                                   re.IGNORECASE | re.MULTILINE) for key, label in LABELS.items()}
@@ -396,8 +404,9 @@ class News2Source(Source):
         "seed": Key(int, 7),
     }
     # greedy tokens per answer: the longest gold answers plus room
-    tasks = {"news2_score": Task(300, grade, rates=GRADE_RATES | CLOZE_RATES, cloze=cloze_spans),
-             "news2_response": Task(150, grade, rates=GRADE_RATES | CLOZE_RATES, cloze=cloze_spans)}
+    tasks = {"news2_score": Task(300, grade, rates=GRADE_RATES | CLOZE_RATES, cloze=cloze_spans, answered=answered),
+             "news2_response": Task(150, grade, rates=GRADE_RATES | CLOZE_RATES, cloze=cloze_spans,
+                                    answered=answered)}
 
     def fetch(self, store) -> None:
         count = self.param("count")
