@@ -32,6 +32,7 @@ import hashlib
 import math
 import time
 from collections import defaultdict
+from pathlib import Path
 from typing import Any, NamedTuple
 
 from stages import io, layout, safety, stats
@@ -320,33 +321,71 @@ def _generate(model, tokenizer, conversations, max_new_tokens, hw, eot, answered
 
 
 class Judge:
-    """The loaded base + adapter; each measurement runs with the adapter disabled, then enabled."""
+    """The loaded base + adapter; each measurement runs with the adapter disabled, then enabled.
 
-    def __init__(self, model, tokenizer, hw):
+    The base's figures do not depend on the adapter: every adapter's eval scores the other adapters' test
+    splits too, and retraining one adapter re-runs its eval. So each base figure is kept under a digest of
+    everything it depends on (`base_id`: the base weights' bytes, quantization, device and dtype, the library
+    versions and the code that computes it; plus the computation and its exact inputs) and read back where
+    the digest matches: the same numbers, computed once.
+    """
+
+    def __init__(self, model, tokenizer, hw, base_id: str = ""):
         self.model, self.tokenizer, self.hw = model, tokenizer, hw
         self.eot = end_of_turn_id(tokenizer)
+        self.base_id = base_id
+        self.reused = 0
 
-    def both(self, fn):
-        with self.model.disable_adapter():
-            base = fn()
+    def both(self, what: str, inputs, fn):
+        key = hashlib.sha256(io.dumps([self.base_id, what, inputs])).hexdigest() if self.base_id else ""
+        path = layout.eval_base_cache(key) if key else None
+        if path is not None and path.exists():
+            base = io.read_json(path)
+            self.reused += 1
+        else:
+            with self.model.disable_adapter():
+                base = fn()
+            if path is not None:
+                io.write_json(path, base, durable=False)
         return base, fn()
 
     def nll(self, examples):
         from stages.train import torch_backend
 
-        return self.both(lambda: torch_backend.nll_by_example(self.model, examples, self.tokenizer.pad_token_id,
-                                                              self.hw))
+        pairs = self.both("nll", [[e.input_ids, e.labels] for e in examples],
+                          lambda: torch_backend.nll_by_example(self.model, examples, self.tokenizer.pad_token_id,
+                                                               self.hw))
+        return tuple([(float(s), int(c)) for s, c in side] for side in pairs)
 
     def cloze(self, examples):
         self.model.eval()
-        return self.both(lambda: cloze_hits(self.model, examples, self.hw))
+        return self.both("cloze", [[e.ids, e.marked] for e in examples],
+                         lambda: cloze_hits(self.model, examples, self.hw))
 
-    def generate(self, conversations, max_new_tokens, answered=None):
+    def generate(self, conversations, max_new_tokens, answered=None, task: str = ""):
         if not conversations:
             return [], []
         self.model.eval()
-        return self.both(lambda: generate(self.model, self.tokenizer, conversations, max_new_tokens, self.hw,
+        return self.both("generate", [conversations, max_new_tokens, task],
+                         lambda: generate(self.model, self.tokenizer, conversations, max_new_tokens, self.hw,
                                           self.eot, answered))
+
+
+def base_id(base_dir, quantization: str, hw) -> str:
+    """What a base figure depends on besides its inputs (see Judge)."""
+    import platform
+
+    import torch
+    import transformers
+
+    from stages import registry
+
+    digest = hashlib.sha256()
+    for path in [Path(base_dir) / "model.safetensors"] + [Path(f) for f in registry.code("eval") + registry.code("train")]:
+        with open(path, "rb") as fh:
+            digest.update(hashlib.file_digest(fh, "sha256").digest())
+    return io.dumps([digest.hexdigest(), quantization, hw.device, hw.dtype, torch.__version__,
+                     transformers.__version__, platform.machine()]).decode()
 
 
 class Items(NamedTuple):
@@ -436,7 +475,7 @@ def evaluate_split(judge: Judge, rows: list[dict], max_length: int, max_generate
     for task, picked in sorted(by_task.items()):
         scored = scored_tasks()[task]
         base_out, adapter_out = judge.generate([r["messages"][:-1] for r in picked], scored.max_new_tokens,
-                                               scored.answered)
+                                               scored.answered, task)
         golds = [r["messages"][-1]["content"] for r in picked]
         key = task if task not in metrics else f"{task}_generated"
         b = [score_generated(task, g, a) for g, a in zip(golds, base_out)]
@@ -518,7 +557,8 @@ def run(cfg, adapter_name: str) -> dict[str, Any]:
     quantization = a.train["quantization"]
     model = PeftModel.from_pretrained(torch_backend.load_model(base_dir, quantization, hw),
                                       str(layout.lora_dir(adapter_name)))
-    judge = Judge(model, tokenizer, hw)
+    weights = base_dir / "model.safetensors"
+    judge = Judge(model, tokenizer, hw, base_id(base_dir, quantization, hw) if weights.exists() else "")
     max_generate = a.eval["max_generate"]
 
     matrix, dropped = {}, 0
@@ -552,5 +592,6 @@ def run(cfg, adapter_name: str) -> dict[str, Any]:
     io.write_json(layout.eval_file(adapter_name), report)
     print(f"eval:{adapter_name}: {report['n_examples']} examples, {report['n_tokens']} answer tokens: "
           f"ppl base {report['base_ppl']:.3f} -> adapter {report['adapter_ppl']:.3f}; "
-          f"{len(report['regressions'])} cross-domain regression(s)")
+          f"{len(report['regressions'])} cross-domain regression(s)"
+          + (f"; {judge.reused} base figure set(s) read from {layout.eval_base_cache('x').parent}" if judge.reused else ""))
     return report

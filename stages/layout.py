@@ -115,6 +115,11 @@ def token_count_cache(tokenizer_hash: str) -> Path:
     return DATA / "cache" / f"tokens-{tokenizer_hash[:16]}.npz"
 
 
+def eval_base_cache(key: str) -> Path:
+    """The base model's figures for one eval computation (stages.evaluate.Judge), by a digest of all it depends on."""
+    return DATA / "cache" / "eval_base" / f"{key}.json"
+
+
 def encoded_cache(adapter: str, split: str) -> Path:
     """A split's token ids and loss labels, shared by lint and train (stages/train/encoded.py)."""
     return DATA / "cache" / "encoded" / adapter / f"{split}.npz"

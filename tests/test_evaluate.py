@@ -75,13 +75,13 @@ max_generate = 2
 """
 
 
-def test_eval_matrix_task_metrics_safety_samples_and_reports(tmp_path, monkeypatch, tiny_base):
-    """Every adapter's test split, task metrics on real NEWS2/ICD-10 rows, safety and samples; then the reports."""
-    from stages import config, evaluate, report, safety
+def wards_and_coding(root, base):
+    """Two adapters with random LoRAs on `base` (eval needs no training): "coding" with plain test rows,
+    "wards" with NEWS2 and ICD-10 rows that every kind of task metric scores."""
+    from stages import config
     from tests.gguf_project import make_lora
     from tests.test_evaluate_metrics import icd10_rows, news2_rows
 
-    monkeypatch.chdir(tmp_path)
     write_splits("coding")
     io.write_jsonl(layout.split_file("wards", "test"), news2_rows(2) + icd10_rows())
     problems: list[str] = []
@@ -89,11 +89,54 @@ def test_eval_matrix_task_metrics_safety_samples_and_reports(tmp_path, monkeypat
     for seed, name in enumerate(("coding", "wards"), 1):
         path = layout.adapter_toml(name)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(MATRIX_TOML.format(base=tiny_base))
-        adapters[name] = config.load_adapter(tmp_path, path, problems)
-        make_lora(tiny_base, layout.lora_dir(name), seed=seed)  # random LoRAs: eval needs no training
+        path.write_text(MATRIX_TOML.format(base=base))
+        adapters[name] = config.load_adapter(root, path, problems)
+        make_lora(base, layout.lora_dir(name), seed=seed)
     assert not problems
-    cfg = config.Config(root=tmp_path, sources={}, adapters=adapters, dedup={})
+    return config.Config(root=root, sources={}, adapters=adapters, dedup={})
+
+
+def test_the_base_is_scored_once_for_every_adapter_and_again_for_another_base(tmp_path, monkeypatch, tiny_base):
+    """The second adapter's eval reads the base figures the first computed (same base, same items), and gets
+    exactly the numbers it would compute; a base with other weights is scored afresh."""
+    import dataclasses
+    import shutil
+
+    from stages import evaluate
+
+    monkeypatch.chdir(tmp_path)
+    cfg = wards_and_coding(tmp_path, tiny_base)
+    wards = evaluate.run(cfg, "wards")
+    cached = sorted(layout.eval_base_cache("x").parent.glob("*.json"))
+    assert cached
+    coding = evaluate.run(cfg, "coding")
+    new = set(layout.eval_base_cache("x").parent.glob("*.json")) - set(cached)
+    assert len(new) == 1  # only the samples, whose first prompt is the adapter's own: the rest was read back
+    assert io.read_json(new.pop())[0].startswith(coding["samples"][0]["base"][:20])
+    for split in ("wards", "coding"):
+        a, b = wards["matrix"][split], coding["matrix"][split]
+        assert (a["base_ppl"], a["n_tokens"]) == (b["base_ppl"], b["n_tokens"])
+        assert {k: m["base"] for k, m in a["metrics"].items()} == {k: m["base"] for k, m in b["metrics"].items()}
+    assert wards["safety"]["base"] == coding["safety"]["base"]
+    shutil.rmtree(layout.eval_base_cache("x").parent)
+    fresh = evaluate.run(cfg, "coding")  # computed again: the same figures
+    assert fresh["matrix"]["wards"]["base_ppl"] == coding["matrix"]["wards"]["base_ppl"]
+    assert fresh["matrix"]["wards"]["metrics"] == coding["matrix"]["wards"]["metrics"]
+
+    other = make_tiny_model(tmp_path / "other-base", seed=5)  # other weights, same shape: its own figures
+    cfg.adapters["coding"] = dataclasses.replace(cfg.adapters["coding"], base_model=str(other))
+    again = evaluate.run(cfg, "coding")
+    assert again["matrix"]["coding"]["base_ppl"] != coding["matrix"]["coding"]["base_ppl"]
+    assert len(list(layout.eval_base_cache("x").parent.glob("*.json"))) >= len(cached)
+
+
+def test_eval_matrix_task_metrics_safety_samples_and_reports(tmp_path, monkeypatch, tiny_base):
+    """Every adapter's test split, task metrics on real NEWS2/ICD-10 rows, safety and samples; then the reports."""
+    from stages import evaluate, report, safety
+    from tests.test_evaluate_metrics import icd10_rows, news2_rows
+
+    monkeypatch.chdir(tmp_path)
+    cfg = wards_and_coding(tmp_path, tiny_base)
 
     out = evaluate.run(cfg, "wards")
     assert out == io.read_json(layout.eval_file("wards"))
