@@ -381,7 +381,8 @@ def base_id(base_dir, quantization: str, hw) -> str:
     from stages import registry
 
     digest = hashlib.sha256()
-    for path in [Path(base_dir) / "model.safetensors"] + [Path(f) for f in registry.code("eval") + registry.code("train")]:
+    code = registry.code("eval") + registry.code("train") + registry.files(["sources"])  # sources: tasks, answered
+    for path in [Path(base_dir) / "model.safetensors"] + [Path(f) for f in code]:
         with open(path, "rb") as fh:
             digest.update(hashlib.file_digest(fh, "sha256").digest())
     return io.dumps([digest.hexdigest(), quantization, hw.device, hw.dtype, torch.__version__,
