@@ -184,7 +184,8 @@ def test_cloze_spans_mark_the_tokens_that_carry_the_answer_and_count_greedy_hits
     from tests.models import smollm2_tokenizer
 
     tokenizer = smollm2_tokenizer()
-    rows = news2_rows(3) + [r for r in icd10_rows() if r["task"] == "icd10_parent"][:2]
+    rows = news2_rows(3) + [r for r in icd10_rows() if r["task"] == "icd10_describe"][:2] \
+        + [r for r in icd10_rows() if r["task"] == "icd10_parent"][:2]
     examples = evaluate.cloze_examples(tokenizer, rows)
     assert [e.task for e in examples] == [r["task"] for r in rows] and [e.row for e in examples] == list(range(len(rows)))
     for (task, ids, marked, _), row in zip(examples, rows):

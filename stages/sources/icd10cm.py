@@ -126,10 +126,20 @@ def first_code(text: str) -> str | None:
     return match.group(1) if match else None
 
 
+_DESCRIBED_RE = re.compile(rf"{_CODE}\s*:\s*(.+?)\.(?:\s+It is\b|\s*$)", re.DOTALL)
+
+
 def described(text: str) -> str | None:
     """The description in an icd10_describe answer: "ICD-10-CM <code>: <description>. It is ..."."""
-    match = re.search(rf"{_CODE}\s*:\s*(.+?)\.(?:\s+It is\b|\s*$)", text, re.DOTALL)
+    match = _DESCRIBED_RE.search(text)
     return match.group(1).strip() if match else None
+
+
+def describe_spans(gold: str) -> list[tuple[str, int, int]]:
+    """Where an icd10_describe gold answer gives the description: a model that predicts every one of its tokens
+    given the answer before it would generate it exactly (cloze on every test item, generation on a few)."""
+    match = _DESCRIBED_RE.search(gold)
+    return [("cloze_description", *match.span(1))] if match else []
 
 
 def parent_code(text: str) -> str | None:
@@ -213,7 +223,8 @@ class Icd10cmSource(Source):
     }
     # greedy tokens per generated answer: the longest gold answers plus room
     tasks = {
-        "icd10_describe": Task(48, score_describe, rates=frozenset({"exact_match"})),
+        "icd10_describe": Task(48, score_describe, cloze=describe_spans,
+                               rates=frozenset({"exact_match", "cloze_description"})),
         "icd10_code": Task(40, score_code, code_choices, rates=frozenset({"exact_match"})),
         "icd10_parent": Task(80, score_parent, cloze=parent_spans,
                              rates=frozenset({"exact_match", "category_accuracy", "cloze_parent", "cloze_category"})),
