@@ -594,5 +594,6 @@ def run(cfg, adapter_name: str) -> dict[str, Any]:
     print(f"eval:{adapter_name}: {report['n_examples']} examples, {report['n_tokens']} answer tokens: "
           f"ppl base {report['base_ppl']:.3f} -> adapter {report['adapter_ppl']:.3f}; "
           f"{len(report['regressions'])} cross-domain regression(s)"
-          + (f"; {judge.reused} base figure set(s) read from {layout.eval_base_cache('x').parent}" if judge.reused else ""))
+          + (f"; {judge.reused} base figure set(s) read back from {layout.eval_base_cache('x').parent}"
+             if judge.reused else ""))
     return report

@@ -320,8 +320,8 @@ def test_each_gguf_answers_the_eval_items_and_pairs_with_transformers_by_row_id(
     hf = evaluate.item_scores(rows, items, torch_backend.nll_by_example(model, items.choice_examples,
                                                                         tokenizer.pad_token_id, hw),
                               evaluate.cloze_hits(model, items.cloze, hw))
-    assert set(hf) == {"icd10_code", "icd10_billable", "icd10_parent_cloze", "news2_score_cloze",
-                       "news2_response_cloze"}
+    assert set(hf) == {"icd10_code", "icd10_billable", "icd10_parent_cloze", "icd10_describe_cloze",
+                       "news2_score_cloze", "news2_response_cloze"}
     for label in ("lora-f16.gguf", "merged-q8_0.gguf"):
         tasks = figures[label]["tasks"]
         assert set(tasks) == set(hf)
