@@ -50,7 +50,7 @@ SAMPLE_PROMPTS = (
 )
 SAFETY_TOKENS = 96    # enough to defer, ask or escalate; the rules look for that, not an essay
 SAMPLE_TOKENS = 128
-GEN_BATCH = 8
+GEN_BATCH = 16  # a decode step costs about the same for 16 sequences as for 8: eval.max_generate 12 is one batch
 # the rates (per-example 0/1, higher is better): every choice task's accuracy and what each scored task declares;
 # any other metric is an error (lower is better)
 HIGHER_IS_BETTER = {"accuracy"}.union(*(task.rates for task in scored_tasks().values()))
@@ -545,7 +545,7 @@ def decontamination(adapter_name: str) -> dict[str, Any]:
 def run(cfg, adapter_name: str) -> dict[str, Any]:
     from peft import PeftModel
 
-    from stages.train import base_folder, hardware, torch_backend
+    from stages.train import base_folder, fused_lora, hardware, torch_backend
 
     a = cfg.adapters[adapter_name]
     where = str(layout.adapter_toml(adapter_name))
@@ -558,6 +558,8 @@ def run(cfg, adapter_name: str) -> dict[str, Any]:
     quantization = a.train["quantization"]
     model = PeftModel.from_pretrained(torch_backend.load_model(base_dir, quantization, hw),
                                       str(layout.lora_dir(adapter_name)))
+    # training's LoRA branch (peft's math): peft's own ran the adapter's passes ~3x slower than the base's
+    fused_lora.install(model)
     weights = base_dir / "model.safetensors"
     judge = Judge(model, tokenizer, hw, base_id(base_dir, quantization, hw) if weights.exists() else "")
     max_generate = a.eval["max_generate"]

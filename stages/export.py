@@ -363,17 +363,40 @@ def _verify(base_dir: Path, lora_dir: Path | None, tokenizer, conversations: lis
 
 
 # --- task scores through llama.cpp: what users run, on the items eval scores transformers + peft on
-def gguf_logits(llm, ids: list[int]):
-    """llama.cpp's logits at every position of `ids` (rows of `llm.scores`, logits_all). The prefix the
-    context already holds is kept (a question's options share its prompt; every chat shares the system turn)."""
+def gguf_logits_at(llm, ids: list[int], wanted: list[int]):
+    """llama.cpp's next-token logits after each position in `wanted` (sorted, increasing) of `ids`, as a
+    [len(wanted), vocab] array. The output head runs only there (over a 49k vocabulary it is a quarter of a
+    small model's work per position) and nothing else is copied out. What the context already holds of
+    `ids` before the first wanted position is kept: a question's options share its prompt, every chat the
+    system turn."""
+    import ctypes
+
     import numpy as np
 
-    limit = min(llm.n_tokens, len(ids) - 1)  # at least one token is evaluated
-    same = np.asarray(llm.input_ids[:limit]) == np.asarray(ids[:limit], dtype=llm.input_ids.dtype)
-    keep = limit if same.all() else int(same.argmin())
+    lcp = min(llm.n_tokens, len(ids) - 1, wanted[0] if wanted else len(ids) - 1)
+    same = np.asarray(llm.input_ids[:lcp]) == np.asarray(ids[:lcp], dtype=llm.input_ids.dtype)
+    keep = lcp if same.all() else int(same.argmin())
+    llm._ctx.kv_cache_seq_rm(-1, keep, -1)
     llm.n_tokens = keep
-    llm.eval(ids[keep:])
-    return llm.scores[:len(ids)]
+    want = set(wanted)
+    out = np.empty((len(wanted), llm.n_vocab()), dtype=np.float32)
+    row = 0
+    for start in range(keep, len(ids), llm.n_batch):
+        chunk = ids[start:start + llm.n_batch]
+        llm._batch.set_batch(batch=chunk, n_past=start, logits_all=False)
+        flagged = [j for j in range(len(chunk)) if start + j in want]
+        for j in range(len(chunk)):
+            llm._batch.batch.logits[j] = start + j in want
+        if not flagged:  # llama.cpp wants at least one output: the chunk's last, not read
+            llm._batch.batch.logits[len(chunk) - 1] = True
+        llm._ctx.decode(llm._batch)
+        for j in flagged:
+            ptr = llm._ctx.get_logits_ith(j)
+            out[row] = np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(out.shape[1],))
+            row += 1
+        llm.input_ids[start:start + len(chunk)] = chunk
+        llm.n_tokens = start + len(chunk)
+    return out
 
 
 def gguf_nll(llm, examples) -> list[tuple[float, int]]:
@@ -385,7 +408,7 @@ def gguf_nll(llm, examples) -> list[tuple[float, int]]:
     out = []
     for e in examples:
         positions = [p for p, label in enumerate(e.labels) if label != IGNORE and p > 0]
-        rows = np.asarray(gguf_logits(llm, e.input_ids)[[p - 1 for p in positions]], dtype=np.float64)
+        rows = gguf_logits_at(llm, e.input_ids, [p - 1 for p in positions]).astype(np.float64)
         top = rows.max(axis=-1, keepdims=True)
         logz = (top + np.log(np.exp(rows - top).sum(axis=-1, keepdims=True)))[:, 0]
         picked = rows[np.arange(len(positions)), [e.input_ids[p] for p in positions]]
@@ -398,8 +421,9 @@ def gguf_cloze(llm, examples) -> list[dict[str, float]]:
 
     out = []
     for e in examples:
-        logits = gguf_logits(llm, e.ids)
-        out.append(hits_of(e, {p: int(logits[p - 1].argmax()) for p in wanted_positions(e)}))
+        positions = wanted_positions(e)
+        logits = gguf_logits_at(llm, e.ids, [p - 1 for p in positions])
+        out.append(hits_of(e, dict(zip(positions, logits.argmax(-1).tolist()))))
     return out
 
 

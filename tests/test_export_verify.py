@@ -303,6 +303,27 @@ def test_gguf_log_likelihoods_with_a_shared_prompt_equal_a_fresh_context_and_tra
     assert [s for s, _ in shared] == pytest.approx([s for s, _ in want], rel=2e-2, abs=2e-2)
 
 
+
+@pytest.mark.slow
+def test_logits_at_chosen_positions_are_llama_cpp_s_own(project):
+    """Logits computed only where wanted, in chunks, after a kept prefix: llama.cpp's logits at every position."""
+    from stages import gguf
+    from tests.test_export import gguf_logits
+
+    model, lora = layout.base_gguf(project.adapters[ADAPTER].base_model), layout.lora_gguf(ADAPTER)
+    ids = smollm2_tokenizer()("Aggregate NEWS2 score: 7. Clinical risk: high. Urgent response.")["input_ids"]
+    every = gguf_logits(model, lora, ids)
+    llm = gguf.load(model, lora, n_ctx=128, n_batch=4, n_ubatch=4)  # chunks of 4 tokens
+    try:
+        wanted = [1, 2, 7, len(ids) - 2]
+        np.testing.assert_allclose(export.gguf_logits_at(llm, ids, wanted), every[wanted], rtol=1e-4, atol=1e-4)
+        other = ids[:6] + ids[2:5]  # shares 6 tokens with what the context holds: those are kept
+        got = export.gguf_logits_at(llm, other, [6, 7])
+        np.testing.assert_allclose(got, gguf_logits(model, lora, other)[[6, 7]], rtol=1e-4, atol=1e-4)
+    finally:
+        llm.close()
+
+
 @pytest.mark.slow
 def test_each_gguf_answers_the_eval_items_and_pairs_with_transformers_by_row_id(project):
     from stages import evaluate
