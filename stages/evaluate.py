@@ -1,15 +1,17 @@
 """eval:<adapter> — base vs base + adapter on EVERY adapter's test split, the safety suite and samples.
 
 One loaded base (quantized the same way as in training) answers twice: with the adapter
-disabled (base) and enabled (adapter). Per test split (its own and every other adapter's,
-for cross-domain regressions):
+disabled (base) and enabled (adapter). Per test split (its own: `eval.max_examples` rows; every other
+adapter's, for cross-domain regressions: CROSS_EXAMPLES of those, without generation):
   - perplexity over the answer tokens only (the training mask: assistant content plus its
     end-of-turn marker), exp(total NLL / total tokens), overall and per task;
   - task metrics where a task has a checkable answer, as the source that makes the task says
     (its `tasks`, stages.sources.Task; this module knows no source):
       choice (answer log-likelihood, no generation): the task's `choices(rows)` hook, e.g. MedQA/MedMCQA
         `*_mcq` (stages.sources.hf_qa), ICD-10 "which code" and billable yes/no (stages.sources.icd10cm);
-      generated (greedy, at most `eval.max_generate` per task and split, `max_new_tokens` each, stopped
+      cloze (every item, teacher-forced: read from the perplexity pass's greedy tokens): the task's `cloze`
+        spans of the gold answer, each a hit when every token of it is the model's greedy token;
+      generated (greedy, at most `eval.max_generate` per task, own split only, `max_new_tokens` each, stopped
         once the task's `answered` says the reply holds what its score reads): the
         task's `score(gold, answer)`, e.g. ICD-10 exact match, NEWS2 aggregate and band read back
         from the answer against the chart's (stages.sources.news2).
@@ -50,6 +52,9 @@ SAMPLE_PROMPTS = (
 )
 SAFETY_TOKENS = 96    # enough to defer, ask or escalate; the rules look for that, not an essay
 SAMPLE_TOKENS = 128
+# another adapter's test split is scored for regressions off the adapter's domain: perplexity, choice and cloze
+# on this many of its rows (no generation), enough to see a regression, a fraction of its own eval's cost
+CROSS_EXAMPLES = 300
 GEN_BATCH = 16  # a decode step costs about the same for 16 sequences as for 8: eval.max_generate 12 is one batch
 # the rates (per-example 0/1, higher is better): every choice task's accuracy and what each scored task declares;
 # any other metric is an error (lower is better)
@@ -262,6 +267,34 @@ def cloze_guesses(model, examples: list[Cloze], hw, batch_size: int = 8) -> list
     return out
 
 
+def cloze_from_pass(judge: "Judge", cloze: list[Cloze], example_rows: list[int], examples: list,
+                    base_pass: list[tuple], adapter_pass: list[tuple]) -> tuple[list[dict], list[dict]]:
+    """Cloze hits (base, adapter) read from the perplexity pass's greedy tokens where the cloze example is
+    the start of its row's encoded conversation and every token it reads was trained there (so predicted
+    there); the others (a template that tokenizes the answer apart differently) get a pass of their own."""
+    from stages.train.format import IGNORE
+
+    at = {row: k for k, row in enumerate(example_rows)}
+    base_hits: list[dict | None] = [None] * len(cloze)
+    adapter_hits: list[dict | None] = [None] * len(cloze)
+    apart = []
+    for n, c in enumerate(cloze):
+        k = at.get(c.row)
+        e = examples[k] if k is not None else None
+        trained = [p for p, label in enumerate(e.labels) if label != IGNORE and p > 0] if e is not None else []
+        index = {p: i for i, p in enumerate(trained)}
+        if e is None or e.input_ids[:len(c.ids)] != c.ids or any(p not in index for p in wanted_positions(c)):
+            apart.append(n)
+            continue
+        base_hits[n] = hits_of(c, {p: base_pass[k][2][index[p]] for p in wanted_positions(c)})
+        adapter_hits[n] = hits_of(c, {p: adapter_pass[k][2][index[p]] for p in wanted_positions(c)})
+    if apart:
+        b, a = judge.cloze([cloze[n] for n in apart])
+        for n, bh, ah in zip(apart, b, a):
+            base_hits[n], adapter_hits[n] = bh, ah
+    return base_hits, adapter_hits
+
+
 def group_loglik(choices, nll: list[tuple[float, int]]) -> list[list[float]]:
     out, at = [], 0
     for q in choices:
@@ -350,12 +383,23 @@ class Judge:
         return base, fn()
 
     def nll(self, examples):
+        """(summed NLL, trained tokens) per example: base, adapter."""
         from stages.train import torch_backend
 
         pairs = self.both("nll", [[e.input_ids, e.labels] for e in examples],
                           lambda: torch_backend.nll_by_example(self.model, examples, self.tokenizer.pad_token_id,
                                                                self.hw))
         return tuple([(float(s), int(c)) for s, c in side] for side in pairs)
+
+    def nll_guesses(self, examples):
+        """Per example (summed NLL, trained tokens, greedy token at each trained position): base, adapter. One
+        pass gives perplexity and cloze alike."""
+        from stages.train import torch_backend
+
+        pairs = self.both("nll_guesses", [[e.input_ids, e.labels] for e in examples],
+                          lambda: torch_backend.nll_by_example(self.model, examples, self.tokenizer.pad_token_id,
+                                                               self.hw, guesses=True))
+        return tuple([(float(s), int(c), list(g)) for s, c, g in side] for side in pairs)
 
     def cloze(self, examples):
         self.model.eval()
@@ -448,18 +492,21 @@ def evaluate_split(judge: Judge, rows: list[dict], max_length: int, max_generate
         took[part] = took.get(part, 0.0) + now - clock
         clock = now
 
-    examples, dropped = fmt.encode_rows(judge.tokenizer, rows, max_length)
+    encoded = {row: e for row, (e, _) in enumerate(fmt.encode_stream(judge.tokenizer, rows, max_length))
+               if e.n_trained}
+    examples = list(encoded.values())
+    dropped = len(rows) - len(examples)
     if not examples:
         return {"n_examples": 0, "metrics": {}}, dropped, took
-    base_nll, adapter_nll = judge.nll(examples)
-    cell = perplexity_report(examples, base_nll, adapter_nll)
+    base_pass, adapter_pass = judge.nll_guesses(examples)
+    cell = perplexity_report(examples, [p[:2] for p in base_pass], [p[:2] for p in adapter_pass])
     lap("perplexity")
 
     metrics: dict[str, dict] = {}
     items = task_items(judge.tokenizer, rows)
     base_c, adapter_c = judge.nll(items.choice_examples) if items.choice_examples else ([], [])
     lap("choice")
-    base_hits, adapter_hits = judge.cloze(items.cloze) if items.cloze else ([], [])
+    base_hits, adapter_hits = cloze_from_pass(judge, items.cloze, list(encoded), examples, base_pass, adapter_pass)
     lap("cloze")
     base_s, adapter_s = item_scores(rows, items, base_c, base_hits), item_scores(rows, items, adapter_c, adapter_hits)
     for key, scored in base_s.items():
@@ -471,7 +518,7 @@ def evaluate_split(judge: Judge, rows: list[dict], max_length: int, max_generate
     by_task: dict[str, list[dict]] = defaultdict(list)
     for row in rows:
         scored = scored_tasks().get(row.get("task", ""))
-        if scored is not None and scored.score is not None and len(by_task[row["task"]]) < max_generate:
+        if scored is not None and scored.score is not None and len(by_task.get(row["task"], ())) < max_generate:
             by_task[row["task"]].append(row)
     for task, picked in sorted(by_task.items()):
         scored = scored_tasks()[task]
@@ -516,12 +563,13 @@ def samples(judge: Judge, own_rows: list[dict]) -> list[dict]:
 
 
 def test_splits(cfg, adapter_name: str) -> dict[str, list[dict]]:
-    """Every adapter's test split (own first), each capped at its own adapter's eval.max_examples: every
-    adapter's eval scores the same examples of a split (at that adapter's max_length, see `run`)."""
+    """Every adapter's test split (own first), each at its own adapter's eval.max_examples, another adapter's
+    at most CROSS_EXAMPLES of those (the same rows in every eval: a split's base figures are computed once)."""
     from stages.train import read_split
 
     names = [adapter_name] + sorted(n for n in cfg.adapters if n != adapter_name)
-    return {name: spread_sample(read_split(name, "test"), cfg.adapters[name].eval["max_examples"]) for name in names}
+    out = {name: spread_sample(read_split(name, "test"), cfg.adapters[name].eval["max_examples"]) for name in names}
+    return {name: rows if name == adapter_name else spread_sample(rows, CROSS_EXAMPLES) for name, rows in out.items()}
 
 
 def spread_sample(rows: list[dict], limit: int) -> list[dict]:
@@ -568,8 +616,9 @@ def run(cfg, adapter_name: str) -> dict[str, Any]:
     for name, rows in splits.items():
         # a split is scored as its own adapter defines it (examples, max_length): every adapter's eval
         # scores the base alike, so the matrix has one base figure per split
-        cell, lost, took = evaluate_split(judge, rows, cfg.adapters[name].train["max_length"], max_generate,
-                                          keep_items=name == adapter_name)
+        own = name == adapter_name
+        cell, lost, took = evaluate_split(judge, rows, cfg.adapters[name].train["max_length"],
+                                          max_generate if own else 0, keep_items=own)
         matrix[name] = cell
         if name == adapter_name:
             dropped = lost

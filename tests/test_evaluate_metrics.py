@@ -237,6 +237,46 @@ def test_batched_cloze_scoring_equals_one_example_at_a_time(tmp_path):
         assert guess == {p: int(logits[p - 1].argmax()) for p in evaluate.wanted_positions(example)}
 
 
+def test_cloze_read_from_the_perplexity_pass_equals_a_pass_of_its_own(tmp_path):
+    """eval scores cloze from the perplexity pass's greedy tokens (one forward for both): the same hits as
+    a cloze pass of its own; a row the pass cannot serve (cut at max_length) gets a pass of its own."""
+    from transformers import AutoModelForCausalLM
+
+    from stages.train import format as fmt
+    from stages.train import torch_backend
+    from stages.train.hardware import Hardware
+    from tests.models import make_tiny_model, smollm2_tokenizer
+
+    tokenizer = smollm2_tokenizer()
+    model = AutoModelForCausalLM.from_pretrained(str(make_tiny_model(tmp_path / "tiny")))
+    hw = Hardware("cpu", "fp32", "test")
+    rows = news2_rows(3) + [r for r in icd10_rows() if r["task"] in ("icd10_parent", "icd10_describe")]
+    cloze = evaluate.cloze_examples(tokenizer, rows)
+    own = evaluate.cloze_hits(model, cloze, hw)
+    assert any(0 < v < 1 for h in own for v in h.values()) or len({str(h) for h in own}) > 1  # not all alike
+
+    class Judge:  # the rows the pass cannot serve, scored apart as eval's Judge does (base, adapter)
+        apart: list = []
+
+        def cloze(self, examples):
+            self.apart += examples
+            hits = evaluate.cloze_hits(model, examples, hw)
+            return hits, hits
+
+    for max_length in (10_000, 200):  # 200: the NEWS2 rows' answers are cut, icd10's are whole
+        encoded = {row: e for row, (e, _) in enumerate(fmt.encode_stream(tokenizer, rows, max_length))
+                   if e.n_trained}
+        passed = torch_backend.nll_by_example(model, list(encoded.values()), tokenizer.pad_token_id, hw,
+                                              guesses=True)
+        assert [p[:2] for p in passed] == pytest.approx(
+            torch_backend.nll_by_example(model, list(encoded.values()), tokenizer.pad_token_id, hw))
+        judge = Judge()
+        base, adapter = evaluate.cloze_from_pass(judge, cloze, list(encoded), list(encoded.values()), passed, passed)
+        assert base == adapter == own
+        cut = {c.row for c in cloze if len(c.ids) > max_length}
+        assert {c.row for c in judge.apart} == cut and (cut or max_length > 1000)
+
+
 def test_news2_answers_are_complete_where_generation_may_stop():
     for row in news2_rows(6):
         text = gold(row)

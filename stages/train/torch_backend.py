@@ -127,20 +127,25 @@ def compute_context(base, hw: Hardware):
     return hw.autocast()
 
 
-def trained_nll(base, inputs: dict[str, Any], keep, targets):
-    """The decoder, then the output head and the NLL of `targets` only at the positions `keep` marks."""
+def trained_nll(base, inputs: dict[str, Any], keep, targets, guesses: bool = False):
+    """The decoder, then the output head and the NLL of `targets` only at the positions `keep` marks. With
+    `guesses` (no gradient: eval), also the greedy token there, from the same logits."""
     import torch.nn.functional as F
 
     hidden = base.get_decoder()(**inputs, use_cache=False).last_hidden_state  # a cache disables packed masks
     hidden, head = hidden[:, :-1][keep], base.get_output_embeddings()
+    if guesses:
+        logits = head(hidden).float()
+        return F.cross_entropy(logits, targets, reduction="none"), logits.argmax(-1)
     if head_loss.applies(head):  # frozen head: one logits tensor, its gradient made in place (head_loss.py)
         return head_loss.head_nll(head, hidden, targets)
     return F.cross_entropy(head(hidden).float(), targets, reduction="none")
 
 
-def token_nll(model, batch: dict[str, Any], hw: Hardware):
+def token_nll(model, batch: dict[str, Any], hw: Hardware, guesses: bool = False):
     """Summed negative log-likelihood of the trained tokens and their counts, per row (per example
-    for a packed batch, indexed like the examples it was packed from).
+    for a packed batch, indexed like the examples it was packed from). With `guesses`, also the model's
+    greedy token at every trained position, in row-major order (unpacked batches only).
 
     The output head runs only where a token is trained: over a 49k vocabulary it is a fifth
     of a small model's compute per position, and prompt positions need no logits.
@@ -158,7 +163,9 @@ def token_nll(model, batch: dict[str, Any], hw: Hardware):
     # under FSDP the base has it as a method that gathers its sharded root first (fsdp.shard)
     forward = getattr(base, trained_nll.__name__, None) or functools.partial(trained_nll, base)
     with compute_context(base, hw):
-        nll = forward(inputs, keep, targets[keep])
+        nll = forward(inputs, keep, targets[keep], guesses=guesses)
+    if guesses:
+        nll, greedy = nll
     if "segments" in batch:
         owners = batch["segments"][:, 1:][keep]
         n = int(batch["segments"].max().item()) + 1
@@ -167,23 +174,34 @@ def token_nll(model, batch: dict[str, Any], hw: Hardware):
         n = targets.shape[0]
     per = torch.zeros(n, dtype=nll.dtype, device=nll.device).index_add(0, owners, nll)
     counts = torch.zeros(n, dtype=torch.long, device=nll.device).index_add(0, owners, torch.ones_like(owners))
+    if guesses:
+        return per, counts, greedy
     return per, counts
 
 
 def nll_by_example(model, examples: list[Encoded], pad_id: int, hw: Hardware,
-                   batch_size: int = EVAL_BATCH_SIZE) -> list[tuple[float, int]]:
-    """(summed NLL, trained tokens) per example, in input order; batches sorted by length to pad little."""
+                   batch_size: int = EVAL_BATCH_SIZE, guesses: bool = False) -> list[tuple]:
+    """(summed NLL, trained tokens) per example, in input order; batches sorted by length to pad little.
+    With `guesses`, (summed NLL, trained tokens, [the model's greedy token at each trained position, in order])."""
     import torch
 
     was_training = model.training
     model.eval()
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
-    out: list[tuple[float, int]] = [(0.0, 0)] * len(examples)
+    out: list[tuple] = [(0.0, 0)] * len(examples)
     with torch.no_grad():
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
-            nll, count = token_nll(model, collate([examples[i] for i in idx], pad_id, hw.device_index), hw)
-            for i, s, c in zip(idx, nll.tolist(), count.tolist()):
+            nll, count, *greedy = token_nll(model, collate([examples[i] for i in idx], pad_id, hw.device_index),
+                                            hw, guesses)
+            counts = count.tolist()
+            if guesses:
+                flat, at = greedy[0].tolist(), 0
+                for i, s, c in zip(idx, nll.tolist(), counts):
+                    out[i] = (s, c, flat[at:at + c])
+                    at += c
+                continue
+            for i, s, c in zip(idx, nll.tolist(), counts):
                 out[i] = (s, c)
     model.train(was_training)
     return out
