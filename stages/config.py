@@ -95,6 +95,9 @@ EVAL_SCHEMA = {
 EXPORT_SCHEMA = {
     "merged": Key(list, lambda: ["q8_0"], items=str, choices=QUANT_TYPES, unique=True),
     "verify_examples": Key(int, 8, min=1),  # held-out test conversations compared HF+peft vs GGUF, every position
+    # of the test rows eval scores, how many each GGUF answers (choice and cloze through llama.cpp, whose prompt
+    # processing runs at ~500 tokens/s on 2 CPU cores): the same rows in every run, a subset of eval's sample
+    "task_examples": Key(int, 200, min=0, expect="0 (all eval scores) or more"),
     "max_kl": Key(dict, dict),              # per quant type (or "lora"): upper bound on mean KL(HF || GGUF)
     "min_top1": Key(dict, dict),            # per quant type (or "lora"): lower bound on top-1 agreement
 }

@@ -20,8 +20,8 @@ A failed check raises StageError with the figures; any failure (a crash in llama
 the adapter's old exports, so nothing unverified is served. Beside the GGUFs: verify.json (the figures and the serve
 command) and an Ollama Modelfile with the training chat template and stop tokens.
 
-Each verified GGUF also answers the choice and cloze items of the test rows eval scores (the same sample,
-`eval.max_examples`), through llama.cpp's logits (`task_scores`): verify.json keeps per task metric the means
+Each verified GGUF also answers the choice and cloze items of `export.task_examples` of the test rows eval
+scores (a subset of its sample), through llama.cpp's logits (`task_scores`): verify.json keeps per task metric the means
 and the per-item figures by row id, and the report sets them beside transformers + peft's on the same items,
 so what quantization costs shows in task terms, not only as KL.
 """
@@ -270,13 +270,16 @@ def conversations_for(adapter_name: str | None, n: int) -> list[list[dict]]:
 
 
 def scored_rows(cfg, adapter_name: str) -> list[dict]:
-    """The adapter's own test rows its eval scores (the same sample, stages.evaluate.test_splits)."""
+    """The test rows each GGUF answers: `export.task_examples` of those the adapter's eval scores (its sample,
+    stages.evaluate.test_splits), picked by the same hash rank, so every one pairs with eval's by row id."""
     from stages import evaluate
     from stages.train.inputs import read_split
 
     if not layout.split_file(adapter_name, "test").exists():
         return []
-    return evaluate.spread_sample(read_split(adapter_name, "test"), cfg.adapters[adapter_name].eval["max_examples"])
+    a = cfg.adapters[adapter_name]
+    rows = evaluate.spread_sample(read_split(adapter_name, "test"), a.eval["max_examples"])
+    return evaluate.spread_sample(rows, a.export["task_examples"])
 
 
 def verify(base_dir: Path, lora_dir: Path | None, tokenizer, conversations: list[list[dict]],

@@ -27,6 +27,7 @@ from stages.dedup import ray_engine
 from stages.errors import StageError
 
 from test_dedup import example, make_project, mutate, sentence
+from tests.ports import free_port
 
 RAY = str(Path(sys.executable).with_name("ray"))  # the CLI of the Ray this Python imports
 START_TIMEOUT_S = 240  # two CPU cores shared with other jobs: a node can take a minute to come up
@@ -47,12 +48,6 @@ adapters = ["decide"]
 kind = "news2"
 adapters = ["decide"]
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _start(args: list[str], log: Path) -> subprocess.Popen:

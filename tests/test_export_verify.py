@@ -5,7 +5,6 @@ Slow tests share the exported tiny project (tests/gguf_project.py); broken expor
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from stages import export, io, layout
 from stages.errors import StageError
 from tests.gguf_project import ADAPTER, UNTRAINED, exported_project
 from tests.models import smollm2_tokenizer
+from tests.ports import free_port
 
 
 @pytest.fixture()
@@ -197,15 +197,9 @@ def test_a_failed_export_names_the_figures_and_leaves_no_target(project, tmp_pat
     assert not list(layout.out_dir(ADAPTER).glob(".export.*"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_medforge_serve_answers_from_the_verified_export(project):
-    port = _free_port()
+    port = free_port()
     cmd = export.serve_command(project, ADAPTER, port=port)
     assert cmd[1:5] == ["-m", "stages.cli", "serve", "--model"]  # `medforge serve`: the safe llama.cpp settings
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -354,3 +348,30 @@ def test_each_gguf_answers_the_eval_items_and_pairs_with_transformers_by_row_id(
             if label == "lora-f16.gguf":  # f16 of the same weights: the same answers, near-ties aside
                 same = sum(v == w for v, w in zip(values, scored["values"]))
                 assert same >= 0.8 * len(values), (key, values, scored["values"])
+
+
+def test_each_gguf_answers_export_task_examples_of_the_rows_eval_scores(project):
+    """`export.task_examples` caps the rows each GGUF answers: a subset of eval's sample by the same hash rank (so
+    every item pairs with eval's by row id), in file order; 0 = all of eval's."""
+    from stages import evaluate, io
+
+    test = layout.split_file(ADAPTER, "test")
+    assert not test.exists()  # the other tests verify on fixed prompts: the split is removed again below
+    rows = [{**row, "id": f"row{i}"} for i, row in enumerate(_task_rows() * 3)]
+    io.write_jsonl(test, rows)
+    try:
+        _task_examples(project, evaluate.spread_sample(rows, project.adapters[ADAPTER].eval["max_examples"]))
+    finally:
+        test.unlink()
+
+
+def _task_examples(project, eval_rows: list[dict]) -> None:
+    import dataclasses
+
+    a = project.adapters[ADAPTER]
+    assert len(eval_rows) > 2
+    for k, n in ((2, 2), (0, len(eval_rows)), (10_000, len(eval_rows))):
+        recipe = dataclasses.replace(a, export={**a.export, "task_examples": k})
+        rows = export.scored_rows(dataclasses.replace(project, adapters={**project.adapters, ADAPTER: recipe}), ADAPTER)
+        ids = {r["id"] for r in rows}
+        assert len(rows) == n and rows == [r for r in eval_rows if r["id"] in ids]

@@ -5,17 +5,11 @@ has no finished scrape in data/raw/ to build from (with one, see tests/test_scra
 """
 from __future__ import annotations
 
-import socket
 
 import pytest
 
 from tests.pipeline_project import Project, sources_toml
-
-
-def closed_port() -> int:
-    with socket.socket() as s:  # bound then closed: nothing listens there, connections are refused
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.ports import free_port
 
 
 @pytest.mark.parametrize("args, marker", [((), "cannot reach"), (("offline=1",), "this run is offline")])
@@ -27,7 +21,7 @@ kind = "pubmed"
 adapters = ["clinical_decision"]
 [sources.pubmed.params]
 term = "sepsis"
-base_url = "http://127.0.0.1:{closed_port()}/entrez/eutils"
+base_url = "http://127.0.0.1:{free_port()}/entrez/eutils"
 backoff = 0.05
 """)
     result = project.doit("--continue", *args, "scrape", "normalize", check=False)

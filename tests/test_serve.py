@@ -9,7 +9,6 @@ middle of its own greedy completion: its chat and plain completions must end the
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,7 @@ import pytest
 from stages import gguf
 from stages.errors import StageError
 from tests.models import make_tiny_model, session_tempdir
+from tests.ports import free_port
 from tests.serve_project import stop
 
 openai = pytest.importorskip("openai")
@@ -110,12 +110,6 @@ def expected(project, b_stop) -> dict[str, dict]:
     assert len({str(v) for v in out.values()} - {str(out["a"])}) >= 2, out
     assert out["a"] != out["b"] and out["a"] != out["base"] and out["b"] != out["base"]
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

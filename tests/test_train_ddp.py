@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from tests.ports import free_port
 from tests.test_train_resume import REPO, RUNNER, losses, make_project
 
 TOML_EXTRA = "packing = true"
@@ -65,13 +66,6 @@ def test_two_process_data_parallel_matches_one_process(tmp_path, tiny_base):
     assert max(abs(a[s] - b[s]) for s in a) < 1e-4, (a, b)
     summary = io.read_json(two / layout.lora_dir("coding") / "train_summary.json")
     assert summary["world_size"] == 2 and summary["steps_done"] == 6 and summary["parallelism"] == "ddp"
-
-
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_nodes_train_the_one_process_curve_and_only_node_0_writes(tmp_path, tiny_base):
