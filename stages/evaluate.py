@@ -7,7 +7,8 @@ adapter's, for cross-domain regressions: CROSS_EXAMPLES of those, without genera
     end-of-turn marker), exp(total NLL / total tokens), overall and per task;
   - task metrics where a task has a checkable answer, as the source that makes the task says
     (its `tasks`, stages.sources.Task; this module knows no source):
-      choice (answer log-likelihood, no generation): the task's `choices(rows)` hook, e.g. MedQA/MedMCQA
+      choice (answer log-likelihood, no generation; a question's options share one pass over its prompt):
+        the task's `choices(rows)` hook, e.g. MedQA/MedMCQA
         `*_mcq` (stages.sources.hf_qa), ICD-10 "which code" and billable yes/no (stages.sources.icd10cm);
       cloze (every item, teacher-forced: read from the perplexity pass's greedy tokens): the task's `cloze`
         spans of the gold answer, each a hit when every token of it is the model's greedy token;
@@ -185,6 +186,72 @@ def choice_examples(tokenizer, rows, choices) -> list:
         for option in q["options"]:
             ids = tokenizer(option, add_special_tokens=False)["input_ids"]
             out.append(Encoded(prompt_ids + ids, [IGNORE] * len(prompt_ids) + ids, q["task"]))
+    return out
+
+
+def shared_prompt_nll(model, examples: list, hw, batch_size: int = 8) -> list[tuple[float, int]]:
+    """(summed NLL, trained tokens) per example, as torch_backend.nll_by_example gives them, for examples whose
+    untrained prefix repeats (a question's options, `choice_examples`): consecutive examples with one prompt go
+    through the model as one row, the prompt once and then each option, attending to the prompt and to its own
+    earlier tokens only (a 4D mask; each option's positions continue from the prompt's), so a four-option
+    question costs one prompt, not four. Every token after the prompt must be trained."""
+    import torch
+    import torch.nn.functional as F
+
+    from stages.train.format import IGNORE
+    from stages.train.torch_backend import compute_context
+
+    groups: list[tuple[list[int], list[tuple[int, list[int]]]]] = []  # (prompt, [(example, continuation)])
+    for i, e in enumerate(examples):
+        cut = next((p for p, label in enumerate(e.labels) if label != IGNORE), 0)
+        if not cut or IGNORE in e.labels[cut:]:
+            raise ValueError(f"example {i}: not an untrained prompt followed by trained tokens only")
+        prompt, rest = e.input_ids[:cut], e.input_ids[cut:]
+        if groups and groups[-1][0] == prompt:
+            groups[-1][1].append((i, rest))
+        else:
+            groups.append((prompt, [(i, rest)]))
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder, head = inner.get_decoder(), inner.get_output_embeddings()
+    device = head.weight.device
+    sizes = [len(prompt) + sum(len(rest) for _, rest in options) for prompt, options in groups]
+    order = sorted(range(len(groups)), key=sizes.__getitem__)
+    out: list[tuple[float, int]] = [(0.0, 0)] * len(examples)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), compute_context(inner, hw):
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            width = max(sizes[g] for g in idx)
+            ids = torch.zeros(len(idx), width, dtype=torch.long)
+            positions = torch.zeros(len(idx), width, dtype=torch.long)
+            allow = torch.eye(width, dtype=torch.bool).repeat(len(idx), 1, 1)  # padding attends to itself only
+            reads, targets, owners = [], [], []
+            for b, g in enumerate(idx):
+                prompt, options = groups[g]
+                n = len(prompt)
+                ids[b, :n], positions[b, :n] = torch.tensor(prompt), torch.arange(n)
+                allow[b, :n, :n] = torch.ones(n, n, dtype=torch.bool).tril()
+                at = n
+                for i, rest in options:
+                    m = len(rest)
+                    ids[b, at:at + m], positions[b, at:at + m] = torch.tensor(rest), torch.arange(n, n + m)
+                    allow[b, at:at + m, :n] = True
+                    allow[b, at:at + m, at:at + m] = torch.ones(m, m, dtype=torch.bool).tril()
+                    reads += [(b, n - 1)] + [(b, at + j) for j in range(m - 1)]  # what predicts each token
+                    targets += rest
+                    owners += [i] * m
+                    at += m
+            hidden = decoder(input_ids=ids.to(device), attention_mask=allow[:, None].to(device),
+                             position_ids=positions.to(device), use_cache=False).last_hidden_state
+            picked = hidden[torch.tensor([b for b, _ in reads]), torch.tensor([t for _, t in reads])]
+            nll = F.cross_entropy(head(picked).float(), torch.tensor(targets, device=device), reduction="none")
+            sums: dict[int, float] = defaultdict(float)
+            for owner, value in zip(owners, nll.tolist()):
+                sums[owner] += value
+            for owner, value in sums.items():
+                out[owner] = (value, len(examples[owner].input_ids) - examples[owner].labels.count(IGNORE))
+    model.train(was_training)
     return out
 
 
@@ -401,6 +468,12 @@ class Judge:
                                                                self.hw, guesses=True))
         return tuple([(float(s), int(c), list(g)) for s, c, g in side] for side in pairs)
 
+    def choice(self, examples):
+        """(summed NLL, option tokens) per (question, option) example: base, adapter."""
+        pairs = self.both("choice", [[e.input_ids, e.labels] for e in examples],
+                          lambda: shared_prompt_nll(self.model, examples, self.hw))
+        return tuple([(float(s), int(c)) for s, c in side] for side in pairs)
+
     def cloze(self, examples):
         self.model.eval()
         return self.both("cloze", [[e.ids, e.marked] for e in examples],
@@ -504,7 +577,7 @@ def evaluate_split(judge: Judge, rows: list[dict], max_length: int, max_generate
 
     metrics: dict[str, dict] = {}
     items = task_items(judge.tokenizer, rows)
-    base_c, adapter_c = judge.nll(items.choice_examples) if items.choice_examples else ([], [])
+    base_c, adapter_c = judge.choice(items.choice_examples) if items.choice_examples else ([], [])
     lap("choice")
     base_hits, adapter_hits = cloze_from_pass(judge, items.cloze, list(encoded), examples, base_pass, adapter_pass)
     lap("cloze")

@@ -277,6 +277,32 @@ def test_cloze_read_from_the_perplexity_pass_equals_a_pass_of_its_own(tmp_path):
         assert {c.row for c in judge.apart} == cut and (cut or max_length > 1000)
 
 
+def test_options_sharing_their_prompt_score_as_each_option_alone(tmp_path):
+    """eval scores a question's options as one row (the prompt once, each option seeing the prompt and
+    itself): every option's summed NLL equals a forward of prompt + that option alone."""
+    from transformers import AutoModelForCausalLM
+
+    from stages.train import torch_backend
+    from stages.train.format import Encoded
+    from stages.train.hardware import Hardware
+    from tests.models import make_tiny_model, smollm2_tokenizer
+
+    tokenizer = smollm2_tokenizer()
+    model = AutoModelForCausalLM.from_pretrained(str(make_tiny_model(tmp_path / "tiny")))
+    hw = Hardware("cpu", "fp32", "test")
+    rows = icd10_rows()
+    choices = evaluate.choices_for(rows)
+    examples = evaluate.choice_examples(tokenizer, rows, choices)
+    assert {len(q["options"]) for q in choices} == {2, 4} and len({len(e.input_ids) for e in examples}) > 3
+    alone = torch_backend.nll_by_example(model, examples, tokenizer.pad_token_id, hw, batch_size=1)
+    for batch_size in (1, 3, 8):
+        shared = evaluate.shared_prompt_nll(model, examples, hw, batch_size=batch_size)
+        assert [c for _, c in shared] == [c for _, c in alone]
+        assert [s for s, _ in shared] == pytest.approx([s for s, _ in alone], rel=1e-4)
+    with pytest.raises(ValueError, match="example 0"):
+        evaluate.shared_prompt_nll(model, [Encoded([1, 2, 3], [1, 2, 3])], hw)
+
+
 def test_news2_answers_are_complete_where_generation_may_stop():
     for row in news2_rows(6):
         text = gold(row)
