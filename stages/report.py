@@ -308,15 +308,26 @@ def matrix_markdown(reports: dict[str, dict[str, Any]], verifies: dict[str, dict
            "## Answer perplexity (rows: model, columns: test split; lower is better)", "",
            "| model | " + " | ".join(splits) + " |", "|---|" + "---:|" * len(splits)]
     bases: dict[str, dict[str, Any]] = {}
-    for name in sorted(reports):  # every eval scores a split alike (evaluate.run): any one's base cell will do
+    for name in sorted(reports):  # a split's base cell: its own adapter's eval (its whole sample) where there is one
         for split, cell in reports[name].get("matrix", {}).items():
-            bases.setdefault(reports[name].get("base_model", "base"), {}).setdefault(split, cell)
+            cells = bases.setdefault(reports[name].get("base_model", "base"), {})
+            if split == name or split not in cells:
+                cells[split] = cell
     for base, cells in bases.items():
         out.append(f"| base `{base}` | " + " | ".join(_num(cells.get(s, {}).get("base_ppl")) for s in splits) + " |")
     for name in sorted(reports):
         m = reports[name].get("matrix", {})
-        out.append(f"| **{name}** | " + " | ".join(
-            _num(m.get(s, {}).get("adapter_ppl")) + (" (own)" if s == name else "") for s in splits) + " |")
+        base_cells = bases.get(reports[name].get("base_model", "base"), {})
+        row = []
+        for s in splits:
+            cell, text = m.get(s, {}), _num(m.get(s, {}).get("adapter_ppl"))
+            if s == name:
+                text += " (own)"
+            elif cell and cell.get("n_examples") != base_cells.get(s, {}).get("n_examples"):
+                # another adapter's split is scored on a sample of it (evaluate.CROSS_EXAMPLES): its own base figure
+                text += f" (base {_num(cell.get('base_ppl'))} on these {cell.get('n_examples')})"
+            row.append(text)
+        out.append(f"| **{name}** | " + " | ".join(row) + " |")
     out += ["", "## Task metrics (headline figure; base → adapter)", "",
             "| adapter | test split | task | metric | base | adapter |", "|---|---|---|---|---:|---:|"]
     for name in sorted(reports):

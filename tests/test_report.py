@@ -87,6 +87,17 @@ def test_matrix_across_adapters(cfg):
     assert "| [wards](wards/report.md) | 14% | 43% | 2 | not exported |" in text
 
 
+def test_matrix_base_of_a_split_is_its_own_adapters_and_a_sampled_cell_names_its_own_base():
+    """Another adapter's split is scored on a sample of it (evaluate.CROSS_EXAMPLES): the base row shows the split's
+    own eval (its whole sample); an off-domain cell on fewer rows says the base figure on those rows."""
+    coding = {"adapter": "coding", "base_model": EVAL["base_model"],
+              "matrix": {"coding": {"n_examples": 1000, "base_ppl": 27.4, "adapter_ppl": 3.1, "metrics": {}}}}
+    text = report.matrix_markdown({"wards": EVAL, "coding": coding}, {})
+    assert "| base `embedded:smollm2-135m-instruct` | 27.4 | 9.5 |" in text
+    assert "| **wards** | 13 (base 12 on these 200) | 2.5 (own) |" in text
+    assert "| **coding** | 3.1 (own) | – |" in text
+
+
 def test_reports_name_the_missing_eval(cfg):
     with pytest.raises(StageError, match=r"doit eval:wards"):
         report.run(cfg, "wards")
