@@ -449,15 +449,6 @@ class Judge:
                 io.write_json(path, base, durable=False)
         return base, fn()
 
-    def nll(self, examples):
-        """(summed NLL, trained tokens) per example: base, adapter."""
-        from stages.train import torch_backend
-
-        pairs = self.both("nll", [[e.input_ids, e.labels] for e in examples],
-                          lambda: torch_backend.nll_by_example(self.model, examples, self.tokenizer.pad_token_id,
-                                                               self.hw))
-        return tuple([(float(s), int(c)) for s, c in side] for side in pairs)
-
     def nll_guesses(self, examples):
         """Per example (summed NLL, trained tokens, greedy token at each trained position): base, adapter. One
         pass gives perplexity and cloze alike."""
