@@ -628,7 +628,8 @@ def samples(judge: Judge, own_rows: list[dict]) -> list[dict]:
 
 def test_splits(cfg, adapter_name: str) -> dict[str, list[dict]]:
     """Every adapter's test split (own first), each at its own adapter's eval.max_examples, another adapter's
-    at most CROSS_EXAMPLES of those (the same rows in every eval: a split's base figures are computed once)."""
+    at most CROSS_EXAMPLES of those, by the same hash rank (the same rows in every adapter's eval; where that is the
+    whole sample, as for NEWS2's 300 rows, the split's base figures are computed once)."""
     from stages.train import read_split
 
     names = [adapter_name] + sorted(n for n in cfg.adapters if n != adapter_name)
@@ -678,8 +679,8 @@ def run(cfg, adapter_name: str) -> dict[str, Any]:
 
     matrix, dropped = {}, 0
     for name, rows in splits.items():
-        # a split is scored as its own adapter defines it (examples, max_length): every adapter's eval
-        # scores the base alike, so the matrix has one base figure per split
+        # a split is scored as its own adapter defines it (its sample, max_length): the same rows in every eval
+        # score the base alike, so the base cache serves them once (another adapter's split: CROSS_EXAMPLES of them)
         own = name == adapter_name
         cell, lost, took = evaluate_split(judge, rows, cfg.adapters[name].train["max_length"],
                                           max_generate if own else 0, keep_items=own)
