@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -119,6 +122,30 @@ def test_dtype_override_wins():
     assert detect("fp32").dtype == "fp32"
     assert detect("bf16").dtype == "bf16"
     assert detect("auto").dtype in ("bf16", "fp32")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_cpu_training_keeps_freed_activations_instead_of_faulting_them_in_every_step(tiny_base):
+    """Steps allocate and free the same large tensors (here 480 MB of them): once the CPU model is
+    loaded, a later step is served from the heap, not from fresh pages the kernel must zero."""
+    code = """if True:
+        import resource, sys, torch
+        from stages.train import torch_backend
+        from stages.train.hardware import Hardware
+        if sys.argv[1] != "default":
+            torch_backend.load_model(sys.argv[1], "none", Hardware("cpu", "fp32", "test"))
+        def step():
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            held = [torch.ones(n << 20) for n in (16, 64, 8, 32)]
+            del held
+            return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+        print([step() for _ in range(4)][-1])
+    """
+    faults = {how: int(subprocess.run([sys.executable, "-c", code, arg], capture_output=True, text=True,
+                                      check=True, cwd=Path(__file__).resolve().parents[1]).stdout)
+              for how, arg in (("keep", str(tiny_base)), ("default", "default"))}
+    assert faults["default"] > 100_000  # all 120k pages of 4 KiB faulted in again: glibc's default
+    assert faults["keep"] < 1_000
 
 
 # --- a full run on the tiny model

@@ -5,7 +5,8 @@ peft computes `result + lora_B(lora_A(dropout(x))) * scaling`: a Bernoulli draw 
 passes over the (tokens x out) output, and `x @ A.T` with a 16-column transposed weight, which
 MKL runs several times slower than the same product with A.T made contiguous. Here:
 
-- the dropout mask comes from 16-bit slices of 64-bit random words (four draws per RNG call),
+- the dropout mask comes from 16-bit slices of 64-bit random words (four draws per word; on CPU
+  from numpy's PCG64DXSM, seeded from torch's generator),
   keeping an element when its slice is at or above p * 65536: p is honoured to 1/65536; it is
   applied as a product with its bytes (uint8: neither a float copy of the mask nor CPU's slow `where`);
 - backward keeps x and the 1-byte mask, not the 4-byte masked copy: q, k and v (and gate and
@@ -32,15 +33,26 @@ _KEEP_SCALE = 65536
 
 
 def keep_mask(shape, p: float, device):
-    """Bernoulli(1 - p) as a bool tensor, from four 16-bit slices of each random 64-bit word."""
+    """Bernoulli(1 - p) as a bool tensor, from four 16-bit slices of each random 64-bit word.
+
+    On CPU the words come from numpy's PCG64DXSM, seeded by one draw from torch's generator (so
+    `torch.manual_seed` and a resumed RNG state give the same masks): 2.5x faster than torch's
+    CPU `randint` (a serial Mersenne Twister), which took ~8 % of a bf16 step on the AMX Xeon."""
     import torch
 
     n = 1
     for size in shape:
         n *= size
-    words = torch.randint(-2 ** 63, 2 ** 63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=device)
+    words = (n + 3) // 4
+    if torch.device(device).type == "cpu":
+        import numpy as np
+
+        seed = int(torch.randint(0, 2 ** 62, (1,)))
+        bits = torch.from_numpy(np.random.PCG64DXSM(seed).random_raw(words).view(np.int64))
+    else:
+        bits = torch.randint(-2 ** 63, 2 ** 63 - 1, (words,), dtype=torch.int64, device=device)
     threshold = round(p * _KEEP_SCALE) - _KEEP_SCALE // 2  # int16 values are uniform on [-32768, 32767]
-    return (words.view(torch.int16)[:n] >= threshold).view(shape)
+    return (bits.view(torch.int16)[:n] >= threshold).view(shape)
 
 
 def masked(x, mask):

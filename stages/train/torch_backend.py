@@ -45,7 +45,11 @@ def load_model(base_dir: Path, quantization: str, hw: Hardware, sharded: bool = 
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
+    from stages.train.hardware import keep_freed_memory
+
     hf_logging.disable_progress_bar()  # bars flood the task log the dashboard shows
+    if hw.device == "cpu":
+        keep_freed_memory()  # CPU activations live in malloc's heap: keep it between steps
     kwargs: dict[str, Any] = {"dtype": hw.torch_dtype, "attn_implementation": attention_implementation(hw.device)}
     if quantization == "nf4" and kwargs["attn_implementation"] != "flash_attention_2":
         kwargs["dtype"] = torch.float32  # as before bf16 bases: QLoRA's non-4-bit weights fp32 (flash attention: half)
