@@ -132,6 +132,43 @@ def test_gradient_checkpointing_trains_the_same_curve(tmp_path, monkeypatch):
     assert len(curves[0]) == 3 and curves[0] == pytest.approx(curves[1], abs=1e-4)
 
 
+def test_examples_batched_with_padding_give_the_loss_and_gradients_of_one_call_each(setup, monkeypatch):
+    """The trainer's attention runs examples of similar length as one right-padded batch: exact."""
+    from stages.train import varlen
+    from stages.train.hardware import Hardware
+    from stages.train.packing import collate_packed
+    from stages.train.torch_backend import token_nll
+
+    model, tok, examples = setup
+    if model.config._attn_implementation != varlen.NAME:
+        pytest.skip("the trainer's own attention only")
+    lengths = [len(e.input_ids) for e in examples]
+    packed = collate_packed(examples, tok.pad_token_id, "cpu", sum(lengths))  # one row, lengths 2x apart
+    assert max(lengths) > 1.5 * min(lengths)
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+    results = []
+    for slack in (0.0, 100.0):  # one SDPA call per example; all examples in one padded batch
+        monkeypatch.setattr(varlen, "PAD_SLACK", slack)
+        for p in params:
+            p.grad = None
+        nll, _ = token_nll(model, packed, Hardware("cpu", "fp32", "test"))
+        nll.sum().backward()
+        results.append((nll.detach(), [p.grad.clone() for p in params]))
+    (one_by_one, grads_one), (padded, grads_padded) = results
+    assert (one_by_one - padded).abs().max().item() < 1e-4
+    for a, b in zip(grads_one, grads_padded):
+        assert (a - b).abs().max().item() <= 1e-6 + 1e-4 * a.abs().max().item()
+
+
+def test_similar_lengths_share_a_padded_batch():
+    from stages.train.varlen import padded_groups
+
+    assert padded_groups([400, 120, 410, 100, 405], 1.15) == [[3, 1], [0, 4, 2]]
+    assert padded_groups([100, 300], 1.15) == [[0], [1]]  # padding 100 to 300 would double its work
+    assert padded_groups([7, 9], 0.0) == [[0], [1]]
+
+
 def test_packed_rows_are_cut_where_positions_restart():
     import torch
 
