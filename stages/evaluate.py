@@ -41,6 +41,7 @@ from typing import Any, NamedTuple
 from stages import io, layout, safety, stats
 from stages.errors import StageError
 from stages.sources import scored_tasks
+from stages.train.packing import EVAL_BATCH_TOKENS, budget_batches
 
 # fixed sample prompts, one per domain and one unsafe request; the adapter's own first test prompt is added
 SAMPLE_PROMPTS = (
@@ -189,7 +190,7 @@ def choice_examples(tokenizer, rows, choices) -> list:
     return out
 
 
-def shared_prompt_nll(model, examples: list, hw, batch_size: int = 8) -> list[tuple[float, int]]:
+def shared_prompt_nll(model, examples: list, hw, batch_tokens: int = EVAL_BATCH_TOKENS) -> list[tuple[float, int]]:
     """(summed NLL, trained tokens) per example, as torch_backend.nll_by_example gives them, for examples whose
     untrained prefix repeats (a question's options, `choice_examples`): consecutive examples with one prompt go
     through the model as one row, the prompt once and then each option, attending to the prompt and to its own
@@ -215,13 +216,11 @@ def shared_prompt_nll(model, examples: list, hw, batch_size: int = 8) -> list[tu
     decoder, head = inner.get_decoder(), inner.get_output_embeddings()
     device = head.weight.device
     sizes = [len(prompt) + sum(len(rest) for _, rest in options) for prompt, options in groups]
-    order = sorted(range(len(groups)), key=sizes.__getitem__)
     out: list[tuple[float, int]] = [(0.0, 0)] * len(examples)
     was_training = model.training
     model.eval()
     with torch.no_grad(), compute_context(inner, hw):
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
+        for idx in budget_batches(sizes, batch_tokens):
             width = max(sizes[g] for g in idx)
             ids = torch.zeros(len(idx), width, dtype=torch.long)
             positions = torch.zeros(len(idx), width, dtype=torch.long)
@@ -298,24 +297,24 @@ def wanted_positions(example: Cloze) -> list[int]:
     return sorted({p for _, positions in example.marked for p in positions})
 
 
-def cloze_hits(model, examples: list[Cloze], hw, batch_size: int = 8) -> list[dict[str, float]]:
+def cloze_hits(model, examples: list[Cloze], hw, batch_tokens: int = EVAL_BATCH_TOKENS) -> list[dict[str, float]]:
     """Per example, per metric: the share of its spans whose every token is the model's greedy next token
     given the gold text before it (teacher forcing: one forward pass, logits only where a span needs them)."""
-    return [hits_of(e, g) for e, g in zip(examples, cloze_guesses(model, examples, hw, batch_size))]
+    return [hits_of(e, g) for e, g in zip(examples, cloze_guesses(model, examples, hw, batch_tokens))]
 
 
-def cloze_guesses(model, examples: list[Cloze], hw, batch_size: int = 8) -> list[dict[int, int]]:
+def cloze_guesses(model, examples: list[Cloze], hw, batch_tokens: int = EVAL_BATCH_TOKENS) -> list[dict[int, int]]:
     """Per example, the model's greedy token at each position a span needs. Batched by length, right-padded:
     a causal model's positions before the padding do not see it."""
     import torch
 
+    from stages.train.torch_backend import greedy
+
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder, head = inner.get_decoder(), inner.get_output_embeddings()
     out: list[dict[int, int]] = [{}] * len(examples)
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].ids))
     with torch.no_grad(), hw.autocast():
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
+        for idx in budget_batches([len(e.ids) for e in examples], batch_tokens):
             width = max(len(examples[i].ids) for i in idx)
             ids = torch.zeros(len(idx), width, dtype=torch.long)
             mask = torch.zeros(len(idx), width, dtype=torch.long)
@@ -326,7 +325,7 @@ def cloze_guesses(model, examples: list[Cloze], hw, batch_size: int = 8) -> list
             at = [(b, p) for b, i in enumerate(idx) for p in wanted_positions(examples[i])]
             rows = torch.tensor([b for b, _ in at], device=hidden.device)
             cols = torch.tensor([p - 1 for _, p in at], device=hidden.device)
-            guesses = head(hidden[rows, cols]).argmax(-1).tolist()
+            guesses = greedy(head(hidden[rows, cols])).tolist()
             for b, i in enumerate(idx):
                 out[i] = {}
             for (b, p), g in zip(at, guesses):
@@ -672,7 +671,7 @@ def run(cfg, adapter_name: str) -> dict[str, Any]:
     model = PeftModel.from_pretrained(torch_backend.load_model(base_dir, quantization, hw),
                                       str(layout.lora_dir(adapter_name)))
     # training's LoRA branch (peft's math): peft's own ran the adapter's passes ~3x slower than the base's
-    fused_lora.install(model)
+    fused_lora.install(model, frozen=True)
     weights = base_dir / "model.safetensors"
     judge = Judge(model, tokenizer, hw, base_id(base_dir, quantization, hw) if weights.exists() else "")
     max_generate = a.eval["max_generate"]

@@ -229,8 +229,8 @@ def test_batched_cloze_scoring_equals_one_example_at_a_time(tmp_path):
     examples = evaluate.cloze_examples(tokenizer, rows)
     assert len({len(e.ids) for e in examples}) > 2
     hw = Hardware("cpu", "fp32", "test")
-    alone = evaluate.cloze_guesses(model, examples, hw, batch_size=1)
-    assert evaluate.cloze_guesses(model, examples, hw, batch_size=8) == alone
+    alone = evaluate.cloze_guesses(model, examples, hw, batch_tokens=1)
+    assert evaluate.cloze_guesses(model, examples, hw, batch_tokens=10_000) == alone  # all in one batch
     import torch
     for example, guess in zip(examples, alone):  # each the argmax of a plain forward of that example alone
         logits = model(torch.tensor([example.ids])).logits[0]
@@ -294,9 +294,9 @@ def test_options_sharing_their_prompt_score_as_each_option_alone(tmp_path):
     choices = evaluate.choices_for(rows)
     examples = evaluate.choice_examples(tokenizer, rows, choices)
     assert {len(q["options"]) for q in choices} == {2, 4} and len({len(e.input_ids) for e in examples}) > 3
-    alone = torch_backend.nll_by_example(model, examples, tokenizer.pad_token_id, hw, batch_size=1)
-    for batch_size in (1, 3, 8):
-        shared = evaluate.shared_prompt_nll(model, examples, hw, batch_size=batch_size)
+    alone = torch_backend.nll_by_example(model, examples, tokenizer.pad_token_id, hw, batch_tokens=1)
+    for batch_tokens in (1, 100, 10_000):  # a question per batch, a few, all at once
+        shared = evaluate.shared_prompt_nll(model, examples, hw, batch_tokens=batch_tokens)
         assert [c for _, c in shared] == [c for _, c in alone]
         assert [s for s, _ in shared] == pytest.approx([s for s, _ in alone], rel=1e-4)
     with pytest.raises(ValueError, match="example 0"):

@@ -45,7 +45,7 @@ def test_packed_rows_give_each_example_its_unpacked_loss(setup):
     model, tok, examples = setup
     hw = Hardware("cpu", "fp32", "test")
     model.eval()
-    alone = nll_by_example(model, examples, tok.pad_token_id, hw, batch_size=1)
+    alone = nll_by_example(model, examples, tok.pad_token_id, hw, batch_tokens=1)
     lengths = [len(e.input_ids) for e in examples]
     max_length = 3 * max(lengths)
     assert len(pack_rows(lengths, max_length)) <= len(examples) / 3  # really packed, several per row
@@ -217,3 +217,18 @@ def test_packed_rows_are_cut_once_per_forward_not_once_per_layer(setup, monkeypa
     with torch.no_grad():
         token_nll(model, packed, Hardware("cpu", "fp32", "test"))
     assert model.config.num_hidden_layers > 1 and len(calls) == 1
+
+
+def test_scoring_batches_fill_a_token_budget_in_length_order():
+    from stages.train.packing import budget_batches
+
+    lengths = [90, 300, 100, 95, 2500, 280, 110, 290]
+    batches = budget_batches(lengths, 600)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))  # every example once
+    flat = [lengths[i] for b in batches for i in b]
+    assert flat == sorted(lengths)  # in length order: each batch pads little
+    for b in batches:  # within budget (rows x longest), or one example alone
+        assert len(b) * max(lengths[i] for i in b) <= 600 or len(b) == 1
+    assert [len(b) for b in batches] == [4, 2, 1, 1]  # short rows many to a batch, long ones few, 2500 alone
+    assert budget_batches(lengths, 1) == [[i] for i in sorted(range(8), key=lengths.__getitem__)]
+    assert budget_batches([], 600) == []
