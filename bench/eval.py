@@ -7,9 +7,13 @@ with the embedded SmolLM2-135M-Instruct in the dtype training would pick on this
                        vs the baseline, a perplexity pass and then a cloze pass of its own (evaluate.cloze_guesses)
   choice               a question's options as one row sharing its prompt (evaluate.shared_prompt_nll)
                        vs the baseline, every option a row of its own (torch_backend.nll_by_example)
+  batches              the perplexity pass in batches of EVAL_BATCH_TOKENS padded tokens (packing.budget_batches)
+                       vs the baseline, batches of 8 rows (what eval did before)
+  greedy               the greedy token of 1,000 positions' logits over the vocabulary: max vs argmax
 
 Each figure is the best of --repeats (other load only slows a run); `agree` is the share of cloze hits and choice
-answers on which the two ways agree (1.0 in fp32; in bf16 a different batching can move a near-tie).
+answers (greedy tokens) on which the two ways agree (1.0 in fp32; in bf16 a different batching can move a near-tie;
+greedy tokens must agree exactly).
 
     python bench/eval.py [--codes 300] [--charts 100] [--repeats 2] [--dtype auto|bf16|fp32]
 """
@@ -88,6 +92,15 @@ def main() -> None:
     shared_s, shared = best(lambda: evaluate.shared_prompt_nll(model, items.choice_examples, hw), args.repeats)
     apart_s, apart = best(lambda: torch_backend.nll_by_example(model, items.choice_examples, pad, hw), args.repeats)
 
+    def by_rows(n: int):  # the baseline: sorted by length, n rows a batch
+        order = sorted(examples, key=lambda e: len(e.input_ids))
+        return [p for i in range(0, len(order), n)
+                for p in torch_backend.nll_by_example(model, order[i:i + n], pad, hw, batch_tokens=10 ** 9)]
+
+    budget_s, _ = best(lambda: torch_backend.nll_by_example(model, examples, pad, hw), args.repeats)
+    rows8_s, _ = best(lambda: by_rows(8), args.repeats)
+    greedy = bench_greedy(args.repeats)
+
     def answers(nll):
         return [max(range(len(s)), key=s.__getitem__) for s in evaluate.group_loglik(items.choices, nll)]
 
@@ -101,7 +114,25 @@ def main() -> None:
         "choice_shared_prompt_s": round(shared_s, 2), "baseline_choice_per_option_s": round(apart_s, 2),
         "choice_speedup": round(apart_s / shared_s, 2),
         "choice_agree": round(sum(a == b for a, b in zip(answers(shared), answers(apart))) / max(1, len(items.choices)), 4),
+        "batch_tokens": torch_backend.EVAL_BATCH_TOKENS, "perplexity_token_budget_s": round(budget_s, 2),
+        "baseline_perplexity_8_rows_s": round(rows8_s, 2), "batches_speedup": round(rows8_s / budget_s, 2),
+        **greedy,
     }))
+
+
+def bench_greedy(repeats: int) -> dict:
+    import torch
+
+    from stages.train import torch_backend
+
+    logits = torch.randn(1000, 49152, generator=torch.Generator().manual_seed(0))
+    out = {}
+    for name, values in (("fp32", logits), ("bf16", logits.bfloat16())):
+        max_s, picked = best(lambda: torch_backend.greedy(values), max(3, repeats))
+        argmax_s, expected = best(lambda: values.argmax(-1), max(3, repeats))
+        out[f"greedy_{name}_speedup"] = round(argmax_s / max_s, 2)
+        out[f"greedy_{name}_agree"] = float(torch.equal(picked, expected))
+    return out
 
 
 if __name__ == "__main__":

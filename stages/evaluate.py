@@ -671,7 +671,7 @@ def run(cfg, adapter_name: str) -> dict[str, Any]:
     model = PeftModel.from_pretrained(torch_backend.load_model(base_dir, quantization, hw),
                                       str(layout.lora_dir(adapter_name)))
     # training's LoRA branch (peft's math): peft's own ran the adapter's passes ~3x slower than the base's
-    fused_lora.install(model, frozen=True)
+    fused_lora.install(model)
     weights = base_dir / "model.safetensors"
     judge = Judge(model, tokenizer, hw, base_id(base_dir, quantization, hw) if weights.exists() else "")
     max_generate = a.eval["max_generate"]

@@ -105,23 +105,6 @@ def compute_dtype(x):
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
-def _inference_weights(layer, adapter: str, dtype):
-    """(A.T, B.T) of `layer`'s adapter in `dtype`, contiguous, made once for a frozen adapter (install's
-    `frozen`: eval, where nothing updates them) and made again should they change all the same (other tensors, or
-    a version bump: an in-place update or a load). Not for training's own validation: FSDP gathers weights into
-    the same buffer by collectives, which bump no version. Without a gradient a decode step is hundreds of tiny
-    ops: casting and transposing 2 x 210 LoRA matrices on every step cost a sixth of an adapter's generation
-    time (bench/eval.py)."""
-    weights = (layer.lora_A[adapter].weight, layer.lora_B[adapter].weight)
-    state = [(w.data_ptr(), w._version) for w in weights]
-    kept = getattr(layer, "_fused_inference", None)  # (adapter, dtype, the weights themselves, state, A.T, B.T)
-    if kept is None or kept[:2] != (adapter, dtype) or any(a is not b for a, b in zip(kept[2], weights)) \
-            or kept[3] != state:
-        kept = (adapter, dtype, weights, state, *(w.detach().to(dtype).t().contiguous() for w in weights))
-        layer._fused_inference = kept
-    return kept[4], kept[5]
-
-
 def _forward(self, x, *args, **kwargs):
     import torch
 
@@ -137,33 +120,25 @@ def _forward(self, x, *args, **kwargs):
     dropout = self.lora_dropout[adapter]
     p = dropout.p if isinstance(dropout, torch.nn.Dropout) and dropout.training else 0.0
     mask = keep_mask(x2.shape, p, x.device) if p > 0 else None
-    c = float(self.scaling[adapter]) / (1.0 - p)
-    if self._fused_frozen and not torch.is_grad_enabled():  # eval: no autograd, cast and transposed weights kept
-        weight_a_t, weight_b_t = _inference_weights(self, adapter, dtype)
-        out = result.to(dtype)
-        out.addmm_(masked(x2.to(dtype), mask) @ weight_a_t, weight_b_t, alpha=c)
-        return out.view(*x.shape[:-1], out.shape[-1]).to(result_dtype)
     global _BRANCH
     if _BRANCH is None:
         _BRANCH = _lora_function()
     # every cast is a no-op where dtypes already agree (fp32 throughout, or bf16 activations and base);
     # autograd casts the gradients of the cast operands back (fp32 LoRA weights get fp32 gradients)
     weight_a, weight_b = self.lora_A[adapter].weight.to(dtype), self.lora_B[adapter].weight.to(dtype)
-    out = _BRANCH.apply(x2.to(dtype), result.to(dtype), weight_a, weight_b, c, mask)
+    out = _BRANCH.apply(x2.to(dtype), result.to(dtype), weight_a, weight_b,
+                        float(self.scaling[adapter]) / (1.0 - p), mask)
     return out.view(*x.shape[:-1], out.shape[-1]).to(result_dtype)
 
 
-def install(model, frozen: bool = False) -> int:
-    """Route every plain peft LoRA Linear of `model` through the fused branch; returns how many. `frozen`: the
-    adapter will not be trained (eval), so passes without a gradient keep its weights cast (_inference_weights)."""
+def install(model) -> int:
+    """Route every plain peft LoRA Linear of `model` through the fused branch; returns how many."""
     from peft.tuners.lora.layer import Linear
 
     count = 0
     for module in model.modules():
-        if type(module) is Linear:
-            if not hasattr(module, "_peft_forward"):
-                module._peft_forward = module.forward
-                module.forward = types.MethodType(_forward, module)
-                count += 1
-            module._fused_frozen = frozen
+        if type(module) is Linear and not hasattr(module, "_peft_forward"):
+            module._peft_forward = module.forward
+            module.forward = types.MethodType(_forward, module)
+            count += 1
     return count

@@ -132,7 +132,7 @@ def compute_context(base, hw: Hardware):
 
 def greedy(logits):
     """The index of each row's largest logit, the first among equals: `argmax`'s answer, from `max` over the last
-    dim, which on CPU runs 2-3x faster than `argmax` over a 49k vocabulary (fp32 and bf16, AMX Xeon)."""
+    dim, which on CPU runs 2-2.5x faster than `argmax` over a 49k vocabulary (bench/eval.py, AMX Xeon)."""
     return logits.max(-1).indices
 
 
