@@ -200,11 +200,11 @@ def nll_by_example(model, examples: list[Encoded], pad_id: int, hw: Hardware,
     out: list[tuple] = [(0.0, 0)] * len(examples)
     with torch.no_grad():
         for idx in budget_batches([len(e.input_ids) for e in examples], batch_tokens):
-            nll, count, *greedy = token_nll(model, collate([examples[i] for i in idx], pad_id, hw.device_index),
-                                            hw, guesses)
+            nll, count, *guessed = token_nll(model, collate([examples[i] for i in idx], pad_id, hw.device_index),
+                                             hw, guesses)
             counts = count.tolist()
             if guesses:
-                flat, at = greedy[0].tolist(), 0
+                flat, at = guessed[0].tolist(), 0
                 for i, s, c in zip(idx, nll.tolist(), counts):
                     out[i] = (s, c, flat[at:at + c])
                     at += c
