@@ -12,7 +12,7 @@ with the embedded SmolLM2-135M-Instruct in the dtype training would pick on this
   greedy               the greedy token of 1,000 positions' logits over the vocabulary: max vs argmax
 
 Each figure is the best of --repeats (other load only slows a run); `agree` is the share of cloze hits and choice
-answers (greedy tokens) on which the two ways agree (1.0 in fp32; in bf16 a different batching can move a near-tie;
+answers (per-example NLL within 1e-4, greedy tokens) on which the two ways agree (1.0 in fp32; in bf16 a different batching can move a near-tie;
 greedy tokens must agree exactly).
 
     python bench/eval.py [--codes 300] [--charts 100] [--repeats 2] [--dtype auto|bf16|fp32]
@@ -92,13 +92,18 @@ def main() -> None:
     shared_s, shared = best(lambda: evaluate.shared_prompt_nll(model, items.choice_examples, hw), args.repeats)
     apart_s, apart = best(lambda: torch_backend.nll_by_example(model, items.choice_examples, pad, hw), args.repeats)
 
-    def by_rows(n: int):  # the baseline: sorted by length, n rows a batch
-        order = sorted(examples, key=lambda e: len(e.input_ids))
-        return [p for i in range(0, len(order), n)
-                for p in torch_backend.nll_by_example(model, order[i:i + n], pad, hw, batch_tokens=10 ** 9)]
+    def by_rows(n: int):  # the baseline: sorted by length, n rows a batch; results in input order
+        order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+        out = [None] * len(examples)
+        for start in range(0, len(order), n):
+            idx = order[start:start + n]
+            for i, p in zip(idx, torch_backend.nll_by_example(model, [examples[i] for i in idx], pad, hw,
+                                                              batch_tokens=10 ** 9)):
+                out[i] = p
+        return out
 
-    budget_s, _ = best(lambda: torch_backend.nll_by_example(model, examples, pad, hw), args.repeats)
-    rows8_s, _ = best(lambda: by_rows(8), args.repeats)
+    budget_s, budget = best(lambda: torch_backend.nll_by_example(model, examples, pad, hw), args.repeats)
+    rows8_s, rows8 = best(lambda: by_rows(8), args.repeats)
     greedy = bench_greedy(args.repeats)
 
     def answers(nll):
@@ -116,6 +121,8 @@ def main() -> None:
         "choice_agree": round(sum(a == b for a, b in zip(answers(shared), answers(apart))) / max(1, len(items.choices)), 4),
         "batch_tokens": torch_backend.EVAL_BATCH_TOKENS, "perplexity_token_budget_s": round(budget_s, 2),
         "baseline_perplexity_8_rows_s": round(rows8_s, 2), "batches_speedup": round(rows8_s / budget_s, 2),
+        "batches_agree": round(sum(abs(x[0] - y[0]) <= 1e-4 * max(1.0, abs(y[0])) and x[1] == y[1]
+                                   for x, y in zip(budget, rows8)) / max(1, len(examples)), 4),
         **greedy,
     }))
 
