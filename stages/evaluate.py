@@ -133,12 +133,13 @@ def choice_correct(choices: list[dict[str, Any]], loglik: list[list[float]]) -> 
 def paired_stats(base: list[dict[str, float]], adapter: list[dict[str, float]]) -> dict[str, dict]:
     """Per metric, base and adapter on the same items: 95 % intervals, the paired test and the verdict
     (stages.stats). A metric only some answers have (NEWS2 MAE needs a stated score) is compared on the
-    items where both models have it; its n says how many."""
+    items where both models have it; its n says how many. The rates are HIGHER_IS_BETTER; the rest are errors."""
     out = {}
     for metric in sorted({k for row in base + adapter for k in row}):
         pairs = [(b[metric], a[metric]) for b, a in zip(base, adapter) if metric in b and metric in a]
         if pairs:
-            out[metric] = stats.compare([b for b, _ in pairs], [a for _, a in pairs], metric in HIGHER_IS_BETTER)
+            out[metric] = stats.compare([b for b, _ in pairs], [a for _, a in pairs], metric in HIGHER_IS_BETTER,
+                                         rate=metric in HIGHER_IS_BETTER)
     return out
 
 
@@ -154,11 +155,13 @@ def regressions(matrix: dict[str, dict], own: str) -> list[dict[str, Any]]:
         for task, m in sorted(cell.get("metrics", {}).items()):
             for metric, base_value in m["base"].items():
                 value = m["adapter"].get(metric)
+                test = m.get("stats", {}).get(metric, {})  # is it more than noise? on the paired items
+                if test:
+                    base_value, value = test["base"]["value"], test["adapter"]["value"]
                 if value is None:
                     continue
                 worse = value < base_value if metric in HIGHER_IS_BETTER else value > base_value
                 if worse:
-                    test = m.get("stats", {}).get(metric, {})  # is it more than noise?
                     out.append({"split": split, "task": task, "metric": metric, "base": base_value,
                                 "adapter": value, "verdict": test.get("verdict"), "p": test.get("p")})
     return out

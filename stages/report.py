@@ -40,10 +40,12 @@ def _change(base, adapter) -> str:
 
 
 def _estimate(value, estimate: dict | None, metric: str) -> str:
-    """A figure with its 95 % interval, when eval computed one: "20% (12–31%)", "2.6 (1.9–3.4)"."""
+    """A figure with its 95 % interval, when eval computed one: "20% (12–31%)", "2.6 (1.9–3.4)". The figure is
+    the estimate's own (on the paired items its n counts), not a mean over other items beside its interval."""
     rate = not metric.endswith("mae")
     if not estimate or estimate.get("low") is None:
         return (_pct if rate else _num)(value)
+    value = estimate.get("value", value)
     if rate:
         return f"{_pct(value)} ({estimate['low'] * 100:.0f}–{estimate['high']:.0%})"
     return f"{_num(value)} ({_num(estimate['low'])}–{_num(estimate['high'])})"

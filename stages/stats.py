@@ -1,10 +1,13 @@
 """Error bars and paired verdicts for eval metrics: does the adapter do better than the base on the same items?
 
 Pure (math + numpy), deterministic (fixed seeds): the same scores give the same report on every machine.
-- a rate (per-example 0/1): Wilson score interval, which stays inside [0, 1] and honest at small n or near 0 %/100 %;
-- a mean of anything else (NEWS2 absolute error): percentile bootstrap interval;
-- adapter vs base on the same items: exact McNemar (binomial on the discordant pairs) for 0/1 scores, a paired
-  sign-flip permutation test on the differences otherwise. The verdict is "better" / "worse" only at p < ALPHA.
+- a rate of right/wrong items (per-example 0/1): Wilson score interval, which stays inside [0, 1] and honest at
+  small n or near 0 %/100 %;
+- a mean of anything else (NEWS2 absolute error, the share of a chart's parameters right): percentile bootstrap;
+- adapter vs base on the same items: exact McNemar (binomial on the discordant pairs) for right/wrong scores, a
+  paired sign-flip permutation test on the differences otherwise.
+Whether a metric is a rate is the caller's word (`rate`), not read off the values: absolute errors that happen
+to be all 0 or 1 are still errors (Wilson bounds on them would be nonsense). The verdict is "better" / "worse" only at p < ALPHA.
 """
 from __future__ import annotations
 
@@ -44,11 +47,11 @@ def bootstrap_mean(values: Sequence[float], resamples: int = RESAMPLES, seed: in
     return (float(low), float(high))
 
 
-def estimate(values: Sequence[float]) -> dict[str, float]:
-    """{"value", "low", "high", "n"}: the mean with its 95 % interval."""
+def estimate(values: Sequence[float], rate: bool = True) -> dict[str, float]:
+    """{"value", "low", "high", "n"}: the mean with its 95 % interval (Wilson for a rate of right/wrong items)."""
     n = len(values)
     value = sum(values) / n if n else math.nan
-    low, high = wilson(sum(values), n) if is_binary(values) else bootstrap_mean(values)
+    low, high = wilson(sum(values), n) if rate and is_binary(values) else bootstrap_mean(values)
     return {"value": value, "low": low, "high": high, "n": n}
 
 
@@ -75,17 +78,18 @@ def permutation_p(base: Sequence[float], adapter: Sequence[float], resamples: in
     return (extreme + 1) / (resamples + 1)
 
 
-def compare(base: Sequence[float], adapter: Sequence[float], higher_is_better: bool) -> dict:
-    """Adapter vs base on the same items (pairs in order): both estimates, the difference, p and the verdict."""
+def compare(base: Sequence[float], adapter: Sequence[float], higher_is_better: bool, rate: bool = True) -> dict:
+    """Adapter vs base on the same items (pairs in order): both estimates, the difference, p and the verdict.
+    `rate`: the scores are shares of items right (not errors or other means)."""
     if len(base) != len(adapter):
         raise ValueError(f"paired scores differ in length: base {len(base)}, adapter {len(adapter)}")
-    binary = is_binary(base) and is_binary(adapter)
+    binary = rate and is_binary(base) and is_binary(adapter)
     p = mcnemar_p(base, adapter) if binary else permutation_p(base, adapter)
     diff = (sum(adapter) - sum(base)) / len(base) if base else 0.0
     verdict = SAME
     if p < ALPHA and diff:
         verdict = BETTER if (diff > 0) == higher_is_better else WORSE
-    return {"base": estimate(base), "adapter": estimate(adapter), "diff": diff, "p": p,
+    return {"base": estimate(base, rate), "adapter": estimate(adapter, rate), "diff": diff, "p": p,
             "test": "mcnemar" if binary else "permutation", "verdict": verdict}
 
 

@@ -135,6 +135,27 @@ def test_task_metrics_carry_intervals_and_the_paired_verdict(cfg):
     assert "| no detectable difference (p=" in text  # 4 of 12 items one point better: not enough to tell
 
 
+def test_a_figure_and_its_interval_come_from_the_same_items(cfg):
+    """The default run's report once read "aggregate_mae | 5.71 (2–2)": the mean over the 7 charts where the base
+    stated a score beside the interval of the 1 chart where both did. The row shows the paired estimate, whose n
+    it prints, in the report and in the regressions list alike."""
+    from stages import evaluate
+
+    base = [{"aggregate_mae": 2.0}] + [{"aggregate_mae": 6.0}] * 6 + [{}] * 5
+    adapter = [{"aggregate_mae": 3.0}] + [{}] * 10 + [{"aggregate_mae": 4.0}]
+    m = {"kind": "generated", "n": 12, "base": evaluate.mean_metrics(base), "adapter": evaluate.mean_metrics(adapter),
+         "stats": evaluate.paired_stats(base, adapter)}
+    assert round(m["base"]["aggregate_mae"], 2) == 5.43 and m["adapter"]["aggregate_mae"] == 3.5
+    matrix = {"wards": {"n_examples": 12, "metrics": {"news2_score": m}}}
+    data = {**EVAL, "matrix": matrix, "regressions": evaluate.regressions(matrix, own="coding")}
+    assert [(r["base"], r["adapter"]) for r in data["regressions"]] == [(2.0, 3.0)]
+    io.write_json(layout.eval_file("wards"), data)
+    io.write_jsonl(layout.metrics_file("wards"), metrics_rows())
+    report.run(cfg, "wards")
+    text = layout.report_file("wards").read_text()
+    assert "| wards | news2_score | generated | 1 | aggregate_mae | 2 (2–2) | 3 (3–3) | no detectable" in text
+
+
 def test_the_exported_ggufs_task_scores_stand_beside_transformers_on_the_same_items(cfg):
     """eval.json's per-item figures (transformers + peft) and verify.json's (each GGUF), paired by row id: the
     LoRA GGUF answers like transformers, the quantized merge loses a fifth of the items and is called worse."""

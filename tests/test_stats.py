@@ -61,3 +61,25 @@ def test_the_same_scores_give_the_same_report():
 def test_unpaired_lists_are_refused():
     with pytest.raises(ValueError, match="paired"):
         stats.compare([1.0, 0.0], [1.0], higher_is_better=True)
+
+
+def test_errors_that_happen_to_be_0_or_1_are_still_errors():
+    """The default run: one chart where both models stated a score, the adapter off by 1: an absolute error of 1
+    is not "one item right", so no Wilson bounds (which once read 0.21–1 around it) and no McNemar."""
+    c = stats.compare([2.0], [1.0], higher_is_better=False, rate=False)
+    assert c["test"] == "permutation"
+    assert (c["adapter"]["value"], c["adapter"]["low"], c["adapter"]["high"]) == (1.0, 1.0, 1.0)
+    errors = stats.compare([1.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 0.0], higher_is_better=False, rate=False)
+    assert errors["test"] == "permutation" and errors["adapter"]["low"] <= 0.25 <= errors["adapter"]["high"]
+    as_error, as_rate = stats.estimate([1.0, 0.0, 0.0, 0.0], rate=False), stats.estimate([1.0, 0.0, 0.0, 0.0])
+    assert (as_error["low"], as_error["high"]) == stats.bootstrap_mean([1.0, 0.0, 0.0, 0.0])
+    assert (as_rate["low"], as_rate["high"]) == stats.wilson(1, 4) != stats.bootstrap_mean([1.0, 0.0, 0.0, 0.0])
+
+
+def test_eval_calls_only_its_rates_rates():
+    from stages import evaluate
+
+    mae = evaluate.paired_stats([{"aggregate_mae": 2.0}], [{"aggregate_mae": 1.0}])["aggregate_mae"]
+    assert mae["test"] == "permutation" and mae["adapter"]["low"] == mae["adapter"]["high"] == 1.0
+    band = evaluate.paired_stats([{"band_accuracy": 0.0}] * 5, [{"band_accuracy": 1.0}] * 5)["band_accuracy"]
+    assert band["test"] == "mcnemar" and band["adapter"]["low"] > 0.5

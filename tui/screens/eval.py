@@ -60,9 +60,19 @@ def _better(metric: str, base, adapter) -> str:
     return "green" if (adapter > base) == (metric in RATES) else "red"
 
 
+def _estimate(m: dict, side: str, metric: str) -> dict:
+    return ((m.get("stats") or {}).get(metric) or {}).get(side) or {}
+
+
+def _figure(m: dict, side: str, metric: str):
+    """The figure shown beside its interval: the paired estimate's (on the items where both models have the
+    metric, as its n says: a NEWS2 error needs both to state a score), else the plain mean (an older eval.json)."""
+    return _estimate(m, side, metric).get("value", (m.get(side) or {}).get(metric))
+
+
 def _interval(m: dict, side: str, metric: str):
     """The interval eval.json gives itself, if any: {"stats": {metric: {"base": {"low", "high"}, ...}}}."""
-    estimate = ((m.get("stats") or {}).get(metric) or {}).get(side) or {}
+    estimate = _estimate(m, side, metric)
     if estimate.get("low") is not None and estimate.get("high") is not None:
         return estimate["low"], estimate["high"]
     found = ((m.get("ci") or {}).get(side) or {}).get(metric)
@@ -191,8 +201,8 @@ class EvalScreen(ReportScreen):
                 n = int(m.get("n") or 0)
                 base, adapter = m.get("base") or {}, m.get("adapter") or {}
                 for metric in sorted(set(base) | set(adapter)):
-                    b, a = base.get(metric), adapter.get(metric)
-                    pairs = ((m.get("stats") or {}).get(metric) or {}).get("adapter", {}).get("n", n)
+                    b, a = _figure(m, "base", metric), _figure(m, "adapter", metric)
+                    pairs = _estimate(m, "adapter", metric).get("n", n)
                     table.add_row(Text(f"    {task} · {metric}"), Text(str(pairs), justify="right"),
                                   _metric(metric, b, pairs, _interval(m, "base", metric)),
                                   _adapter_cell(m, metric, pairs, b, a))
