@@ -230,6 +230,26 @@ def test_a_node_running_other_dedup_code_is_refused(ray_cluster, monkeypatch):
     assert not ray.is_initialized()
 
 
+def test_a_connection_that_fails_half_way_leaves_no_ray_behind(monkeypatch, no_ray_auth):
+    """The suite once saw Ray Client fail after connecting ("Initialization failure from server") under load;
+    the next RayEngine in the same process then died inside ray.init. A failed connect is one StageError and
+    leaves this process's Ray as it found it, so the next connection works."""
+    real_init = ray.init
+
+    def half_way(*args, **kwargs):
+        real_init(address="local", include_dashboard=False, log_to_driver=False, num_cpus=1)
+        raise ConnectionError("Initialization failure from server:")
+
+    monkeypatch.setattr(ray, "init", half_way)
+    with pytest.raises(StageError, match=r"could not start a Ray on this machine .*\(Initialization failure from server:\)"):
+        ray_engine.RayEngine("").__enter__()
+    assert not ray.is_initialized()
+    monkeypatch.setattr(ray, "init", real_init)
+    with ray_engine.RayEngine("") as engine:
+        assert "(1 node(s)" in engine.describe()
+    assert not ray.is_initialized()
+
+
 def test_unreachable_cluster_is_one_line_naming_the_key(tmp_path, monkeypatch):
     address = f"127.0.0.1:{free_port()}"  # nothing listens there
     monkeypatch.chdir(make_project(tmp_path, SOURCES.format(engine=f'engine = "ray"\naddress = "{address}"\n')))

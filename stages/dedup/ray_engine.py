@@ -79,6 +79,9 @@ class RayEngine:
             ray.init(address=self.address or "local", include_dashboard=False, log_to_driver=False,
                      logging_level=logging.WARNING, configure_logging=False)
         except (ConnectionError, RuntimeError, ValueError, TimeoutError) as exc:
+            # a connection that failed half-way (Ray Client's "Initialization failure from server") leaves
+            # this process's Ray half set up, and every later ray.init in it then fails: undo it first
+            ray.shutdown()
             raise _unreachable(self.address, str(exc).strip().splitlines()[0]
                                if str(exc).strip() else type(exc).__name__) from None
         try:
