@@ -64,6 +64,15 @@ def _probe(address: str) -> None:
         raise _unreachable(address, f"{parts.hostname}:{port}: {exc.strerror or exc}") from None
 
 
+def _reason(exc: BaseException) -> str:
+    """One line of why Ray refused: its first line, and where that only heads the server's answer ("Initialization
+    failure from server:" over a traceback), that answer's last line too."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    return f"{lines[0]} {lines[-1]}" if len(lines) > 1 and lines[0].endswith(":") else lines[0]
+
+
 class RayEngine:
     """A Ray session for one dedup run: `with RayEngine(address) as engine:` connects (or, with no address,
     starts a Ray on this machine for the run) and disconnects at the end."""
@@ -82,8 +91,7 @@ class RayEngine:
             # a connection that failed half-way (Ray Client's "Initialization failure from server") leaves
             # this process's Ray half set up, and every later ray.init in it then fails: undo it first
             ray.shutdown()
-            raise _unreachable(self.address, str(exc).strip().splitlines()[0]
-                               if str(exc).strip() else type(exc).__name__) from None
+            raise _unreachable(self.address, _reason(exc)) from None
         try:
             self._check_code()
         except BaseException:
