@@ -243,7 +243,8 @@ def test_a_connection_that_fails_half_way_leaves_no_ray_behind(monkeypatch, no_r
                               "  File \"proxier.py\", line 437, in get_channel\nTimeoutError: no specific server")
 
     monkeypatch.setattr(ray, "init", half_way)
-    why = r"could not start a Ray on this machine .* \(Initialization failure from server: TimeoutError: no specific server\); "
+    why = r"could not start a Ray on this machine .* \(Initialization failure from server: TimeoutError: no specific "
+    why += r"server\); "
     with pytest.raises(StageError, match=why):
         ray_engine.RayEngine("").__enter__()
     assert not ray.is_initialized()
