@@ -12,8 +12,8 @@ with the embedded SmolLM2-135M-Instruct in the dtype training would pick on this
   greedy               the greedy token of 1,000 positions' logits over the vocabulary: max vs argmax
 
 Each figure is the best of --repeats (other load only slows a run); `agree` is the share of cloze hits and choice
-answers (per-example NLL within 1e-4, greedy tokens) on which the two ways agree (1.0 in fp32; in bf16 a different batching can move a near-tie;
-greedy tokens must agree exactly).
+answers (per-example NLL within 1e-4, greedy tokens) on which the two ways agree (1.0 in fp32; in bf16 a
+different batching can move a near-tie; greedy tokens must agree exactly).
 
     python bench/eval.py [--codes 300] [--charts 100] [--repeats 2] [--dtype auto|bf16|fp32]
 """

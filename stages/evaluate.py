@@ -138,8 +138,8 @@ def paired_stats(base: list[dict[str, float]], adapter: list[dict[str, float]]) 
     for metric in sorted({k for row in base + adapter for k in row}):
         pairs = [(b[metric], a[metric]) for b, a in zip(base, adapter) if metric in b and metric in a]
         if pairs:
-            out[metric] = stats.compare([b for b, _ in pairs], [a for _, a in pairs], metric in HIGHER_IS_BETTER,
-                                         rate=metric in HIGHER_IS_BETTER)
+            rate = metric in HIGHER_IS_BETTER
+            out[metric] = stats.compare([b for b, _ in pairs], [a for _, a in pairs], rate, rate=rate)
     return out
 
 

@@ -6,8 +6,9 @@ Pure (math + numpy), deterministic (fixed seeds): the same scores give the same 
 - a mean of anything else (NEWS2 absolute error, the share of a chart's parameters right): percentile bootstrap;
 - adapter vs base on the same items: exact McNemar (binomial on the discordant pairs) for right/wrong scores, a
   paired sign-flip permutation test on the differences otherwise.
-Whether a metric is a rate is the caller's word (`rate`), not read off the values: absolute errors that happen
-to be all 0 or 1 are still errors (Wilson bounds on them would be nonsense). The verdict is "better" / "worse" only at p < ALPHA.
+The verdict is "better" / "worse" only at p < ALPHA. Whether a metric is a rate is the caller's word (`rate`), not
+read off the values: absolute errors that happen to be all 0 or 1 are still errors (Wilson bounds on them would be
+nonsense).
 """
 from __future__ import annotations
 
