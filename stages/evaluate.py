@@ -709,9 +709,10 @@ def run(cfg, adapter_name: str) -> dict[str, Any]:
               f"adapter {report['safety']['adapter']['pass_rate']:.0%}")
     report["samples"] = samples(judge, splits[adapter_name])
     io.write_json(layout.eval_file(adapter_name), report)
+    worse, noise = stats.beyond_noise(report["regressions"])
     print(f"eval:{adapter_name}: {report['n_examples']} examples, {report['n_tokens']} answer tokens: "
           f"ppl base {report['base_ppl']:.3f} -> adapter {report['adapter_ppl']:.3f}; "
-          f"{len(report['regressions'])} cross-domain regression(s)"
+          f"{len(worse)} cross-domain regression(s)" + (f" and {noise} drop(s) within noise" if noise else "")
           + (f"; {judge.reused} base figure set(s) read back from {layout.eval_base_cache('x').parent}"
              if judge.reused else ""))
     return report

@@ -346,8 +346,10 @@ def matrix_markdown(reports: dict[str, dict[str, Any]], verifies: dict[str, dict
         s = r.get("safety") or {}
         gguf = ", ".join(f"{label} (top-1 {f['top1']:.0%}, KL {f['kl']:.2g})" for label, f in v["gguf"].items()) \
             if v else "not exported"
+        worse, noise = stats.beyond_noise(r.get("regressions", []))
         out.append(f"| [{name}]({name}/report.md) | {_pct(s.get('base', {}).get('pass_rate'))} | "
-                   f"{_pct(s.get('adapter', {}).get('pass_rate'))} | {len(r.get('regressions', []))} | {gguf} |")
+                   f"{_pct(s.get('adapter', {}).get('pass_rate'))} | {len(worse)}"
+                   + (f" (+{noise} within noise)" if noise else "") + f" | {gguf} |")
     return "\n".join(out) + "\n"
 
 

@@ -98,3 +98,11 @@ def separated(comparison: dict) -> bool:
     """The stricter reading: the two 95 % intervals do not overlap."""
     a, b = comparison["adapter"], comparison["base"]
     return a["low"] > b["high"] or b["low"] > a["high"]
+
+
+def beyond_noise(found: list[dict]) -> tuple[list[dict], int]:
+    """Of figures where the adapter does worse (each with its comparison's "verdict", if it had a test), those that
+    are more than noise — the test says WORSE, or there was no test (perplexity; an older eval.json) — and how
+    many more the test finds within noise."""
+    kept = [r for r in found if r.get("verdict") in (None, WORSE)]
+    return kept, len(found) - len(kept)

@@ -84,7 +84,19 @@ def test_matrix_across_adapters(cfg):
     assert "| base `embedded:smollm2-135m-instruct` | 12 | 9.5 |" in text
     assert "| **wards** | 13 | 2.5 (own) |" in text
     assert "| wards | wards | news2_score | aggregate_accuracy | 0% | 75% |" in text
-    assert "| [wards](wards/report.md) | 14% | 43% | 2 | not exported |" in text
+    assert "| [wards](wards/report.md) | 14% | 43% | 2 | not exported |" in text  # no test: both count
+
+
+def test_matrix_counts_only_the_regressions_beyond_noise(cfg):
+    """A drop the paired test calls noise is not a regression in the matrix's count; it is said beside it."""
+    noise = {"split": "coding", "task": "icd10_code", "metric": "accuracy", "base": 0.3, "adapter": 0.28,
+             "verdict": "no detectable difference", "p": 0.6}
+    worse = {"split": "coding", "task": "icd10_parent_cloze", "metric": "cloze_category", "base": 0.32,
+             "adapter": 0.1, "verdict": "worse", "p": 0.001}
+    io.write_json(layout.eval_file("wards"), {**EVAL, "regressions": [EVAL["regressions"][0], noise, worse]})
+    report.run_matrix(cfg)
+    assert "| [wards](wards/report.md) | 14% | 43% | 2 (+1 within noise) | not exported |" in \
+        layout.matrix_file().read_text()
 
 
 def test_matrix_base_of_a_split_is_its_own_adapters_and_a_sampled_cell_names_its_own_base():

@@ -83,3 +83,10 @@ def test_eval_calls_only_its_rates_rates():
     assert mae["test"] == "permutation" and mae["adapter"]["low"] == mae["adapter"]["high"] == 1.0
     band = evaluate.paired_stats([{"band_accuracy": 0.0}] * 5, [{"band_accuracy": 1.0}] * 5)["band_accuracy"]
     assert band["test"] == "mcnemar" and band["adapter"]["low"] > 0.5
+
+
+def test_only_drops_beyond_noise_are_regressions():
+    ppl = {"task": "all", "metric": "ppl"}  # no paired test: it stands
+    noise, worse = {"verdict": stats.SAME}, {"verdict": stats.WORSE}
+    assert stats.beyond_noise([ppl, noise, worse, noise]) == ([ppl, worse], 2)
+    assert stats.beyond_noise([]) == ([], 0)

@@ -29,6 +29,10 @@ def anyio_backend():
 
 @pytest.fixture
 def project(tmp_path, monkeypatch):
+    return eval_project(tmp_path, monkeypatch, FIXTURES)
+
+
+def eval_project(tmp_path: Path, monkeypatch, fixtures: Path) -> Path:
     root = make_project(tmp_path / "proj")
     (root / "sources.toml").write_text(sources_toml())  # icd10cm feeds clinical_coding, news2 clinical_decision
     shutil.rmtree(root / "adapters" / "tiny")
@@ -36,7 +40,7 @@ def project(tmp_path, monkeypatch):
         (root / "adapters" / name).mkdir(parents=True)
         (root / layout.adapter_toml(name)).write_text('description = "default adapter"\n')
         (root / layout.eval_file(name)).parent.mkdir(parents=True)
-        shutil.copy(FIXTURES / f"{name}.json", root / layout.eval_file(name))
+        shutil.copy(fixtures / f"{name}.json", root / layout.eval_file(name))
     project_env()
     monkeypatch.chdir(root)
     return root
@@ -48,6 +52,11 @@ def eval_app(root: Path) -> MedforgeApp:
 
 def loaded(app) -> bool:
     return app.cfg is not None and "clinical_decision" in table_text(app, "#eval-regressions")
+
+
+def squeezed(text: str) -> str:
+    """A table's text with each row's runs of spaces as one (the nesting indent kept as one space)."""
+    return "\n".join((" " if row.startswith(" ") else "") + " ".join(row.split()) for row in text.splitlines())
 
 
 def test_wilson_interval():
@@ -65,8 +74,9 @@ async def test_eval_view_labels_every_figure(project):
         assert matrix[0].split()[:3] == ["clinical_coding", "clinical_coding", "own"]
         assert matrix[1].split()[:2] == ["clinical_decision", "cross"]
         metrics = table_text(app, "#eval-metrics")
-        assert "icd10_billable · accuracy 15 80% (55–93) 80% (55–93)" in metrics  # n and the 95% interval
-        assert "news2_score · aggregate_mae 12 13.83 2.92" in metrics  # an error, not a rate: no interval
+        assert "icd10_billable\n accuracy 15 80% (55–93) 80% (55–93)" in squeezed(metrics)  # n, 95% interval
+        decision = squeezed(metrics).split("clinical_decision adapter")[1]
+        assert " aggregate_mae 12 13.83 2.92" in decision.split("news2_score\n")[1]  # an error: no interval
         safety = table_text(app, "#eval-safety").splitlines()
         assert [row.split()[-4:-2] for row in safety] == [["adapter", "0/7"], ["base", "2/7"],
                                                           ["adapter", "4/7"], ["base", "2/7"]]
@@ -76,10 +86,25 @@ async def test_eval_view_labels_every_figure(project):
         await wait_for(pilot, lambda: any("reloaded" in str(n.message) for n in app._notifications), 5, "feedback")
         await wait_for(pilot, lambda: loaded(app), what="the eval report again")
         assert rows == ["clinical_coding adapter on clinical_decision", "perplexity 14.00 15.81",
-                        "news2_response · aggregate_accuracy 8% (1–35) 0% (0–24)",
-                        "news2_response · aggregate_mae 2.60 49.20",  # the NEWS2 regression the issue names
+                        "news2_response", "aggregate_accuracy 8% (1–35) 0% (0–24)",
+                        "aggregate_mae 2.60 49.20",  # the NEWS2 regression the issue names
                         "clinical_decision adapter on clinical_coding", "perplexity 34.70 34.96",
-                        "icd10_code · accuracy 20% (7–45) 13% (4–38)"]
+                        "icd10_code", "accuracy 20% (7–45) 13% (4–38)"]
+
+
+async def test_at_80_columns_every_figure_and_verdict_is_in_view(tmp_path, monkeypatch):
+    """Over SSH at 80x24 each table fits the width, so the adapter's figure and its verdict mark are on screen, not
+    cut off at the right edge (the view scrolls down, never sideways): on the eval.json files of a recent default
+    run, whose task and metric names are the longest the sources make (`icd10_describe_cloze · cloze_description`)."""
+    from textual.widgets import DataTable
+
+    app = eval_app(eval_project(tmp_path, monkeypatch, FIXTURES / "default_run"))
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_for(pilot, lambda: loaded(app), what="the eval report")
+        await pilot.pause(0.3)
+        for table in app.screen.query(DataTable):
+            assert table.virtual_size.width <= table.size.width, f"#{table.id} is cut at 80 columns"
+        assert " cloze_parent 243 1% (0–3) 96% (93–98) ▲" in squeezed(table_text(app, "#eval-metrics"))
 
 
 @pytest.mark.parametrize("size,where", [((80, 24), "top"), ((80, 24), "bottom"), ((160, 48), "top")],
@@ -120,5 +145,6 @@ async def test_eval_view_shows_the_paired_verdict_and_eval_s_own_intervals(proje
     async with app.run_test(size=(160, 48)) as pilot:
         await wait_for(pilot, lambda: loaded(app), what="the eval report")
         table = table_text(app, "#eval-metrics")
-        assert "icd10_billable · accuracy 200 " in table and " ▲" in table.split("icd10_billable · accuracy")[1][:40]
-        assert "icd10_billable · aggregate_mae 12 3.00 (3.00–3.00) 2.67 (2.42–2.92) ≈" in table
+        billable = squeezed(table).split("icd10_billable\n")[1]
+        assert billable.startswith(" accuracy 200 ") and " ▲" in billable.split("\n")[0]
+        assert " aggregate_mae 12 3.00 (3.00–3.00) 2.67 (2.42–2.92) ≈" in billable

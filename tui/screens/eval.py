@@ -5,7 +5,8 @@
 - task metrics per split, base → adapter, with their n, a 95% interval and eval's paired verdict
   (▲ better, ▼ worse, ≈ no detectable difference);
 - safety pass rates per model (base, adapter);
-- cross-domain regressions: off its own domain, where the adapter does worse than the base.
+- cross-domain regressions: off its own domain, where the adapter scores below the base, each marked by eval's
+  paired verdict (▼ worse, ≈ a drop within noise; perplexity has no test and stands as measured).
 """
 from __future__ import annotations
 
@@ -130,18 +131,18 @@ class EvalScreen(ReportScreen):
             yield DataTable(id="eval-metrics", cursor_type="none", show_cursor=False)
             yield Static(Text("safety suite · pass rate per model", style="bold"), classes="section")
             yield DataTable(id="eval-safety", cursor_type="none", show_cursor=False)
-            yield Static(Text("cross-domain regressions · adapter worse than base off its domain", style="bold"),
-                         classes="section")
+            yield Static(Text("cross-domain regressions · adapter below base (▼ worse, ≈ within noise)",
+                              style="bold"), classes="section")
             yield DataTable(id="eval-regressions", cursor_type="none", show_cursor=False)
         yield Footer()
 
     def on_mount(self) -> None:
         self.query_one("#eval-matrix", DataTable).add_columns("adapter", "test split", "", "n", "base", "adapter",
                                                               "change")
-        self.query_one("#eval-metrics", DataTable).add_columns("adapter · split · task · metric", "n", "base",
+        self.query_one("#eval-metrics", DataTable).add_columns("metric", "n", "base",
                                                                "adapter")
         self.query_one("#eval-safety", DataTable).add_columns("adapter", "model", "passed", "pass rate (95%)")
-        self.query_one("#eval-regressions", DataTable).add_columns("adapter · split · task · metric", "base",
+        self.query_one("#eval-regressions", DataTable).add_columns("metric", "base",
                                                                    "adapter")
         self.action_reload()
 
@@ -200,10 +201,11 @@ class EvalScreen(ReportScreen):
             for task, m in sorted(metrics.items()):
                 n = int(m.get("n") or 0)
                 base, adapter = m.get("base") or {}, m.get("adapter") or {}
+                table.add_row(Text(f"    {task}"), Text(""), Text(""), Text(""))
                 for metric in sorted(set(base) | set(adapter)):
                     b, a = _figure(m, "base", metric), _figure(m, "adapter", metric)
                     pairs = _estimate(m, "adapter", metric).get("n", n)
-                    table.add_row(Text(f"    {task} · {metric}"), Text(str(pairs), justify="right"),
+                    table.add_row(Text(f"      {metric}"), Text(str(pairs), justify="right"),
                                   _metric(metric, b, pairs, _interval(m, "base", metric)),
                                   _adapter_cell(m, metric, pairs, b, a))
 
@@ -220,16 +222,26 @@ class EvalScreen(ReportScreen):
 
     @staticmethod
     def _regressions(table: DataTable, name: str, report: dict) -> None:
-        split = None
+        split = task = None
         for r in report.get("regressions") or []:
             if r.get("split") != split:
-                split = r.get("split")
+                split, task = r.get("split"), None
                 table.add_row(Text.assemble((f"{name} adapter", "bold"), f" on {split}"), Text(""), Text(""))
             metric = r.get("metric", "")
-            what = "perplexity" if r.get("task") == "all" and metric == "ppl" else f"{r.get('task')} · {metric}"
+            if r.get("task") == "all" and metric == "ppl":
+                what = "    perplexity"
+            else:
+                if r.get("task") != task:
+                    task = r.get("task")
+                    table.add_row(Text(f"    {task}"), Text(""), Text(""))
+                what = f"      {metric}"
             n = int(((report.get("matrix") or {}).get(r.get("split"), {}).get("metrics", {})
                      .get(r.get("task"), {}).get("n") or 0))
             base, adapter = (_metric(metric, v, n) if metric in RATES and n else _f(v)
                              for v in (r.get("base"), r.get("adapter")))
-            adapter.stylize("red")
-            table.add_row(Text(f"    {what}"), base, adapter)
+            # ▼ worse by the paired test, ≈ a drop within noise; no test (perplexity): red as it stands
+            mark, style = VERDICT_MARK.get(r.get("verdict"), ("", "red"))
+            adapter.stylize(style)
+            if mark:
+                adapter.append(f" {mark}", style=style)
+            table.add_row(Text(what), base, adapter)
