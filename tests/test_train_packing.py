@@ -161,6 +161,96 @@ def test_examples_batched_with_padding_give_the_loss_and_gradients_of_one_call_e
         assert (a - b).abs().max().item() <= 1e-6 + 1e-4 * a.abs().max().item()
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_scores_attention_is_causal_grouped_query_attention(dtype):
+    """Against an fp32 SDPA reference, forward and backward: exact in fp32; in bf16 no further off than SDPA itself
+    run in bf16 (9 query heads on 3 key/value heads, SmolLM2's grouping)."""
+    import torch
+    import torch.nn.functional as F
+
+    from stages.train import varlen
+
+    torch.manual_seed(3)
+    dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    q, k, v = (torch.randn(2, heads, 45, 64) for heads in (9, 3, 3))
+    grad = torch.randn(2, 45, 9, 64)
+
+    def run(fn, dtype):
+        leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+        out = fn(*leaves)
+        out.backward(grad.to(dtype))
+        return [out.float()] + [t.grad.float() for t in leaves]
+
+    def sdpa(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True, scale=0.125).transpose(1, 2)
+
+    reference = run(sdpa, torch.float64)
+    ours = run(lambda q, k, v: varlen.scores_attention(q, k, v, 0.125), dt)
+    if dtype == "fp32":
+        for a, b in zip(ours, reference):
+            assert (a - b).abs().max().item() < 1e-5
+    else:
+        theirs = run(sdpa, dt)
+        for a, b, ref in zip(ours, theirs, reference):
+            assert (a - ref).abs().max().item() <= 2 * (b - ref).abs().max().item() + 1e-3
+
+
+def test_in_bf16_on_cpu_short_examples_take_the_scores_path_one_call_each(tmp_path, monkeypatch):
+    """A packed bf16 row on CPU: every example up to SCORES_MAX_LEN in a call of its own to scores_attention, the
+    loss and gradients those of SDPA's padded batches within bf16 rounding; past SCORES_MAX_LEN, SDPA as before."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from stages.train import varlen
+    from stages.train.format import encode
+    from stages.train.hardware import Hardware
+    from stages.train.packing import collate_packed
+    from stages.train.torch_backend import token_nll
+
+    tok = smollm2_tokenizer()
+    data = rows(8, seed=9)
+    examples = [encode(tok, data[i]["messages"] + data[i + 1]["messages"] * (i % 4 == 0), max_length=256)
+                for i in range(0, 8, 2)]
+    model = AutoModelForCausalLM.from_pretrained(str(make_tiny_model(tmp_path / "base")),
+                                                 attn_implementation=varlen.register(), dtype=torch.bfloat16)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM",
+                                             target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    packed = collate_packed(examples, tok.pad_token_id, "cpu", sum(len(e.input_ids) for e in examples))
+    calls = []
+    real = varlen.scores_attention
+    monkeypatch.setattr(varlen, "scores_attention", lambda q, *a: calls.append(q.shape[0]) or real(q, *a))
+    results = []
+    for limit in (512, 0):  # the scores path; SDPA for every example
+        monkeypatch.setattr(varlen, "SCORES_MAX_LEN", limit)
+        for p in params:
+            p.grad = None
+        nll, _ = token_nll(model, packed, Hardware("cpu", "bf16", "test"))
+        nll.sum().backward()
+        results.append((nll.detach().float(), [p.grad.float().clone() for p in params]))
+        if limit:
+            assert calls == [1] * len(examples) * model.config.num_hidden_layers  # one example per call
+    assert len(calls) == len(examples) * model.config.num_hidden_layers  # none once the limit is 0
+    (scores, grads_scores), (sdpa, grads_sdpa) = results
+    assert (scores - sdpa).abs().max().item() <= 0.02 * sdpa.abs().max().item()
+    for a, b in zip(grads_scores, grads_sdpa):
+        assert (a - b).abs().max().item() <= 0.05 * b.abs().max().item()
+
+
+def test_scores_path_takes_each_short_example_alone_and_pads_the_long_ones():
+    from stages.train import varlen
+
+    sizes = [100, 600, 90, 700, 650, 300]
+    assert varlen.call_groups(sizes, scores=False) == varlen.padded_groups(sizes, varlen.PAD_SLACK)
+    assert varlen.call_groups(sizes, scores=True) == [[0], [2], [5], [1, 4, 3]]
+
+
 def test_similar_lengths_share_a_padded_batch():
     from stages.train.varlen import padded_groups
 

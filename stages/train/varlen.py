@@ -14,6 +14,14 @@ padded queries' outputs are dropped, so it is exact; on the AMX Xeon's two cores
 batch x heads over the threads; 9 heads alone leave one idle part of the time): a whole bf16
 training step 6-8.5 % faster (bench/train_step.py).
 
+On CPU in bf16, each example up to SCORES_MAX_LEN tokens goes alone through `scores_attention`
+instead of SDPA: the (query, key) scores as bf16 matmuls, which run on the CPU's bf16 units
+(AVX512-BF16, AMX), where torch's CPU flash attention spends its time outside them. On the Zen 5
+EPYC, a batch of 8 examples forward and backward: 7 against 17 ms at 150 tokens, 52 against 72 ms
+at 450, even at ~600 and slower beyond (the scores grow with the square of the length); in a whole
+bf16 step its attention took 1.1 s where SDPA's took 1.9 s (torch.profiler). Alone, not padded: no
+padded scores to compute. In fp32 SDPA is as fast or faster, and stays.
+
 Registered with transformers as the attention implementation "medforge_varlen". Anything that
 is not a packed training row (a 2D padding mask, a KV cache) goes to transformers' own SDPA.
 """
@@ -23,6 +31,7 @@ import weakref
 
 NAME = "medforge_varlen"
 PAD_SLACK = 1.15  # a padded batch may hold at most 15 % more positions than its examples
+SCORES_MAX_LEN = 512  # CPU bf16: scores_attention up to this many positions, SDPA beyond
 _last_bounds: tuple = (lambda: None, -1, [])  # (weak ref to position_ids, its version, its bounds)
 
 
@@ -66,9 +75,79 @@ def padded_groups(sizes: list[int], slack: float) -> list[list[int]]:
     return groups
 
 
+def _scores_function():
+    import torch
+
+    class ScoresAttention(torch.autograd.Function):
+        """Causal attention over (B, H, L, D) queries and (B, KV, L, D) keys and values (grouped-query: head h
+        reads key/value head h // (H / KV), as transformers' repeat_kv) from explicit scores, in the inputs'
+        dtype: scores and probabilities (B, H, L, L) kept for backward instead of recomputed. Softmax reduces in
+        fp32 (torch's CPU softmax accumulates in fp32 for bf16); the output is (B, L, H, D), as SDPA's callers
+        in transformers return it."""
+
+        @staticmethod
+        def forward(ctx, q, k, v, scale: float):
+            batch, heads, length, dim = q.shape
+            per_kv = heads // k.shape[1]
+            # the query heads of one key/value head as one (G * L, D) matrix: no repeated keys or values
+            qg = q.reshape(batch, k.shape[1], per_kv * length, dim)
+            scores = torch.matmul(qg, k.transpose(-1, -2))
+            future = torch.ones(length, length, dtype=torch.bool, device=q.device).triu_(1)
+            scores.view(batch, k.shape[1], per_kv, length, length).masked_fill_(future, float("-inf"))
+            probs = torch.softmax(scores.mul_(scale), dim=-1)
+            out = torch.matmul(probs, v)
+            ctx.save_for_backward(qg, k, v, probs, out)
+            ctx.scale = scale
+            return out.view(batch, heads, length, dim).transpose(1, 2)
+
+        @staticmethod
+        def backward(ctx, grad):
+            qg, k, v, probs, out = ctx.saved_tensors
+            batch, heads, length, dim = grad.shape[0], grad.shape[2], grad.shape[1], grad.shape[3]
+            g = grad.transpose(1, 2).reshape(qg.shape)
+            # softmax backward: d scores = P * (dP - rowsum(dO * O)); a masked score has P = 0, so no mask here
+            delta = (g.float() * out.float()).sum(-1, keepdim=True).to(g.dtype)
+            dscores = torch.matmul(g, v.transpose(-1, -2)).sub_(delta).mul_(probs)
+            dq = torch.matmul(dscores, k).mul_(ctx.scale)
+            dk = torch.matmul(dscores.transpose(-1, -2), qg).mul_(ctx.scale)
+            dv = torch.matmul(probs.transpose(-1, -2), g)
+            return dq.view(batch, heads, length, dim), dk, dv, None
+
+    return ScoresAttention
+
+
+_SCORES = None
+
+
+def scores_attention(q, k, v, scale: float):
+    """ScoresAttention.apply: causal attention from explicit bf16 scores, (B, L, H, D) out."""
+    global _SCORES
+    if _SCORES is None:
+        _SCORES = _scores_function()
+    return _SCORES.apply(q, k, v, scale)
+
+
+def scores_path(q, dropout: float) -> bool:
+    """Whether examples of q's kind (CPU, bf16, no attention dropout) up to SCORES_MAX_LEN take scores_attention."""
+    import torch
+
+    return q.device.type == "cpu" and q.dtype == torch.bfloat16 and not dropout and SCORES_MAX_LEN > 0
+
+
+def call_groups(sizes: list[int], scores: bool) -> list[list[int]]:
+    """The calls one packed row's examples take: on the scores path each example up to SCORES_MAX_LEN alone (padding
+    would only add scores: one call per example was 5 % faster a bf16 step than padded batches on the Zen 5 EPYC,
+    bench/train_step.py), the rest in padded batches of similar lengths (padded_groups)."""
+    if not scores:
+        return padded_groups(sizes, PAD_SLACK)
+    short = [i for i, n in enumerate(sizes) if n <= SCORES_MAX_LEN]
+    long = [i for i, n in enumerate(sizes) if n > SCORES_MAX_LEN]
+    return [[i] for i in short] + [[long[j] for j in g] for g in padded_groups([sizes[i] for i in long], PAD_SLACK)]
+
+
 def _causal(module, pieces_q, pieces_k, pieces_v, dropout, scaling):
-    """SDPA's causal attention over examples of about one length, as one right-padded batch; each
-    example's output (its length, heads, head dim)."""
+    """Causal attention over examples of about one length, as one right-padded batch (scores_attention on the
+    CPU bf16 path, else SDPA); each example's output (its length, heads, head dim)."""
     import torch
     import torch.nn.functional as F
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -83,7 +162,11 @@ def _causal(module, pieces_q, pieces_k, pieces_v, dropout, scaling):
         q, k, v = pieces_q[0][None], pieces_k[0][None], pieces_v[0][None]
     else:
         q, k, v = batch(pieces_q), batch(pieces_k), batch(pieces_v)
-    out = sdpa_attention_forward(module, q, k, v, None, dropout=dropout, scaling=scaling, is_causal=True)[0]
+    if longest <= SCORES_MAX_LEN and scores_path(q, dropout):
+        scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+        out = scores_attention(q, k, v, scale)
+    else:
+        out = sdpa_attention_forward(module, q, k, v, None, dropout=dropout, scaling=scaling, is_causal=True)[0]
     return [o[:n] for o, n in zip(out.unbind(0), sizes)]
 
 
@@ -104,7 +187,7 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
         sizes = [b - a for a, b in spans]
         qs, ks, vs = q.split(sizes, dim=1), k.split(sizes, dim=1), v.split(sizes, dim=1)
         pieces = [None] * len(sizes)
-        for group in padded_groups(sizes, PAD_SLACK):
+        for group in call_groups(sizes, scores_path(query, dropout)):
             outs = _causal(module, [qs[i] for i in group], [ks[i] for i in group], [vs[i] for i in group],
                            dropout, scaling)
             for i, out in zip(group, outs):
