@@ -248,7 +248,7 @@ def test_scores_path_takes_each_short_example_alone_and_pads_the_long_ones():
 
     sizes = [100, 600, 90, 700, 650, 300]
     assert varlen.call_groups(sizes, scores=False) == varlen.padded_groups(sizes, varlen.PAD_SLACK)
-    assert varlen.call_groups(sizes, scores=True) == [[0], [2], [5], [1, 4, 3]]
+    assert sorted(varlen.call_groups(sizes, scores=True)) == [[0], [1, 4, 3], [2], [5]]  # the order of calls is free
 
 
 def test_similar_lengths_share_a_padded_batch():

@@ -20,7 +20,8 @@ instead of SDPA: the (query, key) scores as bf16 matmuls, which run on the CPU's
 EPYC, a batch of 8 examples forward and backward: 7 against 17 ms at 150 tokens, 52 against 72 ms
 at 450, even at ~600 and slower beyond (the scores grow with the square of the length); in a whole
 bf16 step its attention took 1.1 s where SDPA's took 1.9 s (torch.profiler). Alone, not padded: no
-padded scores to compute. In fp32 SDPA is as fast or faster, and stays.
+padded scores to compute (the step 1.07x faster than padded, bench/train_step.py). In fp32 SDPA is
+as fast or faster, and stays.
 
 Registered with transformers as the attention implementation "medforge_varlen". Anything that
 is not a packed training row (a 2D padding mask, a KV cache) goes to transformers' own SDPA.
@@ -32,6 +33,7 @@ import weakref
 NAME = "medforge_varlen"
 PAD_SLACK = 1.15  # a padded batch may hold at most 15 % more positions than its examples
 SCORES_MAX_LEN = 512  # CPU bf16: scores_attention up to this many positions, SDPA beyond
+SCORES_PAD_SLACK = 0.0  # PAD_SLACK for the scores path: 0, each example alone (padding only adds scores)
 _last_bounds: tuple = (lambda: None, -1, [])  # (weak ref to position_ids, its version, its bounds)
 
 
@@ -135,19 +137,21 @@ def scores_path(q, dropout: float) -> bool:
 
 
 def call_groups(sizes: list[int], scores: bool) -> list[list[int]]:
-    """The calls one packed row's examples take: on the scores path each example up to SCORES_MAX_LEN alone (padding
-    would only add scores: one call per example was 5 % faster a bf16 step than padded batches on the Zen 5 EPYC,
-    bench/train_step.py), the rest in padded batches of similar lengths (padded_groups)."""
+    """The calls one packed row's examples take, each a group of similar lengths (padded_groups): on the scores path
+    the examples up to SCORES_MAX_LEN within SCORES_PAD_SLACK (bench/train_step.py's padded_scores variant times
+    PAD_SLACK there), the rest within PAD_SLACK."""
     if not scores:
         return padded_groups(sizes, PAD_SLACK)
-    short = [i for i, n in enumerate(sizes) if n <= SCORES_MAX_LEN]
-    long = [i for i, n in enumerate(sizes) if n > SCORES_MAX_LEN]
-    return [[i] for i in short] + [[long[j] for j in g] for g in padded_groups([sizes[i] for i in long], PAD_SLACK)]
+    out = []
+    for keep, slack in ((lambda n: n <= SCORES_MAX_LEN, SCORES_PAD_SLACK), (lambda n: n > SCORES_MAX_LEN, PAD_SLACK)):
+        picked = [i for i, n in enumerate(sizes) if keep(n)]
+        out += [[picked[j] for j in group] for group in padded_groups([sizes[i] for i in picked], slack)]
+    return out
 
 
-def _causal(module, pieces_q, pieces_k, pieces_v, dropout, scaling):
+def _causal(module, pieces_q, pieces_k, pieces_v, dropout, scaling, scores: bool):
     """Causal attention over examples of about one length, as one right-padded batch (scores_attention on the
-    CPU bf16 path, else SDPA); each example's output (its length, heads, head dim)."""
+    scores path up to SCORES_MAX_LEN, else SDPA); each example's output (its length, heads, head dim)."""
     import torch
     import torch.nn.functional as F
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -162,7 +166,7 @@ def _causal(module, pieces_q, pieces_k, pieces_v, dropout, scaling):
         q, k, v = pieces_q[0][None], pieces_k[0][None], pieces_v[0][None]
     else:
         q, k, v = batch(pieces_q), batch(pieces_k), batch(pieces_v)
-    if longest <= SCORES_MAX_LEN and scores_path(q, dropout):
+    if scores and longest <= SCORES_MAX_LEN:
         scale = scaling if scaling is not None else q.shape[-1] ** -0.5
         out = scores_attention(q, k, v, scale)
     else:
@@ -180,6 +184,7 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     rows = []
+    scores = scores_path(query, dropout)
     # unbind and split, not indexing: their backward assembles the gradient once (stack, cat), where
     # each slice's backward would zero-fill and add a whole (B, H, T, D) tensor, once per example
     for (spans, q, k, v) in zip(bounds_for(position_ids, query.shape[0]), query.unbind(0), key.unbind(0),
@@ -187,9 +192,9 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
         sizes = [b - a for a, b in spans]
         qs, ks, vs = q.split(sizes, dim=1), k.split(sizes, dim=1), v.split(sizes, dim=1)
         pieces = [None] * len(sizes)
-        for group in call_groups(sizes, scores_path(query, dropout)):
+        for group in call_groups(sizes, scores):
             outs = _causal(module, [qs[i] for i in group], [ks[i] for i in group], [vs[i] for i in group],
-                           dropout, scaling)
+                           dropout, scaling, scores)
             for i, out in zip(group, outs):
                 pieces[i] = out
         rows.append(pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0))

@@ -139,11 +139,9 @@ class EvalScreen(ReportScreen):
     def on_mount(self) -> None:
         self.query_one("#eval-matrix", DataTable).add_columns("adapter", "test split", "", "n", "base", "adapter",
                                                               "change")
-        self.query_one("#eval-metrics", DataTable).add_columns("metric", "n", "base",
-                                                               "adapter")
+        self.query_one("#eval-metrics", DataTable).add_columns("metric", "n", "base", "adapter")
         self.query_one("#eval-safety", DataTable).add_columns("adapter", "model", "passed", "pass rate (95%)")
-        self.query_one("#eval-regressions", DataTable).add_columns("metric", "base",
-                                                                   "adapter")
+        self.query_one("#eval-regressions", DataTable).add_columns("metric", "base", "adapter")
         self.action_reload()
 
     @work(thread=True, exclusive=True, group="eval", exit_on_error=False)
