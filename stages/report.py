@@ -197,12 +197,17 @@ def gguf_task_markdown(rows: list[dict[str, Any]]) -> list[str]:
 
 
 # --- markdown
+def _weights(quantization: str | None) -> str:
+    """The base weights as a reader says it: `train.quantization` "none" is the unquantized base."""
+    return "unquantized base weights" if quantization in (None, "none") else f"{quantization}-quantized base weights"
+
+
 def adapter_markdown(name: str, description: str, report: dict[str, Any], metrics: list[dict[str, Any]],
                      verify: dict[str, Any] | None, plots: dict[str, str]) -> str:
     out = [f"# {name}", ""]
     if description:
         out += [description, ""]
-    out += [f"Base model `{report.get('base_model')}`, {report.get('quantization')} weights, evaluated on "
+    out += [f"Base model `{report.get('base_model')}`, {_weights(report.get('quantization'))}, evaluated on "
             f"{report.get('device')} ({report.get('dtype')}); at most {report.get('limits', {}).get('max_examples')} "
             f"examples per test split, {report.get('limits', {}).get('max_generate')} generated answers per task.", ""]
     start = next((m for m in metrics if m.get("kind") == "start"), None)
@@ -211,7 +216,7 @@ def adapter_markdown(name: str, description: str, report: dict[str, Any], metric
     out += ["## Training", ""]
     if start:
         out.append(f"{start.get('total_steps')} steps on {start.get('n_train')} examples "
-                   f"({start.get('backend')}, {start.get('device')} {start.get('dtype')}, {start.get('quantization')}).")
+                   f"({start.get('backend')}, {start.get('device')} {start.get('dtype')}, {_weights(start.get('quantization'))}).")
     if vals:
         out.append(f"Validation loss {_num(vals[0]['val_loss'], 4)} → {_num(vals[-1]['val_loss'], 4)}.")
     if end and end.get("elapsed") is not None:

@@ -57,6 +57,8 @@ def test_adapter_report_has_tables_plots_and_export(cfg):
     report.run(cfg, "wards")
     text = layout.report_file("wards").read_text()
     assert text.startswith("# wards\n\nNEWS2 scoring\n")
+    assert "Base model `embedded:smollm2-135m-instruct`, unquantized base weights, evaluated on cpu (fp32)" in text
+    assert "(torch, cpu bf16, unquantized base weights)." in text
     assert "| wards (own) | 200 | 9.5 | 2.5 | -74% |" in text
     assert "| coding | 200 | 12 | 13 | +8% |" in text
     assert "| wards | news2_score | generated | 12 | aggregate_accuracy | 0% | 75% |" in text
