@@ -148,3 +148,22 @@ async def test_eval_view_shows_the_paired_verdict_and_eval_s_own_intervals(proje
         billable = squeezed(table).split("icd10_billable\n")[1]
         assert billable.startswith(" accuracy 200 ") and " ▲" in billable.split("\n")[0]
         assert " aggregate_mae 12 3.00 (3.00–3.00) 2.67 (2.42–2.92) ≈" in billable
+
+
+async def test_a_regression_s_interval_is_eval_s_own_on_the_paired_items(tmp_path, monkeypatch):
+    """A cross-domain regression's rate carries the interval eval computed on the items both models were scored on
+    (its `stats`), as the task metrics table shows it, not one made up from the task's n."""
+    import orjson
+
+    root = eval_project(tmp_path, monkeypatch, FIXTURES / "default_run")
+    path = root / layout.eval_file("clinical_decision")
+    report = orjson.loads(path.read_bytes())
+    test = report["matrix"]["clinical_coding"]["metrics"]["icd10_code"]["stats"]["accuracy"]
+    test["adapter"].update(n=40, low=0.15, high=0.45)  # fewer paired items than the task's 88: a wider interval
+    test["base"].update(n=40, low=0.17, high=0.47)
+    path.write_bytes(orjson.dumps(report))
+    app = eval_app(root)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await wait_for(pilot, lambda: loaded(app), what="the eval report")
+        rows = [row.strip() for row in squeezed(table_text(app, "#eval-regressions")).splitlines()]
+        assert "accuracy 30% (17–47) 27% (15–45) ≈" in rows, rows

@@ -233,10 +233,11 @@ class EvalScreen(ReportScreen):
                     task = r.get("task")
                     table.add_row(Text(f"    {task}"), Text(""), Text(""))
                 what = f"      {metric}"
-            n = int(((report.get("matrix") or {}).get(r.get("split"), {}).get("metrics", {})
-                     .get(r.get("task"), {}).get("n") or 0))
-            base, adapter = (_metric(metric, v, n) if metric in RATES and n else _f(v)
-                             for v in (r.get("base"), r.get("adapter")))
+            # a rate's interval as the task metrics table shows it: eval's own, on the paired items
+            m = (report.get("matrix") or {}).get(r.get("split"), {}).get("metrics", {}).get(r.get("task")) or {}
+            n = int(_estimate(m, "adapter", metric).get("n", m.get("n") or 0))
+            base, adapter = (_metric(metric, r.get(side), n, _interval(m, side, metric)) if metric in RATES and n
+                             else _f(r.get(side)) for side in ("base", "adapter"))
             # ▼ worse by the paired test, ≈ a drop within noise; no test (perplexity): red as it stands
             mark, style = VERDICT_MARK.get(r.get("verdict"), ("", "red"))
             adapter.stylize(style)
