@@ -265,8 +265,13 @@ def adapter_markdown(name: str, description: str, report: dict[str, Any], metric
         out += ["Every figure where the adapter scores below the base off its own domain; the verdict says "
                 "whether that is more than noise.", "",
                 "| test split | task | metric | base | adapter | verdict |", "|---|---|---|---:|---:|---|"]
-        out += [f"| {r['split']} | {r['task']} | {r['metric']} | {_num(r['base'])} | {_num(r['adapter'])} | "
-                f"{_verdict(r if r.get('verdict') else None)} |" for r in regressions]
+        for r in regressions:  # a metric's figures with eval's intervals on the paired items; perplexity as it is
+            test = (report.get("matrix", {}).get(r["split"], {}).get("metrics", {}).get(r["task"], {})
+                    .get("stats", {}).get(r["metric"]))
+            base, adapter = ((_estimate(r[side], test[side], r["metric"]) if test else _num(r[side]))
+                             for side in ("base", "adapter"))
+            out.append(f"| {r['split']} | {r['task']} | {r['metric']} | {base} | {adapter} | "
+                       f"{_verdict(r if r.get('verdict') else None)} |")
     else:
         out.append("None: off its own domain the adapter is nowhere worse than the base.")
     if report.get("safety"):
