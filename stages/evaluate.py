@@ -155,7 +155,7 @@ def regressions(matrix: dict[str, dict], own: str) -> list[dict[str, Any]]:
         for task, m in sorted(cell.get("metrics", {}).items()):
             for metric, base_value in m["base"].items():
                 value = m["adapter"].get(metric)
-                test = m.get("stats", {}).get(metric, {})  # is it more than noise? on the paired items
+                test = stats.paired_test(m, metric)  # is it more than noise? on the paired items
                 if test:
                     base_value, value = test["base"]["value"], test["adapter"]["value"]
                 if value is None:

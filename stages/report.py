@@ -251,7 +251,7 @@ def adapter_markdown(name: str, description: str, report: dict[str, Any], metric
                 "|---|---|---|---:|---|---:|---:|---|"]
         for split, task, m in rows:
             for metric, value in m["base"].items():
-                test = m.get("stats", {}).get(metric)
+                test = stats.paired_test(m, metric)
                 n = test["adapter"]["n"] if test else m["n"]
                 out.append(f"| {split} | {task} | {m['kind']} | {n} | {metric} | "
                            f"{_estimate(value, test and test['base'], metric)} | "
@@ -266,8 +266,7 @@ def adapter_markdown(name: str, description: str, report: dict[str, Any], metric
                 "whether that is more than noise.", "",
                 "| test split | task | metric | base | adapter | verdict |", "|---|---|---|---:|---:|---|"]
         for r in regressions:  # a metric's figures with eval's intervals on the paired items; perplexity as it is
-            test = (report.get("matrix", {}).get(r["split"], {}).get("metrics", {}).get(r["task"], {})
-                    .get("stats", {}).get(r["metric"]))
+            test = stats.paired_test(stats.task_entry(report, r["split"], r["task"]), r["metric"])
             base, adapter = ((_estimate(r[side], test[side], r["metric"]) if test else _num(r[side]))
                              for side in ("base", "adapter"))
             out.append(f"| {r['split']} | {r['task']} | {r['metric']} | {base} | {adapter} | "

@@ -24,6 +24,18 @@ SEED = 20261205
 BETTER, WORSE, SAME = "better", "worse", "no detectable difference"
 
 
+def paired_test(entry: dict | None, metric: str) -> dict:
+    """The paired test eval.json keeps for one metric of a task's entry ({"stats": {metric: {"base", "adapter",
+    "verdict", "p"}}}, `compare`'s output): its estimates are the figures to show, each with its interval and the n of
+    the items both models were scored on. {} where there is none (perplexity, an older eval.json)."""
+    return ((entry or {}).get("stats") or {}).get(metric) or {}
+
+
+def task_entry(report: dict, split: str, task: str) -> dict:
+    """eval.json's entry for one task on one test split ({} where there is none)."""
+    return (((report.get("matrix") or {}).get(split) or {}).get("metrics") or {}).get(task) or {}
+
+
 def is_binary(values: Sequence[float]) -> bool:
     return all(v in (0.0, 1.0) for v in values)
 

@@ -62,7 +62,9 @@ def _better(metric: str, base, adapter) -> str:
 
 
 def _estimate(m: dict, side: str, metric: str) -> dict:
-    return ((m.get("stats") or {}).get(metric) or {}).get(side) or {}
+    from stages import stats
+
+    return stats.paired_test(m, metric).get(side) or {}
 
 
 def _figure(m: dict, side: str, metric: str):
@@ -86,7 +88,9 @@ VERDICT_MARK = {"better": ("▲", "green"), "worse": ("▼", "red"), "no detecta
 def _adapter_cell(m: dict, metric: str, n: int, base, adapter) -> Text:
     """The adapter's figure, coloured and marked by eval's paired verdict (▲ better, ▼ worse, ≈ no detectable
     difference); without one (an older eval.json), coloured by the raw difference."""
-    test = (m.get("stats") or {}).get(metric) or {}
+    from stages import stats
+
+    test = stats.paired_test(m, metric)
     mark, style = VERDICT_MARK.get(test.get("verdict"), ("", _better(metric, base, adapter)))
     cell = _metric(metric, adapter, n, _interval(m, "adapter", metric), style)
     if mark and adapter is not None:
@@ -220,6 +224,8 @@ class EvalScreen(ReportScreen):
 
     @staticmethod
     def _regressions(table: DataTable, name: str, report: dict) -> None:
+        from stages import stats
+
         split = task = None
         for r in report.get("regressions") or []:
             if r.get("split") != split:
@@ -234,7 +240,7 @@ class EvalScreen(ReportScreen):
                     table.add_row(Text(f"    {task}"), Text(""), Text(""))
                 what = f"      {metric}"
             # a rate's interval as the task metrics table shows it: eval's own, on the paired items
-            m = (report.get("matrix") or {}).get(r.get("split"), {}).get("metrics", {}).get(r.get("task")) or {}
+            m = stats.task_entry(report, r.get("split"), r.get("task"))
             n = int(_estimate(m, "adapter", metric).get("n", m.get("n") or 0))
             base, adapter = (_metric(metric, r.get(side), n, _interval(m, side, metric)) if metric in RATES and n
                              else _f(r.get(side)) for side in ("base", "adapter"))
