@@ -56,12 +56,13 @@ def adapter_config(root: str | Path, name: str, toml_text: str):
 
     Stages resolve paths relative to the working directory: chdir to `root` before running them.
     """
-    from stages import config
+    from stages import config, io
 
     root = Path(root)
     path = root / "adapters" / name / "adapter.toml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(toml_text, encoding="utf-8")
+    # atomically: every rank of a multi-process run writes it and reads it back, and a plain write truncates the
+    # file under another rank's read (which then saw no base_model and failed one run in a few)
+    io.write_text(path, toml_text)
     problems: list[str] = []
     adapter = config.load_adapter(root, path, problems)
     if problems:
