@@ -9,6 +9,9 @@ with the embedded SmolLM2-135M-Instruct in the dtype training would pick on this
                        vs the baseline, every option a row of its own (torch_backend.nll_by_example)
   batches              the perplexity pass in batches of EVAL_BATCH_TOKENS padded tokens (packing.budget_batches)
                        vs the baseline, batches of 8 rows (what eval did before)
+  shared start         the perplexity pass with each batch's shared start (the chat template's system prompt and
+                       turn marker) run once (torch_backend.shared_start) vs the baseline, every row from its
+                       first token
   greedy               the greedy token of 1,000 positions' logits over the vocabulary: max vs argmax
 
 Each figure is the best of --repeats (other load only slows a run); `agree` is the share of cloze hits and choice
@@ -104,6 +107,15 @@ def main() -> None:
 
     budget_s, budget = best(lambda: torch_backend.nll_by_example(model, examples, pad, hw), args.repeats)
     rows8_s, rows8 = best(lambda: by_rows(8), args.repeats)
+
+    def whole_rows():  # the baseline: no shared start, every row from its first token
+        real, torch_backend.shared_prefix = torch_backend.shared_prefix, lambda batch: 0
+        try:
+            return torch_backend.nll_by_example(model, examples, pad, hw)
+        finally:
+            torch_backend.shared_prefix = real
+
+    whole_s, whole = best(whole_rows, args.repeats)
     greedy = bench_greedy(args.repeats)
 
     def answers(nll):
@@ -121,10 +133,22 @@ def main() -> None:
         "choice_agree": round(sum(a == b for a, b in zip(answers(shared), answers(apart))) / max(1, len(items.choices)), 4),
         "batch_tokens": torch_backend.EVAL_BATCH_TOKENS, "perplexity_token_budget_s": round(budget_s, 2),
         "baseline_perplexity_8_rows_s": round(rows8_s, 2), "batches_speedup": round(rows8_s / budget_s, 2),
-        "batches_agree": round(sum(abs(x[0] - y[0]) <= 1e-4 * max(1.0, abs(y[0])) and x[1] == y[1]
-                                   for x, y in zip(budget, rows8)) / max(1, len(examples)), 4),
+        "batches_agree": agree(budget, rows8),
+        "perplexity_shared_start_s": round(budget_s, 2), "baseline_perplexity_whole_rows_s": round(whole_s, 2),
+        "shared_start_speedup": round(whole_s / budget_s, 2), "shared_start_agree": agree(budget, whole),
+        "shared_start_max_rel_diff": float(f"{max_rel(budget, whole):.2g}"),
         **greedy,
     }))
+
+
+def agree(got: list[tuple], want: list[tuple]) -> float:
+    """The share of examples whose summed NLL is within 1e-4 (relative) and whose token count is the same."""
+    return round(sum(abs(x[0] - y[0]) <= 1e-4 * max(1.0, abs(y[0])) and x[1] == y[1]
+                     for x, y in zip(got, want)) / max(1, len(want)), 4)
+
+
+def max_rel(got: list[tuple], want: list[tuple]) -> float:
+    return max((abs(x[0] - y[0]) / max(1.0, abs(y[0])) for x, y in zip(got, want)), default=0.0)
 
 
 def bench_greedy(repeats: int) -> dict:

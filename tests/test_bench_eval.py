@@ -20,8 +20,10 @@ def test_eval_bench_prints_its_figures_and_baselines_and_agrees_in_fp32():
     assert figures["dtype"] == "fp32" and figures["rows"] == 3 * 4 + 2 * 2
     assert figures["cloze_items"] > 0 and figures["choice_questions"] > 0
     assert figures["cloze_agree"] == figures["choice_agree"] == figures["batches_agree"] == 1.0
+    assert figures["shared_start_agree"] == 1.0
     for key in ("perplexity_with_cloze_s", "baseline_perplexity_then_cloze_s", "choice_shared_prompt_s",
                 "baseline_choice_per_option_s", "perplexity_token_budget_s", "baseline_perplexity_8_rows_s",
+                "perplexity_shared_start_s", "baseline_perplexity_whole_rows_s",
                 "greedy_fp32_speedup", "greedy_bf16_speedup"):
         assert figures[key] > 0, key
     assert figures["greedy_fp32_agree"] == figures["greedy_bf16_agree"] == 1.0  # max for argmax: the same tokens

@@ -322,3 +322,47 @@ def test_scoring_batches_fill_a_token_budget_in_length_order():
     assert [len(b) for b in batches] == [4, 2, 1, 1]  # short rows many to a batch, long ones few, 2500 alone
     assert budget_batches(lengths, 1) == [[i] for i in sorted(range(8), key=lengths.__getitem__)]
     assert budget_batches([], 600) == []
+
+
+def test_a_scoring_batch_s_shared_start_runs_once_and_scores_as_one_pass_would(setup):
+    """Eval's and validation's rows all begin with the chat template's system prompt and turn marker: a padded
+    batch runs those tokens once and every row continues from their keys and values. Losses and greedy tokens are
+    those of each example scored alone; the decoder saw the shared start once and each row only after it."""
+    from stages.train.hardware import Hardware
+    from stages.train.packing import SHARED_PREFIX_MIN, shared_prefix
+    from stages.train.torch_backend import nll_by_example
+
+    model, tok, examples = setup
+    hw = Hardware("cpu", "fp32", "test")
+    prefix = shared_prefix(examples)
+    assert prefix >= SHARED_PREFIX_MIN and len({tuple(e.input_ids[:prefix]) for e in examples}) == 1
+    seen = []
+    hook = model.get_base_model().get_decoder().register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True)
+    try:
+        together = nll_by_example(model, examples, tok.pad_token_id, hw, batch_tokens=10 ** 6, guesses=True)
+    finally:
+        hook.remove()
+    width = max(len(e.input_ids) for e in examples)
+    assert seen == [(1, prefix), (len(examples), width - prefix)]
+    alone = nll_by_example(model, examples, tok.pad_token_id, hw, batch_tokens=1, guesses=True)  # no sharing
+    assert [c for _, c, _ in together] == [c for _, c, _ in alone]
+    assert max(abs(a[0] - b[0]) for a, b in zip(together, alone)) < 1e-3  # fp32 noise over ~30 tokens
+    assert [g for *_, g in together] == [g for *_, g in alone]
+
+
+def test_a_shared_start_stops_before_anything_trained_or_different():
+    from stages.train.format import IGNORE, Encoded
+    from stages.train.packing import shared_prefix
+
+    start = list(range(100, 120))
+
+    def example(rest: list[int], trained_from: int) -> Encoded:
+        ids = start + rest
+        return Encoded(ids, [IGNORE] * trained_from + ids[trained_from:])
+
+    a, b = example([1, 2, 3, 4, 5, 6], 23), example([1, 2, 9, 9, 9, 9], 24)
+    assert shared_prefix([a, b]) == 22                     # 22 shared tokens, then they differ
+    assert shared_prefix([a, example([1, 2, 3, 4, 5, 6], 15)]) == 14  # the token before the first trained one
+    assert shared_prefix([a]) == 0                         # alone: nothing to share
+    assert shared_prefix([a, Encoded(start[:5] + [7] * 10, [IGNORE] * 10 + [7] * 5)]) == 0  # under the minimum

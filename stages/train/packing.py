@@ -112,6 +112,22 @@ def collate(batch: list[Encoded], pad_id: int, device: str) -> dict[str, Any]:
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
 
 
+SHARED_PREFIX_MIN = 8  # tokens a padded batch's rows must share for them to run once (torch_backend.shared_start)
+
+
+def shared_prefix(batch: list[Encoded]) -> int:
+    """How many leading tokens every example of `batch` shares and none trains on, short of the position before the
+    first trained token (its hidden state predicts that token): 0 below SHARED_PREFIX_MIN or for a lone example."""
+    if len(batch) < 2:
+        return 0
+    first = batch[0].input_ids
+    n = min(next((p for p, label in enumerate(e.labels) if label != IGNORE), len(e.labels)) - 1 for e in batch)
+    for e in batch[1:]:
+        n = min(n, len(e.input_ids) - 1)
+        n = next((p for p in range(n) if e.input_ids[p] != first[p]), n)
+    return n if n >= SHARED_PREFIX_MIN else 0
+
+
 def collate_packed(batch: list[Encoded], pad_id: int, device: str, max_length: int) -> dict[str, Any]:
     """Examples packed into rows of up to `max_length` tokens; `segments[r, t]` = index into `batch`.
 

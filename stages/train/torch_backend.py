@@ -20,7 +20,7 @@ from stages.train.hardware import Hardware
 from stages.train.inputs import load_tokenizer  # noqa: F401 (API)
 from stages.train.loop import MAX_GRAD_NORM, VAL_MAX_EXAMPLES, cosine_lr, total_steps  # noqa: F401 (API)
 from stages.train.packing import BatchStream, collate, collate_packed, length_batches  # noqa: F401 (API)
-from stages.train.packing import EVAL_BATCH_TOKENS, budget_batches
+from stages.train.packing import EVAL_BATCH_TOKENS, budget_batches, shared_prefix
 
 
 
@@ -151,7 +151,24 @@ def trained_nll(base, inputs: dict[str, Any], keep, targets, guesses: bool = Fal
     return F.cross_entropy(head(hidden).float(), targets, reduction="none")
 
 
-def token_nll(model, batch: dict[str, Any], hw: Hardware, guesses: bool = False):
+def shared_start(base, inputs: dict[str, Any], prefix: int) -> dict[str, Any]:
+    """The decoder inputs for a padded batch whose rows all begin with the same `prefix` tokens (a chat template's
+    system prompt and turn marker): those run once, in a row of their own, and every row continues from their keys
+    and values. The rest of each row attends to them as it would in one pass: the same numbers, a prefix's compute
+    saved per row."""
+    import inspect
+
+    from transformers import DynamicCache
+
+    ids, decoder = inputs["input_ids"], base.get_decoder()
+    name = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"  # 5.x, 4.x
+    cache = DynamicCache()
+    decoder(input_ids=ids[:1, :prefix], use_cache=True, **{name: cache})
+    cache.batch_repeat_interleave(ids.shape[0])
+    return {"input_ids": ids[:, prefix:], "attention_mask": inputs["attention_mask"], name: cache}
+
+
+def token_nll(model, batch: dict[str, Any], hw: Hardware, guesses: bool = False, prefix: int = 0):
     """Summed negative log-likelihood of the trained tokens and their counts, per row (per example
     for a packed batch, indexed like the examples it was packed from). With `guesses`, also the model's
     greedy token at every trained position, in row-major order (unpacked batches only).
@@ -172,7 +189,10 @@ def token_nll(model, batch: dict[str, Any], hw: Hardware, guesses: bool = False)
     # under FSDP the base has it as a method that gathers its sharded root first (fsdp.shard)
     forward = getattr(base, trained_nll.__name__, None) or functools.partial(trained_nll, base)
     with compute_context(base, hw):
-        nll = forward(inputs, keep, targets[keep], guesses=guesses)
+        if prefix:  # nothing up to the prefix's last token is trained: its hidden states predict nothing kept
+            nll = forward(shared_start(base, inputs, prefix), keep[:, prefix:], targets[keep], guesses=guesses)
+        else:
+            nll = forward(inputs, keep, targets[keep], guesses=guesses)
     if guesses:
         nll, greedy = nll
     if "segments" in batch:
@@ -191,17 +211,23 @@ def token_nll(model, batch: dict[str, Any], hw: Hardware, guesses: bool = False)
 def nll_by_example(model, examples: list[Encoded], pad_id: int, hw: Hardware,
                    batch_tokens: int = EVAL_BATCH_TOKENS, guesses: bool = False) -> list[tuple]:
     """(summed NLL, trained tokens) per example, in input order; batches of similar length, up to `batch_tokens`
-    padded tokens each (packing.budget_batches).
+    padded tokens each (packing.budget_batches), the start their rows share run once (shared_start).
     With `guesses`, (summed NLL, trained tokens, [the model's greedy token at each trained position, in order])."""
     import torch
 
     was_training = model.training
     model.eval()
     out: list[tuple] = [(0.0, 0)] * len(examples)
+    # a batch's shared start runs once (shared_start), where it is proven equal to one pass (tests, bench/eval.py):
+    # SDPA and the trainer's attention; not flash-attention-2 with a right-padded cache (no GPU has run it yet), nor
+    # FSDP, whose forwards are collective: the ranks' batches differ, their calls must not
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    share = not hasattr(base, trained_nll.__name__) and base.config._attn_implementation != "flash_attention_2"
     with torch.no_grad():
         for idx in budget_batches([len(e.input_ids) for e in examples], batch_tokens):
-            nll, count, *guessed = token_nll(model, collate([examples[i] for i in idx], pad_id, hw.device_index),
-                                             hw, guesses)
+            batch = [examples[i] for i in idx]
+            prefix = shared_prefix(batch) if share else 0
+            nll, count, *guessed = token_nll(model, collate(batch, pad_id, hw.device_index), hw, guesses, prefix)
             counts = count.tolist()
             if guesses:
                 flat, at = guessed[0].tolist(), 0
