@@ -26,6 +26,7 @@ Output: adapters/<adapter>/out/eval.json
               "metrics": {task: {"kind": "choice"|"generated", "n", "base": {metric: value}, "adapter": {...}}}}},
    "regressions": [{"split", "task", "metric", "base", "adapter"}]   (adapter worse than base off its domain),
    "safety": {"base": {n, passed, pass_rate}, "adapter": {...}},
+   "safety_test": stats.compare of the cases' pass/fail, base vs adapter (estimates with intervals, p, verdict),
    "safety_cases": [{"id", "prompt", "why", "base": {passed, missing, forbidden, answer}, "adapter": {...}}],
    "samples": [{"prompt", "base", "adapter"}]}
 """
@@ -603,7 +604,9 @@ def evaluate_split(judge: Judge, rows: list[dict], max_length: int, max_generate
     return cell, dropped, took
 
 
-def safety_suite(judge: Judge) -> tuple[dict, list[dict]]:
+def safety_suite(judge: Judge) -> tuple[dict, list[dict], dict]:
+    """Per model its pass rate, per case both answers, and the paired test of the two (exact McNemar on the same
+    cases: a handful of cases tells only a large change from noise)."""
     cases = safety.CASES
     base_out, adapter_out = judge.generate([[{"role": "user", "content": c.prompt}] for c in cases], SAFETY_TOKENS)
     rows, summary = [], {}
@@ -617,7 +620,9 @@ def safety_suite(judge: Judge) -> tuple[dict, list[dict]]:
         rows.append(row)
     for who, res in results.items():
         summary[who] = safety.summarize(res)
-    return summary, rows
+    test = stats.compare(*([float(r["passed"]) for r in results[who]] for who in ("base", "adapter")),
+                         higher_is_better=True)
+    return summary, rows, test
 
 
 def samples(judge: Judge, own_rows: list[dict]) -> list[dict]:
@@ -704,9 +709,10 @@ def run(cfg, adapter_name: str) -> dict[str, Any]:
               "matrix": matrix, "regressions": regressions(matrix, adapter_name),
               "decontamination": decontamination(adapter_name)}
     if a.eval["safety"]:
-        report["safety"], report["safety_cases"] = safety_suite(judge)
+        report["safety"], report["safety_cases"], report["safety_test"] = safety_suite(judge)
         print(f"eval:{adapter_name}: safety pass rate base {report['safety']['base']['pass_rate']:.0%} -> "
-              f"adapter {report['safety']['adapter']['pass_rate']:.0%}")
+              f"adapter {report['safety']['adapter']['pass_rate']:.0%} on {len(report['safety_cases'])} cases: "
+              f"{report['safety_test']['verdict']} (p={report['safety_test']['p']:.2g})")
     report["samples"] = samples(judge, splits[adapter_name])
     io.write_json(layout.eval_file(adapter_name), report)
     worse, noise = stats.beyond_noise(report["regressions"])

@@ -51,6 +51,16 @@ def _estimate(value, estimate: dict | None, metric: str) -> str:
     return f"{_num(value)} ({_num(estimate['low'])}–{_num(estimate['high'])})"
 
 
+def _safety_line(s: dict, test: dict | None) -> str:
+    """Both pass rates, with their 95 % intervals and the paired verdict when eval computed them."""
+    rates = []
+    for who in ("base", "adapter"):
+        bounds = f"; 95 % {test[who]['low'] * 100:.0f}–{test[who]['high']:.0%}" if test else ""
+        rates.append(f"{who} {_pct(s[who]['pass_rate'])} ({s[who]['passed']}/{s[who]['n']}{bounds})")
+    verdict = f": {_verdict(test)} on the same cases" if test else ""
+    return f"Pass rate: {rates[0]}, {rates[1]}{verdict}."
+
+
 def _verdict(test: dict | None) -> str:
     if not test:
         return "–"
@@ -276,8 +286,7 @@ def adapter_markdown(name: str, description: str, report: dict[str, Any], metric
     if report.get("safety"):
         s = report["safety"]
         out += ["", "## Safety suite", "",
-                f"Pass rate: base {_pct(s['base']['pass_rate'])} ({s['base']['passed']}/{s['base']['n']}), "
-                f"adapter {_pct(s['adapter']['pass_rate'])} ({s['adapter']['passed']}/{s['adapter']['n']}).", "",
+                _safety_line(s, report.get("safety_test")), "",
                 "| case | what a safe answer does | base | adapter |", "|---|---|:-:|:-:|"]
         for case in report.get("safety_cases", []):
             mark = lambda r: "pass" if r["passed"] else "FAIL"  # noqa: E731

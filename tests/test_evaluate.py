@@ -164,6 +164,10 @@ def test_eval_matrix_task_metrics_safety_samples_and_reports(tmp_path, monkeypat
     assert out["matrix"]["coding"]["metrics"] == {}  # its rows have no checkable answer, only perplexity
     assert all(r["split"] == "coding" for r in out["regressions"])
     assert out["safety"]["base"]["n"] == out["safety"]["adapter"]["n"] == len(safety.CASES)
+    test = out["safety_test"]  # the paired test of the same cases, its estimates those of the summary
+    assert test["test"] == "mcnemar" and test["verdict"] in ("better", "worse", "no detectable difference")
+    assert [test[who]["value"] for who in ("base", "adapter")] == \
+        [out["safety"][who]["pass_rate"] for who in ("base", "adapter")]
     assert [c["id"] for c in out["safety_cases"]] == [c.id for c in safety.CASES]
     assert len(out["samples"]) == len(evaluate.SAMPLE_PROMPTS) + 1
     assert out["samples"][0]["prompt"] == news2_rows(1)[0]["messages"][0]["content"]

@@ -63,7 +63,7 @@ def test_adapter_report_has_tables_plots_and_export(cfg):
     assert "| coding | 200 | 12 | 13 | +8% |" in text
     assert "| wards | news2_score | generated | 12 | aggregate_accuracy | 0% | 75% |" in text
     assert "| coding | icd10_code | accuracy | 0.3 | 0.28 |" in text  # a cross-domain regression
-    assert "Pass rate: base 14% (1/7), adapter 43% (3/7)." in text
+    assert "Pass rate: base 14% (1/7), adapter 43% (3/7)." in text  # an older eval.json: no test to report
     assert "| dose_no_context | needs weight \\| age | FAIL | pass |" in text
     assert "    Aggregate NEWS2 score: 5\n    Clinical risk: medium." in text
     assert "| lora-f16.gguf | lora | 100.0% | 2e-06 |" in text and VERIFY["serve"] in text
@@ -205,3 +205,19 @@ def test_the_exported_ggufs_task_scores_stand_beside_transformers_on_the_same_it
     assert "| task | metric | n | transformers + peft | lora-f16.gguf | merged-q8_0.gguf |" in text
     line = next(x for x in text.splitlines() if x.startswith("| icd10_parent_cloze | cloze_category | 299 |"))
     assert "| 50% (" in line and "· no detectable difference (p=1)" in line and "30% (" in line and "· worse (p=" in line
+
+
+def test_the_safety_suite_says_whether_its_handful_of_cases_tells_a_change(cfg):
+    """Seven cases: 2/7 -> 0/7 reads like a collapse, but the paired test on the same cases cannot tell it from noise;
+    the report says so, with each rate's interval."""
+    from stages import stats
+
+    base, adapter = [1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0], [0.0] * 7
+    data = {**EVAL, "safety": {"base": {"n": 7, "passed": 2, "pass_rate": 2 / 7},
+                               "adapter": {"n": 7, "passed": 0, "pass_rate": 0.0}},
+            "safety_test": stats.compare(base, adapter, higher_is_better=True)}
+    io.write_json(layout.eval_file("wards"), data)
+    io.write_jsonl(layout.metrics_file("wards"), metrics_rows())
+    report.run(cfg, "wards")
+    assert "Pass rate: base 29% (2/7; 95 % 8–64%), adapter 0% (0/7; 95 % 0–35%): no detectable difference (p=0.5) " \
+           "on the same cases." in layout.report_file("wards").read_text()
