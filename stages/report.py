@@ -226,7 +226,8 @@ def adapter_markdown(name: str, description: str, report: dict[str, Any], metric
     out += ["## Training", ""]
     if start:
         out.append(f"{start.get('total_steps')} steps on {start.get('n_train')} examples "
-                   f"({start.get('backend')}, {start.get('device')} {start.get('dtype')}, {_weights(start.get('quantization'))}).")
+                   f"({start.get('backend')}, {start.get('device')} {start.get('dtype')}, "
+                   f"{_weights(start.get('quantization'))}).")
     if vals:
         out.append(f"Validation loss {_num(vals[0]['val_loss'], 4)} → {_num(vals[-1]['val_loss'], 4)}.")
     if end and end.get("elapsed") is not None:

@@ -168,7 +168,8 @@ def test_a_figure_and_its_interval_come_from_the_same_items(cfg):
     report.run(cfg, "wards")
     text = layout.report_file("wards").read_text()
     assert "| wards | news2_score | generated | 1 | aggregate_mae | 2 (2–2) | 3 (3–3) | no detectable" in text
-    assert "| wards | news2_score | aggregate_mae | 2 (2–2) | 3 (3–3) | no detectable" in text  # the regressions list
+    # the regressions list
+    assert "| wards | news2_score | aggregate_mae | 2 (2–2) | 3 (3–3) | no detectable" in text
 
 
 def test_the_exported_ggufs_task_scores_stand_beside_transformers_on_the_same_items(cfg):
@@ -219,5 +220,5 @@ def test_the_safety_suite_says_whether_its_handful_of_cases_tells_a_change(cfg):
     io.write_json(layout.eval_file("wards"), data)
     io.write_jsonl(layout.metrics_file("wards"), metrics_rows())
     report.run(cfg, "wards")
-    assert "Pass rate: base 29% (2/7; 95 % 8–64%), adapter 0% (0/7; 95 % 0–35%): no detectable difference (p=0.5) " \
-           "on the same cases." in layout.report_file("wards").read_text()
+    assert "Pass rate: base 29% (2/7; 95 % 8–64%), adapter 0% (0/7; 95 % 0–35%): " \
+           "no detectable difference (p=0.5) on the same cases." in layout.report_file("wards").read_text()
