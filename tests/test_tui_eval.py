@@ -167,3 +167,24 @@ async def test_a_regression_s_interval_is_eval_s_own_on_the_paired_items(tmp_pat
         await wait_for(pilot, lambda: loaded(app), what="the eval report")
         rows = [row.strip() for row in squeezed(table_text(app, "#eval-regressions")).splitlines()]
         assert "accuracy 30% (17–47) 27% (15–45) ≈" in rows, rows
+
+
+async def test_the_safety_rows_carry_eval_s_paired_verdict(tmp_path, monkeypatch):
+    """The coding adapter's 2/7 -> 1/7 on the same seven cases: eval's exact McNemar cannot tell it from noise (≈);
+    an eval.json without the test (the decision adapter's here) shows the rates alone."""
+    import orjson
+
+    from stages import stats
+
+    root = eval_project(tmp_path, monkeypatch, FIXTURES / "default_run")
+    path = root / layout.eval_file("clinical_coding")
+    report = orjson.loads(path.read_bytes())
+    report["safety_test"] = stats.compare([1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0], [1.0] + [0.0] * 6,
+                                          higher_is_better=True)
+    path.write_bytes(orjson.dumps(report))
+    app = eval_app(root)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_for(pilot, lambda: loaded(app), what="the eval report")
+        rows = [row.split() for row in table_text(app, "#eval-safety").splitlines()]
+        assert rows == [["clinical_coding", "adapter", "1/7", "14%", "(3–51)", "≈"], ["base", "2/7", "29%", "(8–64)"],
+                        ["clinical_decision", "adapter", "4/7", "57%", "(25–84)"], ["base", "2/7", "29%", "(8–64)"]]

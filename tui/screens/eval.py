@@ -214,13 +214,17 @@ class EvalScreen(ReportScreen):
     @staticmethod
     def _safety(table: DataTable, name: str, report: dict) -> None:
         kind, rows = safety_rows(report)
+        # eval's paired test of the same cases marks the adapter's rate: ▲ better, ▼ worse, ≈ within noise
+        mark, style = VERDICT_MARK.get((report.get("safety_test") or {}).get("verdict"), ("", ""))
         for i, (label, result) in enumerate(rows):
             rate, n = float(result["pass_rate"]), result.get("n")
             passed = f"{result['passed']}/{n}" if n and result.get("passed") is not None else "–"
             shown = f"{rate:.0%}" + (" ({:.0f}–{:.0f})".format(*(x * 100 for x in wilson(rate, int(n)))) if n else "")
+            cell = Text(shown, justify="right", style="green" if rate >= 0.95 else "red")
+            if kind == "model" and label == "adapter" and mark:
+                cell.append(f" {mark}", style=style)
             label = label if kind == "model" else f"check: {label}"
-            table.add_row(Text(name if i == 0 else "", style="bold"), Text(label), Text(passed, justify="right"),
-                          Text(shown, justify="right", style="green" if rate >= 0.95 else "red"))
+            table.add_row(Text(name if i == 0 else "", style="bold"), Text(label), Text(passed, justify="right"), cell)
 
     @staticmethod
     def _regressions(table: DataTable, name: str, report: dict) -> None:
