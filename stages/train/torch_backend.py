@@ -171,7 +171,8 @@ def shared_start(base, inputs: dict[str, Any], prefix: int) -> dict[str, Any]:
 def token_nll(model, batch: dict[str, Any], hw: Hardware, guesses: bool = False, prefix: int = 0):
     """Summed negative log-likelihood of the trained tokens and their counts, per row (per example
     for a packed batch, indexed like the examples it was packed from). With `guesses`, also the model's
-    greedy token at every trained position, in row-major order (unpacked batches only).
+    greedy token at every trained position, in row-major order (unpacked batches only). With `prefix` (a padded
+    batch, no gradient: packing.shared_prefix), the rows' shared untrained start runs once (shared_start).
 
     The output head runs only where a token is trained: over a 49k vocabulary it is a fifth
     of a small model's compute per position, and prompt positions need no logits.
