@@ -61,3 +61,23 @@ async def test_a_failed_task_shows_its_reason_in_the_table_the_log_and_the_heade
         assert "told to fail" in next(line for line in shown.splitlines() if "✗ failed" in line), shown
         assert "last run failed: dedup" in shown.splitlines()[0], shown
         assert app.pipeline.task("scrape:alpha").state == "up to date"  # the DB's word for what finished
+
+
+
+async def test_the_header_names_a_failed_task_at_80_columns_however_long_its_name(project, monkeypatch):
+    """Reproduced by a user: a failed `base_model:<hub id>` task left "last run failed:" in the 80-column header and
+    nothing after it: the bar wrapped its text and the name went to a second line, out of sight. It is cut with an
+    ellipsis now, its start kept."""
+    long = "huggingfacetb_smollm2-360m-instruct"
+    dodo = project / "dodo.py"
+    dodo.write_text(dodo.read_text().replace('"name": "alpha"', f'"name": "{long}"')
+                    .replace('step("scrape:alpha"', f'step("scrape:{long}"'))
+    monkeypatch.setenv("TINY_FAIL", f"scrape:{long}")
+    app = make_app(project)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_for(pilot, lambda: len(app.pipeline.static) == 3, what="doit's static status")
+        await confirm(pilot, "a")
+        await wait_for(pilot, lambda: app.run_summary().startswith("last run failed"), 30, "the run to fail")
+        await pilot.pause(0.3)
+        header = screen_text(app).splitlines()[0]
+        assert f"last run failed: scrape:{long[:10]}" in header and header.rstrip().endswith("…"), header

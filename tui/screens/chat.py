@@ -225,7 +225,7 @@ class ChatScreen(Screen):
             left.set_model(self.model)
         right.display = self.side_by_side
         # one line at 80 columns: the footer names the keys; the bar says what the footer cannot
-        bar = Text("model ", style="dim", no_wrap=True, overflow="ellipsis")
+        bar = Text("model ", style="dim")
         bar.append(left.label if not self.side_by_side else f"{left.label} | {right.label}", style="bold")
         from stages.chat import URL_ENV
         if os.environ.get(URL_ENV):

@@ -41,6 +41,4 @@ class TopBar(Static):
         while 0 < self.size.width < bar.cell_len + len(run_text) and " · " in run_text:
             run_text = run_text.rsplit(" · ", 1)[0]
         bar.append(run_text, style="cyan" if self.running else "")
-        bar.no_wrap = True
-        bar.overflow = "ellipsis"
-        return bar
+        return bar  # what still does not fit is cut with an ellipsis (app.tcss)
