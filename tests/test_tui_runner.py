@@ -53,6 +53,26 @@ def test_tail_reads_only_the_end_of_a_huge_log(tmp_path):
     assert follower.restarted
 
 
+
+def test_a_progress_bar_in_a_log_shows_as_its_last_drawing(tmp_path):
+    """base_model's log as transformers writes it: a tqdm bar redrawn with carriage returns. The log view showed
+    every redraw as a line of its own (the pane's eight lines were all progress); a terminal shows the last one."""
+    path = tmp_path / "base_model.log"
+    bar = "\r".join(f"Converting and de-quantizing GGUF tensors...: {p:3d}%|" + "#" * (p // 10)
+                     for p in (0, 18, 51, 100))
+    path.write_bytes(f"[base_model] started\n\r{bar}\nbase_model: done\r\n[base_model] done in 21.6s\n".encode())
+    lines, offset = tail_lines(path, 10)
+    assert lines == ["[base_model] started", "Converting and de-quantizing GGUF tensors...: 100%|##########",
+                     "base_model: done", "[base_model] done in 21.6s"]
+    follower = Follower(path, 0)
+    assert [b.decode() for b in follower.read_new()] == lines
+    with open(path, "ab") as fh:  # a bar still drawing is a partial line: it shows once its line ends
+        fh.write(b"Writing:  21%\rWriting:  79%")
+    assert follower.read_new() == []
+    with open(path, "ab") as fh:
+        fh.write(b"\rWriting: 100%\n")
+    assert follower.read_new() == [b"Writing: 100%"]
+
 def test_static_status_says_why_each_task_runs(project):
     status = runner.static_status(project)
     rows = {t["name"]: t for t in status["tasks"]}

@@ -12,6 +12,13 @@ import orjson
 TAIL_BYTES = 256 * 1024  # what a first look at a log reads, at most
 
 
+def as_shown(data: bytes) -> list[bytes]:
+    """The lines of `data` (complete lines, split at "\\n" only) as a terminal shows them: within a line, a carriage
+    return starts it over, so a progress bar that redraws itself ("\\r 10%\\r 50%\\r100%\\n", tqdm in a library's
+    log) is its last drawing, one line, not one line per redraw."""
+    return [line.rstrip(b"\r").rsplit(b"\r", 1)[-1] for line in data.split(b"\n")[:-1]] if data else []
+
+
 def tail_lines(path: Path, count: int, max_bytes: int = TAIL_BYTES) -> tuple[list[str], int]:
     """The last `count` lines of `path` (reading at most `max_bytes` from its end) and the file size read up to."""
     try:
@@ -25,7 +32,7 @@ def tail_lines(path: Path, count: int, max_bytes: int = TAIL_BYTES) -> tuple[lis
     if start > 0:  # the first line is cut by the seek; drop it
         data = data.split(b"\n", 1)[1] if b"\n" in data else b""
     end = data.rfind(b"\n") + 1  # keep a trailing partial line for the next read
-    lines = data[:end].decode("utf-8", "replace").splitlines()
+    lines = [line.decode("utf-8", "replace") for line in as_shown(data[:end])]
     return lines[-count:], size - (len(data) - end)
 
 
@@ -61,7 +68,7 @@ class Follower:
             data = fh.read(st.st_size - self.offset)
         end = data.rfind(b"\n") + 1
         self.offset += end
-        return data[:end].splitlines()
+        return as_shown(data[:end])
 
     def read_json(self) -> list[dict]:
         rows = []
