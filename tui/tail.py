@@ -16,7 +16,7 @@ def as_shown(data: bytes) -> list[bytes]:
     """The lines of `data` (complete lines, split at "\\n" only) as a terminal shows them: within a line, a carriage
     return starts it over, so a progress bar that redraws itself ("\\r 10%\\r 50%\\r100%\\n", tqdm in a library's
     log) is its last drawing, one line, not one line per redraw."""
-    return [line.rstrip(b"\r").rsplit(b"\r", 1)[-1] for line in data.split(b"\n")[:-1]] if data else []
+    return [line.rstrip(b"\r").rsplit(b"\r", 1)[-1] for line in data.split(b"\n")[:-1]]
 
 
 def tail_lines(path: Path, count: int, max_bytes: int = TAIL_BYTES) -> tuple[list[str], int]:
