@@ -10,7 +10,7 @@ import sys
 from doit import get_var
 from doit.tools import config_changed
 
-from stages import config, layout, lock, registry, scrape
+from stages import config, depdb, layout, lock, registry, scrape
 from stages.config import ConfigError
 from stages.events import EventReporter
 
@@ -24,6 +24,7 @@ except ConfigError as exc:
     sys.exit("\n".join(f"config error: {line}" for line in exc.problems))  # before data/ exists: nothing made
 layout.DATA.mkdir(exist_ok=True)
 lock.refuse_db_writes(sys.argv)  # `doit forget` & co. wait for a run to end; `doit run` takes the lock in its reporter
+depdb.relocate(layout.doit_db())  # a DB from before code deps were relative: keep what is up to date
 BASES = {layout.slug(spec): spec for spec in CFG.base_models()}
 SCORING = sorted({f for s in CFG.sources.values() for f in registry.source_code(s.kind)})  # sources score their tasks
 

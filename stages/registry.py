@@ -60,11 +60,22 @@ SOURCE_USES = {
 }
 
 
+def where() -> Path:
+    """stages/ as code deps name it: relative to the working directory when inside it, as for doit, which runs from
+    the project's root and keys its state by each dep's path (a project moved, renamed or mounted elsewhere stays up
+    to date); absolute otherwise (an installed `stages` outside the project)."""
+    try:
+        return CODE.relative_to(Path.cwd().resolve())
+    except ValueError:
+        return CODE
+
+
 def files(names) -> list[str]:
-    """Absolute paths of code files under stages/; a folder stands for every .py in it (new ones included)."""
+    """Paths of code files under stages/ (see `where`); a folder stands for every .py in it (new ones included)."""
     out: list[str] = []
+    code = where()
     for name in names:
-        path = CODE / name
+        path = code / name
         out += [str(p) for p in sorted(path.glob("*.py"))] if path.is_dir() else [str(path)]
     return out
 

@@ -1,9 +1,12 @@
 """The whole graph on a tiny random model, and the make-like rules, proven by counting executed tasks."""
 from __future__ import annotations
 
+import copy
 import json
 import os
+import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -52,6 +55,38 @@ def test_full_graph_builds_every_target(project):
 
 def test_second_run_with_nothing_changed_executes_nothing(project):
     assert project.run() == set()
+
+
+def moved_copy(project: Project, where) -> Project:
+    """The project at another path, as `mv`, `cp -a` or another mount gives it: every file, mtimes kept."""
+    shutil.copytree(project.root, where, symlinks=True)
+    moved = copy.copy(project)
+    moved.root = where
+    return moved
+
+
+def test_a_moved_project_runs_nothing(project, tmp_path):
+    assert moved_copy(project, tmp_path / "elsewhere").run() == set()
+
+
+def test_a_state_db_an_older_medforge_wrote_runs_nothing_after_the_update(project, tmp_path):
+    """Older medforge keyed stage-code deps by absolute path: a DB written so, even in another place, is rewritten
+    in place (stages.depdb) instead of rebuilding everything on the first run after the update."""
+    moved = moved_copy(project, tmp_path / "elsewhere")
+    db = sqlite3.connect(moved.path("data/.doit.sqlite"))
+
+    def absolute(path: str) -> str:
+        return str(project.root / path) if path.startswith("stages/") else path
+
+    with db:
+        for task, text in db.execute("select task_id, task_data from doit").fetchall():
+            data = {absolute(k): v for k, v in json.loads(text).items()}
+            data["deps:"] = [absolute(p) for p in data.get("deps:", [])]
+            db.execute("update doit set task_data = ? where task_id = ?", (json.dumps(data), task))
+    assert moved.run() == set()
+    keys = [k for (text,) in db.execute("select task_data from doit") for k in json.loads(text)]
+    db.close()
+    assert "stages/split.py" in keys and not [k for k in keys if k.startswith(str(project.root))]
 
 
 def test_one_source_change_reruns_only_that_source_and_changed_splits(project):

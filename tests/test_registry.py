@@ -4,6 +4,7 @@ hold every module it builds on (so editing a helper re-runs the sources that use
 from __future__ import annotations
 
 import ast
+from pathlib import Path
 
 from stages import registry
 from stages.sources import KINDS
@@ -50,7 +51,7 @@ def builds_on(module: str, edges: dict[str, set[str]]) -> set[str]:
 
 
 def as_module(path: str) -> str:
-    return "stages." + path.split("/stages/", 1)[1].removesuffix(".py").replace("/", ".")
+    return "stages." + str(Path(path).resolve()).split("/stages/", 1)[1].removesuffix(".py").replace("/", ".")
 
 
 def test_a_source_declares_every_module_it_builds_on():
@@ -66,7 +67,14 @@ def test_a_source_declares_every_module_it_builds_on():
 
 
 def test_a_code_dep_folder_stands_for_every_module_in_it():
-    train = registry.code("train")
-    assert str(registry.CODE / "train" / "__init__.py") in train
-    assert str(registry.CODE / "train" / "loop.py") in train
-    assert all(p.endswith(".py") for p in train)
+    train = [Path(p).resolve() for p in registry.code("train")]
+    assert registry.CODE / "train" / "__init__.py" in train
+    assert registry.CODE / "train" / "loop.py" in train
+    assert all(p.suffix == ".py" for p in train)
+
+
+def test_code_deps_are_named_relative_to_the_project_so_a_moved_project_stays_up_to_date(monkeypatch, tmp_path):
+    monkeypatch.chdir(registry.CODE.parent)  # doit runs from the project's root
+    assert "stages/split.py" in registry.code("split")
+    monkeypatch.chdir(tmp_path)  # stages/ outside the working directory (an installed package): absolute
+    assert str(registry.CODE / "split.py") in registry.code("split")
