@@ -74,3 +74,29 @@ def test_drugbank_xml_and_a_local_dataset_are_inputs(tmp_path):
     assert scrape.input_files(cfg("hf_qa", dataset="medqa")) == []  # the hub: no file of the user's
     assert scrape.input_files(cfg("local_files", paths=[str(tmp_path / "*.xml")])) == []  # not a readable suffix
     assert scrape.input_files(cfg("pubmed", term="x")) == []
+
+
+def test_a_moved_project_reads_its_local_files_into_the_same_example_ids(tmp_path):
+    """Rows without an id of their own are named after their file's copy: a project moved, renamed or mounted
+    elsewhere must give them the same ids when it reads its files again, or their clusters would be placed anew
+    (a test item of before could land in train)."""
+    (tmp_path / "here").mkdir()
+    project = Project(tmp_path / "here", base_model="embedded:smollm2-135m-instruct")
+    (project.root / "sources.toml").write_text(sources_toml(news2_count=20, icd_codes=20) + """
+[sources.mine]
+kind = "local_files"
+adapters = ["clinical_decision"]
+[sources.mine.params]
+paths = ["notes/*.jsonl"]
+""")
+    (project.root / "notes").mkdir()
+    (project.root / "notes" / "a.jsonl").write_text(qa("What is A?", "A is the first answer.") + qa("Why B?", "B."))
+
+    def ids() -> list[str]:
+        return [json.loads(line)["id"] for line in project.path("data/examples/mine.jsonl").read_text().splitlines()]
+
+    assert CHAIN <= project.run("scrape:mine", "normalize:mine")
+    before = ids()
+    project.root = project.root.rename(tmp_path / "elsewhere")
+    assert CHAIN <= project.run("--always-execute", "scrape:mine", "normalize:mine")  # read again, there
+    assert ids() == before and len(before) == 2

@@ -155,8 +155,16 @@ class LocalFiles(Source):
 
     @staticmethod
     def page_name(path: Path) -> str:
-        """The name of a user's file's copy under data/raw/<source>/pages/."""
-        digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:8]
+        """The name of a user's file's copy under data/raw/<source>/pages/, which its rows' ids (without an id of
+        their own) and so their clusters and splits carry: from the file's path relative to the project (the working
+        directory) where it is inside it, absolute otherwise, so a project moved or mounted elsewhere names its
+        files' copies, and keeps its examples' ids, as before."""
+        resolved = path.resolve()
+        try:
+            resolved = resolved.relative_to(Path.cwd().resolve())
+        except ValueError:
+            pass
+        digest = hashlib.sha256(str(resolved).encode()).hexdigest()[:8]
         stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", path.stem)[:80]
         return f"{stem}-{digest}{path.suffix.lower()}"
 
