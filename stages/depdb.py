@@ -14,10 +14,17 @@ from pathlib import Path
 from stages import lock, registry
 
 
-def relocated(path: str) -> str:
-    """An absolute `<any root>/stages/<file>` as `stages/<file>` (nothing under stages/ is itself named stages)."""
+def code_files() -> set[str]:
+    """Every .py under stages/, as registry names code deps now."""
+    return {str(registry.where() / p.relative_to(registry.CODE)) for p in registry.CODE.rglob("*.py")}
+
+
+def relocated(path: str, code: set[str]) -> str:
+    """An absolute `<any root>/stages/<file>` as `stages/<file>` where that is one of the stages' `code` files (nothing
+    under stages/ is itself named stages); any other path, a user's file too, as it is."""
     if path.startswith("/") and "/stages/" in path:
-        return str(registry.where() / path.rsplit("/stages/", 1)[1])
+        named = str(registry.where() / path.rsplit("/stages/", 1)[1])
+        return named if named in code else path
     return path
 
 
@@ -35,11 +42,12 @@ def relocate(db: Path) -> int:
                 rows = con.execute("select task_id, task_data from doit").fetchall()
             except sqlite3.DatabaseError:  # not doit's (or damaged): doit itself says so, with the fix
                 return 0
+            code = code_files()
             for task, text in rows:
                 data = json.loads(text)
-                new = {relocated(key): value for key, value in data.items()}
+                new = {relocated(key, code): value for key, value in data.items()}
                 if "deps:" in new:
-                    new["deps:"] = [relocated(path) for path in new["deps:"]]
+                    new["deps:"] = [relocated(path, code) for path in new["deps:"]]
                 if new != data:
                     con.execute("update doit set task_data = ? where task_id = ?", (json.dumps(new), task))
                     changed += 1

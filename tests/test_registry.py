@@ -6,7 +6,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-from stages import registry
+from stages import depdb, registry
 from stages.sources import KINDS
 from tests.test_import_graph import ROOT, graph
 
@@ -78,3 +78,12 @@ def test_code_deps_are_named_relative_to_the_project_so_a_moved_project_stays_up
     assert "stages/split.py" in registry.code("split")
     monkeypatch.chdir(tmp_path)  # stages/ outside the working directory (an installed package): absolute
     assert str(registry.CODE / "split.py") in registry.code("split")
+
+
+def test_an_older_state_dbs_absolute_code_deps_are_renamed_and_nothing_else(monkeypatch):
+    monkeypatch.chdir(registry.CODE.parent)
+    code = depdb.code_files()
+    assert depdb.relocated("/old/root/stages/split.py", code) == "stages/split.py"
+    assert depdb.relocated("/old/root/stages/sources/news2.py", code) == "stages/sources/news2.py"
+    for users in ("/mnt/stages/notes.jsonl", "/mnt/stages/no_such_stage.py", "data/dedup/kept.jsonl"):
+        assert depdb.relocated(users, code) == users  # a user's file, or no stage's code: as it is
