@@ -609,7 +609,7 @@ async def test_training_view_before_metrics_says_what_the_run_is_doing(project):
         app.post_message(_Polled(Holder(4242, "shell", 0.0, "doit"), True,
                                  [{"event": "run_start", "selected": []}, {"event": "task_start", "task": "dedup"}],
                                  new_run=True))
-        await wait_for(pilot, lambda: "a run is going; train:tiny is will run in it" in stats(), what="waiting")
+        await wait_for(pilot, lambda: "a run is going; train:tiny will run in it" in stats(), what="waiting")
         app.post_message(_Polled(Holder(4242, "shell", 0.0, "doit"), True,
                                  [{"event": "task_start", "task": "train:tiny"}], new_run=False))
         await wait_for(pilot, lambda: "train:tiny is running: loading the model and data" in stats(), what="loading")
