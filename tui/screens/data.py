@@ -30,7 +30,9 @@ def dedup_note(total: dict | None, cleaning: dict | None) -> Text:
         by_reason = ", ".join(f"{n:,} {reason.replace('_', ' ')}"
                               for reason, n in sorted(cleaning.items(), key=lambda kv: (-kv[1], kv[0])) if n)
         note += f", {sum(cleaning.values()):,} dropped by cleaning" + (f" ({by_reason})" if by_reason else "")
-    note += f", {dups:,} duplicates removed, {total['kept']:,} kept ({total.get('duplicate_clusters', 0):,} clusters)"
+    groups = total.get("duplicate_clusters")  # the copies came in this many groups (one kept of each)
+    note += f", {dups:,} duplicates removed" + (f" ({groups:,} groups of copies)" if groups else "")
+    note += f", {total['kept']:,} kept"
     return Text(note, style="dim")
 
 
