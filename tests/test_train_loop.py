@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +34,8 @@ class FakeBackend:
     checkpoint_subdir = "fake"
     description = "a fake backend"
 
-    def __init__(self, val_curve: dict[int, float], kill_at: int | None = None):
-        self.val_curve, self.kill_at = val_curve, kill_at
+    def __init__(self, val_curve: dict[int, float], kill_at: int | None = None, val_seconds: float = 0.0):
+        self.val_curve, self.kill_at, self.val_seconds = val_curve, kill_at, val_seconds
         self.steps: list[dict] = []    # what each step() was given
         self.val_at: list[int] = []    # steps done at each val_loss()
         self.saved: dict | None = None
@@ -53,6 +54,7 @@ class FakeBackend:
 
     def val_loss(self, examples):
         self.val_at.append(self.done)
+        time.sleep(self.val_seconds)
         return self.val_curve[self.done]
 
     def snapshot(self):
@@ -144,6 +146,16 @@ def test_schedule_accumulation_validation_and_summary(tmp_path):
     # finished: the best (here the last) weights are the adapter, and the checkpoints are gone
     assert np.allclose(np.load(tmp_path / "lora" / "adapter.npy"), sum(lrs))
     assert not (tmp_path / "checkpoints" / "fake").exists()
+
+
+def test_the_eta_counts_the_validations_still_to_come(tmp_path):
+    """Steps are instant here and each validation takes 0.2 s: the ETA is the validations left (at steps 3, 6, 9
+    and 12 of 12, a step's own included) at their measured pace, not "0 s" while a fifth of the run is ahead."""
+    run(tmp_path, FakeBackend(IMPROVING, val_seconds=0.2))
+    eta = {r["step"]: r["eta_s"] for r in lines(tmp_path, "train")}
+    assert [loop.pending_validations(d, 12, 3) for d in (1, 3, 4, 11, 12)] == [4, 4, 3, 1, 1]
+    assert 0.75 <= eta[1] <= 1.2 and 0.55 <= eta[4] <= 0.9 and 0.15 <= eta[12] <= 0.4
+    assert [loop.pending_validations(d, 10, 4) for d in (1, 4, 5, 9, 10)] == [3, 3, 2, 1, 1]  # 4, 8 and the last
 
 
 def test_patience_stops_and_the_best_weights_are_saved(tmp_path):

@@ -29,6 +29,11 @@ VAL_MAX_EXAMPLES = 200   # enough for a stable loss without dominating CPU runs
 MAX_GRAD_NORM = 1.0      # both backends clip the step's gradient to this norm
 
 
+def pending_validations(done: int, steps: int, every: int) -> int:
+    """The validations still to run once step `done` is taken (its own included): every `every` steps and the last."""
+    return steps // every - (done - 1) // every + (1 if steps % every else 0)
+
+
 def total_steps(n_batches: int, grad_accum: int, epochs: int, max_steps: int) -> int:
     return max_steps if max_steps > 0 else max(1, math.ceil(epochs * n_batches / grad_accum))
 
@@ -131,11 +136,16 @@ def train(backend: Backend, *, name: str, base_model: str, lora: dict[str, Any],
                           eval_every=eval_every, patience=patience)
     say(f"train:{name}: {len(train_examples)} examples ({dropped} dropped), {steps} steps, {backend.description}")
 
+    validations = {"runs": 0, "seconds": 0.0}  # their pace, for the ETA: a validation can cost several steps
+
     def validate(step: int) -> None:
         nonlocal best
         if not val_examples:
             return
+        t0 = time.perf_counter()
         loss = backend.val_loss(val_examples)
+        validations["runs"] += 1
+        validations["seconds"] += time.perf_counter() - t0
         state["end_val_loss"] = loss
         if state["start_val_loss"] is None:
             state["start_val_loss"] = loss
@@ -170,8 +180,10 @@ def train(backend: Backend, *, name: str, base_model: str, lora: dict[str, Any],
         state["tokens"] += tokens
         state["input_tokens"] += input_tokens
         if main:
+            pending = pending_validations(done, steps, eval_every) if val_examples else 0
             row = metrics.step(done, steps, loss, lr, tokens, input_tokens, step_seconds, timed_seconds, epoch,
-                               grad_norm=grad_norm, steps_timed=timed_steps)
+                               grad_norm=grad_norm, steps_timed=timed_steps,
+                               pending_seconds=pending * validations["seconds"] / max(1, validations["runs"]))
             progress.update(done, loss, row["tok_s"], row["eta_s"])
         if done % eval_every == 0 or done == steps:
             validate(done)

@@ -162,10 +162,11 @@ class MetricsStream:
 
     def step(self, step: int, total_steps: int, loss: float, lr: float, tokens: int, input_tokens: int,
              step_seconds: float, train_seconds: float, epoch: int, grad_norm: float | None = None,
-             steps_timed: int | None = None) -> dict[str, Any]:
-        """`train_seconds` is time spent in the last `steps_timed` optimizer steps (excludes validation), for the ETA."""
+             steps_timed: int | None = None, pending_seconds: float = 0.0) -> dict[str, Any]:
+        """The ETA: the steps left at the pace of the last `steps_timed` ones (`train_seconds`, validation excluded),
+        plus `pending_seconds`, what the validations still to come will take at theirs."""
         timed = steps_timed if steps_timed is not None else step
-        eta = train_seconds / timed * (total_steps - step) if timed else None
+        eta = train_seconds / timed * (total_steps - step) + pending_seconds if timed else None
         row = self.write("train", step=step, total_steps=total_steps, epoch=epoch, loss=round(loss, 5), lr=lr,
                          grad_norm=round(grad_norm, 5) if grad_norm is not None else None,
                          tokens=tokens, tok_s=round(tokens / step_seconds, 2) if step_seconds else None,
