@@ -2,7 +2,8 @@
 
 For each task: will it run (and doit's reasons, in one short line) or is it up to date, plus
 its task deps. Run by the dashboard in a subprocess from the project folder, so dodo.py and
-doit's loader never load into the app; read-only (the dep DB is never written).
+doit's loader never load into the app; read-only (doit's dep DB is never written; dodo.py's load may rename an
+older DB's code paths once, stages.depdb, which changes no task's state).
 """
 from __future__ import annotations
 
