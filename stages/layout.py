@@ -17,6 +17,16 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-zA-Z0-9_.-]+", "_", text).strip("_").lower()
 
 
+def as_named(path: str | Path) -> Path:
+    """`path` as the project names it: relative to its root (the working directory) when inside it, absolute
+    otherwise. What persists under such a name (doit's state, a file's raw copy) survives the project moving."""
+    resolved = Path(path).resolve()
+    try:
+        return resolved.relative_to(Path.cwd().resolve())
+    except ValueError:
+        return resolved
+
+
 # --- base models
 def base_dir(spec: str) -> Path:
     """The Hugging Face folder for a base model spec.

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from stages import layout
+
 CODE = Path(__file__).resolve().parent  # the installed `stages` package
 
 
@@ -61,13 +63,10 @@ SOURCE_USES = {
 
 
 def where() -> Path:
-    """stages/ as code deps name it: relative to the working directory when inside it, as for doit, which runs from
-    the project's root and keys its state by each dep's path (a project moved, renamed or mounted elsewhere stays up
-    to date); absolute otherwise (an installed `stages` outside the project)."""
-    try:
-        return CODE.relative_to(Path.cwd().resolve())
-    except ValueError:
-        return CODE
+    """stages/ as code deps name it (layout.as_named): doit runs from the project's root and keys its state by each
+    dep's path, so a project moved, renamed or mounted elsewhere stays up to date; absolute for a `stages` installed
+    outside the project."""
+    return layout.as_named(CODE)
 
 
 def files(names) -> list[str]:

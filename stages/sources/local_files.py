@@ -31,6 +31,7 @@ from typing import Any, Iterator
 
 import orjson
 
+from stages import layout
 from stages.sources import Key, Source, SourceError
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -159,12 +160,7 @@ class LocalFiles(Source):
         their own) and so their clusters and splits carry: from the file's path relative to the project (the working
         directory) where it is inside it, absolute otherwise, so a project moved or mounted elsewhere names its
         files' copies, and keeps its examples' ids, as before."""
-        resolved = path.resolve()
-        try:
-            resolved = resolved.relative_to(Path.cwd().resolve())
-        except ValueError:
-            pass
-        digest = hashlib.sha256(str(resolved).encode()).hexdigest()[:8]
+        digest = hashlib.sha256(str(layout.as_named(path)).encode()).hexdigest()[:8]
         stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", path.stem)[:80]
         return f"{stem}-{digest}{path.suffix.lower()}"
 
