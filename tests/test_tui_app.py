@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import pytest
@@ -155,7 +154,8 @@ async def test_training_data_and_eval_views_read_what_stages_wrote(project):
         assert drops.index("clean · alpha too long (> clean.max_tokens) 4") \
             < drops.index("clean · alpha empty question or answer 2") < drops.index("dedup · alpha exact duplicate 7")
         note = str(app.screen.query_one("#dedup-total").render())
-        assert "126 in, 6 dropped by cleaning (4 too long, 2 empty), 10 duplicates removed, 110 kept" in note
+        assert ("126 in, 6 dropped by cleaning (4 too long, 2 empty), 10 duplicates removed (6 groups of copies), "
+                "110 kept") in note
         assert "90" in table_text(app, "#data-splits")
         assert "no answer tokens" in table_text(app, "#data-drops")  # train dropped 2
         await pilot.press("4")

@@ -136,6 +136,8 @@ async def test_quitting_leaves_real_training_going_and_reopening_finds_it(projec
         # select the task and run it (with whatever it depends on)
         table = app.screen.query_one("#tasks")
         names = [r.name for r in app.pipeline.rows()]
+        # the plan is in the app; its repaint of the table follows in a message: move on the rows it will show
+        await wait_for(pilot, lambda: [key.value for key in table.rows] == names, what="the table to show the plan")
         table.move_cursor(row=names.index("train:clinical_coding"), animate=False)
         await wait_for(pilot, lambda: app.screen.selected == "train:clinical_coding", what="selection")
         await confirm(pilot, "r")
