@@ -14,13 +14,12 @@ import orjson
 from doit.cmd_base import DodoTaskLoader, DoitCmdBase
 from doit.doit_cmd import DoitMain
 
+from stages import layout
+
 
 def _short(path: str) -> str:
-    p = Path(path)
-    try:
-        return str(p.resolve().relative_to(Path.cwd()))
-    except ValueError:
-        return "/".join(p.parts[-2:])  # a stage module outside the project: stages/x.py
+    named = layout.as_named(path)
+    return "/".join(named.parts[-2:]) if named.is_absolute() else str(named)  # outside the project: stages/x.py
 
 
 def _some(paths, verb: str) -> str:
