@@ -106,19 +106,24 @@ def mean_metrics(per_example: list[dict[str, float]]) -> dict[str, float]:
     return {key: sum(v) / len(v) for key, v in sorted(sums.items())}
 
 
-def choices_for(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Choice questions of a split, in row order: {"index" (row), "task", "options": [continuation...], "gold": i},
-    each task's from its source's `choices` hook, given that task's rows."""
-    rows_of: dict[str, list[int]] = defaultdict(list)
-    for index, row in enumerate(rows):
-        rows_of[row.get("task", "")].append(index)
+def choices_for(rows: list[dict[str, Any]], pool: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Choice questions of `rows`, in row order: {"index" (row), "task", "options": [continuation...], "gold": i},
+    each task's from its source's `choices` hook, given that task's rows of `pool`: the whole split `rows` were
+    sampled from (its very row objects; rows themselves when None). A question's options (an ICD-10 code's
+    distractors are other codes of the split) so depend on its row and split only: eval's sample, another
+    adapter's eval and the export's subset ask a row the same question, and their figures pair by row id."""
+    where = None if pool is None else {id(row): i for i, row in enumerate(rows)}
+    members: dict[str, list[tuple[dict, int | None]]] = defaultdict(list)  # per task: (row, its index in rows)
+    for index, row in enumerate(rows if pool is None else pool):
+        members[row.get("task", "")].append((row, index if where is None else where.get(id(row))))
     out = []
-    for name, indexes in rows_of.items():
+    for name, of_task in members.items():
         task = scored_tasks().get(name)
         if task is None or task.choices is None:
             continue
-        for i, options, gold in task.choices([rows[k] for k in indexes]):
-            out.append({"index": indexes[i], "task": name, "options": options, "gold": gold})
+        for i, options, gold in task.choices([row for row, _ in of_task]):
+            if of_task[i][1] is not None:
+                out.append({"index": of_task[i][1], "task": name, "options": options, "gold": gold})
     return sorted(out, key=lambda q: q["index"])
 
 
@@ -507,8 +512,9 @@ class Items(NamedTuple):
     cloze: list[Cloze]
 
 
-def task_items(tokenizer, rows: list[dict]) -> Items:
-    choices = choices_for(rows)
+def task_items(tokenizer, rows: list[dict], choices: list[dict] | None = None) -> Items:
+    """`choices`: the rows' questions (choices_for) where they were asked with a pool."""
+    choices = choices_for(rows) if choices is None else choices
     return Items(choices, choice_examples(tokenizer, rows, choices), cloze_examples(tokenizer, rows))
 
 
@@ -544,10 +550,11 @@ def rows_of(cols: dict[str, list[float | None]]) -> list[dict[str, float]]:
 
 
 def evaluate_split(judge: Judge, rows: list[dict], max_length: int, max_generate: int,
-                   keep_items: bool = False) -> tuple[dict, int, dict[str, float]]:
-    """One split's cell of the matrix, the rows its length limit dropped and seconds per part. With
-    `keep_items`, each choice and cloze metric keeps the adapter's per-item figures with their row ids (the
-    report pairs the exported GGUFs' scores of the same items with them)."""
+                   keep_items: bool = False, pool: list[dict] | None = None) -> tuple[dict, int, dict[str, float]]:
+    """One split's cell of the matrix, the rows its length limit dropped and seconds per part; `pool`: the whole
+    split `rows` were sampled from (choices_for). With `keep_items`, each choice and cloze metric keeps the
+    adapter's per-item figures with their row ids (the report pairs the exported GGUFs' scores of the same items
+    with them)."""
     from stages.train import format as fmt
 
     took: dict[str, float] = {}
@@ -570,7 +577,7 @@ def evaluate_split(judge: Judge, rows: list[dict], max_length: int, max_generate
     lap("perplexity")
 
     metrics: dict[str, dict] = {}
-    items = task_items(judge.tokenizer, rows)
+    items = task_items(judge.tokenizer, rows, choices_for(rows, pool))
     base_c, adapter_c = judge.choice(items.choice_examples) if items.choice_examples else ([], [])
     lap("choice")
     base_hits, adapter_hits = cloze_from_pass(judge, items.cloze, list(encoded), examples, base_pass, adapter_pass)
@@ -633,15 +640,20 @@ def samples(judge: Judge, own_rows: list[dict]) -> list[dict]:
     return [{"prompt": p, "base": b, "adapter": a} for p, b, a in zip(prompts, base_out, adapter_out)]
 
 
-def test_splits(cfg, adapter_name: str) -> dict[str, list[dict]]:
-    """Every adapter's test split (own first), each at its own adapter's eval.max_examples, another adapter's
-    at most CROSS_EXAMPLES of those, by the same hash rank (the same rows in every adapter's eval; where that is the
-    whole sample, as for NEWS2's 300 rows, the split's base figures are computed once)."""
+def test_splits(cfg, adapter_name: str) -> dict[str, tuple[list[dict], list[dict]]]:
+    """Every adapter's test split (own first) as (the rows eval scores, the whole split): each at its own
+    adapter's eval.max_examples, another adapter's at most CROSS_EXAMPLES of those, by the same hash rank (the same
+    rows in every adapter's eval; where that is the whole sample, as for NEWS2's 300 rows, the split's base figures
+    are computed once)."""
     from stages.train import read_split
 
     names = [adapter_name] + sorted(n for n in cfg.adapters if n != adapter_name)
-    out = {name: spread_sample(read_split(name, "test"), cfg.adapters[name].eval["max_examples"]) for name in names}
-    return {name: rows if name == adapter_name else spread_sample(rows, CROSS_EXAMPLES) for name, rows in out.items()}
+    out = {}
+    for name in names:
+        split = read_split(name, "test")
+        rows = spread_sample(split, cfg.adapters[name].eval["max_examples"])
+        out[name] = (rows if name == adapter_name else spread_sample(rows, CROSS_EXAMPLES), split)
+    return out
 
 
 def spread_sample(rows: list[dict], limit: int) -> list[dict]:
@@ -685,12 +697,12 @@ def run(cfg, adapter_name: str) -> dict[str, Any]:
     max_generate = a.eval["max_generate"]
 
     matrix, dropped = {}, 0
-    for name, rows in splits.items():
+    for name, (rows, split) in splits.items():
         # a split is scored as its own adapter defines it (its sample, max_length): the same rows in every eval
         # score the base alike, so the base cache serves them once (another adapter's split: CROSS_EXAMPLES of them)
         own = name == adapter_name
         cell, lost, took = evaluate_split(judge, rows, cfg.adapters[name].train["max_length"],
-                                          max_generate if own else 0, keep_items=own)
+                                          max_generate if own else 0, keep_items=own, pool=split)
         matrix[name] = cell
         if name == adapter_name:
             dropped = lost
@@ -713,7 +725,7 @@ def run(cfg, adapter_name: str) -> dict[str, Any]:
         print(f"eval:{adapter_name}: safety pass rate base {report['safety']['base']['pass_rate']:.0%} -> "
               f"adapter {report['safety']['adapter']['pass_rate']:.0%} on {len(report['safety_cases'])} cases: "
               f"{report['safety_test']['verdict']} (p={report['safety_test']['p']:.2g})")
-    report["samples"] = samples(judge, splits[adapter_name])
+    report["samples"] = samples(judge, splits[adapter_name][0])
     io.write_json(layout.eval_file(adapter_name), report)
     worse, noise = stats.beyond_noise(report["regressions"])
     print(f"eval:{adapter_name}: {report['n_examples']} examples, {report['n_tokens']} answer tokens: "

@@ -269,35 +269,38 @@ def conversations_for(adapter_name: str | None, n: int) -> list[list[dict]]:
     return [[{"role": "user", "content": p}] for p in FALLBACK_PROMPTS[:n]]
 
 
-def scored_rows(cfg, adapter_name: str) -> list[dict]:
-    """The test rows each GGUF answers: `export.task_examples` of those the adapter's eval scores (its sample,
-    stages.evaluate.test_splits), picked by the same hash rank, so every one pairs with eval's by row id."""
+def scored_rows(cfg, adapter_name: str) -> tuple[list[dict], list[dict]]:
+    """The test rows each GGUF answers and their choice questions: `export.task_examples` of those the adapter's
+    eval scores (its sample, stages.evaluate.test_splits), picked by the same hash rank, and asked the questions
+    eval asks them (drawn against the whole split), so every item pairs with eval's by row id."""
     from stages import evaluate
     from stages.train.inputs import read_split
 
     if not layout.split_file(adapter_name, "test").exists():
-        return []
+        return [], []
     a = cfg.adapters[adapter_name]
-    rows = evaluate.spread_sample(read_split(adapter_name, "test"), a.eval["max_examples"])
-    return evaluate.spread_sample(rows, a.export["task_examples"])
+    split = read_split(adapter_name, "test")
+    rows = evaluate.spread_sample(evaluate.spread_sample(split, a.eval["max_examples"]), a.export["task_examples"])
+    return rows, evaluate.choices_for(rows, split)
 
 
 def verify(base_dir: Path, lora_dir: Path | None, tokenizer, conversations: list[list[dict]],
            candidates: list[Candidate], bounds: dict[str, dict[str, float]], max_length: int = 512,
-           task_rows: list[dict] | None = None) -> dict:
+           task_rows: list[dict] | None = None, task_choices: list[dict] | None = None) -> dict:
     """Figures per candidate GGUF against transformers (+ peft) in fp32; see the module docstring. With
-    `task_rows` (the test rows eval scores), each GGUF also answers their choice and cloze items (`tasks`).
+    `task_rows` (the test rows eval scores, and `task_choices`: their questions as eval asks them, scored_rows),
+    each GGUF also answers their choice and cloze items (`tasks`).
 
     Runs in a child process (stages.gguf.in_child): a crash in llama.cpp is a StageError naming the GGUFs.
     """
     doing = "verifying " + ", ".join(f"{c.label} ({c.kind})" for c in candidates)
     return gguf.in_child(_verify, base_dir, lora_dir, tokenizer, conversations, candidates, bounds, max_length,
-                         task_rows or [], doing=doing)
+                         task_rows or [], task_choices, doing=doing)
 
 
 def _verify(base_dir: Path, lora_dir: Path | None, tokenizer, conversations: list[list[dict]],
             candidates: list[Candidate], bounds: dict[str, dict[str, float]], max_length: int,
-            task_rows: list[dict]) -> dict:
+            task_rows: list[dict], task_choices: list[dict] | None) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -319,7 +322,7 @@ def _verify(base_dir: Path, lora_dir: Path | None, tokenizer, conversations: lis
             text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_length]
         sequences.append((ids, messages[:-1] if messages[-1]["role"] == "assistant" else messages))
-    items = evaluate.task_items(tokenizer, task_rows)
+    items = evaluate.task_items(tokenizer, task_rows, task_choices)
     lengths = [len(ids) for ids, _ in sequences] + [len(e.input_ids) for e in items.choice_examples] \
         + [len(c.ids) for c in items.cloze]
     n_ctx = max(lengths) + 8
@@ -582,7 +585,7 @@ def run(cfg, adapter_name: str) -> list[Path]:
             candidates = [Candidate("lora", base_gguf, lora_tmp)] + [Candidate(q, p) for q, p in merged.items()]
             figures = verify(base_dir, layout.lora_dir(adapter_name), tokenizer,
                              conversations_for(adapter_name, a.export["verify_examples"]), candidates,
-                             bounds_for(a.export), a.train["max_length"], scored_rows(cfg, adapter_name))
+                             bounds_for(a.export), a.train["max_length"], *scored_rows(cfg, adapter_name))
             gate(figures, f"export:{adapter_name}", where)
         except Exception:  # whatever failed (a crash too), no export of an older adapter stays to be served
             remove_exports(adapter_name, list(QUANT_TYPES))

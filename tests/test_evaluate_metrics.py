@@ -29,6 +29,14 @@ def icd10_rows() -> list[dict]:
     return [ex for r in records for ex in source.examples(r)]
 
 
+def icd10_split(n: int) -> list[dict]:
+    """The examples of `n` made-up billable codes, with ids as a split's rows have them."""
+    source = Icd10cmSource("icd10cm", {})
+    return [{**ex, "id": f"J{k:03d}:{ex['task']}"} for k in range(n) for ex in source.examples(
+        {"id": f"J{k:03d}", "code_dot": f"J{k // 10}{k % 10}.{k % 7}", "billable": True,
+         "description": f"Disorder number {k}", "parent": None, "category": None, "unique_description": True})]
+
+
 def news2_rows(n: int = 6) -> list[dict]:
     source = News2Source("news2", {})
     return [ex for i in range(n) for ex in source.examples(generate_patient(7, i))]
@@ -133,6 +141,28 @@ def test_choice_questions_from_icd10_and_mcq_rows():
     loglik[-1] = [0.0, -1.0, -2.0]  # the mcq picks A, gold is B
     correct = evaluate.choice_correct(choices, loglik)
     assert set(correct["icd10_code"]) == {1.0} and correct["medqa_mcq"] == [0.0]
+
+
+def test_a_row_is_asked_the_same_question_in_every_sample_of_its_split():
+    """eval scores a sample of the test split, another adapter's eval a smaller one, the export a subset of eval's:
+    their figures pair by row id only if each row is asked one question. ICD-10 distractors are other codes of the
+    rows given, so asked of each sample alone a row's options change with the sample; asked against the split, not."""
+    split = icd10_split(60)
+    sample = evaluate.spread_sample(split, 120)
+    subset = evaluate.spread_sample(sample, 40)
+
+    def by_id(rows, pool=None):
+        return {rows[q["index"]]["id"]: (q["task"], q["options"], q["gold"]) for q in evaluate.choices_for(rows, pool)}
+
+    whole, of_sample, of_subset = by_id(split), by_id(sample, split), by_id(subset, split)
+    code_questions = [i for i, (task, _, _) in of_subset.items() if task == "icd10_code"]
+    assert len(code_questions) >= 5 and set(of_subset) <= set(of_sample) <= set(whole)
+    assert all(of_subset[i] == of_sample[i] == whole[i] for i in of_subset)
+    alone = by_id(subset)  # the fault this guards against: the subset's own codes as distractors
+    assert any(alone[i] != whole[i] for i in code_questions)
+    # the indexes are the sample's own, in its order
+    assert [q["index"] for q in evaluate.choices_for(subset, split)] == sorted(
+        subset.index(next(r for r in subset if r["id"] == i)) for i in of_subset)
 
 
 def test_regressions_are_off_domain_and_directional():

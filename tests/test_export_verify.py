@@ -354,24 +354,34 @@ def test_each_gguf_answers_export_task_examples_of_the_rows_eval_scores(project)
     """`export.task_examples` caps the rows each GGUF answers: a subset of eval's sample by the same hash rank (so
     every item pairs with eval's by row id), in file order; 0 = all of eval's."""
     from stages import evaluate, io
+    from tests.test_evaluate_metrics import icd10_split
 
     test = layout.split_file(ADAPTER, "test")
     assert not test.exists()  # the other tests verify on fixed prompts: the split is removed again below
-    rows = [{**row, "id": f"row{i}"} for i, row in enumerate(_task_rows() * 3)]
+    rows = [{**row, "id": f"row{i}"} for i, row in enumerate(_task_rows() * 3)] + icd10_split(40)
     io.write_jsonl(test, rows)
     try:
-        _task_examples(project, evaluate.spread_sample(rows, project.adapters[ADAPTER].eval["max_examples"]))
+        _task_examples(project, evaluate.spread_sample(rows, project.adapters[ADAPTER].eval["max_examples"]), rows)
     finally:
         test.unlink()
 
 
-def _task_examples(project, eval_rows: list[dict]) -> None:
+def _task_examples(project, eval_rows: list[dict], split: list[dict]) -> None:
     import dataclasses
+
+    from stages import evaluate
+
+    def question(q):
+        return q["task"], q["options"], q["gold"]
 
     a = project.adapters[ADAPTER]
     assert len(eval_rows) > 2
-    for k, n in ((2, 2), (0, len(eval_rows)), (10_000, len(eval_rows))):
+    asked = {eval_rows[q["index"]]["id"]: question(q) for q in evaluate.choices_for(eval_rows, split)}
+    for k, n in ((2, 2), (len(eval_rows) // 3, len(eval_rows) // 3), (0, len(eval_rows)), (10_000, len(eval_rows))):
         recipe = dataclasses.replace(a, export={**a.export, "task_examples": k})
-        rows = export.scored_rows(dataclasses.replace(project, adapters={**project.adapters, ADAPTER: recipe}), ADAPTER)
+        rows, choices = export.scored_rows(dataclasses.replace(project, adapters={**project.adapters, ADAPTER: recipe}),
+                                           ADAPTER)
         ids = {r["id"] for r in rows}
         assert len(rows) == n and rows == [r for r in eval_rows if r["id"] in ids]
+        # asked what eval asks them (distractors from the whole split): the same options for the same row id
+        assert choices and all(asked[rows[q["index"]]["id"]] == question(q) for q in choices)

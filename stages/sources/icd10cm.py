@@ -189,19 +189,21 @@ def score_parent(gold: str, answer: str) -> dict[str, float]:
 
 def code_choices(rows: list[dict[str, Any]]) -> list[tuple[int, list[str], int]]:
     """Each description -> code question against N_DISTRACTORS other gold codes of the same rows, picked by a
-    hash of the gold code: the same options every run, and never a code the split does not hold."""
+    hash of the gold code: the same options every run, and never a code the split does not hold. Linear in the
+    rows (eval asks it of a whole test split: tens of thousands of codes)."""
     codes = sorted({c for r in rows if (c := first_code(r["messages"][-1]["content"]))})
     if len(codes) <= N_DISTRACTORS:
         return []
+    at = {code: k for k, code in enumerate(codes)}
+    n_others = len(codes) - 1  # the codes but the gold one, in order: codes[j] below it, codes[j + 1] from it on
+    step = max(1, n_others // N_DISTRACTORS)
     out = []
     for i, row in enumerate(rows):
         gold_code = first_code(row["messages"][-1]["content"])
-        if gold_code not in codes:
+        if gold_code not in at:
             continue
-        others = [c for c in codes if c != gold_code]
-        start = int(hashlib.sha256(gold_code.encode()).hexdigest(), 16) % len(others)
-        picked = [others[(start + k * max(1, len(others) // N_DISTRACTORS)) % len(others)]
-                  for k in range(N_DISTRACTORS)]
+        g, start = at[gold_code], int(hashlib.sha256(gold_code.encode()).hexdigest(), 16) % n_others
+        picked = [codes[j + (j >= g)] for j in ((start + k * step) % n_others for k in range(N_DISTRACTORS))]
         options = sorted(set(picked) | {gold_code})
         out.append((i, options, options.index(gold_code)))
     return out
