@@ -2,8 +2,10 @@
 and the dashboard read.
 
 Pure data, nothing heavy imported: dodo.py loads it on every `doit` call, the dashboard at start.
-A stage's `code` is the stage's own code files (paths under stages/; a folder means every .py in it):
-editing one re-runs the stage's tasks and what follows. A source's shared code is `SOURCE_USES`.
+A stage's `code` is the code its results are computed by: its own files and the stages' code it computes with
+(paths under stages/; a folder means every .py in it), the plumbing beneath every stage aside (config, paths,
+I/O). Editing one re-runs the stage's tasks and what follows, even where an upstream result comes out the same
+bytes. A source's shared code is `SOURCE_USES`.
 """
 from __future__ import annotations
 
@@ -33,12 +35,14 @@ STAGES = (
     Stage("split", "stages.split", ("split.py", "clean.py", "decontaminate.py", "dedup")),  # + dedup: its MinHash and LSH
     Stage("lint", "stages.train.lint", ("train/lint.py", "train/format.py", "train/encoded.py", "train/inputs.py")),
     Stage("train", "stages.train", ("train",)),
-    # + the configured sources' code (source_code): they score their tasks, through sources/__init__.py's Task
-    Stage("eval", "stages.evaluate", ("evaluate.py", "safety.py", "stats.py", "sources/__init__.py")),
+    # + the configured sources' code (source_code): they score their tasks, through sources/__init__.py's Task;
+    # + train/: the model, its LoRA branch and the passes that score it, the examples' encoding
+    Stage("eval", "stages.evaluate", ("evaluate.py", "safety.py", "stats.py", "sources/__init__.py", "train")),
     # + the configured sources' code, as eval: each GGUF answers the same choice and cloze items
-    Stage("export", "stages.export", ("export.py", "llamacpp.py", "gguf.py", "evaluate.py", "sources/__init__.py")),
-    Stage("report", "stages.report", ("report.py",)),
-    Stage("report_matrix", "stages.report", ("report.py",), entry="run_matrix", named=False),
+    Stage("export", "stages.export", ("export.py", "llamacpp.py", "gguf.py", "evaluate.py", "safety.py", "stats.py",
+                                      "sources/__init__.py", "train")),
+    Stage("report", "stages.report", ("report.py", "stats.py")),  # stats: the GGUFs' paired tests
+    Stage("report_matrix", "stages.report", ("report.py", "stats.py"), entry="run_matrix", named=False),
 )
 BY_NAME = {s.name: s for s in STAGES}
 NAMES = tuple(BY_NAME)

@@ -122,6 +122,14 @@ def test_stage_code_change_reruns_that_stage_and_only_what_changed_downstream(pr
     assert {"export:clinical_coding", "export:clinical_decision"} <= executed
     assert any(t.startswith("base_gguf:") for t in executed)  # the base GGUF is built by export.py too
     assert not {t for t in executed if t.split(":")[0] in ("scrape", "normalize", "dedup", "split", "train", "eval")}
+    # a change in training's code re-runs training, and eval and export, which compute with it (the passes that
+    # score, the examples' encoding), even where the adapters come out the same bytes
+    weights = [project.root / "adapters" / a / "out" / "lora" / "adapter_model.safetensors" for a in ADAPTERS]
+    before = [w.read_bytes() for w in weights]
+    project.edit("stages/train/torch_backend.py", '"""', '"""\n# a harmless edit\n')
+    executed = project.run()
+    assert [w.read_bytes() for w in weights] == before
+    assert {f"{stage}:{a}" for stage in ("train", "eval", "export") for a in ADAPTERS} <= executed
 
 
 def test_killed_task_leaves_no_done_looking_target(project):

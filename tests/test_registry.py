@@ -6,6 +6,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 from stages import depdb, registry
 from stages.sources import KINDS
 from tests.test_import_graph import ROOT, graph
@@ -64,6 +66,23 @@ def test_a_source_declares_every_module_it_builds_on():
             missing[kind] = sorted(undeclared)
     assert not missing, ("sources import modules their scrape/normalize tasks do not depend on; add them to "
                          f"SOURCE_USES in stages/registry.py: {missing}")
+
+
+# the plumbing beneath every stage: paths, config, I/O, the registry itself
+STAGE_PLATFORM = PLATFORM | {"stages", "stages.config", "stages.base_model", "stages.registry", "stages.events",
+                             "stages.lock"}
+
+
+@pytest.mark.parametrize("name", ["eval", "export", "report", "report_matrix"])
+def test_a_scoring_stage_depends_on_every_module_it_computes_with(name):
+    """eval's figures come from training's passes (a fix there that leaves the adapter's bytes as they were must
+    still re-run eval), the export's task scores from eval's items, the report's verdicts from stats: each such
+    module is a code dep of the stage, or its results go stale as 'up to date'."""
+    stage = registry.BY_NAME[name]
+    declared = {as_module(p).removesuffix(".__init__") for p in registry.code(name)}  # a package: its __init__.py
+    undeclared = {m for m in builds_on(stage.module, graph()) - STAGE_PLATFORM - declared
+                  if not m.startswith("stages.sources.")}  # a source's module: the configured ones, dodo's SCORING
+    assert not undeclared, f"{name}: add to its code in stages/registry.py: {sorted(undeclared)}"
 
 
 def test_a_code_dep_folder_stands_for_every_module_in_it():
