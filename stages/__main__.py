@@ -12,16 +12,15 @@ from __future__ import annotations
 
 import faulthandler
 import importlib
-import logging
 import os
 import sys
 import time
 import traceback
-import warnings
 
 from stages import layout, registry
 from stages.errors import ConfigError, SourceError, StageError, failure_line
 from stages.gguf import LOG_ENV
+from stages.quiet import quiet_library_noise
 
 class _Tee:
     """Write to the terminal (doit captures it) and to the task's log file."""
@@ -47,21 +46,6 @@ class _Tee:
 
 
 KNOWN_ERRORS = (ConfigError, SourceError, StageError, FileNotFoundError)  # one line naming the fix, no traceback
-
-# Library chatter that reads like a failure in a task's log but is none. bitsandbytes, imported through peft, asks
-# the Hugging Face hub for an optional CPU 4-bit kernel on every CPU with AVX512-BF16 and logs "Failed to load ..."
-# when it cannot have it (offline, or the kernel repository is not trusted); medforge never relies on that kernel.
-# transformers warns that a name peft calls is deprecated. Both say nothing a user can act on.
-QUIET = (("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward"),)
-QUIET_WARNINGS = (r"`is_gradient_checkpointing` is deprecated",)
-
-
-def quiet_library_noise() -> None:
-    for logger, start in QUIET:
-        logging.getLogger(logger).addFilter(lambda record, start=start: not record.getMessage().startswith(start))
-    for message in QUIET_WARNINGS:
-        warnings.filterwarnings("ignore", message=message, category=FutureWarning)
-
 
 def main(argv: list[str]) -> int:
     if not argv or argv[0] not in registry.BY_NAME:

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from stages.errors import StageError
+from stages.quiet import quiet_library_noise
 
 EXTRA_BUFTS_ENV = "MEDFORGE_LLAMA_EXTRA_BUFTS"
 LOG_ENV = "MEDFORGE_TASK_LOG"  # set by `python -m stages`: where a child's fault handler writes
@@ -154,6 +155,7 @@ def _child_main(result_fd: int) -> None:
     if log:
         # the child's own Python stack at a native crash, into the task log its parent tees to
         faulthandler.enable(open(log, "a", encoding="utf-8"), all_threads=False)
+    quiet_library_noise()  # before the payload's unpickling imports the libraries
     fn, args, kwargs = pickle.loads(sys.stdin.buffer.read())
     try:
         outcome = ("ok", fn(*args, **kwargs))
