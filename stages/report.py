@@ -314,7 +314,7 @@ def adapter_markdown(name: str, description: str, report: dict[str, Any], metric
             out += ["", f"The GGUFs' task scores have no per-item figures of transformers + peft to pair with: "
                         f"re-run `doit eval:{name}`."]
         out.append("")
-        out += ["", "Serve it (OpenAI-compatible API; `pip install 'llama-cpp-python[server]'`):", "",
+        out += ["", "Serve it (an OpenAI-compatible API):", "",
                 f"    {verify.get('serve')}", "", "Ollama:", "",
                 f"    cd {layout.gguf_dir(name)} && {verify.get('ollama')}", ""]
     else:
