@@ -9,7 +9,8 @@ adapter's, for cross-domain regressions: CROSS_EXAMPLES of those, without genera
     (its `tasks`, stages.sources.Task; this module knows no source):
       choice (answer log-likelihood, no generation; a question's options share one pass over its prompt):
         the task's `choices(rows)` hook, e.g. MedQA/MedMCQA
-        `*_mcq` (stages.sources.hf_qa), ICD-10 "which code" and billable yes/no (stages.sources.icd10cm);
+        `*_mcq` (stages.sources.hf_qa), ICD-10 "which code" and billable yes/no (stages.sources.icd10cm),
+        asked of the whole split, so a row's question is the same in every sample that holds it;
       cloze (every item, teacher-forced: read from the perplexity pass's greedy tokens): the task's `cloze`
         spans of the gold answer, each a hit when every token of it is the model's greedy token;
       generated (greedy, at most `eval.max_generate` per task, own split only, `max_new_tokens` each, stopped
