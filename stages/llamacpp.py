@@ -7,8 +7,10 @@ through the package registry (`pip download`) and unpacked into a cache:
 
     $MEDFORGE_CACHE/llama.cpp-<version>/   (default ~/.cache/medforge/llama.cpp-<version>/)
 
-Air-gapped boxes: copy that folder from a machine that has it, or set MEDFORGE_LLAMACPP_SRC
-to an unpacked llama-cpp-python sdist (or to its vendor/llama.cpp folder).
+Air-gapped boxes: the sdist in a wheelhouse that PIP_FIND_LINKS names is taken from there (pip's own
+`download` of an sdist installs its build backend to read its metadata: offline, that fails); or copy the
+cache folder from a machine that has it, or set MEDFORGE_LLAMACPP_SRC to an unpacked llama-cpp-python sdist
+(or to its vendor/llama.cpp folder).
 The scripts run as subprocesses with the vendored gguf-py first on PYTHONPATH, so the
 GGUF writer always matches the reader in the library.
 """
@@ -84,12 +86,24 @@ def source_dir() -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not _is_complete(target):
             with tempfile.TemporaryDirectory(prefix=f".{target.name}.download.", dir=target.parent) as tmp:
-                sdist = _download_sdist(version, Path(tmp), target)
+                sdist = _local_sdist(version) or _download_sdist(version, Path(tmp), target)
                 # atomic_dir: a killed extraction leaves only a hidden temp folder, never a half cache
                 with io.atomic_dir(target) as out:
                     extract_converters(sdist, out)
                     out.chmod(0o755)  # mkdtemp made it private; it is a plain shared cache
     return target
+
+
+def _local_sdist(version: str) -> Path | None:
+    """The installed version's sdist in a local folder PIP_FIND_LINKS names (a wheelhouse carried to an offline
+    box, README "A machine without internet"), if one holds it."""
+    for link in os.environ.get("PIP_FIND_LINKS", "").split():
+        folder = Path(link.removeprefix("file://")).expanduser()
+        for name in (f"llama_cpp_python-{version}.tar.gz", f"{DIST}-{version}.tar.gz"):
+            if (folder / name).is_file():
+                print(f"llama.cpp converters: {folder / name} (PIP_FIND_LINKS)")
+                return folder / name
+    return None
 
 
 def _download_sdist(version: str, into: Path, target: Path) -> Path:
@@ -99,9 +113,11 @@ def _download_sdist(version: str, into: Path, target: Path) -> Path:
     proc = subprocess.run(cmd, capture_output=True, text=True)
     found = sorted(into.glob("*.tar.gz"))
     if proc.returncode != 0 or not found:
-        last = (proc.stderr.strip() or proc.stdout.strip() or "no output").splitlines()[-1]
+        lines = (proc.stderr.strip() or proc.stdout.strip() or "no output").splitlines()
+        last = next((line.strip() for line in reversed(lines) if line.strip().startswith("ERROR:")), lines[-1])
         raise StageError(f"cannot fetch the {DIST}=={version} sdist for its llama.cpp converters ({last}); "
-                         f"on an offline box copy {target} from a machine that has it, "
+                         f"on an offline box put llama_cpp_python-{version}.tar.gz in the folder PIP_FIND_LINKS "
+                         f"names, copy {target} from a machine that has it, "
                          f"or set {SRC_ENV} to an unpacked {DIST}-{version} sdist")
     return found[0]
 

@@ -83,7 +83,34 @@ def test_offline_without_cache_names_the_fixes(tmp_path, monkeypatch):
         llamacpp.source_dir()
     message = str(err.value)
     assert "\n" not in message and "MEDFORGE_LLAMACPP_SRC" in message and str(llamacpp.cache_dir()) in message
+    assert "PIP_FIND_LINKS" in message and "(ERROR: " in message  # pip's error, not its closing note
     assert not llamacpp.cache_dir().exists()
+
+
+def test_offline_the_converters_come_from_the_sdist_in_the_wheelhouse(tmp_path, monkeypatch):
+    """README "A machine without internet": pip reads only the carried wheelhouse. pip's own download of an sdist
+    installs its build backend to read the metadata, which the wheelhouse does not hold: the sdist is taken as it
+    is, and the cache holds its converters."""
+    from importlib import metadata
+
+    version = metadata.version("llama-cpp-python")
+    wheelhouse = tmp_path / "wheelhouse"
+    wheelhouse.mkdir()
+    top = f"llama_cpp_python-{version}/vendor/llama.cpp"
+    with tarfile.open(wheelhouse / f"llama_cpp_python-{version}.tar.gz", "w:gz") as tar:
+        for name in ("convert_hf_to_gguf.py", "convert_lora_to_gguf.py", "gguf-py/gguf/__init__.py", "src/llama.cpp"):
+            path = tmp_path / "member"
+            path.write_text(f"# {name}\n")
+            tar.add(path, f"{top}/{name}")
+    monkeypatch.setenv("MEDFORGE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("MEDFORGE_LLAMACPP_SRC", raising=False)
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(wheelhouse))
+    src = llamacpp.source_dir()
+    assert src == llamacpp.cache_dir(version)
+    assert (src / "convert_hf_to_gguf.py").read_text() == "# convert_hf_to_gguf.py\n"
+    assert (src / "gguf-py" / "gguf" / "__init__.py").is_file() and not (src / "src").exists()
 
 
 def test_broken_sdist_leaves_no_half_cache(tmp_path, monkeypatch):
