@@ -12,9 +12,12 @@ import warnings
 
 # bitsandbytes, imported through peft, asks the Hugging Face hub for an optional CPU 4-bit kernel on every CPU with
 # AVX512-BF16 and logs "Failed to load ..." when it cannot have it (offline, or the kernel repository is not
-# trusted); medforge never relies on that kernel. transformers warns that a name peft calls is deprecated. Neither
-# says anything a user can act on.
-QUIET = (("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward"),)
+# trusted) — and with HF_HUB_OFFLINE=1 the `kernels` package says it skips that kernel's trust check; medforge never
+# relies on that kernel. transformers warns that a name peft calls is deprecated. None of it says anything a user
+# can act on.
+QUIET = (("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward"),
+         ("kernels._internals.hf_hub",
+          "Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes'"))
 QUIET_WARNINGS = (r"`is_gradient_checkpointing` is deprecated",)
 # progress bars: in a log file each redraw is a line (transformers' "Loading weights", the converters' "Writing:
 # 21%"); a task's stdout is never a terminal (stages.__main__._Tee), so no bar there is seen as one
