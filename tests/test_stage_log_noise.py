@@ -4,6 +4,7 @@ the child processes it runs native code in, and in llama.cpp's converter scripts
 same libraries stays in."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -32,8 +33,6 @@ def noisy() -> str:
 
 
 def _run(code: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    import os
-
     root = Path(__file__).resolve().parents[1]
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=root,
                           env={**os.environ, "PYTHONPATH": str(root), **(env or {})})
