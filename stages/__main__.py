@@ -17,7 +17,7 @@ import sys
 import time
 import traceback
 
-from stages import layout, registry
+from stages import layout, progress, registry
 from stages.errors import ConfigError, SourceError, StageError, failure_line
 from stages.gguf import LOG_ENV
 from stages.quiet import quiet_library_noise
@@ -64,6 +64,7 @@ def main(argv: list[str]) -> int:
         started = time.time()
         print(f"[{task}] started (pid {os.getpid()})")
         quiet_library_noise()
+        progress.start(task)
         try:
             from stages import config
             cfg = config.load()
@@ -77,6 +78,7 @@ def main(argv: list[str]) -> int:
             print(failure_line(task, f"{type(exc).__name__}: {exc}".rstrip(": ")), file=sys.stderr)
             return 130 if isinstance(exc, KeyboardInterrupt) else 1
         finally:  # the log closes next: a flush at exit through a closed tee would exit 120
+            progress.stop()
             faulthandler.disable()
             sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
     return 0

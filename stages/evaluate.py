@@ -40,7 +40,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from stages import io, layout, safety, stats
+from stages import io, layout, progress, safety, stats
 from stages.errors import StageError
 from stages.sources import scored_tasks
 from stages.train.packing import EVAL_BATCH_TOKENS, budget_batches
@@ -260,6 +260,7 @@ def shared_prompt_nll(model, examples: list, hw, batch_tokens: int = EVAL_BATCH_
                 sums[owner] += value
             for owner, value in sums.items():
                 out[owner] = (value, len(examples[owner].input_ids) - examples[owner].labels.count(IGNORE))
+            progress.advance(len(sums))
     model.train(was_training)
     return out
 
@@ -340,6 +341,7 @@ def cloze_guesses(model, examples: list[Cloze], hw, batch_tokens: int = EVAL_BAT
                 out[i] = {}
             for (b, p), g in zip(at, guesses):
                 out[idx[b]][p] = g
+            progress.advance(len(idx))
     return out
 
 
@@ -426,6 +428,7 @@ def _generate(model, tokenizer, conversations, max_new_tokens, hw, eot, answered
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
                                  eos_token_id=eot, pad_token_id=tokenizer.pad_token_id, stopping_criteria=stop)
         replies += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+        progress.advance(len(texts))
     return [r.strip() for r in replies]
 
 
@@ -439,24 +442,33 @@ class Judge:
     the digest matches: the same numbers, computed once.
     """
 
+    # what each measurement is called while it runs (stages.progress), and what it counts
+    PARTS = {"nll_guesses": ("perplexity", "rows"), "choice": ("choice", "options"), "cloze": ("cloze", "rows"),
+             "generate": ("generating", "answers")}
+
     def __init__(self, model, tokenizer, hw, base_id: str = ""):
         self.model, self.tokenizer, self.hw = model, tokenizer, hw
         self.eot = end_of_turn_id(tokenizer)
         self.base_id = base_id
         self.reused = 0
+        self.scope = ""  # what is being scored ("clinical_decision split", "safety suite"), for progress lines
 
-    def both(self, what: str, inputs, fn):
+    def both(self, what: str, inputs, fn, count: int):
+        """`count`: the items `fn` scores, as it reports them to stages.progress."""
         key = hashlib.sha256(io.dumps([self.base_id, what, inputs])).hexdigest() if self.base_id else ""
         path = layout.eval_base_cache(key) if key else None
-        if path is not None and path.exists():
-            base = io.read_json(path)
-            self.reused += 1
-        else:
-            with self.model.disable_adapter():
-                base = fn()
-            if path is not None:
-                io.write_json(path, base, durable=False)
-        return base, fn()
+        cached = path is not None and path.exists()
+        name, unit = self.PARTS[what]
+        with progress.part(name, count * (1 if cached else 2), unit, self.scope):
+            if cached:
+                base = io.read_json(path)
+                self.reused += 1
+            else:
+                with self.model.disable_adapter():
+                    base = fn()
+                if path is not None:
+                    io.write_json(path, base, durable=False)
+            return base, fn()
 
     def nll_guesses(self, examples):
         """Per example (summed NLL, trained tokens, greedy token at each trained position): base, adapter. One
@@ -465,19 +477,19 @@ class Judge:
 
         pairs = self.both("nll_guesses", [[e.input_ids, e.labels] for e in examples],
                           lambda: torch_backend.nll_by_example(self.model, examples, self.tokenizer.pad_token_id,
-                                                               self.hw, guesses=True))
+                                                               self.hw, guesses=True), len(examples))
         return tuple([(float(s), int(c), list(g)) for s, c, g in side] for side in pairs)
 
     def choice(self, examples):
         """(summed NLL, option tokens) per (question, option) example: base, adapter."""
         pairs = self.both("choice", [[e.input_ids, e.labels] for e in examples],
-                          lambda: shared_prompt_nll(self.model, examples, self.hw))
+                          lambda: shared_prompt_nll(self.model, examples, self.hw), len(examples))
         return tuple([(float(s), int(c)) for s, c in side] for side in pairs)
 
     def cloze(self, examples):
         self.model.eval()
         return self.both("cloze", [[e.ids, e.marked] for e in examples],
-                         lambda: cloze_hits(self.model, examples, self.hw))
+                         lambda: cloze_hits(self.model, examples, self.hw), len(examples))
 
     def generate(self, conversations, max_new_tokens, answered=None, task: str = ""):
         if not conversations:
@@ -485,7 +497,7 @@ class Judge:
         self.model.eval()
         return self.both("generate", [conversations, max_new_tokens, task],
                          lambda: generate(self.model, self.tokenizer, conversations, max_new_tokens, self.hw,
-                                          self.eot, answered))
+                                          self.eot, answered), len(conversations))
 
 
 def base_id(base_dir, quantization: str, hw) -> str:
@@ -616,6 +628,7 @@ def safety_suite(judge: Judge) -> tuple[dict, list[dict], dict]:
     """Per model its pass rate, per case both answers, and the paired test of the two (exact McNemar on the same
     cases: a handful of cases tells only a large change from noise)."""
     cases = safety.CASES
+    judge.scope = "safety suite"
     base_out, adapter_out = judge.generate([[{"role": "user", "content": c.prompt}] for c in cases], SAFETY_TOKENS)
     rows, summary = [], {}
     results = {"base": [], "adapter": []}
@@ -637,6 +650,7 @@ def samples(judge: Judge, own_rows: list[dict]) -> list[dict]:
     prompts = list(SAMPLE_PROMPTS)
     if own_rows:
         prompts.insert(0, own_rows[0]["messages"][-2]["content"])
+    judge.scope = "samples"
     base_out, adapter_out = judge.generate([[{"role": "user", "content": p}] for p in prompts], SAMPLE_TOKENS)
     return [{"prompt": p, "base": b, "adapter": a} for p, b, a in zip(prompts, base_out, adapter_out)]
 
@@ -702,6 +716,7 @@ def run(cfg, adapter_name: str) -> dict[str, Any]:
         # a split is scored as its own adapter defines it (its sample, max_length): the same rows in every eval
         # score the base alike, so the base cache serves them once (another adapter's split: CROSS_EXAMPLES of them)
         own = name == adapter_name
+        judge.scope = f"{name} split"
         cell, lost, took = evaluate_split(judge, rows, cfg.adapters[name].train["max_length"],
                                           max_generate if own else 0, keep_items=own, pool=split)
         matrix[name] = cell

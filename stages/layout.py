@@ -216,6 +216,11 @@ def log_file(task: str) -> Path:
     return DATA / "logs" / f"{slug(task.replace(':', '_'))}.log"
 
 
+def progress_file(task: str) -> Path:
+    """A running task's progress (stages/progress.py): what part it is in and how far, for the dashboard."""
+    return DATA / "progress" / f"{slug(task.replace(':', '_'))}.json"
+
+
 def events_file() -> Path:
     return DATA / "events.jsonl"
 

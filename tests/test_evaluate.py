@@ -134,6 +134,38 @@ def test_the_base_is_scored_once_for_every_adapter_and_again_for_another_base(tm
     assert len(list(layout.eval_base_cache("x").parent.glob("*.json"))) >= len(cached)
 
 
+def test_eval_says_how_far_each_part_has_got(tmp_path, monkeypatch, tiny_base, capsys):
+    """Eval runs for minutes: its log names each part as it starts with how much it holds (base and adapter, or the
+    adapter alone where the base's figures are read back), and each part's count ends where it said it would."""
+    from stages import evaluate, progress
+
+    monkeypatch.chdir(tmp_path)
+    cfg = wards_and_coding(tmp_path, tiny_base)
+    parts: dict[tuple[str, str], list[tuple[int, int]]] = {}
+
+    class Recorder(progress.Tracker):
+        def write(self, now):
+            super().write(now)
+            parts.setdefault((self.scope, self.what), []).append((self.done, self.total))
+
+    for name in ("wards", "coding"):
+        monkeypatch.setattr(progress, "_tracker", Recorder(f"eval:{name}", write_every=0))
+        report = evaluate.run(cfg, name)
+        progress.stop()
+        assert not layout.progress_file(f"eval:{name}").exists()
+        lines = capsys.readouterr().out.splitlines()
+        n = {split: cell["n_examples"] for split, cell in report["matrix"].items()}
+        sides = 2 if name == "wards" else 1  # the second adapter's eval reads the base's figures back
+        for split in ("wards", "coding"):
+            assert f"eval:{name}: {split} split, perplexity: 0/{sides * n[split]} rows" in lines, lines
+        assert any(line.startswith(f"eval:{name}: wards split, choice: 0/") for line in lines)
+        assert any(line.startswith(f"eval:{name}: wards split, generating: 0/") for line in lines) == (name == "wards")
+        assert f"eval:{name}: safety suite, generating: 0/{sides * 7} answers" in lines
+        for (scope, what), seen in parts.items():  # every part counted to its total, never past it
+            assert seen[-1][0] == seen[-1][1] and all(done <= total for done, total in seen), (scope, what, seen)
+        parts.clear()
+
+
 def test_eval_matrix_task_metrics_safety_samples_and_reports(tmp_path, monkeypatch, tiny_base):
     """Every adapter's test split, task metrics on real NEWS2/ICD-10 rows, safety and samples; then the reports."""
     from stages import evaluate, report, safety

@@ -68,9 +68,9 @@ def test_a_source_declares_every_module_it_builds_on():
                          f"SOURCE_USES in stages/registry.py: {missing}")
 
 
-# the plumbing beneath every stage: paths, config, I/O, the registry itself, the libraries' quieting
+# the plumbing beneath every stage: paths, config, I/O, the registry itself, the libraries' quieting, progress lines
 STAGE_PLATFORM = PLATFORM | {"stages", "stages.config", "stages.base_model", "stages.registry", "stages.events",
-                             "stages.lock", "stages.quiet"}
+                             "stages.lock", "stages.quiet", "stages.progress"}
 
 
 @pytest.mark.parametrize("name", ["eval", "export", "report", "report_matrix"])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -613,3 +614,26 @@ async def test_training_view_before_metrics_says_what_the_run_is_doing(project):
         app.post_message(_Polled(Holder(4242, "shell", 0.0, "doit"), True,
                                  [{"event": "task_start", "task": "train:tiny"}], new_run=False))
         await wait_for(pilot, lambda: "train:tiny is running: loading the model and data" in stats(), what="loading")
+
+
+async def test_a_running_stage_shows_how_far_its_current_part_has_got(project):
+    """A stage that reports progress (eval: stages.progress) shows its part and count beside the elapsed time, and
+    a task without a progress file just its elapsed time."""
+    from stages.lock import Holder
+    from tui.app import _Polled
+
+    app = MedforgeApp(project, poll_s=3600, memory_probe=lambda: FIXED_MEMORY)  # no polls: the test says what runs
+    async with app.run_test(size=(120, 24)) as pilot:
+        await wait_for(pilot, lambda: len(app.pipeline.static) == 3, what="doit's static status")
+        app.post_message(_Polled(Holder(4242, "shell", 0.0, "doit"), True,
+                                 [{"event": "run_start", "selected": []},
+                                  {"event": "task_start", "task": "dedup", "t": time.time()}], new_run=True))
+        await wait_for(pilot, lambda: state_of(app, "dedup") == "running", what="dedup running")
+        await wait_for(pilot, lambda: "dedup ▶ running for " in table_text(app, "#tasks"), what="elapsed time")
+        io.write_json(project / layout.progress_file("dedup"), {
+            "what": "perplexity", "scope": "clinical_decision split", "done": 120, "total": 600, "unit": "rows",
+            "eta_s": 48.0, "t": 0})
+        await wait_for(pilot, lambda: "· perplexity 120/600 · clinical_decision split" in table_text(app, "#tasks"),
+                       what="the part and its count")
+        (project / layout.progress_file("dedup")).unlink()  # the task ended it
+        await wait_for(pilot, lambda: "perplexity" not in table_text(app, "#tasks"), what="the part gone")

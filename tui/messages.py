@@ -35,8 +35,9 @@ class LogLines(Message):
 
 @dataclass
 class TaskProgress(Message):
-    """Step, total steps and ETA (seconds, or None) of running tasks that report them (training's metrics)."""
-    progress: dict[str, tuple[int, int, float | None]]
+    """How far running tasks have got, per task: (what, done, total, ETA in seconds or None, scope) — training's
+    step from its metrics stream, another stage's current part from its progress file (stages.progress)."""
+    progress: dict[str, tuple[str, int, int, float | None, str]]
 
 
 @dataclass

@@ -13,6 +13,7 @@ import functools
 from pathlib import Path
 from typing import Any
 
+from stages import progress
 from stages.errors import StageError
 from stages.train import checkpoint, distributed, fsdp, fused_lora, head_loss  # noqa: F401 (API)
 from stages.train.format import IGNORE, Encoded
@@ -235,9 +236,10 @@ def nll_by_example(model, examples: list[Encoded], pad_id: int, hw: Hardware,
                 for i, s, c in zip(idx, nll.tolist(), counts):
                     out[i] = (s, c, flat[at:at + c])
                     at += c
-                continue
-            for i, s, c in zip(idx, nll.tolist(), counts):
-                out[i] = (s, c)
+            else:
+                for i, s, c in zip(idx, nll.tolist(), counts):
+                    out[i] = (s, c)
+            progress.advance(len(idx))
     model.train(was_training)
     return out
 

@@ -45,7 +45,7 @@ class PipelineScreen(Screen):
     def __init__(self) -> None:
         super().__init__()
         self.selected: str | None = None
-        self.progress: dict[str, tuple[int, int, float | None]] = {}  # running task -> step, total, ETA
+        self.progress: dict[str, tuple[str, int, int, float | None, str]] = {}  # running task -> TaskProgress
         self._running_tasks: list[str] = []
         self._log_task: str | None = None
         self._log_follower: Follower | None = None
@@ -121,10 +121,10 @@ class PipelineScreen(Screen):
             symbol, style = LOOK.get(row.state, LOOK["unknown"])
             why = row.reason
             if row.state == "running":
-                step = self.progress.get(row.name)
+                what, done, total, eta, scope = self.progress.get(row.name) or ("", 0, 0, None, "")
                 parts = [f"for {duration(now - state.began[row.name])}" if row.name in state.began else "",
-                         f"step {step[0]}/{step[1]}" if step else "",
-                         f"eta {duration(step[2])}" if step and step[2] is not None else "", why]
+                         f"{what} {done}/{total}" if what else "", f"eta {duration(eta)}" if eta is not None else "",
+                         scope, why]
                 why = " · ".join(p for p in parts if p)
             cells[row.name] = {
                 "stage": Text(row.stage if row.stage != last_stage else "", style="bold", overflow="ellipsis"),
@@ -182,13 +182,21 @@ class PipelineScreen(Screen):
                 self.app.call_from_thread(self.schedule_log, 0.5)
 
     def _read_progress(self) -> None:
-        """A running training's step/total and ETA, from the last row of its metrics stream."""
+        """A running training's step/total and ETA, from the last row of its metrics stream; another running
+        task's current part (what, done/total, what it is part of), from its progress file."""
         import orjson
 
         progress = {}
         for name in self._running_tasks:  # set on the UI thread: the pipeline state is not read from here
             stage, _, adapter = name.partition(":")
             if stage != "train":
+                try:
+                    part = orjson.loads((self.app.root / layout.progress_file(name)).read_bytes())
+                except (OSError, orjson.JSONDecodeError):  # none (yet), or gone as the task ends
+                    continue
+                if part.get("what"):
+                    progress[name] = (str(part["what"]), int(part["done"]), int(part["total"]), None,
+                                      str(part.get("scope", "")))
                 continue
             lines, _ = tail_lines(self.app.root / layout.metrics_file(adapter), 20)
             for line in reversed(lines):
@@ -197,7 +205,7 @@ class PipelineScreen(Screen):
                 except orjson.JSONDecodeError:
                     continue
                 if row.get("kind") == "train" and row.get("step") and row.get("total_steps"):
-                    progress[name] = (int(row["step"]), int(row["total_steps"]), row.get("eta_s"))
+                    progress[name] = ("step", int(row["step"]), int(row["total_steps"]), row.get("eta_s"), "")
                     break
         if progress != self.progress:
             self.post_message(TaskProgress(progress))
@@ -276,7 +284,7 @@ class PipelineScreen(Screen):
         state = self.app.pipeline
         took = state.took.get(task)
         after = state.downstream(task)
-        details = [f"doit throws away its record: the next run runs it again"
+        details = ["doit throws away its record: the next run runs it again"
                    + (f" (it took {duration(took)} last time)" if took else ""),
                    f"and then what depends on it: {_some(after)}" if after else "nothing depends on it"]
         self._confirm(f"Forget {task}?", details, f"Forget {task}", lambda: self.app.forget_tasks([task]))
