@@ -94,6 +94,36 @@ def test_static_status_says_why_each_task_runs(project):
     assert "changed inputs/alpha.txt" in rows["scrape:alpha"]["reason"]
     assert rows["dedup"]["status"] == "up-to-date"
     assert rows["train:tiny"]["status"] == "run"
+    # doit calls dedup up to date, but scrape:alpha runs first and may change what dedup reads: not "up to date"
+    state = PipelineState()
+    state.apply_static(runner.static_status(project))
+    assert (state.task("dedup").state, state.task("dedup").reason) == ("may run", "checked again after scrape:alpha")
+
+
+def test_a_task_downstream_of_one_that_runs_may_run_until_doit_has_checked_it():
+    """Up to date in doit's view, but reading a task that will run (or ran in the run going now): "may run", with
+    the task it waits on; once the run has checked it, what the run said; a failed upstream changes nothing."""
+    state = PipelineState()
+    state.apply_static({"tasks": [
+        {"name": "scrape:alpha", "status": "run", "reason": "changed inputs/alpha.txt", "task_dep": []},
+        {"name": "scrape:beta", "status": "up-to-date", "task_dep": []},
+        {"name": "dedup", "status": "up-to-date", "task_dep": ["scrape:alpha", "scrape:beta"]},
+        {"name": "train:tiny", "status": "up-to-date", "task_dep": ["dedup"]}]})
+    view = {n: (state.task(n).state, state.task(n).reason) for n in state.names()}
+    assert view == {"scrape:alpha": ("will run", "changed inputs/alpha.txt"), "scrape:beta": ("up to date", ""),
+                    "dedup": ("may run", "checked again after scrape:alpha"),
+                    "train:tiny": ("may run", "checked again after dedup")}
+    assert state.counts() == {"will run": 1, "up to date": 1, "may run": 2}
+
+    state.run_active = True
+    state.apply_events([{"event": "run_start"}, {"event": "task_start", "task": "scrape:alpha"},
+                        {"event": "task_done", "task": "scrape:alpha"}])
+    assert state.task("dedup").state == "may run"  # done in this run: what reads it is checked next
+    state.apply_events([{"event": "task_uptodate", "task": "dedup"}])
+    assert state.task("dedup").state == "up to date" and state.task("train:tiny").state == "up to date"
+
+    state.apply_events([{"event": "run_start"}, {"event": "task_failed", "task": "scrape:alpha", "error": ["x"]}])
+    assert state.task("dedup").state == "up to date"  # doit runs nothing after a failed dependency
 
 
 @pytest.mark.parametrize("sigint", ["default", "ignored"])

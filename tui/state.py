@@ -11,10 +11,13 @@ from stages.registry import NAMES
 STAGE_ORDER = NAMES  # dodo.py's graph, upstream first
 
 UP_TO_DATE, WILL_RUN, RUNNING, DONE, FAILED = "up to date", "will run", "running", "done", "failed"
+# up to date now, but a task it reads from will run first: doit checks it again then, and runs it if its inputs changed
+MAY_RUN = "may run"
 # state -> (symbol, style) for the table; styles are applied to plain Text, never parsed as markup
 LOOK = {
     UP_TO_DATE: ("✓", "green"),
     WILL_RUN: ("•", "yellow"),
+    MAY_RUN: ("◦", "yellow"),
     RUNNING: ("▶", "bold cyan"),
     DONE: ("✔", "bold green"),
     FAILED: ("✗", "bold red"),
@@ -48,20 +51,31 @@ class PipelineState:
         self.live: dict[str, tuple[str, str]] = {}  # name -> (state, detail) from this run's events
         self.began: dict[str, float] = {}  # name -> when its task_start event came (the event's time)
         self.took: dict[str, float] = {}   # name -> seconds its last run took (of the runs seen)
-        self.run_active = False
+        self._run_active = False
+        self._pending: set[str] | None = None  # tasks whose outputs may still change (see pending())
         self.run_summary = ""
         self.static_error = ""
+
+    @property
+    def run_active(self) -> bool:
+        return self._run_active
+
+    @run_active.setter
+    def run_active(self, value: bool) -> None:
+        self._run_active, self._pending = value, None
 
     def apply_static(self, status: dict) -> None:
         """doit's DB after a run is the truth for what is up to date; of that run's events only
         the failures stay (the DB does not keep why a task failed)."""
         self.static = {t["name"]: t for t in status.get("tasks", [])}
         self.static_error = ""
+        self._pending = None
         if not self.run_active:
             self.live = {name: live for name, live in self.live.items() if live[0] == FAILED}
 
     def apply_events(self, events: list[dict]) -> bool:
         """Fold event rows in; True when something visible changed."""
+        self._pending = None
         changed = False
         for ev in events:
             kind, task = ev.get("event"), ev.get("task")
@@ -94,6 +108,7 @@ class PipelineState:
 
     def run_died(self) -> None:
         """The run's process is gone without a run_end (killed hard): nothing is running any more."""
+        self._pending = None
         for name, (state, _) in list(self.live.items()):
             if state == RUNNING:
                 self.live[name] = (FAILED, "the run was killed")
@@ -103,18 +118,46 @@ class PipelineState:
     def running_tasks(self) -> list[str]:
         return [name for name, (state, _) in self.live.items() if state == RUNNING]
 
-    def task(self, name: str) -> TaskView:
+    def _own(self, name: str) -> tuple[str, str]:
+        """A task's state and reason from this run's events, else from doit's static view."""
         static = self.static.get(name, {})
         if name in self.live and not (self.live[name][0] == FAILED and static.get("status") == "up-to-date"):
-            state, reason = self.live[name]
-        elif static:
-            state = UP_TO_DATE if static.get("status") == "up-to-date" else WILL_RUN
-            reason = static.get("reason", "")
-        else:
-            state, reason = "unknown", ""
+            return self.live[name]
+        if static:
+            return (UP_TO_DATE if static.get("status") == "up-to-date" else WILL_RUN), static.get("reason", "")
+        return "unknown", ""
+
+    def pending(self) -> set[str]:
+        """Tasks whose outputs may still change: those that will run or are running, those done in the run going
+        now (what reads them is checked after them), and, through them, up-to-date tasks that read them."""
+        if self._pending is None:
+            pending: set[str] = set()
+            grew = True
+            while grew:  # names are in graph order, so one pass nearly always does
+                grew = False
+                for name in self.names():
+                    if name in pending:
+                        continue
+                    state, _ = self._own(name)
+                    deps = self.static.get(name, {}).get("task_dep", [])
+                    if (state in (WILL_RUN, RUNNING) or (state == DONE and self._run_active)
+                            or (state == UP_TO_DATE and name not in self.live and pending.intersection(deps))):
+                        pending.add(name)
+                        grew = True
+            self._pending = pending
+        return self._pending
+
+    def task(self, name: str) -> TaskView:
+        static = self.static.get(name, {})
+        state, reason = self._own(name)
+        deps = list(static.get("task_dep", []))
+        if state == UP_TO_DATE and name not in self.live:
+            first = [d for d in self.names() if d in self.pending() and d in deps]
+            if first:
+                more = f" (+{len(first) - 1} more)" if len(first) > 1 else ""
+                state, reason = MAY_RUN, f"checked again after {first[0]}{more}"
         stage, item = split_name(name)
-        return TaskView(name=name, stage=stage, item=item, state=state, reason=reason,
-                        deps=list(static.get("task_dep", [])))
+        return TaskView(name=name, stage=stage, item=item, state=state, reason=reason, deps=deps)
 
     def upstream(self, name: str) -> list[str]:
         """What `doit run <name>` runs before it: its dependencies that are not up to date, in graph order."""

@@ -106,7 +106,7 @@ class PipelineScreen(Screen):
         elif not rows:
             summary.append("reading the task graph from doit…", style="dim")
         else:
-            for name in ("running", "failed", "will run", "done", "up to date"):
+            for name in ("running", "failed", "will run", "may run", "done", "up to date"):
                 if counts.get(name):
                     symbol, style = LOOK[name]
                     summary.append(f"{symbol} {counts[name]} {name}   ", style=style)
@@ -261,9 +261,12 @@ class PipelineScreen(Screen):
         if self._busy("nothing started"):
             return
         state = self.app.pipeline
-        todo = [row.name for row in state.rows() if row.state != "up to date"]
+        rows = state.rows()
+        todo = [row.name for row in rows if row.state not in ("up to date", "may run")]
+        maybe = [row.name for row in rows if row.state == "may run"]
         details = [f"doit will run {len(todo)} task(s): {_some(todo)}" if todo
                    else "every task is up to date: doit will check them and run nothing",
+                   *([f"and {len(maybe)} more if what they read changes: {_some(maybe)}"] if maybe else []),
                    "It runs detached: quitting the dashboard does not stop it."]
         self._confirm("Run all tasks?", details, "Run all", lambda: self.app.start_run([]))
 

@@ -13,7 +13,7 @@ from textual_plotext import PlotextPlot
 
 from stages import layout
 from tui.messages import MemoryReading, MetricsRows, PipelineChanged, RunStateChanged
-from tui.state import DONE, FAILED, UP_TO_DATE, WILL_RUN, TrainingCurves, duration
+from tui.state import DONE, FAILED, MAY_RUN, UP_TO_DATE, WILL_RUN, TrainingCurves, duration
 from tui.tail import Follower
 from tui.widgets.memory import human_bytes, read_memory
 from tui.widgets.topbar import TopBar
@@ -204,7 +204,8 @@ class TrainingScreen(Screen):
                 if state == "running":  # its metrics stream opens once the model and data are loaded
                     out.append(f"{task} is running: loading the model and data\n", style="cyan")
                 elif self.app.running:
-                    said = {WILL_RUN: "will run in it", FAILED: "failed in it (its log says why)",
+                    said = {WILL_RUN: "will run in it", MAY_RUN: "may run in it (if its inputs change)",
+                            FAILED: "failed in it (its log says why)",
                             UP_TO_DATE: "is up to date (not part of it)", DONE: "finished in it"}.get(state, state)
                     out.append(f"a run is going; {task} {said}\n", style="dim")
                 else:
