@@ -633,7 +633,7 @@ async def test_a_running_stage_shows_how_far_its_current_part_has_got(project):
         io.write_json(project / layout.progress_file("dedup"), {
             "what": "perplexity", "scope": "clinical_decision split", "done": 120, "total": 600, "unit": "rows",
             "eta_s": 48.0, "t": 0})
-        await wait_for(pilot, lambda: "· perplexity 120/600 · clinical_decision split" in table_text(app, "#tasks"),
-                       what="the part and its count")
+        await wait_for(pilot, lambda: "▶ running perplexity 120/600 · for " in table_text(app, "#tasks")
+                       and "· clinical_decision split" in table_text(app, "#tasks"), what="the part and its count")
         (project / layout.progress_file("dedup")).unlink()  # the task ended it
         await wait_for(pilot, lambda: "perplexity" not in table_text(app, "#tasks"), what="the part gone")

@@ -122,8 +122,9 @@ class PipelineScreen(Screen):
             why = row.reason
             if row.state == "running":
                 what, done, total, eta, scope = self.progress.get(row.name) or ("", 0, 0, None, "")
-                parts = [f"for {duration(now - state.began[row.name])}" if row.name in state.began else "",
-                         f"{what} {done}/{total}" if what else "", f"eta {duration(eta)}" if eta is not None else "",
+                # how far and how long to go first: at 80 columns this cell is ~30 characters
+                parts = [f"{what} {done}/{total}" if what else "", f"eta {duration(eta)}" if eta is not None else "",
+                         f"for {duration(now - state.began[row.name])}" if row.name in state.began else "",
                          scope, why]
                 why = " · ".join(p for p in parts if p)
             cells[row.name] = {
