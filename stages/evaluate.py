@@ -453,13 +453,13 @@ class Judge:
         self.reused = 0
         self.scope = ""  # what is being scored ("clinical_decision split", "safety suite"), for progress lines
 
-    def both(self, what: str, inputs, fn, count: int):
-        """`count`: the items `fn` scores, as it reports them to stages.progress."""
+    def both(self, what: str, inputs, fn, count: int, detail: str = ""):
+        """`count`: the items `fn` scores, as it reports them to stages.progress; `detail` is added to its name."""
         key = hashlib.sha256(io.dumps([self.base_id, what, inputs])).hexdigest() if self.base_id else ""
         path = layout.eval_base_cache(key) if key else None
         cached = path is not None and path.exists()
         name, unit = self.PARTS[what]
-        with progress.part(name, count * (1 if cached else 2), unit, self.scope):
+        with progress.part(f"{name} {detail}".strip(), count * (1 if cached else 2), unit, self.scope):
             if cached:
                 base = io.read_json(path)
                 self.reused += 1
@@ -497,7 +497,7 @@ class Judge:
         self.model.eval()
         return self.both("generate", [conversations, max_new_tokens, task],
                          lambda: generate(self.model, self.tokenizer, conversations, max_new_tokens, self.hw,
-                                          self.eot, answered), len(conversations))
+                                          self.eot, answered), len(conversations), task)
 
 
 def base_id(base_dir, quantization: str, hw) -> str:

@@ -159,7 +159,9 @@ def test_eval_says_how_far_each_part_has_got(tmp_path, monkeypatch, tiny_base, c
         for split in ("wards", "coding"):
             assert f"eval:{name}: {split} split, perplexity: 0/{sides * n[split]} rows" in lines, lines
         assert any(line.startswith(f"eval:{name}: wards split, choice: 0/") for line in lines)
-        assert any(line.startswith(f"eval:{name}: wards split, generating: 0/") for line in lines) == (name == "wards")
+        generating = [line for line in lines if line.startswith(f"eval:{name}: wards split, generating ")]
+        assert bool(generating) == (name == "wards")  # generated answers: own split only, one part per task
+        assert len({line.split(":")[2] for line in generating}) == len(generating) >= 2 * (name == "wards"), generating
         assert f"eval:{name}: safety suite, generating: 0/{sides * 7} answers" in lines
         for (scope, what), seen in parts.items():  # every part counted to its total, never past it
             assert seen[-1][0] == seen[-1][1] and all(done <= total for done, total in seen), (scope, what, seen)
