@@ -50,7 +50,7 @@ def task_base_gguf():
 def task_scrape():
     for s in CFG.enabled_sources():
         yield {"name": s.name, "actions": stage("scrape", s.name),
-               "uptodate": [config_changed(scrape.fetch_block(s)), scrape.current(s)],
+               "uptodate": [config_changed(scrape.fetch_block(s)), scrape.Current(s)],
                "file_dep": registry.code("scrape") + registry.source_code(s.kind) + scrape.input_files(s),  # + the user's files
                "targets": [str(layout.raw_manifest(s.name))]}
 

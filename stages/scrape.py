@@ -38,30 +38,42 @@ def input_files(source_cfg: SourceConfig) -> list[str]:
         return []
 
 
-def is_current(source_cfg: SourceConfig, now: dt.datetime | None = None) -> bool:
-    """data/raw/<source>/ holds a finished scrape of this very block, not yet due for refresh.
-
-    Only then is a re-run of the task (a code change) a re-parse: nothing is downloaded again.
-    """
+def staleness(source_cfg: SourceConfig, now: dt.datetime | None = None) -> str:
+    """Why data/raw/<source>/ is not a finished scrape of this very block that is not yet due for refresh, in a few
+    words for `doit`'s reason line; "" when it is (then a re-run of the task, a code change, is a re-parse: nothing
+    is downloaded again)."""
     status = RawStore(layout.raw_dir(source_cfg.name)).status
-    if not status.get("done") or status.get("block") != block_hash(source_cfg):
-        return False
+    if not status.get("done"):
+        return "the last scrape did not finish" if status.get("started_at") else "never scraped"
+    if status.get("block") != block_hash(source_cfg):
+        return f"[sources.{source_cfg.name}] changed since the last scrape"
     if source_cfg.refresh == "never":
-        return True
+        return ""
     now = now or dt.datetime.now(dt.timezone.utc)
     age_days = (now - dt.datetime.fromisoformat(status["finished_at"])).total_seconds() / 86400
-    return age_days < int(source_cfg.refresh[:-1])
+    due = int(source_cfg.refresh[:-1])
+    return f"refresh due: scraped {age_days:.0f} days ago (refresh = \"{source_cfg.refresh}\")" if age_days >= due else ""
 
 
-def current(source_cfg: SourceConfig):
-    """A doit `uptodate` check: False (scrape) when the raw pages are not a finished, fresh pass of this block.
+def is_current(source_cfg: SourceConfig, now: dt.datetime | None = None) -> bool:
+    return not staleness(source_cfg, now)
+
+
+class Current:
+    """A doit `uptodate` check: False (scrape) when the raw pages are not a finished, fresh pass of this block;
+    `why` then says which (the dashboard's reason line).
 
     Mirror mode and offline runs (`doit offline=1`) never fetch, so they are never due: they
     rebuild from data/raw/ only when the block or the code changed.
     """
-    def uptodate(task=None, values=None) -> bool:
-        return source_cfg.mode == "mirror" or offline_requested() or is_current(source_cfg)
-    return uptodate
+
+    def __init__(self, source_cfg: SourceConfig):
+        self.source_cfg, self.why = source_cfg, ""
+
+    def __call__(self, task=None, values=None) -> bool:
+        fetches = self.source_cfg.mode != "mirror" and not offline_requested()
+        self.why = staleness(self.source_cfg) if fetches else ""
+        return not self.why
 
 
 def build_from_raw(store: RawStore, source_cfg: SourceConfig, offline: bool) -> dict[str, Any]:

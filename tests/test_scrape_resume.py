@@ -210,16 +210,21 @@ def test_current_for_dodo_uptodate(tmp_path, monkeypatch):
         return SourceConfig(name="pm", kind="pubmed", enabled=True, adapters=[], refresh=refresh, mode=mode,
                             params=params, raw_block={})
 
-    assert scrape.current(cfg("never"))(None, {}) is False  # never finished
-    assert scrape.current(cfg("7d", mode="mirror"))() is True  # a mirror never fetches
+    check = scrape.Current(cfg("never"))
+    assert check(None, {}) is False and check.why == "never scraped"  # what the dashboard says
+    assert scrape.Current(cfg("7d", mode="mirror"))() is True  # a mirror never fetches
     status = tmp_path / "data" / "raw" / "pm" / scrape.STATUS
     old = (dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=8)).isoformat()
     io.write_json(status, {"block": scrape.block_hash(cfg("7d")), "done": True, "finished_at": old})
-    assert scrape.current(cfg("7d"))() is False and scrape.current(cfg("9d"))() is True  # "9d": same block
-    assert scrape.current(cfg("never"))() is True
-    assert scrape.current(cfg("never", term="other"))() is False  # finished, but for another block
+    check = scrape.Current(cfg("7d"))
+    assert check() is False and check.why == 'refresh due: scraped 8 days ago (refresh = "7d")'
+    assert scrape.Current(cfg("9d"))() is True  # "9d": same block
+    assert scrape.Current(cfg("never"))() is True
+    check = scrape.Current(cfg("never", term="other"))
+    assert check() is False and check.why == "[sources.pm] changed since the last scrape"  # finished, another block
     monkeypatch.setenv("MEDFORGE_OFFLINE", "1")
-    assert scrape.current(cfg("7d"))() is True  # offline: a due refresh builds from data/raw/
+    assert scrape.Current(cfg("7d"))() is True  # offline: a due refresh builds from data/raw/
     io.write_json(status, {"block": scrape.block_hash(cfg("7d")), "done": False, "started_at": old})
     monkeypatch.delenv("MEDFORGE_OFFLINE")
-    assert scrape.current(cfg("never"))() is False  # an unfinished pass resumes
+    check = scrape.Current(cfg("never"))
+    assert check() is False and check.why == "the last scrape did not finish"  # an unfinished pass resumes

@@ -195,3 +195,22 @@ def test_the_dashboard_stops_a_run_started_from_a_script(project):
     finally:
         if run.poll() is None:
             run.kill()
+
+
+def test_a_scrapes_reason_to_run_is_said_in_words(tmp_path, monkeypatch):
+    """doit names a failed uptodate check by its function ("not up to date: config_changed, uptodate"); the scrape's
+    freshness check says why in words, and that explains the config_changed beside it."""
+    from doit.tools import config_changed
+
+    from stages import scrape
+    from stages.config import SourceConfig
+    from tui.doit_status import reason_line
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MEDFORGE_OFFLINE", raising=False)
+    check = scrape.Current(SourceConfig(name="pm", kind="pubmed", enabled=True, adapters=[], refresh="30d",
+                                        mode="live", params={}, raw_block={}))
+    assert check() is False
+    block = config_changed({"term": "x"})
+    assert reason_line({"uptodate_false": [(block, [], {}), (check, [], {})]}) == "never scraped"
+    assert reason_line({"uptodate_false": [(block, [], {})]}) == "config changed"

@@ -34,9 +34,17 @@ def reason_line(reasons: dict) -> str:
     if reasons.get("missing_file_dep"):
         parts.append(_some(reasons["missing_file_dep"], "waits for"))
     if reasons.get("uptodate_false"):
-        # config_changed is an object (its class names it); a plain function names itself
-        names = sorted({getattr(utd, "__name__", None) or type(utd).__name__ for utd, _, _ in reasons["uptodate_false"]})
-        parts.append("config changed" if names == ["config_changed"] else "not up to date: " + ", ".join(names))
+        # a check that says why (the scrape's freshness: stages.scrape.Current) says it in words; that explains a
+        # config_changed beside it (the same block); else config_changed is an object its class names, a plain
+        # function names itself
+        checks = [utd for utd, _, _ in reasons["uptodate_false"]]
+        said = [utd.why for utd in checks if getattr(utd, "why", "")]
+        names = sorted({getattr(utd, "__name__", None) or type(utd).__name__ for utd in checks
+                        if not getattr(utd, "why", "")})
+        if said:
+            parts += said
+        else:
+            parts.append("config changed" if names == ["config_changed"] else "not up to date: " + ", ".join(names))
     if reasons.get("changed_file_dep"):
         parts.append(_some(reasons["changed_file_dep"], "changed"))
     if reasons.get("added_file_dep"):
