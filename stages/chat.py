@@ -6,6 +6,8 @@ Which model answers, for an adapter (or the base model when adapter is None):
   2. else the adapter's best merged GGUF (layout.merged_gguf, f16 first, then finer quants);
   3. else (stream_chat only) transformers + peft on the HF base folder and layout.lora_dir,
      so a freshly trained adapter can be tried before `doit export:<adapter>` ran.
+`<adapter>:<quant>` (as `medforge serve` names it) is that merged GGUF alone: what Ollama and
+llama.cpp users run.
 `medforge chat` insists on GGUF exports and names the doit task that builds a missing one.
 
 API:
@@ -60,7 +62,7 @@ class ModelChoice:
 def base_spec(cfg, adapter: str | None) -> str:
     """The base model an adapter was trained on; with no adapter, the project's (default) base."""
     if adapter is not None:
-        return cfg.adapter(adapter).base_model
+        return cfg.adapter(adapter.partition(":")[0]).base_model
     bases = cfg.base_models()
     if len(bases) == 1 or (bases and DEFAULT_BASE_MODEL not in bases):
         return bases[0]
@@ -79,6 +81,8 @@ def choose_model(cfg, adapter: str | None, allow_hf: bool = False) -> ModelChoic
         if allow_hf and (hf / "config.json").exists():
             return ModelChoice("hf", hf)
         raise StageError(f"{base_gguf}: base GGUF not found; build it with `doit {base_task}`")
+    if ":" in adapter:
+        return merged_choice(cfg, *adapter.split(":", 1))
     lora_gguf = layout.lora_gguf(adapter)
     if lora_gguf.exists() and base_gguf.exists():
         return ModelChoice("gguf", base_gguf, lora_gguf)
@@ -91,6 +95,26 @@ def choose_model(cfg, adapter: str | None, allow_hf: bool = False) -> ModelChoic
         return ModelChoice("hf", hf, lora_dir)
     missing, task = (lora_gguf, f"export:{adapter}") if not lora_gguf.exists() else (base_gguf, base_task)
     raise StageError(f"{missing}: not found; build it with `doit {task}`")
+
+
+def merged_choice(cfg, adapter: str, quant: str) -> ModelChoice:
+    """`<adapter>:<quant>`: the adapter's merged GGUF of that quant type; StageError naming the fix when missing."""
+    merged = layout.merged_gguf(adapter, quant)
+    if merged.exists():
+        return ModelChoice("gguf", merged)
+    where = layout.adapter_toml(adapter)
+    if quant not in QUANT_TYPES:
+        raise StageError(f"'{adapter}:{quant}': {quant} is not a quant type medforge exports; "
+                         f"one of {', '.join(QUANT_TYPES)}")
+    if quant not in cfg.adapter(adapter).export["merged"]:
+        raise StageError(f"{merged}: not exported; add \"{quant}\" to export.merged in {where}, "
+                         f"then run `doit export:{adapter}`")
+    raise StageError(f"{merged}: not found; build it with `doit export:{adapter}`")
+
+
+def model_names(cfg) -> list[str]:
+    """Every adapter, each followed by its merged quants (`<adapter>:<quant>`), as chat and serve name them."""
+    return [name for a in sorted(cfg.adapters) for name in [a] + [f"{a}:{q}" for q in cfg.adapters[a].export["merged"]]]
 
 
 class ChatModel:

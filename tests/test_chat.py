@@ -103,6 +103,23 @@ def test_merged_gguf_answers_when_lora_gguf_is_missing(project, monkeypatch, tmp
         shutil.move(moved, layout.lora_gguf(ADAPTER))
 
 
+@pytest.mark.slow
+def test_an_adapters_merged_quant_answers_by_its_serve_name(project, capsys):
+    """`--adapter <adapter>:<quant>` (serve's model id) chats with that merged GGUF alone, what Ollama users run; a
+    quant not exported or not a quant type is one line naming the fix."""
+    assert chat.choose_model(project, f"{ADAPTER}:q8_0") == chat.ModelChoice("gguf", layout.merged_gguf(ADAPTER, "q8_0"))
+    assert main(["chat", "--adapter", f"{ADAPTER}:q8_0", "--max-tokens", "8", QUESTION]) == 0
+    messages = [{"role": "user", "content": QUESTION}]
+    assert capsys.readouterr().out == "".join(chat.stream_chat(project, f"{ADAPTER}:q8_0", messages, max_tokens=8)) + "\n"
+    assert main(["chat", "--adapter", f"{ADAPTER}:q4_k_m", "hello"]) == 2
+    err = capsys.readouterr().err
+    assert f'add "q4_k_m" to export.merged in {layout.adapter_toml(ADAPTER)}' in err and f"doit export:{ADAPTER}" in err
+    assert main(["chat", "--adapter", f"{ADAPTER}:q9", "hello"]) == 2
+    assert "q9 is not a quant type" in capsys.readouterr().err
+    names = chat.model_names(project)  # the dashboard's ctrl+n: each adapter, then its merged quants
+    assert names.index(f"{ADAPTER}:q8_0") == names.index(ADAPTER) + 1
+
+
 def test_stream_chat_falls_back_to_transformers_before_export(tmp_path, monkeypatch):
     """A freshly trained adapter (no GGUF yet) answers through transformers + peft; stop works there too."""
     from stages import config

@@ -241,6 +241,8 @@ async def test_switching_the_model_keeps_each_models_conversation(plain_project)
         assert sent == [{"role": "user", "content": "q2"}]  # the adapter does not see the base's turns
         adapter_text = transcript.text
 
+        await pilot.press("ctrl+n")  # the adapter's merged GGUF (what Ollama users run): a conversation of its own
+        assert left.model == "tiny:q8_0" and transcript.text == ""
         await pilot.press("ctrl+n")  # back to the base: its conversation as it was left
         assert left.model is None and transcript.text == base_text and "7 tokens" in left.status
         sent = await answer(pilot, left, "q3", "the base says three")

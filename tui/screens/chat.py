@@ -189,8 +189,11 @@ class ChatScreen(Screen):
         self.query_one(TopBar).show_run(msg.running, msg.summary)
 
     def models(self) -> list[str | None]:
+        """The base, then each adapter (its LoRA GGUF) followed by its merged quants (`<adapter>:q8_0`)."""
+        from stages.chat import model_names
+
         cfg = self.app.cfg
-        return [None] + (sorted(cfg.adapters) if cfg is not None else [])
+        return [None] + (model_names(cfg) if cfg is not None else [])
 
     @property
     def generating(self) -> bool:
