@@ -18,10 +18,14 @@ LOG_EVERY = 30.0    # seconds between a part's log lines after its first
 WRITE_EVERY = 1.0   # seconds between writes of the live file
 
 
-def duration(seconds: float) -> str:
+def duration(seconds: float | None) -> str:
+    """1h02m, 3m05s, 42s; "–" for unknown (also the dashboard's)."""
+    if seconds is None:
+        return "–"
     seconds = int(round(seconds))
-    m, s = divmod(seconds, 60)
-    return f"{m}m{s:02d}s" if m else f"{s}s"
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
 
 
 class Tracker:

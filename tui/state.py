@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from stages.progress import duration  # noqa: F401 (the views import it from here)
 from stages.registry import NAMES
 
 STAGE_ORDER = NAMES  # dodo.py's graph, upstream first
@@ -239,12 +240,3 @@ class TrainingCurves:
             return None
         i = min(range(len(self.val_loss)), key=self.val_loss.__getitem__)
         return self.val_loss[i], self.val_steps[i]
-
-
-def duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "–"
-    seconds = int(round(seconds))
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
