@@ -21,11 +21,17 @@ def project(tmp_path, monkeypatch, base, extra="", max_length=128):
     return adapter_config(tmp_path, "coding", text)
 
 
-def test_clean_data_passes_and_renders_trained_tokens(tmp_path, monkeypatch, tiny_base):
+def test_clean_data_passes_and_renders_trained_tokens(tmp_path, monkeypatch, tiny_base, capsys):
+    from stages import progress
     from stages.train import lint
 
     cfg = project(tmp_path, monkeypatch, tiny_base)
+    monkeypatch.setattr(progress, "_tracker", progress.Tracker("lint:coding", log_every=0))
     result = lint.run(cfg, "coding")
+    out = capsys.readouterr().out  # encoding the split says how far it got (about a minute for ICD-10-CM's)
+    assert "lint:coding: train split, encoding: 0/32 examples" in out
+    assert "lint:coding: train split, encoding: 31/32 examples" in out
+    assert io.read_json(layout.progress_file("lint:coding"))["done"] == 32
     assert result["problems"] == [] and result["examples"] == 32
     report = layout.lint_report("coding").read_text()
     assert report.count("--- r") == 3  # train.lint_examples

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from stages import io, layout
+from stages import io, layout, progress
 from stages.train import format as fmt
 from stages.train.inputs import iter_split
 
@@ -43,7 +43,11 @@ def encode_split(tokenizer, base_dir: Path, adapter: str, split: str, max_length
     cached = _load(cache, key)
     if cached is not None:
         return cached
-    out = list(fmt.encode_stream(tokenizer, rows if rows is not None else iter_split(adapter, split), max_length))
+    out = []
+    with progress.part("encoding", len(rows) if rows is not None else 0, "examples", f"{split} split"):
+        for item in fmt.encode_stream(tokenizer, rows if rows is not None else iter_split(adapter, split), max_length):
+            out.append(item)
+            progress.advance()
     _save(cache, key, out)
     return out
 
