@@ -243,6 +243,7 @@ def test_a_connection_that_fails_half_way_leaves_no_ray_behind(monkeypatch, no_r
                               "  File \"proxier.py\", line 437, in get_channel\nTimeoutError: no specific server")
 
     monkeypatch.setattr(ray, "init", half_way)
+    monkeypatch.setattr(ray_engine, "SESSION_TRIES", 1)  # a failed session is tried again: not here
     why = r"could not start a Ray on this machine .* \(Initialization failure from server: TimeoutError: no specific "
     why += r"server\); "
     with pytest.raises(StageError, match=why):
@@ -252,6 +253,35 @@ def test_a_connection_that_fails_half_way_leaves_no_ray_behind(monkeypatch, no_r
     with ray_engine.RayEngine("") as engine:
         assert "(1 node(s)" in engine.describe()
     assert not ray.is_initialized()
+
+
+def test_a_client_session_that_dies_as_it_starts_is_tried_again(ray_cluster, monkeypatch):
+    """Ray Client's server starts a process per session; the suite saw one die as it started (the connection failed
+    with "Initialization failure from server: ... psutil.ZombieProcess"). A new session is tried, a second later,
+    up to SESSION_TRIES in all; a server that keeps failing is the one-line error, the last reason in it."""
+    real_init, calls = ray.init, []
+
+    def dies_first(*args, **kwargs):
+        calls.append(kwargs["address"])
+        if len(calls) == 1:
+            raise ConnectionError("Initialization failure from server:\nTraceback (most recent call last):\n"
+                                  "psutil.ZombieProcess: PID still exists but it's a zombie (pid=17364)")
+        return real_init(*args, **kwargs)
+
+    monkeypatch.setattr(ray, "init", dies_first)
+    with ray_engine.RayEngine(ray_cluster.client) as engine:
+        assert "(2 node(s)" in engine.describe()
+    assert calls == [ray_cluster.client] * 2 and not ray.is_initialized()
+
+    def always(*args, **kwargs):
+        calls.append(kwargs["address"])
+        raise ConnectionError("Initialization failure from server:\nTimeoutError: no specific server")
+
+    calls.clear()
+    monkeypatch.setattr(ray, "init", always)
+    with pytest.raises(StageError, match=r"cannot connect .* \(Initialization failure from server: TimeoutError: no "):
+        ray_engine.RayEngine(ray_cluster.client).__enter__()
+    assert len(calls) == ray_engine.SESSION_TRIES and not ray.is_initialized()
 
 
 def test_unreachable_cluster_is_one_line_naming_the_key(tmp_path, monkeypatch):

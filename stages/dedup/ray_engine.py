@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import socket
+import time
 from pathlib import Path
 from typing import Iterable
 from urllib.parse import urlsplit
@@ -36,6 +37,11 @@ SHARD_CHARS = 4 << 20   # text per fingerprint task: big enough to amortise a ta
 MAX_PENDING = 64        # fingerprint shards in flight at once: the driver's text and the object store stay bounded
 BLOCK_DOCS = 50_000     # signatures per band-map task
 CONNECT_TIMEOUT_S = 10  # ray.init waits minutes on an address nobody listens on; a TCP probe answers first
+# Ray Client's server starts one process per client session; when that process dies as it starts, the connection
+# fails with "Initialization failure from server" (seen here: psutil.ZombieProcess, "no specific server"), and a new
+# session usually starts: so many tries, a second apart, before it is the one-line error
+SESSION_TRIES = 3
+SESSION_FAILED = "Initialization failure from server"
 
 
 def _unreachable(address: str, why: str) -> StageError:
@@ -83,15 +89,19 @@ class RayEngine:
     def __enter__(self) -> "RayEngine":
         if self.address:
             _probe(self.address)
-        try:
-            # "local": a fresh Ray on this machine, never some other cluster found here by accident
-            ray.init(address=self.address or "local", include_dashboard=False, log_to_driver=False,
-                     logging_level=logging.WARNING, configure_logging=False)
-        except (ConnectionError, RuntimeError, ValueError, TimeoutError) as exc:
-            # a connection that failed half-way (Ray Client's "Initialization failure from server") leaves
-            # this process's Ray half set up, and every later ray.init in it then fails: undo it first
-            ray.shutdown()
-            raise _unreachable(self.address, _reason(exc)) from None
+        for attempt in range(1, SESSION_TRIES + 1):
+            try:
+                # "local": a fresh Ray on this machine, never some other cluster found here by accident
+                ray.init(address=self.address or "local", include_dashboard=False, log_to_driver=False,
+                         logging_level=logging.WARNING, configure_logging=False)
+                break
+            except (ConnectionError, RuntimeError, ValueError, TimeoutError) as exc:
+                # a connection that failed half-way (Ray Client's "Initialization failure from server") leaves
+                # this process's Ray half set up, and every later ray.init in it then fails: undo it first
+                ray.shutdown()
+                if attempt == SESSION_TRIES or SESSION_FAILED not in str(exc):
+                    raise _unreachable(self.address, _reason(exc)) from None
+                time.sleep(1)
         try:
             self._check_code()
         except BaseException:
