@@ -62,7 +62,7 @@ class ModelChoice:
 def base_spec(cfg, adapter: str | None) -> str:
     """The base model an adapter was trained on; with no adapter, the project's (default) base."""
     if adapter is not None:
-        return cfg.adapter(adapter.partition(":")[0]).base_model
+        return cfg.adapter(split_id(adapter)[0]).base_model
     bases = cfg.base_models()
     if len(bases) == 1 or (bases and DEFAULT_BASE_MODEL not in bases):
         return bases[0]
@@ -81,8 +81,9 @@ def choose_model(cfg, adapter: str | None, allow_hf: bool = False) -> ModelChoic
         if allow_hf and (hf / "config.json").exists():
             return ModelChoice("hf", hf)
         raise StageError(f"{base_gguf}: base GGUF not found; build it with `doit {base_task}`")
-    if ":" in adapter:
-        return merged_choice(cfg, *adapter.split(":", 1))
+    adapter, quant = split_id(adapter)
+    if quant is not None:
+        return merged_choice(cfg, adapter, quant)
     lora_gguf = layout.lora_gguf(adapter)
     if lora_gguf.exists() and base_gguf.exists():
         return ModelChoice("gguf", base_gguf, lora_gguf)
@@ -104,7 +105,7 @@ def merged_choice(cfg, adapter: str, quant: str) -> ModelChoice:
         return ModelChoice("gguf", merged)
     where = layout.adapter_toml(adapter)
     if quant not in QUANT_TYPES:
-        raise StageError(f"'{adapter}:{quant}': {quant} is not a quant type medforge exports; "
+        raise StageError(f"'{merged_id(adapter, quant)}': {quant} is not a quant type medforge exports; "
                          f"one of {', '.join(QUANT_TYPES)}")
     if quant not in cfg.adapter(adapter).export["merged"]:
         raise StageError(f"{merged}: not exported; add \"{quant}\" to export.merged in {where}, "
@@ -112,9 +113,21 @@ def merged_choice(cfg, adapter: str, quant: str) -> ModelChoice:
     raise StageError(f"{merged}: not found; build it with `doit export:{adapter}`")
 
 
+def merged_id(adapter: str, quant: str) -> str:
+    """The name chat and serve give an adapter's merged GGUF of one quant type."""
+    return f"{adapter}:{quant}"
+
+
+def split_id(name: str) -> tuple[str, str | None]:
+    """`<adapter>` or `<adapter>:<quant>` -> (adapter, quant or None)."""
+    adapter, _, quant = name.partition(":")
+    return adapter, quant or None
+
+
 def model_names(cfg) -> list[str]:
-    """Every adapter, each followed by its merged quants (`<adapter>:<quant>`), as chat and serve name them."""
-    return [name for a in sorted(cfg.adapters) for name in [a] + [f"{a}:{q}" for q in cfg.adapters[a].export["merged"]]]
+    """Every adapter, each followed by its merged quants, as chat and serve name them."""
+    return [name for a in sorted(cfg.adapters)
+            for name in [a] + [merged_id(a, q) for q in cfg.adapters[a].export["merged"]]]
 
 
 class ChatModel:

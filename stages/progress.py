@@ -71,9 +71,8 @@ class Tracker:
 
     def write(self, now: float) -> None:
         self.written = now
-        io.write_json(self.path, {"what": self.what, "scope": self.scope, "done": self.done, "total": self.total,
-                                  "unit": self.unit, "eta_s": self.eta(now), "t": round(time.time(), 3)},
-                      durable=False)
+        io.write_json(self.path, {"what": self.what, "scope": self.scope, "done": self.done, "total": self.total},
+                      durable=False)  # what the dashboard's row shows; the log lines carry the rate and time left
 
     def close(self) -> None:
         self.path.unlink(missing_ok=True)

@@ -28,9 +28,7 @@ def test_a_part_logs_its_size_then_how_far_it_got_at_most_every_log_interval(tmp
                      "eval:coding: clinical_decision split, perplexity: 360/600 rows, 1m00s, about 40s left",
                      "eval:coding: clinical_decision split, perplexity: 540/600 rows, 1m30s, about 10s left"]
     live = io.read_json(layout.progress_file("eval:coding"))
-    assert {k: live[k] for k in ("what", "scope", "done", "total", "unit", "eta_s")} == {
-        "what": "perplexity", "scope": "clinical_decision split", "done": 600, "total": 600, "unit": "rows",
-        "eta_s": 0.0}
+    assert live == {"what": "perplexity", "scope": "clinical_decision split", "done": 600, "total": 600}
     progress.advance(7)  # the part is over: nothing more counts
     assert io.read_json(layout.progress_file("eval:coding"))["done"] == 600
     progress.stop()
@@ -53,7 +51,7 @@ def test_the_live_file_is_written_at_most_every_write_interval(tmp_path, monkeyp
 def test_a_killed_runs_file_is_gone_when_the_task_starts_again(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     stale = layout.progress_file("eval:coding")
-    io.write_json(stale, {"what": "perplexity", "scope": "", "done": 3, "total": 9, "unit": "rows"})
+    io.write_json(stale, {"what": "perplexity", "scope": "", "done": 3, "total": 9})
     progress.start("eval:coding")
     assert not stale.exists()
     progress.stop()
