@@ -35,7 +35,9 @@ def tiny_base(tmp_path_factory):
 def run(root, nproc: int, runner_text: str = RUNNER, ok: bool = True) -> str:
     runner = root / "runner.py"
     runner.write_text(runner_text)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    tmp = root / "tmp"  # torchrun's torchelastic_* folders: in the test's folder, not left in /tmp
+    tmp.mkdir(exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp)}
     launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
               if nproc > 1 else [sys.executable])
     proc = subprocess.run([*launch, str(runner), str(root)], env=env, capture_output=True, text=True, timeout=600)
@@ -79,12 +81,15 @@ def test_two_nodes_train_the_one_process_curve_and_only_node_0_writes(tmp_path, 
     for root, batch in ((nodes[0], 2), (nodes[1], 2), (one, 4)):
         set_batch(root, batch)
         (root / "runner.py").write_text(RUNNER)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    tmp = tmp_path / "tmp"  # the nodes' temporary folder: torchrun's files must not stay behind in it
+    tmp.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp)}
     procs = [subprocess.Popen([sys.executable, str(root / "runner.py"), str(root)], stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, env={**env, "MEDFORGE_NODE_RANK": str(i)})
              for i, root in enumerate(nodes)]
     outs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
+    assert list(tmp.iterdir()) == []
     run(one, 1)
     a, b = losses(nodes[0]), losses(one)
     assert sorted(a) == sorted(b) == list(range(1, 7))

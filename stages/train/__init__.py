@@ -95,7 +95,9 @@ def relaunch(adapter_name: str, gpus: int, train_cfg: dict[str, Any], where: str
     """More than one GPU, or more than one machine: run this stage again as one process per GPU on this node
     (torchrun, as `accelerate launch` does) and return what rank 0 wrote. The processes train data-parallel,
     or with an nf4 base shard it with FSDP (torch_backend decides)."""
+    import os
     import subprocess
+    import tempfile
 
     from stages.train import distributed
 
@@ -107,7 +109,10 @@ def relaunch(adapter_name: str, gpus: int, train_cfg: dict[str, Any], where: str
     span = f"node {node} of {nnodes} (master {master}), " if nnodes > 1 else ""
     print(f"train:{adapter_name}: {span}{gpus} process(es) here: relaunching under torchrun "
           "(data-parallel; FSDP for nf4)")
-    if subprocess.run(distributed.launch_command(gpus, nnodes, master, node)).returncode != 0:
+    with tempfile.TemporaryDirectory(prefix="medforge-torchrun-") as tmp:  # torchrun's torchelastic_* folders
+        code = subprocess.run(distributed.launch_command(gpus, nnodes, master, node),
+                              env={**os.environ, "TMPDIR": tmp}).returncode  # land here, and go with it
+    if code != 0:
         raise StageError(f"train:{adapter_name}: the multi-process run failed (its log is above); "
                          + ("check that every node runs the same commit and data and reaches train.master"
                             if nnodes > 1 else "set CUDA_VISIBLE_DEVICES to one GPU to train in a single process"))
