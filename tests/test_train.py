@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -149,11 +150,14 @@ def test_cpu_training_keeps_freed_activations_instead_of_faulting_them_in_every_
 
 
 # --- a full run on the tiny model
-def test_train_tiny_model_learns_and_writes_outputs(tmp_path, monkeypatch, tiny_base):
+def test_train_tiny_model_learns_and_writes_outputs(tmp_path, monkeypatch, tiny_base, capsys):
     from stages import train
 
     cfg = project(tmp_path, monkeypatch, tiny_base, steps=30)
     summary = train.run(cfg, "coding")
+    last = capsys.readouterr().out.splitlines()[-1]  # the log's summary line, losses as its step lines show them
+    assert re.fullmatch(r"train:coding: val loss \d+\.\d{4} -> \d+\.\d{4} \(best \d+\.\d{4} at step \d+, exported\), "
+                        r"[\d.]+ trained tok/s -> adapters/coding/out/lora", last), last
 
     lora = layout.lora_dir("coding")
     assert layout.lora_weights("coding").exists()

@@ -85,8 +85,10 @@ def run(cfg, adapter_name: str) -> dict[str, Any]:
         engine, name=adapter_name, base_model=a.base_model, lora=a.lora, train_cfg=train_cfg,
         train_examples=train_examples, val_examples=val_examples, dropped=dropped, metrics=metrics,
         out_dir=layout.lora_dir(adapter_name), checkpoint_dir=layout.checkpoints_dir(adapter_name))
-    say(f"train:{adapter_name}: val loss {summary['start_val_loss']} -> {summary['end_val_loss']} "
-        f"(best {summary['best_val_loss']} at step {summary['best_step']}, exported), "
+    loss = {k: "–" if summary[k] is None else f"{summary[k]:.4f}" for k in ("start_val_loss", "end_val_loss",
+                                                                         "best_val_loss")}
+    say(f"train:{adapter_name}: val loss {loss['start_val_loss']} -> {loss['end_val_loss']} "
+        f"(best {loss['best_val_loss']} at step {summary['best_step']}, exported), "
         f"{summary['tok_s']} trained tok/s -> {layout.lora_dir(adapter_name)}")
     return summary
 
