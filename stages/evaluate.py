@@ -42,7 +42,7 @@ from typing import Any, NamedTuple
 
 from stages import io, layout, progress, safety, stats
 from stages.errors import StageError
-from stages.sources import scored_tasks
+from stages.sources import scored_rates, scored_tasks, task_of
 from stages.train.packing import EVAL_BATCH_TOKENS, budget_batches
 
 # fixed sample prompts, one per domain and one unsafe request; the adapter's own first test prompt is added
@@ -62,7 +62,7 @@ CROSS_EXAMPLES = 300
 GEN_BATCH = 16  # a decode step costs about the same for 16 sequences as for 8: eval.max_generate 12 is one batch
 # the rates (per-example 0/1, higher is better): every choice task's accuracy and what each scored task declares;
 # any other metric is an error (lower is better)
-HIGHER_IS_BETTER = {"accuracy"}.union(*(task.rates for task in scored_tasks().values()))
+HIGHER_IS_BETTER = {"accuracy"} | scored_rates()
 
 
 # --- pure: perplexity
@@ -91,14 +91,6 @@ def perplexity_report(examples, base_nll: list[tuple[float, int]], adapter_nll: 
 
 
 # --- pure: scoring answers, by the source that owns each task (stages.sources.Task)
-def score_generated(task: str, gold: str, answer: str) -> dict[str, float]:
-    """Per-example metrics of one generated answer against the gold answer of the split."""
-    scored = scored_tasks().get(task)
-    if scored is None or scored.score is None:
-        raise ValueError(f"no generated metric for task {task!r}")
-    return scored.score(gold, answer)
-
-
 def mean_metrics(per_example: list[dict[str, float]]) -> dict[str, float]:
     sums: dict[str, list[float]] = defaultdict(list)
     for row in per_example:
@@ -279,7 +271,7 @@ def cloze_examples(tokenizer, rows: list[dict]) -> list[Cloze]:
     options are."""
     out = []
     for index, row in enumerate(rows):
-        task = scored_tasks().get(row.get("task", ""))
+        task = task_of(row)
         if task is None or task.cloze is None:
             continue
         gold = row["messages"][-1]["content"]
@@ -604,17 +596,17 @@ def evaluate_split(judge: Judge, rows: list[dict], max_length: int, max_generate
             metrics[key]["items"] = {"id": scored["ids"], "adapter": columns(a)}
     by_task: dict[str, list[dict]] = defaultdict(list)
     for row in rows:
-        scored = scored_tasks().get(row.get("task", ""))
+        scored = task_of(row)
         if scored is not None and scored.score is not None and len(by_task.get(row["task"], ())) < max_generate:
             by_task[row["task"]].append(row)
     for task, picked in sorted(by_task.items()):
-        scored = scored_tasks()[task]
+        scored = task_of(picked[0])
         base_out, adapter_out = judge.generate([r["messages"][:-1] for r in picked], scored.max_new_tokens,
                                                scored.answered, task)
         golds = [r["messages"][-1]["content"] for r in picked]
         key = task if task not in metrics else f"{task}_generated"
-        b = [score_generated(task, g, a) for g, a in zip(golds, base_out)]
-        a = [score_generated(task, g, a) for g, a in zip(golds, adapter_out)]
+        b = [scored.score(g, a) for g, a in zip(golds, base_out)]
+        a = [scored.score(g, a) for g, a in zip(golds, adapter_out)]
         metrics[key] = {"kind": "generated", "n": len(picked), "base": mean_metrics(b), "adapter": mean_metrics(a),
                         "stats": paired_stats(b, a),
                         "example": {"prompt": picked[0]["messages"][-2]["content"], "gold": golds[0],

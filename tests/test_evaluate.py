@@ -221,6 +221,37 @@ def test_eval_matrix_task_metrics_safety_samples_and_reports(tmp_path, monkeypat
     assert "| **coding** |" in matrix and "| **wards** |" in matrix and "[wards](wards/report.md)" in matrix
 
 
+def test_a_users_own_data_is_scored_by_its_generated_answers(tmp_path, monkeypatch, tiny_base):
+    """A local_files adapter's test rows (a task name the user chose) get generated metrics with intervals and the
+    paired verdict, not perplexity alone."""
+    from stages import config, evaluate
+    from tests.gguf_project import make_lora
+
+    monkeypatch.chdir(tmp_path)
+    rows = [{"id": f"local:{i}:abbrev", "task": "abbrev", "provenance": {"kind": "local_files", "source": "local"},
+             "messages": [{"role": "user", "content": f"Expand the clinical abbreviation: {a}"},
+                          {"role": "assistant", "content": f"{a} means {full}."}]}
+            for i, (a, full) in enumerate([("BID", "twice daily"), ("PRN", "as needed"), ("PO", "by mouth"),
+                                           ("NPO", "nothing by mouth"), ("HS", "at bedtime")])]
+    io.write_jsonl(layout.split_file("mine", "test"), rows)
+    path = layout.adapter_toml("mine")
+    path.parent.mkdir(parents=True)
+    path.write_text(MATRIX_TOML.format(base=tiny_base).replace("max_generate = 2", "max_generate = 4")
+                    + "safety = false\n")
+    problems: list[str] = []
+    cfg = config.Config(root=tmp_path, sources={}, dedup={},
+                        adapters={"mine": config.load_adapter(tmp_path, path, problems)})
+    assert not problems
+    make_lora(tiny_base, layout.lora_dir("mine"))
+
+    metric = evaluate.run(cfg, "mine")["matrix"]["mine"]["metrics"]["abbrev"]
+    assert metric["kind"] == "generated" and metric["n"] == 4  # eval.max_generate of the 5 rows
+    assert set(metric["stats"]) == {"exact_match", "token_f1"} and metric["example"]["gold"] == "BID means twice daily."
+    for stat in metric["stats"].values():
+        assert stat["verdict"] in ("better", "worse", "no detectable difference")
+        assert all(stat[who]["low"] <= stat[who]["value"] <= stat[who]["high"] for who in ("base", "adapter"))
+
+
 def test_a_split_is_scored_as_its_own_adapter_defines_it(tmp_path, monkeypatch, tiny_base):
     """A split is scored as its adapter defines it (max_length, max_examples): every adapter's eval scores the
     base on it alike, so the matrix has one base figure per split."""

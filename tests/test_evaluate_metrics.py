@@ -9,6 +9,11 @@ from stages.sources.icd10cm import Icd10cmSource
 from stages.sources.news2 import News2Source, generate_patient
 
 
+def score(task: str, gold: str, answer: str) -> dict[str, float]:
+    """What eval records for one generated answer of a source's named task."""
+    return scored_tasks()[task].score(gold, answer)
+
+
 def icd10_rows() -> list[dict]:
     source = Icd10cmSource("icd10cm", {})
     records = [
@@ -49,7 +54,7 @@ def gold(row: dict) -> str:
 def test_gold_answers_score_perfectly_and_are_read_back():
     for row in icd10_rows() + news2_rows():
         if scored_tasks()[row["task"]].score:
-            metrics = evaluate.score_generated(row["task"], gold(row), gold(row))
+            metrics = score(row["task"], gold(row), gold(row))
             headline = {k: v for k, v in metrics.items() if k != "aggregate_mae"}
             assert headline and all(v == 1.0 for v in headline.values()), (row["task"], metrics)
     # the gold NEWS2 answer states the chart's own aggregate and band
@@ -64,11 +69,11 @@ def test_news2_generated_answers_are_compared_with_the_chart():
     row = news2_rows(1)[0]
     want_agg, want_band = news2.parse_answer(gold(row))
     wrong_band = next(b for b in news2.BANDS if b != want_band)
-    off = evaluate.score_generated("news2_score", gold(row),
+    off = score("news2_score", gold(row),
                                    f"Aggregate NEWS2 score: {want_agg + 2}\nClinical risk: {wrong_band}.")
     assert off == {"stated_rate": 1.0, "aggregate_accuracy": 0.0, "band_accuracy": 0.0, "aggregate_mae": 2.0,
                    "points_accuracy": 0.0}
-    silent = evaluate.score_generated("news2_score", gold(row), "The patient seems unwell.")
+    silent = score("news2_score", gold(row), "The patient seems unwell.")
     assert silent == {"stated_rate": 0.0, "aggregate_accuracy": 0.0, "band_accuracy": 0.0, "points_accuracy": 0.0}
     assert evaluate.mean_metrics([off, silent]) == {"aggregate_accuracy": 0.0, "aggregate_mae": 2.0,
                                                     "band_accuracy": 0.0, "points_accuracy": 0.0, "stated_rate": 0.5}
@@ -92,17 +97,17 @@ def test_news2_points_per_parameter_are_read_from_either_answer_form():
 def test_icd10_exact_match_reads_codes_descriptions_and_parents():
     rows = {(r["task"], r["messages"][0]["content"]): r for r in icd10_rows()}
     describe = rows[("icd10_describe", "What does ICD-10-CM code J18.9 describe?")]
-    assert evaluate.score_generated("icd10_describe", gold(describe),
+    assert score("icd10_describe", gold(describe),
                                     "ICD-10-CM J18.9: pneumonia, unspecified organism. It is billable.")["exact_match"] == 1
-    assert evaluate.score_generated("icd10_describe", gold(describe),
+    assert score("icd10_describe", gold(describe),
                                     "ICD-10-CM J18.9: Viral pneumonia. It is billable.")["exact_match"] == 0
     code = rows[("icd10_code", "What is the ICD-10-CM code for: Septicemic plague?")]
-    assert evaluate.score_generated("icd10_code", gold(code), "A20.7 (Septicemic plague)")["exact_match"] == 1
-    assert evaluate.score_generated("icd10_code", gold(code), "A20.9 (Plague)")["exact_match"] == 0
+    assert score("icd10_code", gold(code), "A20.7 (Septicemic plague)")["exact_match"] == 1
+    assert score("icd10_code", gold(code), "A20.9 (Plague)")["exact_match"] == 0
     parent = rows[("icd10_parent", "What is the parent category of ICD-10-CM code R50.9?")]
-    assert evaluate.score_generated("icd10_parent", gold(parent),
+    assert score("icd10_parent", gold(parent),
                                     "The parent of R50.9 (Fever) is R50: Fever.")["exact_match"] == 1
-    assert evaluate.score_generated("icd10_parent", gold(parent), "It is R51.")["exact_match"] == 0
+    assert score("icd10_parent", gold(parent), "It is R51.")["exact_match"] == 0
 
 
 def test_icd10_parent_category_is_scored_apart_from_the_parent():
@@ -366,3 +371,20 @@ def test_generation_stops_each_reply_once_answered():
     stopped = evaluate.generate(model, tokenizer, chats, 24, hw, eot, answered)
     for reply, whole in zip(stopped, full):
         assert whole.startswith(reply) and len(reply) < len(whole)
+
+
+def test_a_users_own_task_is_scored_by_exact_match_and_token_f1_after_normalization():
+    """local_files rows carry task names the user chose: eval scores them by answer match (SQuAD's normalization),
+    rates with intervals like every scored task; rows of a named task keep their source's own scorer."""
+    from stages.sources import task_of
+    from stages.sources.local_files import answer_match
+
+    assert answer_match("BID means twice daily.", "bid means twice daily") == {"exact_match": 1.0, "token_f1": 1.0}
+    assert answer_match("BID means twice daily.", "It means twice a day.") == {"exact_match": 0.0, "token_f1": 0.5}
+    assert answer_match("The answer is PRN.", "") == {"exact_match": 0.0, "token_f1": 0.0}
+    assert answer_match("An apple", "the APPLE!") == {"exact_match": 1.0, "token_f1": 1.0}
+    mine = {"task": "abbreviations", "provenance": {"kind": "local_files"}}
+    assert task_of(mine).score is answer_match and {"exact_match", "token_f1"} <= evaluate.HIGHER_IS_BETTER
+    assert task_of({**mine, "task": "news2_score"}) is scored_tasks()["news2_score"]
+    assert task_of({"task": "abbreviations", "provenance": {"kind": "news2"}}) is None  # a source's unknown task
+    assert task_of({"task": "abbreviations"}) is None

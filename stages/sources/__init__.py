@@ -92,6 +92,7 @@ class Source:
     network: ClassVar[bool] = False  # needs the internet in live mode
     PARAMS: ClassVar[dict[str, Key]] = {}  # [sources.<name>.params]: key -> Key (stages.schema)
     tasks: ClassVar[dict[str, Task]] = {}  # task name -> how eval scores its answers; unscored tasks absent
+    user_task: ClassVar[Task | None] = None  # how eval scores tasks the user names (in params or rows), if at all
 
     def __init__(self, name: str, params: dict[str, Any]):
         self.name = name
@@ -192,3 +193,19 @@ def scored_tasks() -> dict[str, Task]:
                                   f"stages/sources/{kind}.py; rename the task in one of them")
             owner[name], found[name] = kind, task
     return found
+
+
+def task_of(row: dict[str, Any]) -> Task | None:
+    """How eval scores one test row: its task's entry in scored_tasks(), else what the source kind the row came
+    from (its provenance) gives tasks the user names: local_files' answer match; None: perplexity alone."""
+    task = scored_tasks().get(row.get("task", ""))
+    kind = (row.get("provenance") or {}).get("kind")
+    if task is None and kind in KINDS:
+        task = load(kind).user_task
+    return task
+
+
+def scored_rates() -> frozenset[str]:
+    """Every metric any task declares a rate (higher is better)."""
+    tasks = list(scored_tasks().values()) + [t for t in (load(kind).user_task for kind in KINDS) if t]
+    return frozenset().union(*(t.rates for t in tasks))

@@ -12,6 +12,10 @@ params: paths (list of files or globs, relative to the project), format ("auto")
 ("local"), chunk_chars (1500), licence (what the files are licensed under, for provenance),
 encoding ("utf-8": of the JSONL/JSON/CSV files; a file starting with a UTF-8 BOM is UTF-8).
 
+Eval scores these tasks (the `task` param's, a row's own, `<task>_continue`) by greedy answers against the
+gold one: exact match and token F1 after SQuAD's normalization (case, punctuation, articles and spacing
+ignored), each with its interval and the paired verdict, as every scored task is.
+
 A file that cannot be read as a whole (wrong encoding, a .json that is not JSON, a CSV the csv
 module refuses) is one line naming the file as `paths` names it, the line and the fix. A row that
 is malformed (a broken JSONL line, a CSV row with the wrong number of columns, no usable messages,
@@ -32,11 +36,27 @@ from typing import Any, Iterator
 import orjson
 
 from stages import layout
-from stages.sources import Key, Source, SourceError
+from stages.sources import Key, Source, SourceError, Task
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "system": "system", "bing": "assistant", "chatgpt": "assistant"}
 SUFFIXES = (".jsonl", ".json", ".csv", ".pdf")
+ANSWER_TOKENS = 256  # a generated answer's length limit when eval scores it
+ARTICLES = re.compile(r"\b(a|an|the)\b")
+PUNCTUATION = re.compile(r"[^\w\s]")
+
+
+def answer_words(text: str) -> list[str]:
+    """SQuAD's answer normalization: lower case, no punctuation, no articles, single spaces; as words."""
+    return ARTICLES.sub(" ", PUNCTUATION.sub(" ", text.lower())).split()
+
+
+def answer_match(gold: str, answer: str) -> dict[str, float]:
+    """Exact match and token F1 of a generated answer against the gold one (both normalized)."""
+    want, got = answer_words(gold), answer_words(answer)
+    common = sum(min(want.count(w), got.count(w)) for w in set(want))
+    f1 = 2 * common / (len(want) + len(got)) if want and got else float(want == got)
+    return {"exact_match": float(want == got), "token_f1": f1}
 
 
 def _text_field(value: Any) -> str | None:
@@ -105,6 +125,7 @@ class LocalFiles(Source):
     kind = "local_files"
     licence = "as given in params.licence (the user's own files)"
     origin = "local"
+    user_task = Task(ANSWER_TOKENS, answer_match, rates=frozenset({"exact_match", "token_f1"}))
     PARAMS = {
         "paths": Key(list, list, items=str, nonblank=True),  # files or globs, relative to the project
         "format": Key(str, "auto", choices=("auto", "alpaca", "sharegpt", "messages")),
