@@ -254,7 +254,8 @@ def adapter_markdown(name: str, description: str, report: dict[str, Any], metric
                 "Choice: the option with the highest answer log-likelihood. Cloze: with the gold answer fed in, the share of "
                 "the spans that carry the task (NEWS2 points, aggregate and band; ICD-10 parent and category) the "
                 "model predicts greedily, on every test item. Generated: greedy answers read back "
-                "(NEWS2 aggregate and band against the chart; ICD-10 codes and descriptions by exact match).", "",
+                "(NEWS2 aggregate and band against the chart; ICD-10 codes and descriptions by exact match; your own "
+                "data's answers by exact match and token F1 after normalization).", "",
                 "Each figure with its 95 % interval (Wilson for rates, bootstrap for mean errors); the verdict is the "
                 "paired test on the same items (exact McNemar for right/wrong, sign-flip permutation otherwise): "
                 "\"better\" or \"worse\" only at p < 0.05.", "",
