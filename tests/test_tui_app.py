@@ -74,6 +74,27 @@ async def test_pipeline_run_all_shows_states_reasons_and_logs(project):
         await wait_for(pilot, lambda: app.pipeline.static["train:tiny"]["status"] == "run", what="forget")
 
 
+async def test_an_edit_while_the_dashboard_is_open_shows_at_once_without_a_run(project):
+    """A recipe, a source file or code edited in another shell: the rows say what will run now, not after the next
+    run; a configuration made invalid says so in the pipeline view until it is fixed."""
+    runner.start(project, [])
+    wait_sync(lambda: runner.current_run(project) is None, 60, "the first run to finish")
+    app = make_app(project)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_for(pilot, lambda: state_of(app, "scrape:alpha") == "up to date", what="doit's static status")
+        (project / "inputs" / "alpha.txt").write_text("alpha, edited\n")
+        await wait_for(pilot, lambda: state_of(app, "scrape:alpha") == "will run", 20, "the edit to show")
+        assert app.pipeline.task("scrape:alpha").reason == "changed inputs/alpha.txt"
+        assert "will run" in table_text(app, "#tasks")
+        (project / "adapters" / "tiny" / "adapter.toml").write_text('description = "tiny"\n[train]\nlr = "fast"\n')
+        await wait_for(pilot, lambda: "train.lr" in app.config_error, 20, "the config error")
+        summary = app.screen.query_one("#pipeline-summary")
+        await wait_for(pilot, lambda: "key 'train.lr' must be a number" in str(summary.content), 10, "it shown")
+        (project / "adapters" / "tiny" / "adapter.toml").write_text('description = "tiny"\n[train]\nlr = 1e-4\n')
+        await wait_for(pilot, lambda: app.cfg is not None and not app.config_error, 20, "the fixed config")
+        await wait_for(pilot, lambda: "config:" not in str(summary.content), 10, "the error gone")
+
+
 async def test_a_status_refresh_never_moves_the_cursor_back(project):
     # the pipeline repaints every poll; a repaint landing between a cursor move and its highlight message
     # must leave the cursor (and so the selection) where the user put it

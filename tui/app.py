@@ -6,7 +6,6 @@ reports back with a typed message.
 """
 from __future__ import annotations
 
-import os
 import signal
 import sys
 import threading
@@ -52,6 +51,11 @@ class _Polled(Message):
 class _StaticStatus(Message):
     data: dict | None
     error: str = ""
+    stamps: dict | None = None  # runner.input_stamps as the view began to be computed
+
+
+class _InputsChanged(Message):
+    """A file doit's static view read (or the configuration) changed while no run was going."""
 
 
 @dataclass
@@ -96,6 +100,8 @@ class MedforgeApp(App):
         self._poll_lock = threading.Lock()  # two overlapping polls must not read the same events twice
         self._polls_failing: set[str] = set()  # polls whose last round raised (each said so once)
         self._polls_failing_lock = threading.Lock()
+        self._inputs: list[str] = []  # the files doit's static view read, from its last refresh
+        self._stamps: dict | None = None  # and their stamps then; None while a refresh is on its way
 
     def path(self, relative: Path) -> Path:
         return self.root / relative
@@ -134,18 +140,31 @@ class MedforgeApp(App):
     def refresh_static(self) -> None:
         from tui import runner
 
+        stamps = runner.input_stamps(self.root, self._inputs)  # before: an edit made meanwhile is seen next poll
         try:
-            self.post_message(_StaticStatus(runner.static_status(self.root)))
+            self.post_message(_StaticStatus(runner.static_status(self.root), stamps=stamps))
         except Exception as exc:  # shown in the pipeline view; the dashboard stays usable
-            self.post_message(_StaticStatus(None, str(exc)))
+            self.post_message(_StaticStatus(None, str(exc), stamps))
 
     @on(_StaticStatus)
     def _static_status(self, msg: _StaticStatus) -> None:
         if msg.data is not None:
             self.pipeline.apply_static(msg.data)
+            self._inputs = msg.data.get("inputs", [])
         else:
             self.pipeline.static_error = msg.error
+        self._stamps = msg.stamps
         self.broadcast(PipelineChanged())
+
+    @on(_InputsChanged)
+    def _inputs_changed(self) -> None:
+        """An input or the configuration was edited (a recipe, a source's file, code): doit's view is re-read now,
+        not at the end of the next run, so "up to date" stays true."""
+        if self._stamps is None or self.running:
+            return
+        self._stamps = None
+        self.load_config()
+        self.refresh_static()
 
     # --- the run monitor: one poll at a time, re-armed when its result is handled
     @work(thread=True, exclusive=True, group="run-poll", exit_on_error=False)
@@ -177,6 +196,9 @@ class MedforgeApp(App):
         if run is not None:
             events = [e for e in events if e.get("pid") == run.pid]
         self.post_message(_Polled(run, going is not None, events, new_run))
+        stamps = self._stamps
+        if going is None and stamps is not None and runner.input_stamps(self.root, self._inputs) != stamps:
+            self.post_message(_InputsChanged())
 
     @on(_Polled)
     def _polled(self, msg: _Polled) -> None:
@@ -187,6 +209,7 @@ class MedforgeApp(App):
         if not msg.alive and (was_running or msg.new_run):
             if self.pipeline.run_summary.startswith("running"):  # gone without a run_end: killed
                 self.pipeline.run_died()
+            self._stamps = None  # what the run wrote is no edit to react to: the view is re-read now anyway
             self.refresh_static()  # doit wrote its dep DB at the end of the run
         if changed or was_running != msg.alive:
             self.broadcast(PipelineChanged())

@@ -94,7 +94,8 @@ class MedforgeStatus(DoitCmdBase):
             elif status.status == "run":
                 row["reason"] = "never run" if never_run else reason_line(status.reasons)
             out.append(row)
-        sys.stdout.buffer.write(orjson.dumps({"tasks": out}) + b"\n")
+        inputs = sorted({f for t in self.task_list for f in t.file_dep})  # the dashboard watches these for edits
+        sys.stdout.buffer.write(orjson.dumps({"tasks": out, "inputs": inputs}) + b"\n")
         return 0
 
 

@@ -163,6 +163,25 @@ def static_status(root: Path, timeout: float = 120.0) -> dict:
     return orjson.loads(done.stdout)
 
 
+CONFIG_FILES = ("dodo.py", "sources.toml", "adapters/*/adapter.toml")  # what the task graph itself is made from
+
+
+def input_stamps(root: Path, inputs: list[str]) -> dict[str, tuple[int, int] | None]:
+    """(mtime, size) of every file doit's static view read (`inputs`: its tasks' file deps) and of the configuration,
+    a new or removed adapter.toml included; None for a missing file. When they change, that view is out of date."""
+    paths = set(inputs)
+    for pattern in CONFIG_FILES:
+        paths.update(str(p.relative_to(root)) for p in root.glob(pattern))
+    stamps: dict[str, tuple[int, int] | None] = {}
+    for rel in paths:
+        try:
+            st = (root / rel).stat()
+            stamps[rel] = (st.st_mtime_ns, st.st_size)
+        except OSError:
+            stamps[rel] = None
+    return stamps
+
+
 def _pythonpath() -> str:
     """Make `tui` and `stages` importable from the project folder even when not pip-installed."""
     here = str(Path(__file__).resolve().parents[1])

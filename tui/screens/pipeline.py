@@ -103,6 +103,8 @@ class PipelineScreen(Screen):
         summary = Text()
         if state.static_error:
             summary.append(f"doit: {state.static_error}", style="bold red")
+        elif self.app.config_error:
+            summary.append(f"config: {self.app.config_error}", style="bold red")
         elif not rows:
             summary.append("reading the task graph from doit…", style="dim")
         else:
