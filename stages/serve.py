@@ -170,8 +170,8 @@ def catalog(cfg, adapters: list[str] | None = None) -> list[Entry]:
         if lora.exists():
             entries.append(Entry(name, "lora", base_entry(spec).base, lora, name, template, eos, bos, stops))
         for quant, path in merged:
-            entries.append(Entry(chat.merged_id(name, quant), "merged", layout.base_gguf(spec), path, name, None, None, None,
-                                 stops))
+            entries.append(Entry(chat.merged_id(name, quant), "merged", layout.base_gguf(spec), path, name,
+                                 None, None, None, stops))
     if not entries:
         raise StageError(f"{layout.base_gguf(default_base)}: nothing to serve: no base GGUF and no exported adapter; "
                          f"build them with `doit`")

@@ -98,15 +98,15 @@ def test_icd10_exact_match_reads_codes_descriptions_and_parents():
     rows = {(r["task"], r["messages"][0]["content"]): r for r in icd10_rows()}
     describe = rows[("icd10_describe", "What does ICD-10-CM code J18.9 describe?")]
     assert score("icd10_describe", gold(describe),
-                                    "ICD-10-CM J18.9: pneumonia, unspecified organism. It is billable.")["exact_match"] == 1
+                 "ICD-10-CM J18.9: pneumonia, unspecified organism. It is billable.")["exact_match"] == 1
     assert score("icd10_describe", gold(describe),
-                                    "ICD-10-CM J18.9: Viral pneumonia. It is billable.")["exact_match"] == 0
+                 "ICD-10-CM J18.9: Viral pneumonia. It is billable.")["exact_match"] == 0
     code = rows[("icd10_code", "What is the ICD-10-CM code for: Septicemic plague?")]
     assert score("icd10_code", gold(code), "A20.7 (Septicemic plague)")["exact_match"] == 1
     assert score("icd10_code", gold(code), "A20.9 (Plague)")["exact_match"] == 0
     parent = rows[("icd10_parent", "What is the parent category of ICD-10-CM code R50.9?")]
     assert score("icd10_parent", gold(parent),
-                                    "The parent of R50.9 (Fever) is R50: Fever.")["exact_match"] == 1
+                 "The parent of R50.9 (Fever) is R50: Fever.")["exact_match"] == 1
     assert score("icd10_parent", gold(parent), "It is R51.")["exact_match"] == 0
 
 
