@@ -70,7 +70,7 @@ def test_news2_generated_answers_are_compared_with_the_chart():
     want_agg, want_band = news2.parse_answer(gold(row))
     wrong_band = next(b for b in news2.BANDS if b != want_band)
     off = score("news2_score", gold(row),
-                                   f"Aggregate NEWS2 score: {want_agg + 2}\nClinical risk: {wrong_band}.")
+                f"Aggregate NEWS2 score: {want_agg + 2}\nClinical risk: {wrong_band}.")
     assert off == {"stated_rate": 1.0, "aggregate_accuracy": 0.0, "band_accuracy": 0.0, "aggregate_mae": 2.0,
                    "points_accuracy": 0.0}
     silent = score("news2_score", gold(row), "The patient seems unwell.")
