@@ -28,6 +28,8 @@ def examples_from_pages(source: Source, kind: str, manifest: dict[str, Any], raw
                 "origin": record.get("origin", source.origin), "licence": source.licence,
                 "retrieved_at": page["retrieved_at"],
             }
+            if record.get("group") is not None:  # records the source says belong together (split keeps them so)
+                provenance["group"] = str(record["group"])
             for example in source.examples(record):
                 example_id = f"{source.name}:{record['id']}:{example['task']}"
                 if example_id in seen:  # a record repeated across pages keeps its first copy

@@ -7,8 +7,9 @@ word or phrase, case-insensitive) and `data.exclude_keywords` (none may occur); 
 mostly the same ones as data grows). A record can feed any number of adapters.
 
 Splits are 80/10/10 per (source, task) stratum, at the level of clusters. An example's
-`cluster` key is set by dedup to its source record (`<source>:<source_id>`), so every
-question made from one ICD code or one patient lands in one split. Near-duplicates need no
+`cluster` key is set by dedup to its source record (`<source>:<source_id>`), or to the group its
+source puts records in (`<source>:group:<group>`: a local file row's `group`), so every
+question made from one ICD code, one patient or one group lands in one split. Near-duplicates need no
 key of their own: dedup keeps one example per near-duplicate cluster (Jaccard >= its
 threshold) and drops the rest, so no near-copy of a test question is left to sit in train.
 
@@ -540,7 +541,8 @@ def dataset_card(adapter, stats: dict[str, Any], by_split: dict[str, list[dict]]
         f"{splits!r}}})",
         "```", "",
         "Each line: `id`, `source`, `task`, `messages` (role/content), `provenance` (source, record id, origin, "
-        "licence, retrieval time) and `cluster` (its source record, `<source>:<source_id>`). `alpaca/` and "
+        "licence, retrieval time) and `cluster` (its source record, `<source>:<source_id>`, or its group, "
+        "`<source>:group:<group>`). `alpaca/` and "
         "`sharegpt/` hold the same splits in those formats.", "",
     ]
     return "\n".join(parts)

@@ -379,6 +379,40 @@ def test_outputs_load_with_datasets_and_are_described(project):
     assert sum(b["examples"] for b in histogram) == 120 and histogram[0]["tokens"] == "0-31"
     card = (folder / "README.md").read_text()
     assert "| dropped: echo | 0 |" in card and "| dropped: too_long | 0 |" in card
-    assert "`cluster` (its source record, `<source>:<source_id>`)" in card
+    assert "`cluster` (its source record, `<source>:<source_id>`, or its group" in card
     assert card.startswith("---\n") and "config_name: sharegpt" in card and "path: alpaca/train.jsonl" in card
     assert "MIT (synthetic)" in card and f"| train | {sizes['train']} |" in card and "load_dataset" in card
+
+
+def test_rows_of_one_group_in_a_users_file_land_in_one_split(tmp_path, monkeypatch):
+    """A local file's rows sharing a `group` (paraphrases of one question) are one cluster: scrape, normalize, dedup
+    and split keep them together; rows without a group are split one by one, as before."""
+    from stages import normalize, scrape
+
+    monkeypatch.chdir(make_project(tmp_path, sources="""
+[sources.mine]
+kind = "local_files"
+adapters = ["decide", "coding"]
+[sources.mine.params]
+paths = ["notes/*.jsonl"]
+"""))
+    forms = ["Expand the abbreviation {a}.", "What does {a} stand for in a chart note?", "Spell out {a}, please."]
+    rows = [{"id": f"{a}-{i}", "group": a, "instruction": form.format(a=a), "output": f"{a} is term number {n}."}
+            for n, a in enumerate(f"AB{n:02d}" for n in range(40)) for i, form in enumerate(forms)]
+    rows += [{"id": f"solo-{n}", "instruction": f"Loose question {n} about ward {n * 7}?", "output": f"Answer {n}."}
+             for n in range(20)]
+    (tmp_path / "notes").mkdir()
+    io.write_jsonl(tmp_path / "notes" / "qa.jsonl", rows)
+    cfg = config.load()
+    scrape.run(cfg, "mine")
+    normalize.run(cfg, "mine")
+    dedup.run(cfg)
+    split.run(cfg, "decide")
+    where: dict[str, set[str]] = {}
+    for name, part in read_splits("decide").items():
+        for r in part:
+            record = r["id"].split(":")[1]  # mine:AB07-2:local -> AB07 (its group), mine:solo-3:local -> solo-3
+            where.setdefault(record.split("-")[0] if record.startswith("AB") else record, set()).add(name)
+    assert len(where) == 40 + 20 and all(len(splits) == 1 for splits in where.values()), where
+    assert {s for key, splits in where.items() if key.startswith("AB") for s in splits} == {"train", "val", "test"}
+    assert read_splits("decide")["train"][0]["cluster"].startswith("mine:")

@@ -115,7 +115,10 @@ def _rank(priority: list[str], rows: list[_Row], fp: Fingerprints) -> list[tuple
 
 
 def _cluster_key(row: dict) -> str:
+    """What split keeps together: a record's examples, or a group of records its source names (local_files)."""
     prov = row.get("provenance") or {}
+    if prov.get("source") and prov.get("group"):
+        return f"{prov['source']}:group:{prov['group']}"
     if prov.get("source") and prov.get("source_id"):
         return f"{prov['source']}:{prov['source_id']}"
     return str(row["id"])

@@ -12,6 +12,9 @@ params: paths (list of files or globs, relative to the project), format ("auto")
 ("local"), chunk_chars (1500), licence (what the files are licensed under, for provenance),
 encoding ("utf-8": of the JSONL/JSON/CSV files; a file starting with a UTF-8 BOM is UTF-8).
 
+A row's `group` (text or a number) keeps the rows that share it in one split, as one record's examples are:
+paraphrases of one question, several questions about one patient or document.
+
 Eval scores these tasks (the `task` param's, a row's own, `<task>_continue`) by greedy answers against the
 gold one: exact match and token F1 after SQuAD's normalization (case, punctuation, articles and spacing
 ignored), each with its interval and the paired verdict, as every scored task is.
@@ -303,7 +306,9 @@ class LocalFiles(Source):
                 bad.append((where, problem))
                 continue
             good += 1
-            yield {"id": str(row.get("id") or f"{page.name}:{i}"), "messages": messages, "task": row.get("task")}
+            group = row.get("group")
+            yield {"id": str(row.get("id") or f"{page.name}:{i}"), "messages": messages, "task": row.get("task"),
+                   "group": str(group) if isinstance(group, (str, int)) and not isinstance(group, bool) else None}
         if bad and not good:
             where, problem = bad[0]
             raise SourceError(f"{shown}: none of its {len(bad)} row(s) is usable (first: {where}: {problem}); "
