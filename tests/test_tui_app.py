@@ -13,8 +13,8 @@ from tui.app import MedforgeApp
 from tui.messages import MemoryReading
 from tui.screens.confirm import ConfirmScreen
 
-from tui_support import (confirm, dialog_text, make_project, project_env, table_text, wait_for, wait_sync,
-                         write_reports)
+from tui_support import (confirm, dialog_text, make_project, project_env, screen_text, table_text, wait_for,
+                         wait_sync, write_reports)
 
 pytestmark = pytest.mark.anyio  # anyio's pytest plugin runs the async Pilot tests (no extra dependency)
 
@@ -90,6 +90,8 @@ async def test_an_edit_while_the_dashboard_is_open_shows_at_once_without_a_run(p
         await wait_for(pilot, lambda: "train.lr" in app.config_error, 20, "the config error")
         summary = app.screen.query_one("#pipeline-summary")
         await wait_for(pilot, lambda: "key 'train.lr' must be a number" in str(summary.content), 10, "it shown")
+        await pilot.pause(0.3)
+        assert "remove the key for the default" in screen_text(app)  # whole, wrapped, not cut at 80 columns
         (project / "adapters" / "tiny" / "adapter.toml").write_text('description = "tiny"\n[train]\nlr = 1e-4\n')
         await wait_for(pilot, lambda: app.cfg is not None and not app.config_error, 20, "the fixed config")
         await wait_for(pilot, lambda: "config:" not in str(summary.content), 10, "the error gone")

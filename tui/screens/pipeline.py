@@ -112,7 +112,9 @@ class PipelineScreen(Screen):
                 if counts.get(name):
                     symbol, style = LOOK[name]
                     summary.append(f"{symbol} {counts[name]} {name}   ", style=style)
-        self.query_one("#pipeline-summary", Static).update(summary)
+        box = self.query_one("#pipeline-summary", Static)
+        box.set_class(bool(state.static_error or self.app.config_error), "error")
+        box.update(summary)
 
         self._fit_columns(table, rows)
         self._running_tasks = [row.name for row in rows if row.state == "running"]
