@@ -22,6 +22,9 @@ API:
   - Loaded models are cached per process (ChatModel.get); at most MAX_LOADED stay loaded.
     Calls on one model are serialized by its lock, so stream from one thread per model.
   - Raises StageError when nothing to answer with exists (message names the file and doit task).
+  - A conversation longer than the model's context (N_CTX for a GGUF) loses its oldest turns, system messages
+    and the last question kept (`fit_turns`); `notes`, a list, gets a sentence saying how many were left out.
+    A last question that alone does not fit is a StageError.
   - url: a running `medforge serve` (http://host:port, with or without /v1) answers instead of a model
     loaded here (`model` = the adapter's name, or "base"); MEDFORGE_API_KEY, when set, is sent as its
     bearer key. `medforge chat --url` and `medforge --url` (the dashboard) set it; MEDFORGE_SERVER_URL too.
@@ -42,6 +45,8 @@ from stages.errors import StageError
 
 MAX_LOADED = 2
 N_CTX = 2048
+TURN_TOKENS = 8  # a message's markers in a chat template (ChatML: `<|im_start|>user\n` ... `<|im_end|>\n`)
+TEMPLATE_TOKENS = 64  # the template's own text around the turns (a default system prompt)
 URL_ENV = "MEDFORGE_SERVER_URL"  # a running `medforge serve` for `medforge chat` and the dashboard
 # what client and server agree on; here, beneath stages.serve (which builds on this module), not in it
 API_KEY_ENV = "MEDFORGE_API_KEY"  # the bearer token both send/require when set
@@ -128,6 +133,25 @@ def model_names(cfg) -> list[str]:
     """Every adapter, each followed by its merged quants, as chat and serve name them."""
     return [name for a in sorted(cfg.adapters)
             for name in [a] + [merged_id(a, q) for q in cfg.adapters[a].export["merged"]]]
+
+
+def fit_turns(messages: list[dict], lengths: list[int], budget: int) -> tuple[list[dict], int]:
+    """The conversation that fits `budget` tokens (`lengths`: each message's content in tokens), and how many
+    messages were left out: the oldest turns go first, a question with its answer, while system messages and
+    the last message always stay. StageError when even those do not fit."""
+    cost = [n + TURN_TOKENS for n in lengths]
+    keep = list(range(len(messages)))
+    total = TEMPLATE_TOKENS + sum(cost)
+    while total > budget:
+        older = [i for i in keep[:-1] if messages[i]["role"] != "system"]
+        if not older:
+            raise StageError(f"the question is about {total} tokens with the chat template; the model's context "
+                             f"leaves {budget} beside the answer: shorten it, or ask for fewer answer tokens")
+        drop = older[:2] if len(older) > 1 and messages[older[1]]["role"] == "assistant" else older[:1]
+        for i in drop:
+            keep.remove(i)
+            total -= cost[i]
+    return [messages[i] for i in keep], len(messages) - len(keep)
 
 
 class ChatModel:
@@ -238,9 +262,25 @@ class ChatModel:
         if errors:
             raise errors[0]
 
+    def context(self) -> int:
+        """Tokens the model sees at once: the GGUF context opened, or the HF model's positions."""
+        if self.choice.kind == "gguf":
+            return N_CTX
+        return int(getattr(self.model.config, "max_position_embeddings", 0) or N_CTX)
+
+    def count(self, text: str) -> int:
+        if self.choice.kind == "gguf":
+            return len(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
     def stream(self, messages: list[dict], max_tokens: int = 256, temperature: float = 0.0,
-               stop: threading.Event | None = None) -> Iterator[str]:
+               stop: threading.Event | None = None, notes: list[str] | None = None) -> Iterator[str]:
         with self.lock:
+            context = self.context()
+            budget = context - min(max_tokens, context // 2)  # llama.cpp shortens a longer answer itself
+            messages, dropped = fit_turns(messages, [self.count(m["content"]) for m in messages], budget)
+            if dropped and notes is not None:
+                notes.append(f"{dropped} earlier message(s) left out to fit the {context:,}-token context")
             impl = self._stream_gguf if self.choice.kind == "gguf" else self._stream_hf
             yield from impl(messages, max_tokens, temperature, stop)
 
@@ -296,13 +336,15 @@ def stream_remote(url: str, adapter: str | None, messages: list[dict], max_token
 
 
 def stream_chat(cfg, adapter: str | None, messages: list[dict], max_tokens: int = 256, temperature: float = 0.0,
-                stop: threading.Event | None = None, url: str | None = None) -> Iterator[str]:
+                stop: threading.Event | None = None, url: str | None = None,
+                notes: list[str] | None = None) -> Iterator[str]:
     """Stream the reply of `adapter` (or the base model) to `messages`; see the module docstring."""
     if url:
         yield from stream_remote(url, adapter, messages, max_tokens, temperature, stop)
         return
     choice = choose_model(cfg, adapter, allow_hf=True)
-    yield from ChatModel.get(choice).stream(messages, max_tokens=max_tokens, temperature=temperature, stop=stop)
+    yield from ChatModel.get(choice).stream(messages, max_tokens=max_tokens, temperature=temperature, stop=stop,
+                                            notes=notes)
 
 
 def chat_command(args) -> int:

@@ -145,3 +145,34 @@ def test_stream_chat_falls_back_to_transformers_before_export(tmp_path, monkeypa
         assert len(pieces) == 1 and time.monotonic() - started < 30
     finally:
         chat.ChatModel.clear()
+
+
+def test_a_long_conversation_keeps_its_system_message_and_newest_turns():
+    turn = lambda role, n: {"role": role, "content": f"{role} {n}"}  # noqa: E731
+    talk = [turn("system", 0)] + [turn(r, n) for n in range(1, 6) for r in ("user", "assistant")] + [turn("user", 6)]
+    lengths = [100] * len(talk)  # each message costs 100 + chat.TURN_TOKENS
+    fits = chat.TEMPLATE_TOKENS + 5 * (100 + chat.TURN_TOKENS)
+    kept, dropped = chat.fit_turns(talk, lengths, fits)
+    # the system message, the two newest question/answer pairs and the last question: whole pairs go, oldest first
+    assert [m["content"] for m in kept] == ["system 0", "user 5", "assistant 5", "user 6"] and dropped == 8
+    assert chat.fit_turns(talk, lengths, 10_000) == (talk, 0)
+    with pytest.raises(StageError, match="the question is about 280 tokens with the chat template"):
+        chat.fit_turns([turn("system", 0), turn("user", 1)], [100, 100], 200)
+
+
+@pytest.mark.slow
+def test_a_conversation_longer_than_the_context_is_answered_from_its_newest_turns(project):
+    """Through llama.cpp: the answer is the one to the fitted conversation, and the caller is told what was left
+    out; a question that alone is too long is one line saying so."""
+    long = "Tell me everything about the NEWS2 early warning score on a surgical ward. " * 20
+    talk = [m for n in range(6) for m in ({"role": "user", "content": f"{n}. {long}"},
+                                          {"role": "assistant", "content": long})]
+    talk.append({"role": "user", "content": QUESTION})
+    notes: list[str] = []
+    answer = "".join(chat.stream_chat(project, ADAPTER, talk, max_tokens=12, notes=notes))
+    assert notes and notes[0].endswith(f"left out to fit the {chat.N_CTX:,}-token context"), notes
+    dropped = int(notes[0].split()[0])
+    assert dropped % 2 == 0 and 0 < dropped < len(talk)
+    assert answer == "".join(chat.stream_chat(project, ADAPTER, talk[dropped:], max_tokens=12))
+    with pytest.raises(StageError, match="shorten it, or ask for fewer answer tokens"):
+        "".join(chat.stream_chat(project, ADAPTER, [{"role": "user", "content": long * 8}], max_tokens=12))

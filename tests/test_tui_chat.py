@@ -266,3 +266,29 @@ async def test_switching_the_model_keeps_each_models_conversation(plain_project)
         footer = screen_text(app).splitlines()[-1]
         for key in ("^n Model", "^b Side by side", "esc Stop", "^l Clear", "? Help", "q Quit", "^p palette"):
             assert key in footer, (key, footer)
+
+
+async def test_a_conversation_longer_than_the_models_context_goes_on_with_its_newest_turns(tmp_path, monkeypatch):
+    """The pane keeps the whole conversation; the model gets what fits its context (here a tiny model of 160
+    positions), the oldest turns left out, and the pane says so instead of failing every question from then on."""
+    from tui.screens import chat
+
+    root = make_project(tmp_path / "proj")
+    project_env()
+    monkeypatch.chdir(root)
+    monkeypatch.setattr(chat, "MAX_TOKENS", MAX_TOKENS)
+    base = make_tiny_model(root / "base", max_position_embeddings=160)
+    (root / "adapters" / "tiny" / "adapter.toml").write_text(
+        f'base_model = "{base}"\n[lora]\nr = 4\nalpha = 8\n[train]\nmax_steps = 12\n')
+    make_lora(base, layout.lora_dir("tiny"))
+    app = make_app(root, start_view="chat")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_for(pilot, lambda: app.cfg is not None, what="config")
+        left = app.screen.query_one("#pane-left")
+        await pilot.press("ctrl+n")
+        await ask(pilot, app, [left], "the first answer")
+        assert "left out" not in left.query_one("Transcript").text
+        await ask(pilot, app, [left], "the second answer")
+        assert left.query_one("Transcript").text.endswith(
+            "\n[2 earlier message(s) left out to fit the 160-token context]")
+        assert [m["role"] for m in left.history] == ["user", "assistant"] * 2  # the pane keeps them all

@@ -7,7 +7,7 @@ Protocol, JSON lines: requests on stdin
   {"op": "stop", "id"}
 and replies on stdout
   {"id", "text"}                                  batched pieces, about five a second
-  {"id", "done": true, "tokens", "decode_s", "stopped"}
+  {"id", "done": true, "tokens", "decode_s", "stopped", "note"}   note: "" or what was left out to fit the context
   {"id", "error"}                                 one line naming the file or doit task to fix it
 It exits when stdin closes (the dashboard quit). Models stay loaded between requests.
 With MEDFORGE_SERVER_URL set (`medforge --url http://host:port`), a running `medforge serve`
@@ -45,10 +45,10 @@ def main() -> int:
 
     def answer(req: dict) -> None:
         rid, stop = req["id"], stops[req["id"]]
-        tokens, first, last_post, pending = 0, None, 0.0, []
+        tokens, first, last_post, pending, notes = 0, None, 0.0, [], []
         try:
             for piece in stream_chat(cfg, req.get("model"), req["messages"], max_tokens=req.get("max_tokens", 256),
-                                     temperature=req.get("temperature", 0.0), stop=stop, url=url):
+                                     temperature=req.get("temperature", 0.0), stop=stop, url=url, notes=notes):
                 now = time.perf_counter()
                 first = first or now
                 tokens += 1
@@ -58,7 +58,7 @@ def main() -> int:
                     pending, last_post = [], now
             if pending:
                 send({"id": rid, "text": "".join(pending)})
-            send({"id": rid, "done": True, "tokens": tokens, "stopped": stop.is_set(),
+            send({"id": rid, "done": True, "tokens": tokens, "stopped": stop.is_set(), "note": "; ".join(notes),
                   "decode_s": time.perf_counter() - first if first else 0.0})
         except Exception as exc:  # a missing model or a load failure: reported, the worker stays up
             if pending:

@@ -76,3 +76,4 @@ class ChatDone(Message):
     seconds: float
     error: str = ""
     stopped: bool = False
+    note: str = ""  # what the model did not see (earlier turns left out to fit its context)

@@ -99,7 +99,8 @@ class ChatProcess:
                 self.post(ChatToken(pane, row["text"]))
             elif row.get("done"):
                 self.pending.discard(row["id"])
-                self.post(ChatDone(pane, row["tokens"], row["decode_s"], stopped=row["stopped"]))
+                self.post(ChatDone(pane, row["tokens"], row["decode_s"], stopped=row["stopped"],
+                                   note=row.get("note", "")))
             elif "error" in row:
                 self.pending.discard(row["id"])
                 self.post(ChatDone(pane, 0, 0.0, error=row["error"]))
@@ -295,4 +296,5 @@ class ChatScreen(Screen):
     @on(ChatDone)
     def _done(self, msg: ChatDone) -> None:
         self.active.pop(msg.pane, None)
-        self.query_one(f"#pane-{msg.pane}", ChatPane).finish(msg.tokens, msg.seconds, msg.error, msg.stopped)
+        self.query_one(f"#pane-{msg.pane}", ChatPane).finish(msg.tokens, msg.seconds, msg.error, msg.stopped,
+                                                            msg.note)

@@ -101,7 +101,7 @@ class ChatPane(Vertical):
         self.reply.append(text)
         self._append(text)
 
-    def finish(self, tokens: int, decode_s: float, error: str = "", stopped: bool = False) -> None:
+    def finish(self, tokens: int, decode_s: float, error: str = "", stopped: bool = False, note: str = "") -> None:
         answer = "".join(self.reply)
         if answer:
             self.history.append({"role": "assistant", "content": answer})
@@ -113,4 +113,6 @@ class ChatPane(Vertical):
         else:
             rate = f"{(tokens - 1) / decode_s:.1f} tok/s" if tokens > 1 and decode_s > 0 else ""
             self.status = ("stopped · " if stopped else "") + f"{tokens} tokens" + (f" · {rate}" if rate else "")
+            if note:
+                self._append(f"\n[{note}]")
         self.show_title()
