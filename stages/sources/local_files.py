@@ -45,13 +45,13 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
                   "system": "system", "bing": "assistant", "chatgpt": "assistant"}
 SUFFIXES = (".jsonl", ".json", ".csv", ".pdf")
 ANSWER_TOKENS = 256  # a generated answer's length limit when eval scores it
-ARTICLES = re.compile(r"\b(a|an|the)\b")
-PUNCTUATION = re.compile(r"[^\w\s]")
+ARTICLES = {"a", "an", "the"}
+WORD = re.compile(r"\w+")
 
 
 def answer_words(text: str) -> list[str]:
-    """SQuAD's answer normalization: lower case, no punctuation, no articles, single spaces; as words."""
-    return ARTICLES.sub(" ", PUNCTUATION.sub(" ", text.lower())).split()
+    """SQuAD's answer normalization, as words: lower case, no punctuation, no articles."""
+    return [w for w in WORD.findall(text.lower()) if w not in ARTICLES]
 
 
 def answer_match(gold: str, answer: str) -> dict[str, float]:
