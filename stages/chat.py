@@ -24,7 +24,7 @@ API:
   - Raises StageError when nothing to answer with exists (message names the file and doit task).
   - A conversation longer than the model's context (N_CTX for a GGUF) loses its oldest turns, system messages
     and the last question kept (`fit_turns`); `notes`, a list, gets a sentence saying how many were left out.
-    A last question that alone does not fit is a StageError.
+    A last question that alone does not fit is a StageError. Through `url` the same, by the server's context.
   - url: a running `medforge serve` (http://host:port, with or without /v1) answers instead of a model
     loaded here (`model` = the adapter's name, or "base"); MEDFORGE_API_KEY, when set, is sent as its
     bearer key. `medforge chat --url` and `medforge --url` (the dashboard) set it; MEDFORGE_SERVER_URL too.
@@ -135,13 +135,18 @@ def model_names(cfg) -> list[str]:
             for name in [a] + [merged_id(a, q) for q in cfg.adapters[a].export["merged"]]]
 
 
+def turns_cost(lengths: list[int]) -> int:
+    """Tokens a conversation takes in a chat template, its messages' contents being `lengths` tokens."""
+    return TEMPLATE_TOKENS + sum(n + TURN_TOKENS for n in lengths)
+
+
 def fit_turns(messages: list[dict], lengths: list[int], budget: int) -> tuple[list[dict], int]:
     """The conversation that fits `budget` tokens (`lengths`: each message's content in tokens), and how many
     messages were left out: the oldest turns go first, a question with its answer, while system messages and
     the last message always stay. StageError when even those do not fit."""
     cost = [n + TURN_TOKENS for n in lengths]
     keep = list(range(len(messages)))
-    total = TEMPLATE_TOKENS + sum(cost)
+    total = turns_cost(lengths)
     while total > budget:
         older = [i for i in keep[:-1] if messages[i]["role"] != "system"]
         if not older:
@@ -297,42 +302,94 @@ def api_base(url: str) -> str:
 
 
 def stream_remote(url: str, adapter: str | None, messages: list[dict], max_tokens: int = 256,
-                  temperature: float = 0.0, stop: threading.Event | None = None) -> Iterator[str]:
-    """Stream the reply of `adapter` (or the base) from a running `medforge serve` at `url` (SSE)."""
+                  temperature: float = 0.0, stop: threading.Event | None = None,
+                  notes: list[str] | None = None) -> Iterator[str]:
+    """Stream the reply of `adapter` (or the base) from a running `medforge serve` at `url` (SSE).
+
+    A conversation longer than the server's context is fitted as a local model's is (`_fit_remote`): a
+    server streams no error once it has answered 200, its stream just ends. A stream that ends without
+    finishing is a StageError, never a short answer."""
     import httpx
-    import orjson
 
     base = api_base(url)
     key = os.environ.get(API_KEY_ENV)
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    body = {"model": adapter or BASE_ID, "messages": messages, "max_tokens": max_tokens,
-            "temperature": temperature, "stream": True}
+    model = adapter or BASE_ID
+    with httpx.Client(headers={"Authorization": f"Bearer {key}"} if key else {},
+                      timeout=httpx.Timeout(600.0, connect=10.0)) as client:
+        try:
+            messages = _fit_remote(client, base, model, messages, max_tokens, notes)
+            body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": temperature,
+                    "stream": True}
+            with client.stream("POST", f"{base}/chat/completions", json=body) as reply:
+                if reply.status_code != 200:
+                    raise StageError(f"{base}: HTTP {reply.status_code}: {_error(reply)[:300]}")
+                if not (yield from _sse_pieces(reply, stop)) and not (stop is not None and stop.is_set()):
+                    raise StageError(f"{base}: the server's answer broke off before its end; its log says why")
+        except httpx.HTTPError as exc:
+            raise StageError(f"{base}: no answer from the server ({type(exc).__name__}: {exc}); "
+                             f"is `medforge serve` running there?") from None
+
+
+def _fit_remote(client, base: str, model: str, messages: list[dict], max_tokens: int,
+                notes: list[str] | None) -> list[dict]:
+    """`messages` fitted to the server's context for `model` (`fit_turns`): the context from its /v1/models
+    entry (`context_length`, which `medforge serve` gives; a server without it gets the messages as they are),
+    each message counted by the server's tokenizer (/extras/tokenize/count) unless its bytes already fit (a
+    token is at least one byte)."""
+    reply = client.get(f"{base}/models")
+    if reply.status_code != 200:
+        raise StageError(f"{base}: HTTP {reply.status_code}: {_error(reply)[:300]}")
+    context = next((m.get("context_length") for m in reply.json().get("data", []) if m.get("id") == model), None)
+    if not context:
+        return messages
+    budget = context - min(max_tokens, context // 2)
+    if turns_cost([len(m["content"].encode("utf-8")) for m in messages]) <= budget:
+        return messages
+    lengths = []
+    for m in messages:
+        reply = client.post(f"{base.removesuffix('/v1')}/extras/tokenize/count", json={"model": model,
+                                                                                     "input": m["content"]})
+        if reply.status_code != 200:
+            raise StageError(f"{base}: HTTP {reply.status_code} counting the conversation's tokens: "
+                             f"{_error(reply)[:200]}")
+        lengths.append(int(reply.json()["count"]))
+    messages, dropped = fit_turns(messages, lengths, budget)
+    if dropped and notes is not None:
+        notes.append(f"{dropped} earlier message(s) left out to fit the {context:,}-token context")
+    return messages
+
+
+def _error(reply) -> str:
+    """An error answer's message on one line: OpenAI's {"error": {"message"}}, FastAPI's {"detail"}, or its text."""
+    reply.read()
     try:
-        with httpx.stream("POST", f"{base}/chat/completions", json=body, headers=headers,
-                          timeout=httpx.Timeout(600.0, connect=10.0)) as reply:
-            if reply.status_code != 200:
-                reply.read()
-                try:
-                    detail = reply.json()
-                    detail = detail.get("detail") or detail.get("error", {}).get("message") or reply.text
-                except ValueError:
-                    detail = reply.text
-                raise StageError(f"{base}: HTTP {reply.status_code}: {' '.join(str(detail).split())[:300]}")
-            for line in reply.iter_lines():
-                if stop is not None and stop.is_set():
-                    break
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    break
-                chunk = orjson.loads(data)
-                piece = chunk["choices"][0]["delta"].get("content") if chunk.get("choices") else None
-                if piece:
-                    yield piece
-    except httpx.HTTPError as exc:
-        raise StageError(f"{base}: no answer from the server ({type(exc).__name__}: {exc}); "
-                         f"is `medforge serve` running there?") from None
+        data = reply.json()
+    except ValueError:
+        data = None
+    error = data.get("error") if isinstance(data, dict) else None
+    message = (error.get("message") if isinstance(error, dict) else None) \
+        or (data.get("detail") if isinstance(data, dict) else None) or reply.text
+    return " ".join(str(message).split())
+
+
+def _sse_pieces(reply, stop: threading.Event | None):
+    """Yields the text pieces of a chat completion's event stream until [DONE] or `stop` is set; returns whether
+    the stream finished ([DONE] came)."""
+    import orjson
+
+    for line in reply.iter_lines():
+        if stop is not None and stop.is_set():
+            return False
+        if not line.startswith("data:"):
+            continue
+        data = line[5:].strip()
+        if data == "[DONE]":
+            return True
+        chunk = orjson.loads(data)
+        piece = chunk["choices"][0]["delta"].get("content") if chunk.get("choices") else None
+        if piece:
+            yield piece
+    return False
 
 
 def stream_chat(cfg, adapter: str | None, messages: list[dict], max_tokens: int = 256, temperature: float = 0.0,
@@ -340,7 +397,7 @@ def stream_chat(cfg, adapter: str | None, messages: list[dict], max_tokens: int 
                 notes: list[str] | None = None) -> Iterator[str]:
     """Stream the reply of `adapter` (or the base model) to `messages`; see the module docstring."""
     if url:
-        yield from stream_remote(url, adapter, messages, max_tokens, temperature, stop)
+        yield from stream_remote(url, adapter, messages, max_tokens, temperature, stop, notes)
         return
     choice = choose_model(cfg, adapter, allow_hf=True)
     yield from ChatModel.get(choice).stream(messages, max_tokens=max_tokens, temperature=temperature, stop=stop,

@@ -481,7 +481,7 @@ def completions_with_model_stops(routes, models: Models) -> None:
 def build_app(models: Models, api_key: str | None, host: str = "127.0.0.1", port: int = 8000):
     """A FastAPI app with llama-cpp-python's OpenAI routes over `models`."""
     import llama_cpp.server.app as routes
-    from fastapi import FastAPI
+    from fastapi import Depends, FastAPI
     from fastapi.middleware import Middleware
     from llama_cpp.server.settings import ServerSettings
     from starlette_context.middleware import RawContextMiddleware
@@ -492,6 +492,14 @@ def build_app(models: Models, api_key: str | None, host: str = "127.0.0.1", port
     routes._llama_proxy = models
     completions_with_model_stops(routes, models)
     app = FastAPI(title="medforge serve", middleware=[Middleware(RawContextMiddleware, plugins=(RequestIdPlugin(),))])
+
+    @app.get("/v1/models", dependencies=[Depends(routes.authenticate)])  # before the router's: this one answers
+    def list_models() -> dict:
+        """llama_cpp.server's list, plus each model's `context_length` (as OpenRouter's API names it), which
+        `medforge chat --url` and the dashboard fit a long conversation to."""
+        return {"object": "list", "data": [{"id": ident, "object": "model", "owned_by": "me", "permissions": [],
+                                            "context_length": models.n_ctx} for ident in models]}
+
     app.include_router(routes.router)
     app.add_middleware(NoRepeatPenaltyByDefault)
     return app

@@ -168,7 +168,9 @@ def complete(client, model: str, stream: bool = False) -> str:
 
 def test_models_lists_the_base_every_adapter_and_the_merged_quant(server):
     client, _, _ = server
-    assert sorted(m.id for m in client.models.list().data) == sorted(MODELS)
+    listed = client.models.list().data
+    assert sorted(m.id for m in listed) == sorted(MODELS)
+    assert {m.context_length for m in listed} == {N_CTX}  # what a client fits a long conversation to
 
 
 def test_interleaved_requests_give_each_models_own_greedy_tokens(server, expected):
@@ -313,6 +315,40 @@ def test_remote_chat_streams_from_the_server(server, expected, project, monkeypa
     for adapter, model in ((None, "base"), ("b", "b")):
         text = "".join(chat_stage.stream_chat(cfg, adapter, CHATS[0], max_tokens=MAX_TOKENS, url=url))
         assert text == expected[model]["chats"][0]
+
+
+def test_remote_chat_fits_a_conversation_longer_than_the_servers_context(server, project, monkeypatch):
+    from stages import chat as chat_stage, config
+
+    client, url, _ = server
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("MEDFORGE_API_KEY", KEY)
+    turn = "RR 24, SpO2 93 %, HR 115, BP 98/60, temperature 38.4, new confusion. " * 4
+    long = [{"role": "system", "content": "Be brief."}]
+    for i in range(8):
+        long += [{"role": "user", "content": f"Chart {i}: {turn}"}, {"role": "assistant", "content": f"{i}: {turn}"}]
+    long.append({"role": "user", "content": CHATS[1][1]["content"]})
+    with pytest.raises(openai.BadRequestError, match="context length"):  # as it is, the server cannot take it
+        client.chat.completions.create(model="a", messages=long, max_tokens=MAX_TOKENS, temperature=0)
+
+    notes: list[str] = []
+    text = "".join(chat_stage.stream_chat(config.load(project), "a", long, max_tokens=MAX_TOKENS, url=url,
+                                          notes=notes))
+    dropped = int(notes[0].split()[0]) if notes else 0
+    assert notes == [f"{dropped} earlier message(s) left out to fit the {N_CTX}-token context"]
+    assert dropped % 2 == 0 and 2 <= dropped < 16  # whole question/answer pairs, the oldest, not all of them
+    kept = long[:1] + long[1 + dropped:]
+    direct = client.chat.completions.create(model="a", messages=kept, max_tokens=MAX_TOKENS, temperature=0)
+    assert text == direct.choices[0].message.content  # the answer to the conversation the server could take
+
+    alone = [{"role": "user", "content": turn * 20}]  # too long even alone: one line saying so, no answer
+    with pytest.raises(StageError, match="shorten it"):
+        "".join(chat_stage.stream_chat(config.load(project), "a", alone, max_tokens=MAX_TOKENS, url=url))
+
+    # a server that does not say its context (the fit skipped) streams 200 and then breaks off: loud, not empty
+    monkeypatch.setattr(chat_stage, "_fit_remote", lambda client, base, model, messages, *rest: messages)
+    with pytest.raises(StageError, match="broke off before its end"):
+        "".join(chat_stage.stream_chat(config.load(project), "a", long, max_tokens=MAX_TOKENS, url=url))
 
 
 def test_medforge_chat_url_asks_the_server(server, expected, project, monkeypatch, capsys):
