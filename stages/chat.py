@@ -333,13 +333,12 @@ def stream_remote(url: str, adapter: str | None, messages: list[dict], max_token
 def _fit_remote(client, base: str, model: str, messages: list[dict], max_tokens: int,
                 notes: list[str] | None) -> list[dict]:
     """`messages` fitted to the server's context for `model` (`fit_turns`): the context from its /v1/models
-    entry (`context_length`, which `medforge serve` gives; a server without it gets the messages as they are),
-    each message counted by the server's tokenizer (/extras/tokenize/count) unless its bytes already fit (a
-    token is at least one byte)."""
+    entry (`context_length`, which `medforge serve` gives; a server without it gets the messages as they are, and
+    its refusals come from the chat request), each message counted by the server's tokenizer
+    (/extras/tokenize/count) unless its bytes already fit (a token is at least one byte)."""
     reply = client.get(f"{base}/models")
-    if reply.status_code != 200:
-        raise StageError(f"{base}: HTTP {reply.status_code}: {_error(reply)[:300]}")
-    context = next((m.get("context_length") for m in reply.json().get("data", []) if m.get("id") == model), None)
+    listed = reply.json().get("data", []) if reply.status_code == 200 else []
+    context = next((m.get("context_length") for m in listed if m.get("id") == model), None)
     if not context:
         return messages
     budget = context - min(max_tokens, context // 2)
