@@ -159,6 +159,20 @@ def fit_turns(messages: list[dict], lengths: list[int], budget: int) -> tuple[li
     return [messages[i] for i in keep], len(messages) - len(keep)
 
 
+def fit_context(messages: list[dict], count, context: int, max_tokens: int,
+                notes: list[str] | None = None) -> list[dict]:
+    """`messages` fitted to a model's `context` tokens with room for the answer (`fit_turns`; llama.cpp shortens a
+    longer answer itself), each message's content measured by `count` (text -> tokens) unless the bytes of all
+    already fit (a token is at least one byte); `notes` gets a sentence saying how many were left out."""
+    budget = context - min(max_tokens, context // 2)
+    if turns_cost([len(m["content"].encode("utf-8")) for m in messages]) <= budget:
+        return messages
+    messages, dropped = fit_turns(messages, [count(m["content"]) for m in messages], budget)
+    if dropped and notes is not None:
+        notes.append(f"{dropped} earlier message(s) left out to fit the {context:,}-token context")
+    return messages
+
+
 class ChatModel:
     """One loaded model (GGUF via llama-cpp-python, or HF + peft via transformers) that streams chat replies."""
 
@@ -281,11 +295,7 @@ class ChatModel:
     def stream(self, messages: list[dict], max_tokens: int = 256, temperature: float = 0.0,
                stop: threading.Event | None = None, notes: list[str] | None = None) -> Iterator[str]:
         with self.lock:
-            context = self.context()
-            budget = context - min(max_tokens, context // 2)  # llama.cpp shortens a longer answer itself
-            messages, dropped = fit_turns(messages, [self.count(m["content"]) for m in messages], budget)
-            if dropped and notes is not None:
-                notes.append(f"{dropped} earlier message(s) left out to fit the {context:,}-token context")
+            messages = fit_context(messages, self.count, self.context(), max_tokens, notes)
             impl = self._stream_gguf if self.choice.kind == "gguf" else self._stream_hf
             yield from impl(messages, max_tokens, temperature, stop)
 
@@ -335,27 +345,21 @@ def _fit_remote(client, base: str, model: str, messages: list[dict], max_tokens:
     """`messages` fitted to the server's context for `model` (`fit_turns`): the context from its /v1/models
     entry (`context_length`, which `medforge serve` gives; a server without it gets the messages as they are, and
     its refusals come from the chat request), each message counted by the server's tokenizer
-    (/extras/tokenize/count) unless its bytes already fit (a token is at least one byte)."""
+    (/extras/tokenize/count)."""
     reply = client.get(f"{base}/models")
     listed = reply.json().get("data", []) if reply.status_code == 200 else []
     context = next((m.get("context_length") for m in listed if m.get("id") == model), None)
     if not context:
         return messages
-    budget = context - min(max_tokens, context // 2)
-    if turns_cost([len(m["content"].encode("utf-8")) for m in messages]) <= budget:
-        return messages
-    lengths = []
-    for m in messages:
-        reply = client.post(f"{base.removesuffix('/v1')}/extras/tokenize/count", json={"model": model,
-                                                                                     "input": m["content"]})
+
+    def count(text: str) -> int:
+        reply = client.post(f"{base.removesuffix('/v1')}/extras/tokenize/count", json={"model": model, "input": text})
         if reply.status_code != 200:
             raise StageError(f"{base}: HTTP {reply.status_code} counting the conversation's tokens: "
                              f"{_error(reply)[:200]}")
-        lengths.append(int(reply.json()["count"]))
-    messages, dropped = fit_turns(messages, lengths, budget)
-    if dropped and notes is not None:
-        notes.append(f"{dropped} earlier message(s) left out to fit the {context:,}-token context")
-    return messages
+        return int(reply.json()["count"])
+
+    return fit_context(messages, count, context, max_tokens, notes)
 
 
 def _error(reply) -> str:
