@@ -57,8 +57,9 @@ SAMPLE_PROMPTS = (
 SAFETY_TOKENS = 96    # enough to defer, ask or escalate; the rules look for that, not an essay
 SAMPLE_TOKENS = 128
 # another adapter's test split is scored for regressions off the adapter's domain: perplexity, choice and cloze
-# on this many of its rows (no generation), enough to see a regression, a fraction of its own eval's cost
-CROSS_EXAMPLES = 300
+# on this many of the rows its own eval scores (no generation; the base's figures of those rows are read back from
+# whichever eval scored them first), enough to see a regression, a fraction of its own eval's cost
+CROSS_EXAMPLES = 150
 GEN_BATCH = 16  # a decode step costs about the same for 16 sequences as for 8: eval.max_generate 12 is one batch
 # the rates (per-example 0/1, higher is better): every choice task's accuracy and what each scored task declares;
 # any other metric is an error (lower is better)
@@ -428,10 +429,13 @@ class Judge:
     """The loaded base + adapter; each measurement runs with the adapter disabled, then enabled.
 
     The base's figures do not depend on the adapter: every adapter's eval scores the other adapters' test
-    splits too, and retraining one adapter re-runs its eval. So each base figure is kept under a digest of
-    everything it depends on (`base_id`: the base weights' bytes, quantization, device and dtype, the library
-    versions and the code that computes it; plus the computation and its exact inputs) and read back where
-    the digest matches: the same numbers, computed once.
+    splits too (a sample of the rows that adapter's own eval scores), and retraining one adapter re-runs its eval.
+    So each base figure is kept PER ITEM (a row's perplexity pass, a choice option, a generated answer) under a
+    digest of everything it depends on (`base_id`: the base weights' bytes, quantization, device and dtype, the
+    library versions and the code that computes it; plus the computation and the item's exact input) and read
+    back wherever that item is scored again: computed once, in whichever batch first held it. (Batches differ in
+    padding, so a fresh computation in another batch could differ in summation order: ~1e-6 in fp32; in bf16 a
+    near-tie greedy token can flip. The paired test reads each base figure from that one computation.)
     """
 
     # what each measurement is called while it runs (stages.progress), and what it counts
@@ -442,25 +446,29 @@ class Judge:
         self.model, self.tokenizer, self.hw = model, tokenizer, hw
         self.eot = end_of_turn_id(tokenizer)
         self.base_id = base_id
-        self.reused = 0
+        self.reused = 0  # base figures read back
         self.scope = ""  # what is being scored ("clinical_decision split", "safety suite"), for progress lines
 
-    def both(self, what: str, inputs, fn, count: int, detail: str = ""):
-        """`count`: the items `fn` scores, as it reports them to stages.progress; `detail` is added to its name."""
-        key = hashlib.sha256(io.dumps([self.base_id, what, inputs])).hexdigest() if self.base_id else ""
-        path = layout.eval_base_cache(key) if key else None
-        cached = path is not None and path.exists()
+    def both(self, what: str, items: list, fn, detail: str = "") -> tuple[list, list]:
+        """Base and adapter figures, one per item: `items` is what each figure depends on (JSON), `fn(indices)`
+        computes those items' figures with the model as it is, reporting each to stages.progress; `detail` is
+        added to the part's name."""
+        keys = [hashlib.sha256(io.dumps([self.base_id, what, item])).hexdigest() if self.base_id else ""
+                for item in items]
+        base = [io.read_json(layout.eval_base_cache(k)) if k and layout.eval_base_cache(k).exists() else None
+                for k in keys]
+        missing = [i for i, value in enumerate(base) if value is None]
+        self.reused += len(items) - len(missing)
         name, unit = self.PARTS[what]
-        with progress.part(f"{name} {detail}".strip(), count * (1 if cached else 2), unit, self.scope):
-            if cached:
-                base = io.read_json(path)
-                self.reused += 1
-            else:
+        with progress.part(f"{name} {detail}".strip(), len(items) + len(missing), unit, self.scope):
+            if missing:
                 with self.model.disable_adapter():
-                    base = fn()
-                if path is not None:
-                    io.write_json(path, base, durable=False)
-            return base, fn()
+                    computed = fn(missing)
+                for i, value in zip(missing, computed):
+                    base[i] = value
+                    if keys[i]:
+                        io.write_json(layout.eval_base_cache(keys[i]), value, durable=False)
+            return base, fn(list(range(len(items))))
 
     def nll_guesses(self, examples):
         """Per example (summed NLL, trained tokens, greedy token at each trained position): base, adapter. One
@@ -468,28 +476,30 @@ class Judge:
         from stages.train import torch_backend
 
         pairs = self.both("nll_guesses", [[e.input_ids, e.labels] for e in examples],
-                          lambda: torch_backend.nll_by_example(self.model, examples, self.tokenizer.pad_token_id,
-                                                               self.hw, guesses=True), len(examples))
+                          lambda idx: torch_backend.nll_by_example(self.model, [examples[i] for i in idx],
+                                                                   self.tokenizer.pad_token_id, self.hw,
+                                                                   guesses=True))
         return tuple([(float(s), int(c), list(g)) for s, c, g in side] for side in pairs)
 
     def choice(self, examples):
-        """(summed NLL, option tokens) per (question, option) example: base, adapter."""
+        """(summed NLL, option tokens) per (question, option) example: base, adapter. A question's options are
+        always scored together (shared_prompt_nll runs their prompt once)."""
         pairs = self.both("choice", [[e.input_ids, e.labels] for e in examples],
-                          lambda: shared_prompt_nll(self.model, examples, self.hw), len(examples))
+                          lambda idx: shared_prompt_nll(self.model, [examples[i] for i in idx], self.hw))
         return tuple([(float(s), int(c)) for s, c in side] for side in pairs)
 
     def cloze(self, examples):
         self.model.eval()
         return self.both("cloze", [[e.ids, e.marked] for e in examples],
-                         lambda: cloze_hits(self.model, examples, self.hw), len(examples))
+                         lambda idx: cloze_hits(self.model, [examples[i] for i in idx], self.hw))
 
     def generate(self, conversations, max_new_tokens, answered=None, task: str = ""):
         if not conversations:
             return [], []
         self.model.eval()
-        return self.both("generate", [conversations, max_new_tokens, task],
-                         lambda: generate(self.model, self.tokenizer, conversations, max_new_tokens, self.hw,
-                                          self.eot, answered), len(conversations), task)
+        return self.both("generate", [[c, max_new_tokens, task] for c in conversations],
+                         lambda idx: generate(self.model, self.tokenizer, [conversations[i] for i in idx],
+                                              max_new_tokens, self.hw, self.eot, answered), task)
 
 
 def base_id(base_dir, quantization: str, hw) -> str:
@@ -650,8 +660,8 @@ def samples(judge: Judge, own_rows: list[dict]) -> list[dict]:
 def test_splits(cfg, adapter_name: str) -> dict[str, tuple[list[dict], list[dict]]]:
     """Every adapter's test split (own first) as (the rows eval scores, the whole split): each at its own
     adapter's eval.max_examples, another adapter's at most CROSS_EXAMPLES of those, by the same hash rank (the same
-    rows in every adapter's eval; where that is the whole sample, as for NEWS2's 300 rows, the split's base figures
-    are computed once)."""
+    rows in every adapter's eval, a subset of that adapter's own sample: the base's figures of a row are computed
+    once, in whichever eval first scores it)."""
     from stages.train import read_split
 
     names = [adapter_name] + sorted(n for n in cfg.adapters if n != adapter_name)
@@ -706,7 +716,8 @@ def run(cfg, adapter_name: str) -> dict[str, Any]:
     matrix, dropped = {}, 0
     for name, (rows, split) in splits.items():
         # a split is scored as its own adapter defines it (its sample, max_length): the same rows in every eval
-        # score the base alike, so the base cache serves them once (another adapter's split: CROSS_EXAMPLES of them)
+        # score the base alike, so the base cache serves each row once (another adapter's split: CROSS_EXAMPLES of
+        # its own sample)
         own = name == adapter_name
         judge.scope = f"{name} split"
         cell, lost, took = evaluate_split(judge, rows, cfg.adapters[name].train["max_length"],
@@ -739,6 +750,6 @@ def run(cfg, adapter_name: str) -> dict[str, Any]:
     print(f"eval:{adapter_name}: {report['n_examples']} examples, {report['n_tokens']} answer tokens: "
           f"ppl base {report['base_ppl']:.3f} -> adapter {report['adapter_ppl']:.3f}; "
           f"{len(worse)} cross-domain regression(s)" + (f" and {noise} drop(s) within noise" if noise else "")
-          + (f"; {judge.reused} base figure set(s) read back from {layout.eval_base_cache('x').parent}"
+          + (f"; {judge.reused} base figure(s) read back from {layout.eval_base_cache('x').parent}"
              if judge.reused else ""))
     return report

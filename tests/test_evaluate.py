@@ -111,8 +111,8 @@ def test_the_base_is_scored_once_for_every_adapter_and_again_for_another_base(tm
     assert cached
     coding = evaluate.run(cfg, "coding")
     new = set(layout.eval_base_cache("x").parent.glob("*.json")) - set(cached)
-    assert len(new) == 1  # only the samples, whose first prompt is the adapter's own: the rest was read back
-    assert io.read_json(new.pop())[0].startswith(coding["samples"][0]["base"][:20])
+    assert len(new) == 1  # only the first sample, the adapter's own test prompt: every other figure was read back
+    assert io.read_json(new.pop()).startswith(coding["samples"][0]["base"][:20])
     for split in ("wards", "coding"):
         a, b = wards["matrix"][split], coding["matrix"][split]
         assert (a["base_ppl"], a["n_tokens"]) == (b["base_ppl"], b["n_tokens"])
@@ -126,6 +126,28 @@ def test_the_base_is_scored_once_for_every_adapter_and_again_for_another_base(tm
     fresh = evaluate.run(cfg, "coding")  # computed again: the same figures
     assert fresh["matrix"]["wards"]["base_ppl"] == coding["matrix"]["wards"]["base_ppl"]
     assert fresh["matrix"]["wards"]["metrics"] == coding["matrix"]["wards"]["metrics"]
+
+    # another adapter's split is a sample of the rows that adapter's own eval scores: its base figures are read
+    # back row by row, and an eval computes the base only for the rows no eval has scored yet
+    from stages.train import torch_backend
+
+    shutil.rmtree(layout.eval_base_cache("x").parent)
+    monkeypatch.setattr(evaluate, "CROSS_EXAMPLES", 3)
+    scored = []
+    real = torch_backend.nll_by_example
+    monkeypatch.setattr(torch_backend, "nll_by_example", lambda model, examples, *a, **k: (
+        scored.append(len(examples)), real(model, examples, *a, **k))[1])
+    evaluate.run(cfg, "wards")
+    n = {split: cell["n_examples"] for split, cell in coding["matrix"].items()}
+    assert scored == [n["wards"]] * 2 + [3, 3]  # own split: base and adapter; 3 of coding's: base and adapter
+    scored.clear()
+    subset = evaluate.run(cfg, "coding")
+    rows = list(io.read_jsonl(layout.split_file("coding", "test")))
+    seen = {io.dumps(r["messages"]) for r in evaluate.spread_sample(rows, 3)}
+    unseen = [r for r in rows if io.dumps(r["messages"]) not in seen]
+    assert 0 < len(unseen) < n["coding"] - 2
+    assert scored == [len(unseen), n["coding"], 3]  # rows wards' eval scored (or their copies): read back; wards': all
+    assert subset["matrix"]["coding"]["base_ppl"] == coding["matrix"]["coding"]["base_ppl"]
 
     other = make_tiny_model(tmp_path / "other-base", seed=5)  # other weights, same shape: its own figures
     cfg.adapters["coding"] = dataclasses.replace(cfg.adapters["coding"], base_model=str(other))

@@ -219,3 +219,17 @@ def test_peak_memory_is_the_training_process_own_not_its_parent(tmp_path):
     peak = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                               cwd=Path(__file__).parents[1], env={**os.environ}).stdout)
     assert 1 << 20 < peak < 512 << 20, f"{peak >> 20} MiB"
+
+
+def test_validation_stops_at_its_row_limit_or_once_it_holds_enough_trained_tokens(monkeypatch):
+    """Long answers (a NEWS2 chart's) give a stable validation loss from fewer rows: the set is the first rows up to
+    VAL_MAX_EXAMPLES, or up to the row that brings VAL_TOKENS trained tokens, whichever comes first."""
+    def rows(n, trained):
+        return [Encoded([1] * (trained + 3), [IGNORE] * 3 + [1] * trained) for _ in range(n)]
+
+    monkeypatch.setattr(loop, "VAL_MAX_EXAMPLES", 10)
+    monkeypatch.setattr(loop, "VAL_TOKENS", 100)
+    assert len(loop.validation_set(rows(30, 5))) == 10          # short answers: the row limit
+    assert len(loop.validation_set(rows(30, 30))) == 4          # long ones: 30, 60, 90, then 120 >= 100
+    assert len(loop.validation_set(rows(3, 30))) == 3           # a small split: all of it
+    assert loop.validation_set(rows(0, 30)) == []
