@@ -27,7 +27,7 @@ from stages.train.packing import BatchStream
 VAL_TIMES = 4            # with eval_every = 0: validation this many times during training, plus at the start
 VAL_MAX_EXAMPLES = 200   # enough for a stable loss without dominating CPU runs ...
 VAL_TOKENS = 24_000      # ... or fewer, once this many trained tokens: long answers (a NEWS2 chart's, ~170 tokens)
-#                          give as stable a loss from fewer rows (~140), and each pass costs what its rows hold
+#                          give as stable a loss from fewer rows (145 of 200), and each pass costs what its rows hold
 MAX_GRAD_NORM = 1.0      # both backends clip the step's gradient to this norm
 
 
