@@ -60,7 +60,12 @@ SAMPLE_TOKENS = 128
 # on this many of the rows its own eval scores (no generation; the base's figures of those rows are read back from
 # whichever eval scored them first), enough to see a regression, a fraction of its own eval's cost
 CROSS_EXAMPLES = 150
-GEN_BATCH = 16  # a decode step costs about the same for 16 sequences as for 8: eval.max_generate 12 is one batch
+# greedy generation (generate): the keys and values one batch of prompts and their replies may hold at most (replies
+# leave as they end, so the cache holds less): all 150 NEWS2 charts of a task (~210 fit) or ~650 ICD-10 questions at
+# once for SmolLM2-135M in fp32; a decode step of many rows costs little more than of a few (Zen 3: 441 ms a step for
+# 128 rows, 55 for 1)
+GEN_KV_BYTES = 4 << 30
+FEW_ROWS = 16
 # the rates (per-example 0/1, higher is better): every choice task's accuracy and what each scored task declares;
 # any other metric is an error (lower is better)
 HIGHER_IS_BETTER = {"accuracy"} | scored_rates()
@@ -376,53 +381,83 @@ def group_loglik(choices, nll: list[tuple[float, int]]) -> list[list[float]]:
 
 def generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int, hw, eot: int,
              answered=None) -> list[str]:
-    """Greedy replies, batched with left padding; each stops at the end-of-turn token, or as soon as
-    `answered(reply so far)` (the task's Task.answered) says it holds all its score reads."""
+    """Greedy replies, in order. As many conversations at a time as the keys and values of their prompts and
+    `max_new_tokens` fit in GEN_KV_BYTES, left-padded, prefilled in one pass; each reply leaves its batch as soon
+    as it ends: at the end-of-turn token, at `max_new_tokens`, or once `answered(reply so far)` (the task's
+    Task.answered) says it holds all its score reads. Later steps so compute only the replies still going
+    (transformers' `generate` runs every row to the end of the batch's longest: 1.9x slower on 64 NEWS2 charts,
+    the same replies)."""
     import torch
 
     tokenizer.padding_side = "left"
-    replies = []
+    texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+    if not texts:
+        return []
+    longest = max(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
+    fits = max(1, GEN_KV_BYTES // (kv_bytes_per_token(model.config, hw) * (longest + max_new_tokens)))
+    size = math.ceil(len(texts) / math.ceil(len(texts) / fits))  # batches of equal size
     threads = torch.get_num_threads()
-    # one decode step is a handful of tiny matmuls: OpenMP's hand-offs cost more than they give, and on a
-    # shared CPU they stall (measured here: 25 ms/step on 1 thread vs 700 ms on 2 under load)
-    torch.set_num_threads(1)
     try:
-        replies = _generate(model, tokenizer, conversations, max_new_tokens, hw, eot, answered)
+        return [reply for start in range(0, len(texts), size)
+                for reply in _greedy(model, tokenizer, texts[start:start + size], max_new_tokens, hw, eot, answered,
+                                     threads)]
     finally:
         torch.set_num_threads(threads)
+
+
+def kv_bytes_per_token(config, hw) -> int:
+    """The keys and values one token adds to a decoder's cache."""
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return config.num_hidden_layers * 2 * heads * head_dim * (2 if hw.dtype == "bf16" else 4)
+
+
+def _greedy(model, tokenizer, texts: list[str], max_new_tokens: int, hw, eot: int, answered, threads: int):
+    """One batch of `generate`; each reply reported to stages.progress as it ends."""
+    import torch
+    from transformers import DynamicCache
+
+    from stages.train.torch_backend import cache_kwarg
+
+    enc = tokenizer(texts, add_special_tokens=False, return_tensors="pt", padding=True).to(hw.device_index)
+    mask = enc["attention_mask"]
+    position = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = {cache_kwarg(model.get_base_model() if hasattr(model, "get_base_model") else model): DynamicCache()}
+    rows = list(range(len(texts)))  # the batch's rows: which text each is
+    made: list[list[int]] = [[] for _ in texts]
+    replies = [""] * len(texts)
+    torch.set_num_threads(threads)
+    with torch.no_grad(), hw.autocast():
+        logits = model(input_ids=enc["input_ids"], attention_mask=mask, position_ids=position, use_cache=True,
+                       logits_to_keep=1, **cache).logits[:, -1]
+        position = position[:, -1:]
+        while rows:
+            tokens = logits.argmax(-1)
+            for i, token in zip(rows, tokens.tolist()):
+                made[i].append(token)
+            so_far = tokenizer.batch_decode([made[i] for i in rows], skip_special_tokens=True)
+            going = [k for k, i in enumerate(rows)
+                     if made[i][-1] != eot and len(made[i]) < max_new_tokens and not (answered and answered(so_far[k]))]
+            for k in sorted(set(range(len(rows))) - set(going)):
+                replies[rows[k]] = so_far[k].strip()
+                progress.advance(1)
+            if len(going) < len(rows):
+                if not going:
+                    break
+                keep = torch.tensor(going, device=mask.device)
+                next(iter(cache.values())).batch_select_indices(keep)
+                mask, tokens, position = mask[keep], tokens[keep], position[keep]
+                rows = [rows[k] for k in going]
+            # a step of a few rows is a handful of tiny matmuls: OpenMP's hand-offs cost more than they give, and on
+            # a shared CPU they stall (measured: 25 ms/step on 1 thread vs 700 ms on 2 under load); from
+            # FEW_ROWS rows on a step is large enough for threads to pay (Zen 3, idle, 2 threads vs 1: 123 vs 145
+            # ms a step at 16 rows, 173 vs 222 at 32; the prefill 2x)
+            torch.set_num_threads(threads if len(rows) >= FEW_ROWS else 1)
+            mask = torch.cat([mask, mask.new_ones(len(rows), 1)], 1)
+            position = position + 1
+            logits = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=position, use_cache=True,
+                           **cache).logits[:, -1]
     return replies
-
-
-def answered_criteria(tokenizer, start: int, answered):
-    """A stopping criterion that ends each sequence of a batch once its reply (tokens from `start`) is answered."""
-    import torch
-    from transformers import StoppingCriteria
-
-    class Answered(StoppingCriteria):
-        def __call__(self, input_ids, scores, **kwargs):
-            replies = tokenizer.batch_decode(input_ids[:, start:], skip_special_tokens=True)
-            return torch.tensor([answered(r) for r in replies], dtype=torch.bool, device=input_ids.device)
-
-    return Answered()
-
-
-def _generate(model, tokenizer, conversations, max_new_tokens, hw, eot, answered=None) -> list[str]:
-    import torch
-    from transformers import StoppingCriteriaList
-
-    replies = []
-    for start in range(0, len(conversations), GEN_BATCH):
-        texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
-                 for c in conversations[start:start + GEN_BATCH]]
-        enc = tokenizer(texts, add_special_tokens=False, return_tensors="pt", padding=True).to(hw.device)
-        width = enc["input_ids"].shape[1]
-        stop = StoppingCriteriaList([answered_criteria(tokenizer, width, answered)] if answered else [])
-        with torch.no_grad(), hw.autocast():
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
-                                 eos_token_id=eot, pad_token_id=tokenizer.pad_token_id, stopping_criteria=stop)
-        replies += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
-        progress.advance(len(texts))
-    return [r.strip() for r in replies]
 
 
 class Judge:

@@ -373,6 +373,33 @@ def test_generation_stops_each_reply_once_answered():
         assert whole.startswith(reply) and len(reply) < len(whole)
 
 
+def test_batched_generation_gives_each_conversation_its_own_greedy_reply(monkeypatch):
+    """Replies of different lengths share a left-padded batch and leave it as they end; each is what transformers'
+    greedy `generate` makes of its conversation alone, and the same whether the KV budget holds one row or all."""
+    from transformers import AutoModelForCausalLM
+
+    from stages.train.hardware import Hardware
+    from tests.models import smollm2_base_dir, smollm2_tokenizer
+
+    tokenizer = smollm2_tokenizer()
+    model = AutoModelForCausalLM.from_pretrained(str(smollm2_base_dir())).eval()
+    hw, eot = Hardware("cpu", "fp32", "test"), evaluate.end_of_turn_id(tokenizer)
+    chats = [[{"role": "user", "content": q}] for q in
+             ("Hi", "Say only: yes.", "What is NEWS2? Explain the whole chart, parameter by parameter.", "2+2=?")]
+    batched = evaluate.generate(model, tokenizer, chats, 40, hw, eot)
+    alone = []
+    for chat in chats:
+        ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        out = model.generate(**ids, max_new_tokens=40, do_sample=False, eos_token_id=eot,
+                             pad_token_id=tokenizer.pad_token_id)
+        alone.append(tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+    lengths = [len(tokenizer(r)["input_ids"]) for r in alone]
+    assert min(lengths) < 20 and max(lengths) >= 39  # some end early, one runs to the limit
+    assert batched == alone
+    monkeypatch.setattr(evaluate, "GEN_KV_BYTES", 1)  # one conversation per batch
+    assert evaluate.generate(model, tokenizer, chats, 40, hw, eot) == alone
+
+
 def test_a_users_own_task_is_scored_by_exact_match_and_token_f1_after_normalization():
     """local_files rows carry task names the user chose: eval scores them by answer match (SQuAD's normalization),
     rates with intervals like every scored task; rows of a named task keep their source's own scorer."""

@@ -157,16 +157,22 @@ def shared_start(base, inputs: dict[str, Any], prefix: int) -> dict[str, Any]:
     system prompt and turn marker): those run once, in a row of their own, and every row continues from their keys
     and values. The rest of each row attends to them as it would in one pass: the same numbers, a prefix's compute
     saved per row."""
-    import inspect
-
     from transformers import DynamicCache
 
     ids, decoder = inputs["input_ids"], base.get_decoder()
-    name = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"  # 5.x, 4.x
+    name = cache_kwarg(decoder)
     cache = DynamicCache()
     decoder(input_ids=ids[:1, :prefix], use_cache=True, **{name: cache})
     cache.batch_repeat_interleave(ids.shape[0])
     return {"input_ids": ids[:, prefix:], "attention_mask": inputs["attention_mask"], name: cache}
+
+
+def cache_kwarg(module) -> str:
+    """What `module`'s forward calls its key/value cache argument: "cache" (transformers 5.x), "past_key_values"
+    (4.x)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
 
 
 def token_nll(model, batch: dict[str, Any], hw: Hardware, guesses: bool = False, prefix: int = 0):
