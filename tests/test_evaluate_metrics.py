@@ -348,6 +348,42 @@ def test_news2_answers_are_complete_where_generation_may_stop():
     assert not news2.answered("Clinical risk: high\n")
 
 
+def test_icd10_answers_are_complete_where_generation_may_stop():
+    """Generation of an ICD-10 answer stops once what its score reads is settled: the score of the answer cut
+    there equals the whole answer's, nothing appended can change it, and the cut saves tokens."""
+    deep = {"id": "T360X1A", "code_dot": "T36.0X1A", "billable": True, "description": "Poisoning by penicillins",
+            "parent": {"code": "T36.0X1", "description": "Poisoning by penicillins, accidental"},
+            "category": {"code": "T36", "description": "Poisoning by systemic antibiotics"},
+            "unique_description": True}
+    rows = icd10_rows() + list(Icd10cmSource("icd10cm", {}).examples(deep))
+    endings = ["", ".", ".1", "1", "X", " It is Z99.9.", ". It is A00.", "\nThe parent of A00.0 is A00.1. Its "
+               "3-character category is B99.", " Its 3-character category is B99. That is its 3-character category."]
+    cut_short = set()
+    for row in rows:
+        task = scored_tasks()[row["task"]]
+        if task.answered is None:
+            continue
+        text = gold(row)
+        cut = next((i for i in range(len(text) + 1) if task.answered(text[:i])), None)
+        if cut is None:  # the parent is the category: "That is its 3-character category" ends at the end of turn
+            assert row["task"] == "icd10_parent" and icd10cm.stated_category(text) == icd10cm.parent_code(text)
+            continue
+        assert task.score(text, text[:cut]) == task.score(text, text), (row["task"], text[:cut])
+        for ending in endings:
+            assert task.score(text, text[:cut] + ending) == task.score(text, text[:cut]), (text[:cut], ending)
+        if cut < len(text) - 1:
+            cut_short.add(row["task"])
+    assert cut_short == {"icd10_code", "icd10_describe", "icd10_parent"}
+    unsettled = {"icd10_code": ["A20", "A20.", "A20.7", "The code is"],
+                 "icd10_describe": ["ICD-10-CM A20.7: Plague. It is", "ICD-10-CM A20.7: Plague. "],
+                 "icd10_parent": ["The parent of A20.7 is A20.", "The parent of T36.0X1A is T36.0X1. Its 3-character "
+                                  "category is T36", "The parent of A20.7 is A20: Plague. That is its 3-character "
+                                  "category."]}
+    for task, answers in unsettled.items():
+        assert not any(scored_tasks()[task].answered(a) for a in answers), task
+    assert icd10cm.code_answered("A20. ") and icd10cm.code_answered("A20.7 (") and icd10cm.code_answered("A20.7.")
+
+
 def test_generation_stops_each_reply_once_answered():
     """Replies of one batch stop where `answered` says, each on its own; what they hold is the start of the
     unstopped greedy reply (the embedded SmolLM2: a random tiny model only repeats a newline)."""

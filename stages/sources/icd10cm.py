@@ -126,6 +126,37 @@ def first_code(text: str) -> str | None:
     return match.group(1) if match else None
 
 
+def _settled(match: re.Match | None, text: str) -> bool:
+    """Whether the code `match` (group 1) found in an answer so far stays that code whatever follows: a
+    character after it ends it (a "." only after a subdivision, or where what follows it cannot start one)."""
+    if match is None:
+        return False
+    rest = text[match.end(1):match.end(1) + 2]
+    return bool(rest) and (rest[0] != "." or "." in match.group(1)
+                           or (len(rest) == 2 and not re.match(r"[0-9A-Z]", rest[1])))
+
+
+# `answered` (stages.sources.Task): where greedy generation of each task may stop, what its score reads complete
+def code_answered(text: str) -> bool:
+    return _settled(re.search(rf"\b({_CODE})\b", text), text)
+
+
+_DESCRIBED_SETTLED_RE = re.compile(rf"{_CODE}\s*:\s*(.+?)\.\s+It is(?=\W)", re.DOTALL)
+
+
+def describe_answered(text: str) -> bool:
+    """The description has ended at ". It is": `described` reads nothing after it (at a bare ". " it may yet go on)."""
+    return _DESCRIBED_SETTLED_RE.search(text) is not None
+
+
+def parent_answered(text: str) -> bool:
+    """The parent and the "3-character category is <code>" sentence stated. (Where the parent is the category,
+    "That is its 3-character category" could still be overridden by a later sentence: generation runs to the end
+    of the answer.)"""
+    return (_settled(re.search(rf"\bparent of {_CODE}\b.*?\bis ({_CODE})\b", text, re.DOTALL), text)
+            and _settled(re.search(rf"\b3-character category is ({_CODE})\b", text), text))
+
+
 _DESCRIBED_RE = re.compile(rf"{_CODE}\s*:\s*(.+?)\.(?:\s+It is\b|\s*$)", re.DOTALL)
 
 
@@ -226,10 +257,11 @@ class Icd10cmSource(Source):
     # greedy tokens per generated answer: the longest gold answers plus room
     tasks = {
         "icd10_describe": Task(48, score_describe, cloze=describe_spans,
-                               rates=frozenset({"exact_match", "cloze_description"})),
-        "icd10_code": Task(40, score_code, code_choices, rates=frozenset({"exact_match"})),
+                               rates=frozenset({"exact_match", "cloze_description"}), answered=describe_answered),
+        "icd10_code": Task(40, score_code, code_choices, rates=frozenset({"exact_match"}), answered=code_answered),
         "icd10_parent": Task(80, score_parent, cloze=parent_spans,
-                             rates=frozenset({"exact_match", "category_accuracy", "cloze_parent", "cloze_category"})),
+                             rates=frozenset({"exact_match", "category_accuracy", "cloze_parent", "cloze_category"}),
+                             answered=parent_answered),
         "icd10_billable": Task(choices=billable_choices),
     }
 
