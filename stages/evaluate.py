@@ -422,7 +422,8 @@ def _greedy(model, tokenizer, texts: list[str], max_new_tokens: int, hw, eot: in
     enc = tokenizer(texts, add_special_tokens=False, return_tensors="pt", padding=True).to(hw.device_index)
     mask = enc["attention_mask"]
     position = (mask.cumsum(-1) - 1).clamp(min=0)
-    cache = {cache_kwarg(model.get_base_model() if hasattr(model, "get_base_model") else model): DynamicCache()}
+    store = DynamicCache()
+    cache = {cache_kwarg(model): store}
     rows = list(range(len(texts)))  # the batch's rows: which text each is
     made: list[list[int]] = [[] for _ in texts]
     replies = [""] * len(texts)
@@ -445,7 +446,7 @@ def _greedy(model, tokenizer, texts: list[str], max_new_tokens: int, hw, eot: in
                 if not going:
                     break
                 keep = torch.tensor(going, device=mask.device)
-                next(iter(cache.values())).batch_select_indices(keep)
+                store.batch_select_indices(keep)
                 mask, tokens, position = mask[keep], tokens[keep], position[keep]
                 rows = [rows[k] for k in going]
             # a step of a few rows is a handful of tiny matmuls: OpenMP's hand-offs cost more than they give, and on

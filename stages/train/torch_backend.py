@@ -168,10 +168,11 @@ def shared_start(base, inputs: dict[str, Any], prefix: int) -> dict[str, Any]:
 
 
 def cache_kwarg(module) -> str:
-    """What `module`'s forward calls its key/value cache argument: "cache" (transformers 5.x), "past_key_values"
-    (4.x)."""
+    """What `module`'s forward (a peft model's: its base model's) calls its key/value cache argument: "cache"
+    (transformers 5.x), "past_key_values" (4.x)."""
     import inspect
 
+    module = module.get_base_model() if hasattr(module, "get_base_model") else module
     return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
 
 
