@@ -66,7 +66,6 @@ CROSS_EXAMPLES = 150
 # 128 rows, 55 for 1)
 GEN_KV_BYTES = 4 << 30
 FEW_ROWS = 16
-DEAD_SHARE = 0.125
 # the rates (per-example 0/1, higher is better): every choice task's accuracy and what each scored task declares;
 # any other metric is an error (lower is better)
 HIGHER_IS_BETTER = {"accuracy"} | scored_rates()
@@ -383,11 +382,11 @@ def group_loglik(choices, nll: list[tuple[float, int]]) -> list[list[float]]:
 def generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int, hw, eot: int,
              answered=None) -> list[str]:
     """Greedy replies, in order. As many conversations at a time as the keys and values of their prompts and
-    `max_new_tokens` fit in GEN_KV_BYTES (room_cache: written in place), left-padded, prefilled in one pass; a
-    reply ends at the end-of-turn token, at `max_new_tokens`, or once `answered(reply so far)` (the task's
-    Task.answered) says it holds all its score reads, and ended replies leave the batch (_greedy), so later steps
-    compute mostly the replies still going (transformers' `generate` runs every row to the end of the batch's
-    longest; bench/generate.py times both on the same charts, the same replies)."""
+    `max_new_tokens` fit in GEN_KV_BYTES, left-padded, prefilled in one pass; each reply leaves its batch as soon
+    as it ends: at the end-of-turn token, at `max_new_tokens`, or once `answered(reply so far)` (the task's
+    Task.answered) says it holds all its score reads. Later steps so compute only the replies still going
+    (transformers' `generate` runs every row to the end of the batch's longest; bench/generate.py times both on the
+    same charts, the same replies)."""
     import torch
 
     tokenizer.padding_side = "left"
@@ -414,20 +413,18 @@ def kv_bytes_per_token(config, hw) -> int:
 
 
 def _greedy(model, tokenizer, texts: list[str], max_new_tokens: int, hw, eot: int, answered, threads: int):
-    """One batch of `generate`; each reply reported to stages.progress as it ends. A reply that ends stays in the
-    batch (its tokens unread) until DEAD_SHARE of the batch has ended: dropping rows copies the whole cache, so
-    it is done a few times per batch, not at every step a reply ends."""
+    """One batch of `generate`; each reply reported to stages.progress as it ends."""
     import torch
+    from transformers import DynamicCache
 
     from stages.train.torch_backend import cache_kwarg
 
     enc = tokenizer(texts, add_special_tokens=False, return_tensors="pt", padding=True).to(hw.device_index)
     mask = enc["attention_mask"]
     position = (mask.cumsum(-1) - 1).clamp(min=0)
-    store = room_cache(model.config, max_new_tokens)
+    store = DynamicCache()
     cache = {cache_kwarg(model): store}
     rows = list(range(len(texts)))  # the batch's rows: which text each is
-    going = set(rows)  # the texts whose reply is still being made
     made: list[list[int]] = [[] for _ in texts]
     replies = [""] * len(texts)
     torch.set_num_threads(threads)
@@ -435,25 +432,23 @@ def _greedy(model, tokenizer, texts: list[str], max_new_tokens: int, hw, eot: in
         logits = model(input_ids=enc["input_ids"], attention_mask=mask, position_ids=position, use_cache=True,
                        logits_to_keep=1, **cache).logits[:, -1]
         position = position[:, -1:]
-        while True:
+        while rows:
             tokens = logits.argmax(-1)
-            live = [i for i in rows if i in going]
             for i, token in zip(rows, tokens.tolist()):
-                if i in going:
-                    made[i].append(token)
-            so_far = tokenizer.batch_decode([made[i] for i in live], skip_special_tokens=True)
-            for i, text in zip(live, so_far):
-                if made[i][-1] == eot or len(made[i]) >= max_new_tokens or (answered and answered(text)):
-                    going.discard(i)
-                    replies[i] = text.strip()
-                    progress.advance(1)
-            if not going:
-                break
-            if (len(rows) - len(going)) >= DEAD_SHARE * len(rows):
-                keep = torch.tensor([k for k, i in enumerate(rows) if i in going], device=mask.device)
+                made[i].append(token)
+            so_far = tokenizer.batch_decode([made[i] for i in rows], skip_special_tokens=True)
+            going = [k for k, i in enumerate(rows)
+                     if made[i][-1] != eot and len(made[i]) < max_new_tokens and not (answered and answered(so_far[k]))]
+            for k in sorted(set(range(len(rows))) - set(going)):
+                replies[rows[k]] = so_far[k].strip()
+                progress.advance(1)
+            if len(going) < len(rows):
+                if not going:
+                    break
+                keep = torch.tensor(going, device=mask.device)
                 store.batch_select_indices(keep)
                 mask, tokens, position = mask[keep], tokens[keep], position[keep]
-                rows = [i for i in rows if i in going]
+                rows = [rows[k] for k in going]
             # a step of a few rows is a handful of tiny matmuls: OpenMP's hand-offs cost more than they give, and on
             # a shared CPU they stall (measured: 25 ms/step on 1 thread vs 700 ms on 2 under load); from
             # FEW_ROWS rows on a step is large enough for threads to pay (Zen 3, idle, 2 threads vs 1: 123 vs 145
@@ -464,50 +459,6 @@ def _greedy(model, tokenizer, texts: list[str], max_new_tokens: int, hw, eot: in
             logits = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=position, use_cache=True,
                            **cache).logits[:, -1]
     return replies
-
-
-_ROOM_LAYER = None
-
-
-def room_cache(config, room: int):
-    """A KV cache whose layers keep `room` positions free past the prompt: each step writes its keys and values
-    in place, where DynamicCache concatenates, copying the whole cache every step (150 NEWS2 charts at ~240
-    positions: 1.7 GB a step for SmolLM2 in fp32; a step 0.53 s instead of 0.70 s on the Zen 3 EPYC). The memory
-    is what `generate` budgets for anyway: prompt and `room` per row."""
-    global _ROOM_LAYER
-    from transformers.cache_utils import Cache, DynamicLayer
-
-    if _ROOM_LAYER is None:
-        class RoomLayer(DynamicLayer):
-            def __init__(self, room: int):
-                super().__init__()
-                self.room, self.length = room, 0
-
-            def update(self, key_states, value_states, *args, **kwargs):
-                if not self.is_initialized:
-                    self.lazy_initialization(key_states, value_states)
-                    self._k = _roomy(key_states, self.room)
-                    self._v = _roomy(value_states, self.room)
-                new = key_states.shape[-2]
-                self._k[..., self.length:self.length + new, :] = key_states
-                self._v[..., self.length:self.length + new, :] = value_states
-                self.length += new
-                self.keys, self.values = self._k[..., :self.length, :], self._v[..., :self.length, :]
-                return self.keys, self.values
-
-            def batch_select_indices(self, indices) -> None:
-                if self.is_initialized:
-                    self._k, self._v = self._k[indices], self._v[indices]
-                    self.keys, self.values = self._k[..., :self.length, :], self._v[..., :self.length, :]
-
-        _ROOM_LAYER = RoomLayer
-    return Cache(layers=[_ROOM_LAYER(room) for _ in range(config.num_hidden_layers)])
-
-
-def _roomy(states, room: int):
-    shape = list(states.shape)
-    shape[-2] += room
-    return states.new_empty(shape)
 
 
 class Judge:
