@@ -411,7 +411,8 @@ def test_generation_stops_each_reply_once_answered():
 
 def test_batched_generation_gives_each_conversation_its_own_greedy_reply(monkeypatch):
     """Replies of different lengths share a left-padded batch and leave it as they end; each is what transformers'
-    greedy `generate` makes of its conversation alone, and the same whether the KV budget holds one row or all."""
+    greedy `generate` makes of its conversation alone, and the same whether the KV budget holds one row or all and
+    whether the prompts are prefilled in one pass or one at a time (caches joined)."""
     from transformers import AutoModelForCausalLM
 
     from stages.train.hardware import Hardware
@@ -432,6 +433,8 @@ def test_batched_generation_gives_each_conversation_its_own_greedy_reply(monkeyp
     lengths = [len(tokenizer(r)["input_ids"]) for r in alone]
     assert min(lengths) < 20 and max(lengths) >= 39  # some end early, one runs to the limit
     assert batched == alone
+    monkeypatch.setattr(evaluate, "EVAL_BATCH_TOKENS", 1)  # all four in one batch, each prompt prefilled alone
+    assert evaluate.generate(model, tokenizer, chats, 40, hw, eot) == alone
     monkeypatch.setattr(evaluate, "GEN_KV_BYTES", 1)  # one conversation per batch
     assert evaluate.generate(model, tokenizer, chats, 40, hw, eot) == alone
 
