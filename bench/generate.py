@@ -4,8 +4,8 @@ one JSON line.
 On seeded NEWS2 charts (the `news2_score` prompt of eval's test rows) with the embedded SmolLM2-135M-Instruct in
 the dtype training would pick on this machine (stages.train.hardware):
 
-  generate             stages.evaluate.generate: batches as large as GEN_KV_BYTES holds, one prefill, each reply
-                       leaving the batch as it ends (end of turn or the token limit)
+  generate             stages.evaluate.generate: batches as large as GEN_KV_BYTES holds, prefilled in slices of
+                       EVAL_BATCH_TOKENS, each reply leaving the batch as it ends (end of turn or the token limit)
   baseline             transformers' greedy `generate` in batches of --batch charts, left-padded: every row runs to
                        the end of its batch's longest reply
   answered             stages.evaluate.generate with the task's stop rule too (news2.answered: the aggregate and
