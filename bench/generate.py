@@ -15,7 +15,11 @@ the dtype training would pick on this machine (stages.train.hardware):
 `answered_prefix` the share of stopped replies that are the start of the unstopped one. `tokens` counts the
 replies' tokens, `baseline_row_steps` the rows x steps the baseline computed.
 
+With --prefill-ab, also `one_pass_prefill_s`: stages.evaluate.generate with each batch's prompts prefilled in one
+pass (what it did before the slices), and `prefill_agree`, the share of replies the same both ways.
+
     python bench/generate.py [--charts 64] [--batch 64] [--max-new-tokens 300] [--dtype auto|bf16|fp32]
+                             [--prefill-ab]
 """
 from __future__ import annotations
 
@@ -65,6 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch", type=int, default=64, help="the baseline's rows per `generate` call")
     ap.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's own (eval's limit)")
     ap.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp32"), help="as train.dtype")
+    ap.add_argument("--prefill-ab", action="store_true", help="also time the prompts prefilled in one pass")
     args = ap.parse_args(argv)
 
     import torch
@@ -103,6 +108,15 @@ def main(argv: list[str] | None = None) -> dict:
         "answered_s": round(stop_s, 2),
         "answered_prefix": round(sum(w.startswith(s) for s, w in zip(stopped, ours)) / max(1, len(chats)), 4),
     }
+    if args.prefill_ab:
+        sliced = evaluate.EVAL_BATCH_TOKENS
+        evaluate.EVAL_BATCH_TOKENS = 1 << 40  # a slice holds every prompt of the batch
+        try:
+            one_s, one = timed(lambda: evaluate.generate(model, tokenizer, chats, limit, hw, eot))
+        finally:
+            evaluate.EVAL_BATCH_TOKENS = sliced
+        figures.update(one_pass_prefill_s=round(one_s, 2),
+                       prefill_agree=round(sum(a == b for a, b in zip(ours, one)) / max(1, len(chats)), 4))
     print(json.dumps(figures))
     return figures
 

@@ -159,7 +159,7 @@ def test_the_base_is_scored_once_for_every_adapter_and_again_for_another_base(tm
 def test_eval_says_how_far_each_part_has_got(tmp_path, monkeypatch, tiny_base, capsys):
     """Eval runs for minutes: its log names each part as it starts with how much it holds (base and adapter, or the
     adapter alone where the base's figures are read back), and each part's count ends where it said it would."""
-    from stages import evaluate, progress
+    from stages import evaluate, progress, safety
 
     monkeypatch.chdir(tmp_path)
     cfg = wards_and_coding(tmp_path, tiny_base)
@@ -184,7 +184,10 @@ def test_eval_says_how_far_each_part_has_got(tmp_path, monkeypatch, tiny_base, c
         generating = [line for line in lines if line.startswith(f"eval:{name}: wards split, generating ")]
         assert bool(generating) == (name == "wards")  # generated answers: own split only, one part per task
         assert len({line.split(":")[2] for line in generating}) == len(generating) >= 2 * (name == "wards"), generating
-        assert f"eval:{name}: safety suite, generating: 0/{sides * 7} answers" in lines
+        # the safety suite and the samples in one batch; the second eval asks the base only its own test prompt
+        asked = len(safety.CASES) + len(evaluate.SAMPLE_PROMPTS) + 1
+        assert f"eval:{name}: safety suite and samples, generating: 0/{asked + (asked if sides == 2 else 1)} " \
+            "answers" in lines, lines
         for (scope, what), seen in parts.items():  # every part counted to its total, never past it
             assert seen[-1][0] == seen[-1][1] and all(done <= total for done, total in seen), (scope, what, seen)
         parts.clear()

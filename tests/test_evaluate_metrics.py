@@ -407,6 +407,9 @@ def test_generation_stops_each_reply_once_answered():
     stopped = evaluate.generate(model, tokenizer, chats, 24, hw, eot, answered)
     for reply, whole in zip(stopped, full):
         assert whole.startswith(reply) and len(reply) < len(whole)
+    # a stop rule per conversation (questions of several tasks in one batch): the one without runs on
+    assert evaluate.generate(model, tokenizer, chats, 24, hw, eot, [answered, None, answered]) == \
+        [stopped[0], full[1], stopped[2]]
 
 
 def test_batched_generation_gives_each_conversation_its_own_greedy_reply(monkeypatch):
@@ -424,15 +427,20 @@ def test_batched_generation_gives_each_conversation_its_own_greedy_reply(monkeyp
     chats = [[{"role": "user", "content": q}] for q in
              ("Hi", "Say only: yes.", "What is NEWS2? Explain the whole chart, parameter by parameter.", "2+2=?")]
     batched = evaluate.generate(model, tokenizer, chats, 40, hw, eot)
-    alone = []
+    made = []  # each conversation's greedy tokens alone
     for chat in chats:
         ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
         out = model.generate(**ids, max_new_tokens=40, do_sample=False, eos_token_id=eot,
                              pad_token_id=tokenizer.pad_token_id)
-        alone.append(tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+        made.append(out[0, ids["input_ids"].shape[1]:])
+    alone = [tokenizer.decode(m, skip_special_tokens=True).strip() for m in made]
     lengths = [len(tokenizer(r)["input_ids"]) for r in alone]
     assert min(lengths) < 20 and max(lengths) >= 39  # some end early, one runs to the limit
     assert batched == alone
+    # a token limit per conversation (the safety suite's and the samples' in one batch): each reply stops at its own
+    limits = [40, 3, 9, 40]
+    cut = [tokenizer.decode(m[:limit], skip_special_tokens=True).strip() for m, limit in zip(made, limits)]
+    assert cut != alone and evaluate.generate(model, tokenizer, chats, limits, hw, eot) == cut
     monkeypatch.setattr(evaluate, "EVAL_BATCH_TOKENS", 1)  # all four in one batch, each prompt prefilled alone
     assert evaluate.generate(model, tokenizer, chats, 40, hw, eot) == alone
     monkeypatch.setattr(evaluate, "GEN_KV_BYTES", 1)  # one conversation per batch
