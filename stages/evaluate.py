@@ -382,8 +382,8 @@ def group_loglik(choices, nll: list[tuple[float, int]]) -> list[list[float]]:
 def generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int | list[int], hw, eot: int,
              answered=None) -> list[str]:
     """Greedy replies, in order. As many conversations at a time as the keys and values of their prompts and
-    `max_new_tokens` fit in GEN_KV_BYTES, left-padded, prefilled in one pass; each reply leaves its batch as soon
-    as it ends: at the end-of-turn token, at `max_new_tokens`, or once `answered(reply so far)` (the task's
+    `max_new_tokens` fit in GEN_KV_BYTES, left-padded, prefilled in slices (_greedy); each reply leaves its batch
+    as soon as it ends: at the end-of-turn token, at `max_new_tokens`, or once `answered(reply so far)` (the task's
     Task.answered) says it holds all its score reads. Later steps so compute only the replies still going
     (transformers' `generate` runs every row to the end of the batch's longest; bench/generate.py times both on the
     same charts, the same replies). `max_new_tokens` and `answered` may be given per conversation (lists), so
@@ -395,8 +395,7 @@ def generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: 
     texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
     if not texts:
         return []
-    limits = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(texts)
-    checks = answered if isinstance(answered, list) else [answered] * len(texts)
+    limits, checks = per_conversation(max_new_tokens, len(texts)), per_conversation(answered, len(texts))
     longest = max(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
     fits = max(1, GEN_KV_BYTES // (kv_bytes_per_token(model.config, hw) * (longest + max(limits))))
     size = math.ceil(len(texts) / math.ceil(len(texts) / fits))  # batches of equal size
@@ -407,6 +406,11 @@ def generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: 
                                      checks[at:at + size], threads)]
     finally:
         torch.set_num_threads(threads)
+
+
+def per_conversation(value, n: int) -> list:
+    """`value` for each of `n` conversations: a list as given, anything else repeated."""
+    return value if isinstance(value, list) else [value] * n
 
 
 def kv_bytes_per_token(config, hw) -> int:
@@ -552,9 +556,7 @@ class Judge:
         if not conversations:
             return [], []
         self.model.eval()
-        n = len(conversations)
-        limits = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * n
-        checks = answered if isinstance(answered, list) else [answered] * n
+        limits, checks = (per_conversation(v, len(conversations)) for v in (max_new_tokens, answered))
         return self.both("generate", [[c, limit, task] for c, limit in zip(conversations, limits)],
                          lambda idx: generate(self.model, self.tokenizer, [conversations[i] for i in idx],
                                               [limits[i] for i in idx], self.hw, self.eot, [checks[i] for i in idx]),
@@ -687,7 +689,7 @@ def evaluate_split(judge: Judge, rows: list[dict], max_length: int, max_generate
 
 def safety_and_samples(judge: Judge, own_rows: list[dict], with_safety: bool) -> tuple[tuple | None, list[dict]]:
     """The safety suite (when asked) and the fixed sample prompts, generated in one batch by base and adapter (a
-    decode step of 13 rows costs about what one of 7 does: the weights are read once a step either way)."""
+    decode step of 12 rows costs about what one of 7 does: the weights are read once a step either way)."""
     cases = safety.CASES if with_safety else ()
     prompts = list(SAMPLE_PROMPTS)
     if own_rows:

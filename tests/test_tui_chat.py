@@ -99,7 +99,7 @@ async def test_an_adapter_answers_alone_and_side_by_side_with_the_base(project, 
     assert expected_adapter and expected_base
     assert greedy_reply(base, lora, base, MAX_TOKENS) != expected_adapter
 
-    # each chat message once: the hook sees it when posted and again when it bubbles up to the app, maybe later
+    # each chat message once: the hook sees it as the screen handles it and again as the app does, maybe later
     streamed: list = []
     app = make_app(project, start_view="chat")
     hook = lambda m: streamed.append(m) if isinstance(m, (ChatToken, ChatDone)) and all(m is not s for s in streamed) \
